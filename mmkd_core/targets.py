@@ -1,0 +1,143 @@
+"""All target math: the data2vec recipe and pooled targets, as pure tensor functions.
+
+Everything here is per sample and masked, so a sample's targets do not depend on the batch it is
+computed in or on how much padding surrounds it. Statistics are taken in float32 whatever the input dtype
+(teachers may run under bf16 autocast). Students use the same functions to turn their own layer outputs
+into predictions, so the two sides of the loss share one definition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import MmkdError
+
+EPS = 1e-5  # the eps of F.instance_norm / F.layer_norm, as fairseq's data2vec uses them
+
+POOLS = ("cls", "mean", "teacher_cls", "teacher_mean", "teacher_embed")
+
+
+def select_layers(spec: str | int | Sequence[int] | None, num_layers: int) -> list[int]:
+    """Resolve a layer choice to sorted 0-based block indices.
+
+    Args:
+        spec: ``"all"`` (or None), ``"last:K"`` / ``"lastK"`` / an int K for the last K blocks, or
+            explicit block indices as a sequence or a comma-separated string (negative counts from the end).
+        num_layers: How many blocks the teacher has.
+    """
+    if spec is None or spec == "all":
+        return list(range(num_layers))
+    if isinstance(spec, int):
+        spec = f"last:{spec}"
+    if isinstance(spec, str):
+        s = spec.strip().lower().replace(" ", "")
+        if s.startswith("last"):
+            k_text = s[4:].lstrip(":")
+            if not k_text.isdigit() or not 1 <= int(k_text) <= num_layers:
+                raise MmkdError(f"--layers {spec!r}: K in last:K must be 1..{num_layers}")
+            k = int(k_text)
+            return list(range(num_layers - k, num_layers))
+        try:
+            spec = [int(p) for p in s.split(",") if p]
+        except ValueError:
+            raise MmkdError(f"--layers {spec!r}: use 'all', 'last:K' or block indices like '0,5,11'") from None
+    out = []
+    for i in spec:
+        j = i + num_layers if i < 0 else i
+        if not 0 <= j < num_layers:
+            raise MmkdError(f"--layers: block {i} is out of range for a teacher with {num_layers} blocks")
+        out.append(j)
+    if not out or len(set(out)) != len(out):
+        raise MmkdError(f"--layers {spec!r}: give each block at most once, at least one block")
+    return sorted(out)
+
+
+def _weights(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask as float (B, T, 1) and the count of valid steps (B, 1, 1), at least 1."""
+    m = mask.to(torch.float32).unsqueeze(-1)
+    return m, m.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over valid time steps: (B, T, D) -> (B, D)."""
+    m, n = _weights(mask)
+    return (x.to(torch.float32) * m).sum(dim=1) / n.squeeze(1)
+
+
+def instance_norm(x: torch.Tensor, mask: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Normalise each channel over the valid time steps of each sample (biased variance, as
+    ``F.instance_norm``); padding comes out as zero."""
+    m, n = _weights(mask)
+    x = x.to(torch.float32)
+    mean = (x * m).sum(dim=1, keepdim=True) / n
+    var = (((x - mean) * m) ** 2).sum(dim=1, keepdim=True) / n
+    return (x - mean) * torch.rsqrt(var + eps) * m
+
+
+def layer_norm(x: torch.Tensor, mask: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Parameter-less layer norm over the feature dimension; padding comes out as zero."""
+    y = F.layer_norm(x.to(torch.float32), x.shape[-1:], eps=eps)
+    return y * mask.to(torch.float32).unsqueeze(-1)
+
+
+def make_targets(
+    hidden_states: Sequence[torch.Tensor],
+    mask: torch.Tensor,
+    layers: Sequence[int],
+    *,
+    instance_norm_layers: bool = True,
+    layer_norm_targets: bool = True,
+) -> torch.Tensor:
+    """The data2vec recipe: instance-norm each chosen layer, average them, layer-norm the average.
+
+    Args:
+        hidden_states: One (B, T, D) tensor per block, block 0 first.
+        mask: (B, T) bool, True at valid time steps.
+        layers: 0-based block indices to average (see ``select_layers``).
+        instance_norm_layers: Normalise each channel over time steps before averaging.
+        layer_norm_targets: Apply a parameter-less layer norm over features after averaging.
+
+    Returns:
+        (B, T, D) float32 targets, zero at padding.
+    """
+    acc = None
+    for i in layers:
+        h = hidden_states[i]
+        h = instance_norm(h, mask) if instance_norm_layers else h.to(torch.float32) * mask.unsqueeze(-1)
+        acc = h if acc is None else acc + h
+    y = acc / len(layers)
+    return layer_norm(y, mask) if layer_norm_targets else y
+
+
+def pool_targets(
+    pool: str,
+    targets: torch.Tensor | None,
+    hidden_states: Sequence[torch.Tensor],
+    mask: torch.Tensor,
+    embed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The whole-sample target.
+
+    ``cls``/``mean``: time step 0 / masked mean of the recipe's targets. ``teacher_cls``/``teacher_mean``:
+    the same of the teacher's raw last block output (no final norm). ``teacher_embed``: the model's own
+    output embedding.
+
+    Returns:
+        (B, E) float32.
+    """
+    if pool == "cls":
+        return targets[:, 0].to(torch.float32)
+    if pool == "mean":
+        return masked_mean(targets, mask)
+    if pool == "teacher_cls":
+        return hidden_states[-1][:, 0].to(torch.float32)
+    if pool == "teacher_mean":
+        return masked_mean(hidden_states[-1], mask)
+    if pool == "teacher_embed":
+        if embed is None:
+            raise MmkdError("--pool teacher_embed: this teacher has no output embedding of its own")
+        return embed.to(torch.float32)
+    raise MmkdError(f"--pool {pool!r}: choose one of {', '.join(POOLS)}")
