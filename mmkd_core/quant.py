@@ -1,0 +1,88 @@
+"""Storage encodings of float32 target arrays: float32, float16, bfloat16 (bits as uint16) and int8.
+
+int8 is per-token absmax with outliers kept apart: the K largest-magnitude channels of each token are
+stored as float16 values plus their channel indices, and the int8 scale is taken over the remaining
+channels. A plain per-token absmax lets a few outlier channels set the scale of every other channel;
+taking them out keeps the scale near the bulk of the distribution.
+
+Dequantisation rule (recorded in the store's ``storage`` attribute)::
+
+    x[..., d] = tokens[..., d] * tokens_scale[..., None] / 127
+    x[..., tokens_outlier_idx[..., k]] = tokens_outlier_val[..., k]    for k < K
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import MmkdError
+
+DTYPES = ("float16", "float32", "bfloat16", "int8")
+
+INT8_RULE = (
+    "x = tokens * tokens_scale[..., None] / 127; then x[..., tokens_outlier_idx[..., k]] = "
+    "tokens_outlier_val[..., k] for every k (per-token absmax over the non-outlier channels; the K "
+    "largest-magnitude channels of each token kept as float16)"
+)
+
+
+def outliers_for(dim: int) -> int:
+    """How many outlier channels int8 keeps per token: 1 in 96 (4 for D=384, 8 for D=768)."""
+    return max(1, dim // 96)
+
+
+def storage_dtype(dtype: str) -> str:
+    """The zarr dtype that holds a logical dtype (bfloat16 is not a zarr dtype in zarr 3.1)."""
+    if dtype not in DTYPES:
+        raise MmkdError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return {"bfloat16": "uint16"}.get(dtype, dtype)
+
+
+def encode_float(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 -> stored array for float16/float32/bfloat16 (bfloat16 rounded to nearest even)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == "float32":
+        return x
+    if dtype == "float16":
+        return x.astype(np.float16)
+    if dtype == "bfloat16":
+        bits = x.view(np.uint32)
+        rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+        return ((bits + rounding) >> 16).astype(np.uint16)
+    raise MmkdError(f"dtype {dtype!r} is not a float encoding")
+
+
+def decode_float(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored array -> float32."""
+    if dtype == "bfloat16":
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32, copy=False)
+
+
+def encode_int8(x: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """float32 (..., D) -> int8 codes, per-token scale and K float16 outliers per token."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    a = np.abs(x)
+    # indices of the K largest |x| per token (order within the K does not matter)
+    idx = np.argpartition(a, -k, axis=-1)[..., -k:]
+    val = np.take_along_axis(x, idx, axis=-1)
+    rest = x.copy()
+    np.put_along_axis(rest, idx, 0.0, axis=-1)
+    scale = np.abs(rest).max(axis=-1)
+    safe = np.where(scale > 0, scale, 1.0)[..., None]
+    q = np.clip(np.rint(rest / safe * 127.0), -127, 127).astype(np.int8)
+    return {
+        "tokens": q,
+        "tokens_scale": scale.astype(np.float32),
+        "tokens_outlier_idx": idx.astype(np.uint16),
+        "tokens_outlier_val": val.astype(np.float16),
+    }
+
+
+def decode_int8(
+    q: np.ndarray, scale: np.ndarray, idx: np.ndarray, val: np.ndarray
+) -> np.ndarray:
+    """Inverse of ``encode_int8`` (see the module docstring for the rule)."""
+    x = q.astype(np.float32) * (scale.astype(np.float32)[..., None] / 127.0)
+    np.put_along_axis(x, idx.astype(np.int64), val.astype(np.float32), axis=-1)
+    return x

@@ -1,0 +1,131 @@
+"""Views: augmentation parameters drawn at extraction time and replayed exactly by the loader.
+
+A view is a crop box in the source image's pixel coordinates plus a horizontal flip, resized to the
+teacher's input size in one PIL call. Parameters per view (P = 5): ``top, left, height, width, flip``.
+View 0 is the deterministic eval transform: the centred square of side ``crop_pct`` of the shorter side
+(the crop that "resize to size/crop_pct, centre-crop size" takes, done as one resample). Views 1..K-1 are
+random resized crops (torchvision's sampling rule) with a random flip, drawn from a generator seeded by
+(seed, sample index, view), so they do not depend on batching, workers or resumption.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import MmkdError
+
+NUM_PARAMS = 5
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "nearest": Image.Resampling.NEAREST}
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How views are drawn and rendered (recorded in store provenance as ``views``).
+
+    Attributes:
+        count: K views per sample; view 0 is the eval transform.
+        size: Output side in pixels.
+        mean: Per-channel mean for normalisation.
+        std: Per-channel std for normalisation.
+        interpolation: "bicubic", "bilinear" or "nearest".
+        crop_pct: Eval crop as a fraction of the shorter side.
+        scale: Area range of random crops, as fractions of the image.
+        ratio: Aspect-ratio range of random crops.
+        flip: Probability of a horizontal flip in random views.
+        seed: Seed of the view generator.
+    """
+
+    count: int = 1
+    size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise MmkdError(f"--views {self.count}: need at least 1 (view 0 is the eval transform)")
+        if self.interpolation not in _RESAMPLE:
+            raise MmkdError(f"interpolation {self.interpolation!r}: choose one of {', '.join(_RESAMPLE)}")
+        if not 0 < self.crop_pct <= 1:
+            raise MmkdError(f"crop_pct {self.crop_pct}: must be in (0, 1]")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise MmkdError(f"crop scale {self.scale}: need 0 < min <= max <= 1")
+
+    def describe(self) -> dict:
+        return {**asdict(self), "params": ["top", "left", "height", "width", "flip"]}
+
+
+def eval_params(width: int, height: int, crop_pct: float) -> np.ndarray:
+    """The centred square crop of view 0."""
+    side = max(1, int(round(min(width, height) * crop_pct)))
+    top = (height - side) // 2
+    left = (width - side) // 2
+    return np.array([top, left, side, side, 0], dtype=np.float32)
+
+
+def random_params(width: int, height: int, spec: ViewSpec, rng: np.random.Generator) -> np.ndarray:
+    """A random resized crop (torchvision's rule: 10 tries, then a clamped centre crop) and flip."""
+    area = width * height
+    log_ratio = (math.log(spec.ratio[0]), math.log(spec.ratio[1]))
+    box = None
+    for _ in range(10):
+        target = area * rng.uniform(spec.scale[0], spec.scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            box = (top, left, h, w)
+            break
+    if box is None:
+        in_ratio = width / height
+        if in_ratio < spec.ratio[0]:
+            w, h = width, int(round(width / spec.ratio[0]))
+        elif in_ratio > spec.ratio[1]:
+            h, w = height, int(round(height * spec.ratio[1]))
+        else:
+            w, h = width, height
+        box = ((height - h) // 2, (width - w) // 2, h, w)
+    flip = float(rng.uniform() < spec.flip)
+    return np.array([*box, flip], dtype=np.float32)
+
+
+def draw_params(width: int, height: int, spec: ViewSpec, index: int) -> np.ndarray:
+    """Parameters of all K views of source sample ``index``: (K, P) float32."""
+    out = np.empty((spec.count, NUM_PARAMS), dtype=np.float32)
+    out[0] = eval_params(width, height, spec.crop_pct)
+    for v in range(1, spec.count):
+        out[v] = random_params(width, height, spec, np.random.default_rng([spec.seed, index, v]))
+    return out
+
+
+def render(image: Image.Image, params: np.ndarray, spec: ViewSpec) -> torch.Tensor:
+    """Replay one view: (3, size, size) float32, normalised. Same image + same params = same bits."""
+    top, left, h, w, flip = (int(p) for p in params)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    out = image.resize((spec.size, spec.size), resample=_RESAMPLE[spec.interpolation],
+                       box=(left, top, left + w, top + h))
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(out, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(spec.mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(spec.std, dtype=torch.float32)[:, None, None]
+    return (x - mean) / std
+
+
+def render_views(image: Image.Image, params: np.ndarray, spec: ViewSpec) -> torch.Tensor:
+    """All views of one image: (K, 3, size, size)."""
+    return torch.stack([render(image, p, spec) for p in params])

@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+import torch
+
+from mmkd_core import quant
+from mmkd_core.errors import MmkdError
+from mmkd_core.store import Layout, StoreWriter, config_diff, open_store
+
+CONFIG = {"teacher": {"name": "t", "weights_sha256": "abc"}, "recipe": {"layers": [0, 1], "pool": "mean"},
+          "preprocess": {}, "views": {"count": 2}, "dataset": {"name": "d", "fingerprint": "f"}}
+
+
+def fake_data(layout, lo, hi, seed=0):
+    rng = np.random.default_rng([seed, lo])
+    n = hi - lo
+    lengths = rng.integers(1, layout.time_steps + 1, n).astype(np.int32)
+    tokens = rng.standard_normal((n, layout.views, layout.time_steps, layout.dim)).astype(np.float32)
+    tokens *= (np.arange(layout.time_steps)[None, None, :, None] < lengths[:, None, None, None])
+    return {
+        "tokens": tokens,
+        "pooled": rng.standard_normal((n, layout.views, layout.pooled_dim)).astype(np.float32),
+        "lengths": lengths,
+        "input_ids": rng.integers(0, 100, (n, layout.time_steps)).astype(np.int32),
+        "index": np.arange(lo, hi, dtype=np.int64),
+    }
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 0), ("float16", 1e-3), ("bfloat16", 8e-3), ("int8", 2e-2)])
+def test_roundtrip(tmp_path, dtype, tol):
+    layout = Layout(num_samples=23, views=2, time_steps=6, dim=8, pooled_dim=5, dtype=dtype, input_ids=True,
+                    chunk_size=4, shard_size=8)
+    assert layout.num_shards == 3
+    w = StoreWriter.open(tmp_path / "s.zarr", layout, CONFIG, {"zarr": "x"})
+    written = {}
+    for k in range(layout.num_shards):
+        lo, hi = layout.shard_range(k)
+        written[k] = fake_data(layout, lo, hi)
+        w.write_shard(k, written[k])
+    assert w.finish()
+    r = open_store(tmp_path / "s.zarr")
+    assert len(r) == 23 and r.complete and r.views == 2
+    d = written[1]
+    i = 9  # second sample of shard 1
+    n = d["lengths"][1]
+    got = r.tokens(i, view=1)
+    assert got.shape == (n, 8) and got.dtype == np.float32
+    np.testing.assert_allclose(got, d["tokens"][1, 1, :n], atol=tol * 4, rtol=tol)
+    np.testing.assert_allclose(r.pooled(i, view=0), d["pooled"][1, 0], atol=tol, rtol=tol)
+    run = r.read(8, 16)
+    np.testing.assert_array_equal(run["index"], np.arange(8, 16))
+    np.testing.assert_array_equal(run["input_ids"], d["input_ids"])
+    assert run["tokens"].shape == (8, 2, 6, 8)
+
+
+def test_int8_outliers_kept():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 384)).astype(np.float32)
+    x[:, 7] *= 40  # an outlier channel, like real transformer activations have
+    x[::3, 100] = 60
+    enc = quant.encode_int8(x, quant.outliers_for(384))
+    y = quant.decode_int8(enc["tokens"], enc["tokens_scale"], enc["tokens_outlier_idx"], enc["tokens_outlier_val"])
+    cos = (x * y).sum(-1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(y, axis=-1)
+    assert cos.min() > 0.9999
+    # what plain per-token absmax gives on the same data: the reason outliers are kept apart
+    s = np.abs(x).max(-1, keepdims=True)
+    plain = np.rint(x / s * 127) * s / 127
+    cos_plain = (x * plain).sum(-1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(plain, axis=-1)
+    assert cos_plain.min() < cos.min()
+
+
+def test_bfloat16_matches_torch():
+    x = np.random.default_rng(1).standard_normal(1000).astype(np.float32) * 1e3
+    bits = quant.encode_float(x, "bfloat16")
+    ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.uint16).numpy()
+    np.testing.assert_array_equal(bits, ref)
+    np.testing.assert_array_equal(quant.decode_float(bits, "bfloat16"),
+                                  torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+
+
+def test_resume_refuses_other_config(tmp_path):
+    layout = Layout(num_samples=10, views=2, time_steps=6, dim=8, pooled_dim=5, chunk_size=2, shard_size=4)
+    w = StoreWriter.open(tmp_path / "s.zarr", layout, CONFIG, {})
+    w.write_shard(1, {k: v for k, v in fake_data(layout, 4, 8).items() if k != "input_ids"})
+    assert StoreWriter.open(tmp_path / "s.zarr", layout, CONFIG, {}).done_shards() == {1}
+    other = {**CONFIG, "recipe": {"layers": [1], "pool": "mean"}}
+    with pytest.raises(MmkdError, match="recipe.layers"):
+        StoreWriter.open(tmp_path / "s.zarr", layout, other, {})
+    # --overwrite starts afresh
+    assert StoreWriter.open(tmp_path / "s.zarr", layout, other, {}, overwrite=True).done_shards() == set()
+
+
+def test_refuses_foreign_directory(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("data")
+    layout = Layout(num_samples=4, views=1, time_steps=2, dim=2, pooled_dim=2)
+    with pytest.raises(MmkdError, match="not an mmkd store"):
+        StoreWriter.open(tmp_path / "x", layout, CONFIG, {})
+    assert (tmp_path / "x" / "keep.txt").exists()
+
+
+def test_check_names_field(tmp_path):
+    layout = Layout(num_samples=4, views=1, time_steps=2, dim=2, pooled_dim=2)
+    StoreWriter.open(tmp_path / "s.zarr", layout, CONFIG, {})
+    r = open_store(tmp_path / "s.zarr")
+    r.check({"teacher": CONFIG["teacher"]})
+    with pytest.raises(MmkdError, match="teacher.weights_sha256"):
+        r.check({"teacher": {"name": "t", "weights_sha256": "zzz"}})
+    assert config_diff({"a": {"b": [1, 2]}}, {"a": {"b": (1, 2)}}) is None
+    assert config_diff({"a": 1}, {"a": 1, "c": 2}) == "c"
+
+
+def test_open_store_errors(tmp_path):
+    with pytest.raises(MmkdError, match="no such store"):
+        open_store(tmp_path / "missing.zarr")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(MmkdError, match="junk"):
+        open_store(tmp_path / "junk")
+
+
+def test_reader_pickles_without_open_group(tmp_path):
+    import pickle
+
+    layout = Layout(num_samples=4, views=1, time_steps=2, dim=2, pooled_dim=2)
+    StoreWriter.open(tmp_path / "s.zarr", layout, CONFIG, {})
+    r = open_store(tmp_path / "s.zarr")
+    len(r)
+    r2 = pickle.loads(pickle.dumps(r))
+    assert r2._group is None and len(r2) == 4
