@@ -44,6 +44,7 @@ class ImagePreprocess:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
+    crop_mode: str = "center"  # timm's names: "center" (resize short side, crop) or "squash" (resize to size)
 
 
 @dataclass
@@ -76,6 +77,10 @@ class Teacher(nn.Module):
     source: str = ""
     weights_sha256: str = ""
     preprocess: ImagePreprocess | TextPreprocess
+
+    def train(self, mode: bool = True) -> Teacher:
+        # A teacher stays frozen: a caller's model.train() must not switch on its dropout.
+        return super().train(False)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Text teachers: ``{"input_ids": (B, T) long, "attention_mask": (B, T) long}``, right-padded to

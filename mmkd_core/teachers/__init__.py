@@ -1,0 +1,47 @@
+"""Teachers: frozen pretrained models that return every block's output.
+
+``create_teacher(name, weights)`` is the one entry point; ``list_teachers()`` names what it knows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from . import beit, clip, hf_text, hf_vision  # noqa: F401  (register the teachers)
+from .base import TEACHERS, ImagePreprocess, Teacher, TeacherOutput, TextPreprocess
+
+__all__ = ["TEACHERS", "ImagePreprocess", "Teacher", "TeacherOutput", "TextPreprocess", "create_teacher",
+           "list_teachers"]
+
+logger = logging.getLogger(__name__)
+
+
+def create_teacher(name: str, weights: str | None = None, *, random_init: bool = False, device: str = "cpu",
+                   **options: Any) -> Teacher:
+    """Build a frozen teacher: eval mode, ``requires_grad`` off, float32, on ``device``.
+
+    Args:
+        name: A registered teacher (see :func:`list_teachers`).
+        weights: Checkpoint file or directory, or a repo id in the local HF hub cache. None: the teacher's
+            default (its repo in the hub cache, or the package that carries its weights).
+        random_init: Random weights; only for tests. Logged as a warning; provenance says "random".
+        device: Torch device.
+        **options: Teacher-specific options (see each teacher's factory docstring).
+
+    Raises:
+        MmkdError: Unknown teacher or option, missing or mismatching weights.
+    """
+    teacher = TEACHERS.get(name)(weights, random_init=random_init, **options)
+    if random_init:
+        logger.warning("teacher %s has RANDOM weights (random_init=True): its targets mean nothing", teacher.name)
+    teacher.to(device=device, dtype=torch.float32)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def list_teachers(pattern: str = "*") -> list[str]:
+    """Registered teacher names matching a glob pattern."""
+    return TEACHERS.names(pattern)
