@@ -1,0 +1,370 @@
+"""Distillation losses as plain tensor functions, and a weighted sum of named terms for the training loop.
+
+All math is float32 whatever the input dtype. Where there is a time axis the loss is taken over valid
+steps only, by selecting them (not by multiplying with the mask), so padding never contributes, not even
+as NaN. Pooled ("whole-sample") functions take (B, E); ``reduction="none"`` gives one value per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import MmkdError
+from .registry import Registry
+
+Tensor = torch.Tensor
+
+
+def _f32(*xs: Tensor) -> list[Tensor]:
+    return [x.to(torch.float32) for x in xs]
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def token_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """The data2vec loss: MSE over all valid time steps and features of the batch.
+
+    Args:
+        pred: (B, T, D) student predictions.
+        target: (B, T, D) teacher targets.
+        mask: (B, T) bool, True at valid steps.
+    """
+    pred, target = _f32(pred, target)
+    mask = mask.to(torch.bool)
+    if not mask.any():
+        return pred[mask].sum()  # 0, still in the graph, so backward() works on an all-padding batch
+    return F.mse_loss(pred[mask], target[mask])
+
+
+def cls_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """MSE on time step 0 (CLS/BOS) of (B, T, D) predictions and targets."""
+    pred, target = _f32(pred[:, 0], target[:, 0])
+    return F.mse_loss(pred, target)
+
+
+def pooled_mse(pred: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """MSE between (B, E) embeddings, mean over features (then samples unless ``reduction="none"``)."""
+    pred, target = _f32(pred, target)
+    return _reduce(((pred - target) ** 2).mean(-1), reduction)
+
+
+def pooled_cosine(pred: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """1 − cosine similarity between (B, E) embeddings."""
+    pred, target = _f32(pred, target)
+    return _reduce(1.0 - F.cosine_similarity(pred, target, dim=-1), reduction)
+
+
+def mse_cosine(
+    pred: Tensor, target: Tensor, mask: Tensor | None = None, cos_weight: float = 1.0, reduction: str = "mean"
+) -> Tensor:
+    """MSE + ``cos_weight`` · (1 − cosine), per sample of (B, E) inputs or per valid step of (B, T, D) ones
+    (``mask`` (B, T); None means all steps are valid). ``reduction="none"`` keeps one value per sample/step.
+    """
+    if pred.dim() == 3:
+        mask = torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device) if mask is None else mask.bool()
+        pred, target = pred[mask], target[mask]
+    return _reduce(pooled_mse(pred, target, "none") + cos_weight * pooled_cosine(pred, target, "none"), reduction)
+
+
+def contrastive_kd(
+    student: Tensor,
+    teacher: Tensor | None,
+    temperature: float = 0.05,
+    bank: Tensor | None = None,
+    positives: Tensor | None = None,
+    symmetric: bool = False,
+) -> Tensor:
+    """InfoNCE: each student embedding must pick its own teacher target among the candidates.
+
+    Candidates are the batch's teacher targets followed by the bank's; logits are cosine / ``temperature``.
+    The bank is meant for targets of *earlier* batches: copies of this batch's targets would be negatives.
+
+    Args:
+        student: (B, E) student embeddings.
+        teacher: (B, E) teacher targets of the same samples, or None to use the bank alone.
+        temperature: Softmax temperature τ.
+        bank: Optional (M, E) extra teacher targets.
+        positives: (B,) index of each sample's positive among the candidates; default ``arange(B)``.
+            Required when ``teacher`` is None (the bank then holds the positives).
+        symmetric: Also let each teacher target pick its student among the batch (needs ``teacher``) and
+            average the two directions.
+    """
+    (s,) = _f32(student)
+    parts = [t.to(torch.float32) for t in (teacher, bank) if t is not None]
+    if not parts:
+        raise MmkdError("contrastive_kd: give teacher targets, a bank, or both")
+    if teacher is None and positives is None:
+        raise MmkdError("contrastive_kd: without batch teacher targets, pass positives (indices into the bank)")
+    cand = F.normalize(torch.cat(parts), dim=-1)
+    s = F.normalize(s, dim=-1)
+    labels = torch.arange(len(s), device=s.device) if positives is None else positives.to(s.device).long()
+    loss = F.cross_entropy(s @ cand.T / temperature, labels)
+    if symmetric:
+        if teacher is None:
+            raise MmkdError("contrastive_kd: symmetric=True needs the batch's teacher targets")
+        t = cand[: len(teacher)]
+        loss = 0.5 * (loss + F.cross_entropy(t @ s.T / temperature, torch.arange(len(s), device=s.device)))
+    return loss
+
+
+def itc(img: Tensor, txt: Tensor, temperature: float = 0.07, logit_scale: Tensor | None = None) -> Tensor:
+    """CLIP-style symmetric image–text contrastive loss between two student towers; pair i matches pair i.
+
+    Args:
+        img: (B, E) image-tower embeddings.
+        txt: (B, E) text-tower embeddings.
+        temperature: Fixed τ, used when ``logit_scale`` is None.
+        logit_scale: Learnable log of the inverse temperature (CLIP's parameter, init ln(1/0.07)); its
+            exponential is capped at 100 as in CLIP so training cannot blow the scale up.
+    """
+    img, txt = (F.normalize(x, dim=-1) for x in _f32(img, txt))
+    scale = logit_scale.float().exp().clamp(max=100.0) if logit_scale is not None else 1.0 / temperature
+    logits = scale * img @ txt.T
+    labels = torch.arange(len(img), device=img.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def triplet(anchor: Tensor, positive: Tensor, negative: Tensor | None = None, margin: float = 0.2) -> Tensor:
+    """Triplet loss on cosine distance: mean of max(0, d(a, p) − d(a, n) + margin).
+
+    Args:
+        anchor: (B, E).
+        positive: (B, E), row i is anchor i's positive.
+        negative: (B, E), or None for the hardest in-batch negative: the closest *other* row of
+            ``positive`` (as VSE++).
+        margin: Required gap between the negative and the positive distance.
+    """
+    a, p = (F.normalize(x, dim=-1) for x in _f32(anchor, positive))
+    d_pos = 1.0 - (a * p).sum(-1)
+    if negative is None:
+        if len(a) < 2:
+            raise MmkdError("triplet: hardest in-batch negatives need a batch of at least 2")
+        sim = (a @ p.T).masked_fill(torch.eye(len(a), dtype=torch.bool, device=a.device), float("-inf"))
+        d_neg = 1.0 - sim.max(dim=1).values
+    else:
+        d_neg = 1.0 - (a * F.normalize(negative.float(), dim=-1)).sum(-1)
+    return F.relu(d_pos - d_neg + margin).mean()
+
+
+# ---- MSD (modality-specific distillation) for embedding targets -------------------------------------
+
+MSD_MODES = ("sample", "dataset", "fixed")
+
+
+def msd_saliency(t_full: Tensor, t_without: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Saliency of each modality m per sample: 1 − cos(t, t_¬m), how much the teacher's output changes
+    when m is removed.
+
+    Args:
+        t_full: (B, E) teacher output on the full input.
+        t_without: Modality name -> (B, E) teacher output with that modality removed.
+    """
+    t = t_full.float()
+    return {m: (1.0 - F.cosine_similarity(t, x.float(), dim=-1)).detach() for m, x in t_without.items()}
+
+
+def msd_weights(
+    saliency: Mapping[str, Tensor], mode: str = "sample", fixed: Mapping[str, float] | None = None
+) -> dict[str, Tensor]:
+    """Per-sample weights of the modalities, summing to 1 over modalities.
+
+    Args:
+        saliency: Modality -> (B,) saliency (see ``msd_saliency``); in ``fixed`` mode only its keys and
+            batch size are used.
+        mode: ``sample`` normalises each sample's saliencies; ``dataset`` normalises the saliencies
+            averaged over all given samples (pass the whole dataset's, or the batch's), so every sample gets
+            the same weights; ``fixed`` normalises the user's ``fixed`` weights.
+        fixed: Modality -> non-negative weight, for ``mode="fixed"``.
+
+    Returns:
+        Modality -> (B,) weights. Where all saliencies are zero the modalities get equal weights.
+    """
+    names = list(saliency)
+    s = torch.stack([saliency[m].float() for m in names])  # (M, B)
+    if mode == "dataset":
+        s = s.mean(dim=1, keepdim=True).expand_as(s)
+    elif mode == "fixed":
+        if fixed is None or set(fixed) != set(names):
+            raise MmkdError(f"--msd-weights: fixed mode needs one weight for each of {', '.join(names)}")
+        w = torch.tensor([float(fixed[m]) for m in names], device=s.device)
+        if (w < 0).any() or w.sum() <= 0:
+            raise MmkdError("--msd-weights: fixed weights must be non-negative with a positive sum")
+        s = w[:, None].expand_as(s)
+    elif mode != "sample":
+        raise MmkdError(f"--msd-weighting {mode!r}: choose one of {', '.join(MSD_MODES)}")
+    total = s.sum(dim=0, keepdim=True)
+    w = torch.where(total > 0, s / total.clamp_min(1e-12), torch.full_like(s, 1.0 / len(names)))
+    return {m: w[i] for i, m in enumerate(names)}
+
+
+_MSD_BASES: dict[str, Callable[..., Tensor]] = {f.__name__: f for f in (pooled_mse, pooled_cosine, mse_cosine)}
+
+
+def msd_loss(
+    student_by_modality: Mapping[str, Tensor],
+    teacher_by_modality: Mapping[str, Tensor],
+    weights: Mapping[str, Tensor],
+    base: str | Callable[..., Tensor] = "pooled_mse",
+) -> Tensor:
+    """Σ_m w_m · L(s_m, t_m) per sample, averaged over the batch.
+
+    Args:
+        student_by_modality: Modality m -> (B, E) student output given m alone.
+        teacher_by_modality: Modality m -> (B, E) teacher output given m alone.
+        weights: Modality m -> (B,) weights (see ``msd_weights``); treated as constants.
+        base: ``pooled_mse``, ``pooled_cosine``, ``mse_cosine`` or a function accepting
+            ``(pred, target, reduction="none")``.
+    """
+    if set(student_by_modality) != set(teacher_by_modality) or set(weights) != set(student_by_modality):
+        raise MmkdError("msd: student outputs, teacher outputs and weights must name the same modalities")
+    fn = _MSD_BASES.get(base) if isinstance(base, str) else base
+    if fn is None:
+        raise MmkdError(f"--msd-base {base!r}: choose one of {', '.join(_MSD_BASES)}")
+    per_sample = sum(
+        weights[m].detach().float() * fn(student_by_modality[m], teacher_by_modality[m], reduction="none")
+        for m in student_by_modality
+    )
+    return per_sample.mean()
+
+
+# ---- named terms and their weighted sum -------------------------------------------------------------
+
+LOSSES: Registry[Callable[[Mapping[str, Any], Mapping[str, Any]], Tensor]] = Registry("loss")
+
+# Options the terms read, with their defaults; build_loss(..., name=value) overrides them.
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "temperature": 0.05,  # contrastive_kd
+    "itc_temperature": 0.07,  # itc, when the batch has no learnable logit_scale
+    "symmetric": False,  # contrastive_kd
+    "margin": 0.2,  # triplet
+    "cos_weight": 1.0,  # mse_cosine
+    "msd_mode": "sample",
+    "msd_fixed": None,
+    "msd_base": "pooled_mse",
+}
+
+
+def _get(b: Mapping[str, Any], term: str, *keys: str) -> list[Any]:
+    missing = [k for k in keys if b.get(k) is None]
+    if missing:
+        raise MmkdError(f"--loss {term}: the batch lacks {', '.join(missing)}")
+    return [b[k] for k in keys]
+
+
+def _each_student(b: Mapping[str, Any], term: str, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Apply a pooled term to every student modality against the one teacher target, and average."""
+    pooled, target = _get(b, term, "pooled", "pooled_target")
+    students = pooled.values() if isinstance(pooled, Mapping) else [pooled]
+    return torch.stack([fn(s, target) for s in students]).mean()
+
+
+def _itc_term(b: Mapping[str, Any], o: Mapping[str, Any]) -> Tensor:
+    (pooled,) = _get(b, "itc", "pooled")
+    if not isinstance(pooled, Mapping) or not {"image", "text"} <= set(pooled):
+        raise MmkdError("--loss itc: needs student embeddings for both 'image' and 'text'")
+    return itc(pooled["image"], pooled["text"], o["itc_temperature"], b.get("logit_scale"))
+
+
+def _msd_term(b: Mapping[str, Any], o: Mapping[str, Any]) -> Tensor:
+    pooled, teacher = _get(b, "msd", "pooled", "teacher_by_modality")
+    weights = b.get("msd_weights")
+    if weights is None:
+        t_full, t_without = _get(b, "msd", "pooled_target", "teacher_without")
+        weights = msd_weights(msd_saliency(t_full, t_without), o["msd_mode"], o["msd_fixed"])
+    return msd_loss(pooled, teacher, weights, o["msd_base"])
+
+
+def _pooled(name: str, fn: Callable[[Tensor, Tensor, Mapping[str, Any], Mapping[str, Any]], Tensor]) -> Callable:
+    return lambda b, o: _each_student(b, name, lambda s, t: fn(s, t, b, o))
+
+
+LOSSES.register("token_mse", "d2v")(lambda b, o: token_mse(*_get(b, "token_mse", "tokens", "tokens_target", "mask")))
+LOSSES.register("cls_mse")(lambda b, o: cls_mse(*_get(b, "cls_mse", "tokens", "tokens_target")))
+LOSSES.register("pooled_mse", "mse")(_pooled("pooled_mse", lambda s, t, b, o: pooled_mse(s, t)))
+LOSSES.register("pooled_cosine", "cosine")(_pooled("pooled_cosine", lambda s, t, b, o: pooled_cosine(s, t)))
+LOSSES.register("mse_cosine")(_pooled("mse_cosine", lambda s, t, b, o: mse_cosine(s, t, cos_weight=o["cos_weight"])))
+LOSSES.register("contrastive_kd", "ckd")(
+    _pooled(
+        "contrastive_kd", lambda s, t, b, o: contrastive_kd(s, t, o["temperature"], b.get("bank"), None, o["symmetric"])
+    )
+)
+# triplet anchor: the student embedding; positive: its teacher target; negative: the hardest other target
+LOSSES.register("triplet")(_pooled("triplet", lambda s, t, b, o: triplet(s, t, margin=o["margin"])))
+LOSSES.register("itc")(_itc_term)
+LOSSES.register("msd")(_msd_term)
+
+
+class CombinedLoss:
+    """A weighted sum of named loss terms.
+
+    Called with one batch mapping; each term reads the keys it needs (a missing one is an MmkdError):
+
+    - ``tokens``, ``tokens_target`` (B, T, D) and ``mask`` (B, T): per-token terms (token_mse, cls_mse).
+    - ``pooled``: the student's (B, E) embedding, or modality -> (B, E) for a multimodal student;
+      ``pooled_target``: the teacher's (B, E) whole-sample target. Pooled terms (pooled_mse,
+      pooled_cosine, mse_cosine, contrastive_kd, triplet) compare every student modality with the target
+      and average over modalities; itc needs ``pooled["image"]`` and ``pooled["text"]``.
+    - optional ``bank`` (M, E) negatives for contrastive_kd, ``logit_scale`` for itc.
+    - msd: ``teacher_by_modality`` (m -> (B, E), teacher given m alone) and either ``msd_weights``
+      (m -> (B,)) or ``teacher_without`` (m -> (B, E), teacher with m removed) to compute them.
+
+    Args:
+        weights: Term name (or alias) -> positive weight.
+        **options: Overrides of ``DEFAULT_OPTIONS``.
+    """
+
+    def __init__(self, weights: Mapping[str, float], **options: Any) -> None:
+        if not weights:
+            raise MmkdError("--loss: give at least one term, e.g. token_mse=1,pooled_mse=1")
+        unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
+        if unknown:
+            raise MmkdError(f"loss option {unknown[0]!r} is unknown; known: {', '.join(DEFAULT_OPTIONS)}")
+        self.options = {**DEFAULT_OPTIONS, **options}
+        self.weights: dict[str, float] = {}
+        for name, w in weights.items():
+            if name not in LOSSES:
+                raise MmkdError(f"--loss: unknown term {name!r}; known: {', '.join(LOSSES.names())}")
+            key = LOSSES.canonical(name)
+            if key in self.weights:
+                raise MmkdError(f"--loss: term {key!r} is given twice")
+            if not float(w) > 0:
+                raise MmkdError(f"--loss {name}={w}: weights must be positive (leave the term out instead)")
+            self.weights[key] = float(w)
+
+    def __call__(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        """Returns the weighted total and each term's unweighted value as a float (for logging)."""
+        total: Tensor | float = 0.0
+        values: dict[str, float] = {}
+        for name, w in self.weights.items():
+            value = LOSSES.get(name)(batch, self.options)
+            total = total + w * value
+            values[name] = float(value.detach())
+        return total, values
+
+
+def parse_loss_spec(text: str) -> dict[str, float]:
+    """Parse ``"token_mse=1,pooled_cosine=0.5"``; a bare name means weight 1."""
+    spec: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, _, weight = part.partition("=")
+        name = name.strip()
+        if name in spec:
+            raise MmkdError(f"--loss: term {name!r} is given twice")
+        try:
+            spec[name] = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise MmkdError(f"--loss {part!r}: the weight after '=' must be a number") from None
+    return spec
+
+
+def build_loss(spec: str | Mapping[str, float], **options: Any) -> CombinedLoss:
+    """A ``CombinedLoss`` from a spec string or a name -> weight mapping (see ``CombinedLoss``)."""
+    return CombinedLoss(parse_loss_spec(spec) if isinstance(spec, str) else spec, **options)
