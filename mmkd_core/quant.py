@@ -5,10 +5,11 @@ stored as float16 values plus their channel indices, and the int8 scale is taken
 channels. A plain per-token absmax lets a few outlier channels set the scale of every other channel;
 taking them out keeps the scale near the bulk of the distribution.
 
-Dequantisation rule (recorded in the store's ``storage`` attribute)::
+The same encoding applies to every target array A (``tokens`` and ``pooled``); its dequantisation rule
+(recorded in the store's ``storage`` attribute)::
 
-    x[..., d] = tokens[..., d] * tokens_scale[..., None] / 127
-    x[..., tokens_outlier_idx[..., k]] = tokens_outlier_val[..., k]    for k < K
+    x[..., d] = A[..., d] * A_scale[..., None] / 127
+    x[..., A_outlier_idx[..., k]] = A_outlier_val[..., k]    for k < K
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from .errors import MmkdError
 DTYPES = ("float16", "float32", "bfloat16", "int8")
 
 INT8_RULE = (
-    "x = tokens * tokens_scale[..., None] / 127; then x[..., tokens_outlier_idx[..., k]] = "
-    "tokens_outlier_val[..., k] for every k (per-token absmax over the non-outlier channels; the K "
-    "largest-magnitude channels of each token kept as float16)"
+    "for A in (tokens, pooled): x = A * A_scale[..., None] / 127; then x[..., A_outlier_idx[..., k]] = "
+    "A_outlier_val[..., k] for every k (per-vector absmax over the non-outlier channels; the K "
+    "largest-magnitude channels of each vector kept as float16)"
 )
+INT8_PARTS = ("", "_scale", "_outlier_idx", "_outlier_val")
 
 
 def outliers_for(dim: int) -> int:
@@ -59,8 +61,8 @@ def decode_float(x: np.ndarray, dtype: str) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
-def encode_int8(x: np.ndarray, k: int) -> dict[str, np.ndarray]:
-    """float32 (..., D) -> int8 codes, per-token scale and K float16 outliers per token."""
+def encode_int8(x: np.ndarray, k: int, name: str = "tokens") -> dict[str, np.ndarray]:
+    """float32 (..., D) -> ``{name: int8 codes, name_scale, name_outlier_idx, name_outlier_val}``."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     a = np.abs(x)
     # indices of the K largest |x| per token (order within the K does not matter)
@@ -72,16 +74,14 @@ def encode_int8(x: np.ndarray, k: int) -> dict[str, np.ndarray]:
     safe = np.where(scale > 0, scale, 1.0)[..., None]
     q = np.clip(np.rint(rest / safe * 127.0), -127, 127).astype(np.int8)
     return {
-        "tokens": q,
-        "tokens_scale": scale.astype(np.float32),
-        "tokens_outlier_idx": idx.astype(np.uint16),
-        "tokens_outlier_val": val.astype(np.float16),
+        name: q,
+        f"{name}_scale": scale.astype(np.float32),
+        f"{name}_outlier_idx": idx.astype(np.uint16),
+        f"{name}_outlier_val": val.astype(np.float16),
     }
 
 
-def decode_int8(
-    q: np.ndarray, scale: np.ndarray, idx: np.ndarray, val: np.ndarray
-) -> np.ndarray:
+def decode_int8(q: np.ndarray, scale: np.ndarray, idx: np.ndarray, val: np.ndarray) -> np.ndarray:
     """Inverse of ``encode_int8`` (see the module docstring for the rule)."""
     x = q.astype(np.float32) * (scale.astype(np.float32)[..., None] / 127.0)
     np.put_along_axis(x, idx.astype(np.int64), val.astype(np.float32), axis=-1)

@@ -1,10 +1,10 @@
 """The target store: a zarr v3 group, chunked and sharded along the sample axis only.
 
-Layout (the public contract, see DESIGN.md): ``tokens`` (N, V, T, D), ``tokens_scale`` (N, V, T) and
-the int8 outlier arrays, ``pooled`` (N, V, E), ``lengths`` (N,), ``input_ids`` (N, T), ``view_params``
-(N, V, P), ``index`` (N,), and ``shards_done`` (num_shards,) uint8 — one chunk per shard, so writers of
-different shards never touch the same file. Group attribute ``mmkd`` holds the provenance and
-``complete``.
+Layout (the public contract, see DESIGN.md): ``tokens`` (N, V, T, D), ``pooled`` (N, V, E), for int8
+``tokens_scale`` (N, V, T), ``pooled_scale`` (N, V) and their outlier arrays (see ``quant``), ``lengths``
+(N,), ``input_ids`` (N, T), ``view_params`` (N, V, P), ``index`` (N,), and ``shards_done`` (num_shards,)
+uint8 — one chunk per shard, so writers of different shards never touch the same file. Group
+attribute ``mmkd`` holds the provenance and ``complete``.
 
 A shard is the unit of work: it is written whole, then marked done. Resume skips done shards.
 """
@@ -91,13 +91,13 @@ class Layout:
         out = {
             "dtype": self.dtype,
             "zarr_dtype": quant.storage_dtype(self.dtype),
-            "pooled_dtype": "float32" if self.dtype in ("float32", "int8") else self.dtype,
             "chunk_samples": self.chunk_size,
             "shard_samples": self.shard_size,
             "tokens": self.store_tokens,
         }
         if self.dtype == "int8":
-            out["int8_outliers"] = quant.outliers_for(self.dim)
+            out["int8_outliers"] = {"tokens": quant.outliers_for(self.dim),
+                                    "pooled": quant.outliers_for(self.pooled_dim)}
             out["dequantize"] = quant.INT8_RULE
         return out
 
@@ -106,15 +106,16 @@ class Layout:
         n, v, t, d = self.num_samples, self.views, self.time_steps, self.dim
         st = self.storage_attrs()
         out: dict[str, tuple[tuple[int, ...], str]] = {}
-        if self.store_tokens:
-            out["tokens"] = ((n, v, t, d), st["zarr_dtype"])
-            if self.dtype == "int8":
-                k = st["int8_outliers"]
-                out["tokens_scale"] = ((n, v, t), "float32")
-                out["tokens_outlier_idx"] = ((n, v, t, k), "uint16")
-                out["tokens_outlier_val"] = ((n, v, t, k), "float16")
+        targets = {"tokens": (n, v, t, d)} if self.store_tokens else {}
         if self.pooled_dim:
-            out["pooled"] = ((n, v, self.pooled_dim), quant.storage_dtype(st["pooled_dtype"]))
+            targets["pooled"] = (n, v, self.pooled_dim)
+        for name, shape in targets.items():
+            out[name] = (shape, st["zarr_dtype"])
+            if self.dtype == "int8":
+                k = quant.outliers_for(shape[-1])
+                out[f"{name}_scale"] = (shape[:-1], "float32")
+                out[f"{name}_outlier_idx"] = ((*shape[:-1], k), "uint16")
+                out[f"{name}_outlier_val"] = ((*shape[:-1], k), "float16")
         out["lengths"] = ((n,), "int32")
         if self.input_ids:
             out["input_ids"] = ((n, t), "int32")
@@ -231,13 +232,14 @@ class StoreWriter:
         """
         lo, hi = self.layout.shard_range(k)
         enc = dict(data)
-        if "tokens" in enc:
+        for name in ("tokens", "pooled"):
+            if name not in self._arrays:
+                continue
             if self.layout.dtype == "int8":
-                enc.update(quant.encode_int8(enc.pop("tokens"), quant.outliers_for(self.layout.dim)))
+                x = enc.pop(name)
+                enc.update(quant.encode_int8(x, quant.outliers_for(x.shape[-1]), name))
             else:
-                enc["tokens"] = quant.encode_float(enc["tokens"], self.layout.dtype)
-        if "pooled" in enc:
-            enc["pooled"] = quant.encode_float(enc["pooled"], self.layout.storage_attrs()["pooled_dtype"])
+                enc[name] = quant.encode_float(enc[name], self.layout.dtype)
         for name, arr in self._arrays.items():
             value = enc[name]
             if value.shape[0] != hi - lo:
@@ -328,31 +330,28 @@ class StoreReader:
             names = tuple(n for n in ("tokens", "pooled", "lengths", "input_ids", "view_params", "index") if n in g)
         out: dict[str, np.ndarray] = {}
         for name in names:
-            if name == "tokens":
-                out[name] = self._tokens(slice(start, stop))
-            elif name == "pooled":
-                out[name] = quant.decode_float(g["pooled"][start:stop], self.storage["pooled_dtype"])
+            if name in ("tokens", "pooled"):
+                out[name] = self._target(name, slice(start, stop))
             else:
                 out[name] = g[name][start:stop]
         return out
 
-    def _tokens(self, sel) -> np.ndarray:
+    def _target(self, name: str, sel) -> np.ndarray:
         g = self.group
-        if "tokens" not in g:
-            raise MmkdError(f"{self.path}: pooled-only store has no per-token targets")
+        if name not in g:
+            raise MmkdError(f"{self.path}: this store has no {name!r} targets (recipe: {self.attrs['recipe']})")
         if self.storage["dtype"] == "int8":
-            return quant.decode_int8(g["tokens"][sel], g["tokens_scale"][sel], g["tokens_outlier_idx"][sel],
-                                     g["tokens_outlier_val"][sel])
-        return quant.decode_float(g["tokens"][sel], self.storage["dtype"])
+            return quant.decode_int8(*(g[name + part][sel] for part in quant.INT8_PARTS))
+        return quant.decode_float(g[name][sel], self.storage["dtype"])
 
     def tokens(self, i: int, view: int = 0) -> np.ndarray:
         """Sample i's per-token targets for one view: (L_i, D) float32, valid time steps only."""
         n = int(self.group["lengths"][i])
-        return self._tokens((slice(i, i + 1), slice(view, view + 1), slice(0, n)))[0, 0]
+        return self._target("tokens", (slice(i, i + 1), slice(view, view + 1), slice(0, n)))[0, 0]
 
     def pooled(self, i: int, view: int = 0) -> np.ndarray:
         """Sample i's whole-sample target for one view: (E,) float32."""
-        return quant.decode_float(self.group["pooled"][i, view], self.storage["pooled_dtype"])
+        return self._target("pooled", (slice(i, i + 1), slice(view, view + 1)))[0, 0]
 
     def nbytes_stored(self) -> int:
         """Bytes on disk."""

@@ -35,6 +35,7 @@ class ViewSpec:
         std: Per-channel std for normalisation.
         interpolation: "bicubic", "bilinear" or "nearest".
         crop_pct: Eval crop as a fraction of the shorter side.
+        crop_mode: "center" (the centred square above) or "squash" (the whole image, aspect not kept).
         scale: Area range of random crops, as fractions of the image.
         ratio: Aspect-ratio range of random crops.
         flip: Probability of a horizontal flip in random views.
@@ -47,6 +48,7 @@ class ViewSpec:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
+    crop_mode: str = "center"
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: float = 0.5
@@ -57,6 +59,8 @@ class ViewSpec:
             raise MmkdError(f"--views {self.count}: need at least 1 (view 0 is the eval transform)")
         if self.interpolation not in _RESAMPLE:
             raise MmkdError(f"interpolation {self.interpolation!r}: choose one of {', '.join(_RESAMPLE)}")
+        if self.crop_mode not in ("center", "squash"):
+            raise MmkdError(f"crop_mode {self.crop_mode!r}: choose center or squash")
         if not 0 < self.crop_pct <= 1:
             raise MmkdError(f"crop_pct {self.crop_pct}: must be in (0, 1]")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
@@ -66,8 +70,10 @@ class ViewSpec:
         return {**asdict(self), "params": ["top", "left", "height", "width", "flip"]}
 
 
-def eval_params(width: int, height: int, crop_pct: float) -> np.ndarray:
-    """The centred square crop of view 0."""
+def eval_params(width: int, height: int, crop_pct: float, crop_mode: str = "center") -> np.ndarray:
+    """The crop of view 0: the centred square, or the whole image for "squash"."""
+    if crop_mode == "squash":
+        return np.array([0, 0, height, width, 0], dtype=np.float32)
     side = max(1, int(round(min(width, height) * crop_pct)))
     top = (height - side) // 2
     left = (width - side) // 2
@@ -105,7 +111,7 @@ def random_params(width: int, height: int, spec: ViewSpec, rng: np.random.Genera
 def draw_params(width: int, height: int, spec: ViewSpec, index: int) -> np.ndarray:
     """Parameters of all K views of source sample ``index``: (K, P) float32."""
     out = np.empty((spec.count, NUM_PARAMS), dtype=np.float32)
-    out[0] = eval_params(width, height, spec.crop_pct)
+    out[0] = eval_params(width, height, spec.crop_pct, spec.crop_mode)
     for v in range(1, spec.count):
         out[v] = random_params(width, height, spec, np.random.default_rng([spec.seed, index, v]))
     return out

@@ -58,7 +58,7 @@ def test_int8_outliers_kept():
     x[:, 7] *= 40  # an outlier channel, like real transformer activations have
     x[::3, 100] = 60
     enc = quant.encode_int8(x, quant.outliers_for(384))
-    y = quant.decode_int8(enc["tokens"], enc["tokens_scale"], enc["tokens_outlier_idx"], enc["tokens_outlier_val"])
+    y = quant.decode_int8(*(enc["tokens" + p] for p in quant.INT8_PARTS))
     cos = (x * y).sum(-1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(y, axis=-1)
     assert cos.min() > 0.9999
     # what plain per-token absmax gives on the same data: the reason outliers are kept apart

@@ -1,22 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from reference import reference_targets
 
 from mmkd_core.errors import MmkdError
 from mmkd_core.targets import make_targets, masked_mean, pool_targets, select_layers
-
-
-def reference_targets(hidden, length, layers, ln=True):
-    """Independent numpy version of the recipe for ONE sample (no padding)."""
-    acc = 0
-    for i in layers:
-        h = hidden[i][:length].astype(np.float64)
-        h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5)
-        acc = acc + h
-    y = acc / len(layers)
-    if ln:
-        y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-5)
-    return y
 
 
 def random_batch(b=3, t=7, d=5, n_layers=4, seed=0):

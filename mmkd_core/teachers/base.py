@@ -82,6 +82,12 @@ class Teacher(nn.Module):
         # A teacher stays frozen: a caller's model.train() must not switch on its dropout.
         return super().train(False)
 
+    @property
+    def pad_token_id(self) -> int:
+        """Id that fills padding in stored ``input_ids`` (text teachers)."""
+        pad = getattr(getattr(self, "tokenizer", None), "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Text teachers: ``{"input_ids": (B, T) long, "attention_mask": (B, T) long}``, right-padded to
         the longest text, truncated at ``preprocess.max_length``."""

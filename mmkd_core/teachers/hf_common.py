@@ -110,14 +110,20 @@ def load_model(model_cls: type, config: Any, path: Path | None, *, teacher: str,
 
 @contextlib.contextmanager
 def _quiet_load_report() -> Iterator[None]:
-    """Silence transformers' own key report while loading: :func:`report_keys` logs the same keys."""
-    log = logging.getLogger("transformers.modeling_utils")
-    level = log.level
+    """Silence transformers' own key report and its loading bar: :func:`report_keys` logs the same keys,
+    and a bar per teacher load would interleave with the extraction progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    log = logging.getLogger("transformers")
+    level, bars = log.level, hf_logging.is_progress_bar_enabled()
     log.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         log.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(path: Path, teacher: str) -> Any:

@@ -1,0 +1,90 @@
+"""The resolved configuration of one extraction run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmkd_core.errors import MmkdError
+from mmkd_core.quant import DTYPES
+
+AUTOCAST = ("none", "bfloat16", "float16")
+
+
+@dataclass
+class ExtractConfig:
+    """Everything `mmkd-extract` needs; the CLI only fills this in.
+
+    Attributes:
+        teacher: Teacher registry name.
+        weights: Checkpoint file or directory; None uses the teacher's default source (package, hub cache).
+        random_weights: Use random weights. For tests only: the store records it.
+        teacher_options: Extra teacher options (architecture overrides, CLIP tower, ...).
+        dataset: Dataset registry name.
+        data_root: Dataset file or directory.
+        split: Dataset split.
+        dataset_options: Extra dataset options (e.g. ``count`` for shapes).
+        out: Store path; None derives ``<teacher>-<dataset>-<split>.zarr`` in the current directory.
+        views: Views per image (view 0 is the eval transform); text has one.
+        layers: "all", "last:K" or block indices.
+        pool: Pooled target; None picks teacher_mean for text teachers and teacher_cls for image teachers.
+        instance_norm: Instance-normalise each layer before averaging.
+        layer_norm: Layer-normalise the averaged targets.
+        pooled_only: Store only pooled targets (multimodal stores).
+        dtype: float16, float32, bfloat16 or int8.
+        batch_size: Teacher inputs per forward pass (images count each view).
+        device: torch device.
+        autocast: Teacher compute dtype: none (float32), bfloat16 or float16.
+        limit: Use only the first N samples.
+        overwrite: Replace a store with another configuration.
+        workers: DataLoader processes decoding and augmenting images.
+        seed: Seed of the random views.
+        crop_scale: Area range of random crops.
+        chunk_size: Samples per chunk (0: about 4 MiB chunks).
+        shard_size: Samples per shard (0: 16 chunks).
+    """
+
+    teacher: str = "minilm-l6"
+    weights: str | None = None
+    random_weights: bool = False
+    teacher_options: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "shapes"
+    data_root: str | None = None
+    split: str = "train"
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    out: Path | None = None
+    views: int = 1
+    layers: str = "all"
+    pool: str | None = None
+    instance_norm: bool = True
+    layer_norm: bool = True
+    pooled_only: bool = False
+    dtype: str = "float16"
+    batch_size: int = 64
+    device: str = "cpu"
+    autocast: str = "none"
+    limit: int | None = None
+    overwrite: bool = False
+    workers: int = 0
+    seed: int = 0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    chunk_size: int = 0
+    shard_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise MmkdError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.autocast not in AUTOCAST:
+            raise MmkdError(f"--autocast {self.autocast!r}: choose one of {', '.join(AUTOCAST)}")
+        if self.batch_size < 1:
+            raise MmkdError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.views < 1:
+            raise MmkdError(f"--views {self.views}: must be at least 1 (view 0 is the eval transform)")
+        if self.limit is not None and self.limit < 1:
+            raise MmkdError(f"--limit {self.limit}: must be at least 1")
+        if self.workers < 0:
+            raise MmkdError(f"--workers {self.workers}: must be 0 or more")
+        if self.out is None:
+            self.out = Path(f"{self.teacher}-{self.dataset}-{self.split}.zarr")
+        self.out = Path(self.out)

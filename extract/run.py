@@ -1,0 +1,161 @@
+"""Stage 1: dataset x teacher -> store, shard by shard, resumable."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from data import create_dataset
+from mmkd_core.errors import MmkdError
+from mmkd_core.progress import progress_bar
+from mmkd_core.store import Layout, StoreWriter, open_store
+from mmkd_core.targets import make_targets, pool_targets, select_layers
+from mmkd_core.teachers import create_teacher
+from mmkd_core.versions import library_versions
+
+from .config import ExtractConfig
+from .sources import ImageSource, TextSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractSummary:
+    """What an extraction run did."""
+
+    path: str
+    samples: int
+    views: int
+    shards_written: int
+    shards_total: int
+    samples_written: int
+    seconds: float
+    bytes_on_disk: int
+    complete: bool
+
+    @property
+    def bytes_per_sample(self) -> float:
+        return self.bytes_on_disk / max(self.samples, 1)
+
+    @property
+    def samples_per_second(self) -> float:
+        """Throughput of this run (samples written now over its wall time)."""
+        return self.samples_written / max(self.seconds, 1e-9)
+
+
+def _autocast(cfg: ExtractConfig):
+    if cfg.autocast == "none":
+        return contextlib.nullcontext()
+    device_type = torch.device(cfg.device).type
+    return torch.autocast(device_type, dtype=getattr(torch, cfg.autocast))
+
+
+def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
+    """Run the teacher over the dataset and write (or finish writing) the store ``cfg.out``."""
+    dataset = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split, **cfg.dataset_options)
+    teacher = create_teacher(cfg.teacher, cfg.weights, random_init=cfg.random_weights, device=cfg.device,
+                             **cfg.teacher_options)
+    if teacher.modality == "text" and dataset.modality not in ("text", "image_text"):
+        raise MmkdError(f"--teacher {cfg.teacher} reads text but dataset {cfg.dataset!r} has none")
+    if teacher.modality == "image" and dataset.modality not in ("image", "image_text"):
+        raise MmkdError(f"--teacher {cfg.teacher} reads images but dataset {cfg.dataset!r} has none")
+    if teacher.modality == "text" and cfg.views != 1:
+        raise MmkdError(f"--views {cfg.views}: text has one view")
+
+    n = min(len(dataset), cfg.limit or len(dataset))
+    layers = select_layers(cfg.layers, teacher.num_layers)
+    pool = cfg.pool or ("teacher_mean" if teacher.modality == "text" else "teacher_cls")
+    if teacher.modality == "text":
+        source = TextSource(dataset, teacher, n)
+    else:
+        source = ImageSource(dataset, teacher, n, cfg.views, cfg.seed, cfg.crop_scale, cfg.workers)
+
+    recipe = {"layers": layers, "instance_norm": cfg.instance_norm, "layer_norm": cfg.layer_norm, "pool": pool,
+              "tokens": not cfg.pooled_only, "autocast": cfg.autocast}
+    # one forward pass on the first sample gives T (images), D and the pooled width E
+    with torch.inference_mode(), _autocast(cfg):
+        probe = _targets(teacher, source.probe_batch(), layers, recipe)
+    layout = Layout(num_samples=n, views=source.views, time_steps=source.time_steps(probe), dim=teacher.hidden_size,
+                    pooled_dim=probe["pooled"].shape[-1], dtype=cfg.dtype, store_tokens=not cfg.pooled_only,
+                    input_ids=teacher.modality == "text", view_params=source.view_params,
+                    chunk_size=cfg.chunk_size, shard_size=cfg.shard_size)
+    dataset_attrs = {**dataset.describe(), "fingerprint": dataset.fingerprint(), "num_samples": n,
+                     "limit": cfg.limit, "source_size": len(dataset)}
+    config = {"teacher": teacher.describe(), "recipe": recipe, "preprocess": _plain(teacher.preprocess),
+              "views": source.describe_views(), "dataset": dataset_attrs}
+    writer = StoreWriter.open(cfg.out, layout, config, library_versions(), overwrite=cfg.overwrite)
+    todo = [k for k in range(layout.num_shards) if k not in writer.done_shards()]
+    done_samples = n - sum(np.subtract(*layout.shard_range(k)[::-1]) for k in todo)
+
+    start = time.perf_counter()
+    written = 0
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1) as pool_exec, progress_bar(
+        f"extract {cfg.teacher} → {cfg.out.name}", total=n, completed=done_samples, enabled=show_progress
+    ) as advance:
+        try:
+            for k in todo:
+                lo, hi = layout.shard_range(k)
+                shard = _empty_shard(layout, lo, hi)
+                with torch.inference_mode(), _autocast(cfg):
+                    for batch in source.batches(lo, hi, cfg.batch_size):
+                        out = _targets(teacher, batch, layers, recipe)
+                        _place(shard, batch, out, lo)
+                        advance(len(batch["positions"]) // source.views)
+                if pending is not None:
+                    pending.result()  # at most one shard in flight: bounded memory
+                pending = pool_exec.submit(writer.write_shard, k, source.finish_shard(shard, lo, hi))
+                written += hi - lo
+            if pending is not None:
+                pending.result()
+        except KeyboardInterrupt:
+            if pending is not None and not pending.done():
+                pending.result()  # let the shard in flight land; it is marked done only once written
+            raise MmkdError(
+                f"interrupted: {len(writer.done_shards())} of {layout.num_shards} shards of {cfg.out} are written; "
+                "run the same command again to continue"
+            ) from None
+    seconds = time.perf_counter() - start
+    complete = writer.finish()
+    return ExtractSummary(path=str(cfg.out), samples=n, views=source.views, shards_written=len(todo),
+                          shards_total=layout.num_shards, samples_written=written, seconds=seconds,
+                          bytes_on_disk=open_store(cfg.out).nbytes_stored(), complete=complete)
+
+
+def _plain(obj) -> dict:
+    return asdict(obj) if hasattr(obj, "__dataclass_fields__") else dict(obj)
+
+
+def _targets(teacher, batch: dict, layers: list[int], recipe: dict) -> dict[str, torch.Tensor]:
+    out = teacher(**batch["inputs"])
+    mask = out.mask
+    targets = None
+    if recipe["tokens"] or recipe["pool"] in ("cls", "mean"):
+        targets = make_targets(out.hidden_states, mask, layers, instance_norm_layers=recipe["instance_norm"],
+                               layer_norm_targets=recipe["layer_norm"])
+    pooled = pool_targets(recipe["pool"], targets, out.hidden_states, mask, out.embed)
+    return {"tokens": targets if recipe["tokens"] else None, "pooled": pooled, "mask": mask}
+
+
+def _empty_shard(layout: Layout, lo: int, hi: int) -> dict[str, np.ndarray]:
+    m = hi - lo
+    shard = {"pooled": np.zeros((m, layout.views, layout.pooled_dim), np.float32)}
+    if layout.store_tokens:
+        shard["tokens"] = np.zeros((m, layout.views, layout.time_steps, layout.dim), np.float32)
+    return shard
+
+
+def _place(shard: dict[str, np.ndarray], batch: dict, out: dict[str, torch.Tensor], lo: int) -> None:
+    """Scatter a batch's results into the shard buffer: row ``positions[j] - lo``, view ``view_ids[j]``."""
+    rows = batch["positions"] - lo
+    views = batch["view_ids"]
+    shard["pooled"][rows, views] = out["pooled"].float().cpu().numpy()
+    if out["tokens"] is not None:
+        t = out["tokens"].shape[1]
+        shard["tokens"][rows, views, :t] = out["tokens"].float().cpu().numpy()

@@ -1,0 +1,128 @@
+"""Teacher inputs for a range of samples: tokenized text, or rendered image views."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmkd_core.views import NUM_PARAMS, ViewSpec, draw_params, render_views
+
+TOKENIZE_CHUNK = 4096
+
+
+class TextSource:
+    """Tokenizes the whole selection up front (it fixes the store's T) and batches by length.
+
+    Batches within a shard are sorted by length: targets do not depend on batching, and short batches
+    spend less time on padding.
+    """
+
+    views = 1
+    view_params = 0
+
+    def __init__(self, dataset, teacher, n: int) -> None:
+        self.teacher = teacher
+        ids: list[np.ndarray] = []
+        for lo in range(0, n, TOKENIZE_CHUNK):
+            texts = [dataset.text(i) for i in range(lo, min(n, lo + TOKENIZE_CHUNK))]
+            enc = teacher.tokenize(texts)
+            for row, m in zip(enc["input_ids"].numpy(), enc["attention_mask"].numpy(), strict=True):
+                ids.append(row[: int(m.sum())])
+        self.lengths = np.array([len(r) for r in ids], dtype=np.int32)
+        self.pad_id = teacher.pad_token_id
+        self.input_ids = np.full((n, int(self.lengths.max())), self.pad_id, dtype=np.int32)
+        for i, r in enumerate(ids):
+            self.input_ids[i, : len(r)] = r
+
+    def describe_views(self) -> dict[str, Any]:
+        return {"count": 1}
+
+    def time_steps(self, probe: dict) -> int:
+        return self.input_ids.shape[1]
+
+    def _batch(self, rows: np.ndarray) -> dict[str, Any]:
+        t = int(self.lengths[rows].max())
+        ids = torch.from_numpy(self.input_ids[rows, :t].astype(np.int64))
+        mask = (torch.arange(t)[None] < torch.from_numpy(self.lengths[rows]).long()[:, None]).long()
+        dev = next(self.teacher.parameters()).device
+        return {"inputs": {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)},
+                "positions": rows, "view_ids": np.zeros(len(rows), dtype=np.int64)}
+
+    def probe_batch(self) -> dict[str, Any]:
+        return self._batch(np.array([0]))
+
+    def batches(self, lo: int, hi: int, batch_size: int) -> Iterator[dict[str, Any]]:
+        order = lo + np.argsort(-self.lengths[lo:hi], kind="stable")
+        for s in range(0, len(order), batch_size):
+            yield self._batch(order[s : s + batch_size])
+
+    def finish_shard(self, shard: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
+        return {**shard, "lengths": self.lengths[lo:hi], "input_ids": self.input_ids[lo:hi],
+                "index": np.arange(lo, hi, dtype=np.int64)}
+
+
+class _Views(Dataset):
+    """Renders every view of one sample; runs in DataLoader workers (holds the dataset, not open files)."""
+
+    def __init__(self, dataset, spec: ViewSpec, lo: int, hi: int) -> None:
+        self.dataset, self.spec, self.lo, self.hi = dataset, spec, lo, hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, j: int):
+        i = self.lo + j
+        image = self.dataset.image(i)
+        params = draw_params(*image.size, self.spec, i)
+        return render_views(image, params, self.spec), torch.from_numpy(params), i
+
+
+class ImageSource:
+    """Renders K views per image (view 0 the eval transform) and records their parameters."""
+
+    view_params = NUM_PARAMS
+
+    def __init__(self, dataset, teacher, n: int, views: int, seed: int, crop_scale, workers: int) -> None:
+        pre = teacher.preprocess
+        self.dataset, self.teacher, self.workers = dataset, teacher, workers
+        self.views = views
+        self.spec = ViewSpec(count=views, size=pre.size, mean=tuple(pre.mean), std=tuple(pre.std),
+                             interpolation=pre.interpolation, crop_pct=pre.crop_pct,
+                             crop_mode=getattr(pre, "crop_mode", "center"), scale=tuple(crop_scale),
+                             seed=seed)
+        self._params: dict[int, np.ndarray] = {}
+
+    def describe_views(self) -> dict[str, Any]:
+        return self.spec.describe()
+
+    def time_steps(self, probe: dict) -> int:
+        return int(probe["mask"].shape[1])
+
+    def _device(self):
+        return next(self.teacher.parameters()).device
+
+    def probe_batch(self) -> dict[str, Any]:
+        pixels, _, _ = _Views(self.dataset, self.spec, 0, 1)[0]
+        return {"inputs": {"pixel_values": pixels[:1].to(self._device())}}
+
+    def batches(self, lo: int, hi: int, batch_size: int) -> Iterator[dict[str, Any]]:
+        per_batch = max(1, batch_size // self.views)
+        loader = DataLoader(_Views(self.dataset, self.spec, lo, hi), batch_size=per_batch, shuffle=False,
+                            num_workers=self.workers, persistent_workers=False)
+        v = self.views
+        for pixels, params, idx in loader:
+            b = pixels.shape[0]
+            for i, p in zip(idx.tolist(), params.numpy(), strict=True):
+                self._params[i] = p
+            yield {"inputs": {"pixel_values": pixels.reshape(b * v, *pixels.shape[2:]).to(self._device())},
+                   "positions": np.repeat(idx.numpy(), v), "view_ids": np.tile(np.arange(v), b)}
+
+    def finish_shard(self, shard: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
+        params = np.stack([self._params.pop(i) for i in range(lo, hi)])
+        t = shard["tokens"].shape[2] if "tokens" in shard else 0
+        return {**shard, "lengths": np.full(hi - lo, t, dtype=np.int32), "view_params": params,
+                "index": np.arange(lo, hi, dtype=np.int64)}
