@@ -1,0 +1,42 @@
+"""Students: small trainable models that regress cached teacher targets.
+
+``create_student(name, **config)`` is the one entry point; ``list_students()`` names what it knows. Every
+student's ``forward(pixel_values=None, input_ids=None, attention_mask=None)`` returns a StudentOutput.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import multimodal, text, vision  # noqa: F401  (register the students)
+from .base import STUDENTS, HeadConfig, PredictionHeads, Student, StudentOutput
+from .export import load_exported_vit, load_student, save_student, save_text_student, save_vit_student
+from .multimodal import MultimodalStudent, MultimodalStudentConfig
+from .text import TextStudent, TextStudentConfig
+from .vision import BeitStudent, BeitStudentConfig, TimmStudent, VitStudent, VitStudentConfig
+
+__all__ = [
+    "STUDENTS", "BeitStudent", "BeitStudentConfig", "HeadConfig", "MultimodalStudent", "MultimodalStudentConfig",
+    "PredictionHeads", "Student", "StudentOutput", "TextStudent", "TextStudentConfig", "TimmStudent", "VitStudent",
+    "VitStudentConfig", "create_student", "list_students", "load_exported_vit", "load_student", "save_student",
+    "save_text_student", "save_vit_student",
+]
+
+
+def create_student(name: str, **config: Any) -> Student:
+    """Build a student in train mode.
+
+    Args:
+        name: A registered student (see :func:`list_students`): ``text``, ``vit``, ``beit``, ``multimodal``.
+        **config: The student's config fields plus its init options (``init``, ``init_from``, ... — see each
+            factory's docstring).
+
+    Raises:
+        MmkdError: Unknown student or option, contradicting options, an init model that does not fit.
+    """
+    return STUDENTS.get(name)(**config)
+
+
+def list_students(pattern: str = "*") -> list[str]:
+    """Registered student names matching a glob pattern."""
+    return STUDENTS.names(pattern)

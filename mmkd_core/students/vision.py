@@ -1,0 +1,317 @@
+"""Image students on timm models: ``vit`` (a ``VisionTransformer``) and ``beit`` (a ``Beit``, which alone can
+hold BEiT's relative position bias). Both are built with ``timm.create_model`` so the export is a plain timm
+checkpoint, and both can start from the first blocks of a timm model of the same family."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import MmkdError
+from .base import (
+    STUDENTS,
+    HeadConfig,
+    PredictionHeads,
+    Student,
+    StudentOutput,
+    build_config,
+    check_init,
+    describe_source,
+    fill_from_source,
+    resolve_blocks,
+    resolve_source,
+    unwrap_source,
+)
+
+logger = logging.getLogger(__name__)
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
+# May stay freshly initialised when the source has none (e.g. a BEiT that pools with fc_norm).
+_OPTIONAL_KEYS = ("norm.weight", "norm.bias")
+
+
+@dataclass
+class VitStudentConfig(HeadConfig):
+    """Architecture of a timm ``VisionTransformer`` student (CLS token, token pooling, no classifier).
+
+    Attributes:
+        depth: Number of blocks.
+        img_size: Input size in pixels (square).
+        patch_size: Patch size in pixels.
+        embed_dim: Width.
+        num_heads: Attention heads.
+        mlp_ratio: Feed-forward width over ``embed_dim``.
+        qkv_bias: Bias on the q, k, v projections.
+        init_values: Layer-scale init; None = no layer scale.
+        in_chans: Input channels.
+        drop_path_rate: Stochastic depth (training only; not exported).
+        timm_args: Further ``timm.create_model`` arguments (JSON values), e.g. ``{"pre_norm": True}``.
+    """
+
+    arch: ClassVar[str] = "vit_base_patch16_224"  # a registered name; every argument it fixes is overridden
+    depth: int = 6
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 384
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    init_values: float | None = None
+    in_chans: int = 3
+    drop_path_rate: float = 0.0
+    timm_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.check_heads()
+        if self.depth < 1:
+            raise MmkdError(f"image student depth={self.depth}: give at least 1 block")
+        if self.embed_dim % self.num_heads:
+            raise MmkdError(f"image student embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if self.img_size % self.patch_size:
+            raise MmkdError(f"image student img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+
+    def model_args(self) -> dict[str, Any]:
+        """Arguments of ``timm.create_model(self.arch, pretrained=False, **args)``."""
+        args = dict(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
+                    num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+                    init_values=self.init_values, in_chans=self.in_chans, drop_path_rate=self.drop_path_rate,
+                    num_classes=0, global_pool="token", class_token=True)
+        args.update(self.timm_args)
+        return args
+
+
+@dataclass
+class BeitStudentConfig(VitStudentConfig):
+    """Architecture of a timm ``Beit`` student; defaults follow the BEiT v2 self-supervised release (one
+    relative position table shared by all blocks, no absolute position embedding, layer scale).
+
+    Attributes:
+        use_abs_pos_emb: Absolute position embedding.
+        use_rel_pos_bias: A relative position table per block.
+        use_shared_rel_pos_bias: One relative position table shared by all blocks.
+    """
+
+    arch: ClassVar[str] = "beitv2_base_patch16_224"
+    init_values: float | None = 0.1
+    use_abs_pos_emb: bool = False
+    use_rel_pos_bias: bool = False
+    use_shared_rel_pos_bias: bool = True
+
+    def model_args(self) -> dict[str, Any]:
+        args = super().model_args()
+        del args["class_token"]  # Beit always has one
+        args.update(use_abs_pos_emb=self.use_abs_pos_emb, use_rel_pos_bias=self.use_rel_pos_bias,
+                    use_shared_rel_pos_bias=self.use_shared_rel_pos_bias)
+        args.update(self.timm_args)
+        return args
+
+
+class TimmStudent(Student):
+    """A timm vision transformer with prediction heads.
+
+    Attributes:
+        model: The timm model; ``save_vit_student`` writes exactly this model.
+        heads: The PredictionHeads.
+    """
+
+    modality = "image"
+
+    def __init__(self, config: VitStudentConfig) -> None:
+        super().__init__()
+        import timm
+
+        self.config = config
+        self.width = config.embed_dim
+        self.num_layers = config.depth
+        try:
+            self.model = timm.create_model(config.arch, pretrained=False, **config.model_args())
+        except (TypeError, ValueError, AssertionError) as e:
+            raise MmkdError(f"{self.name} student: timm cannot build {config.arch} with {config.model_args()}: "
+                            f"{e}") from None
+        self.heads = PredictionHeads(config.embed_dim, config.depth, config)
+
+    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> StudentOutput:
+        """Encode images.
+
+        Args:
+            pixel_values: (B, C, H, W) preprocessed as for the teacher.
+            input_ids: Unused; an error if given.
+            attention_mask: Unused.
+        """
+        if pixel_values is None or input_ids is not None:
+            raise MmkdError(f"the {self.name} student reads images only: call it with pixel_values")
+        # timm drops the prefix (CLS) tokens from intermediates unless asked; put CLS back at step 0
+        last, pairs = self.model.forward_intermediates(pixel_values, indices=self.num_layers,
+                                                       return_prefix_tokens=True, norm=False, output_fmt="NLC")
+        hidden = [torch.cat([prefix, tokens], dim=1) for tokens, prefix in pairs]
+        mask = torch.ones(last.shape[:2], dtype=torch.bool, device=last.device)
+        tokens, pooled = self.heads(hidden, last, mask)
+        return StudentOutput(hidden_states=hidden, mask=mask, last_hidden_state=last, tokens=tokens,
+                             pooled=pooled, modality="image")
+
+
+class VitStudent(TimmStudent):
+    """A timm ``VisionTransformer`` student."""
+
+    name = "vit"
+
+
+class BeitStudent(TimmStudent):
+    """A timm ``Beit`` student."""
+
+    name = "beit"
+
+
+def _patch_args(model: nn.Module) -> dict[str, Any]:
+    pe = model.patch_embed
+    if pe.patch_size[0] != pe.patch_size[1] or pe.img_size is None or pe.img_size[0] != pe.img_size[1]:
+        raise MmkdError("image student: the init model has non-square patches or images")
+    return {"patch_size": pe.patch_size[0], "img_size": pe.img_size[0], "in_chans": pe.proj.in_channels,
+            "embed_dim": model.embed_dim}
+
+
+def vit_arch(model: nn.Module) -> dict[str, Any]:
+    """VitStudentConfig values read off a timm ``VisionTransformer``."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise MmkdError(f"vit student: init model {type(model).__name__} is not a timm VisionTransformer")
+    if model.cls_token is None:
+        raise MmkdError("vit student: the init model has no CLS token; the student needs one at step 0")
+    blk = model.blocks[0]
+    args = _patch_args(model)
+    # only None-ness of init_values matters: the copied gammas overwrite it
+    args.update(num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
+                qkv_bias=blk.attn.qkv.bias is not None, init_values=1e-5 if hasattr(blk.ls1, "gamma") else None)
+    extra = {}
+    if not isinstance(model.norm_pre, nn.Identity):
+        extra["pre_norm"] = True
+    if model.no_embed_class:
+        extra["no_embed_class"] = True
+    args["timm_args"] = extra
+    return args
+
+
+def beit_arch(model: nn.Module) -> dict[str, Any]:
+    """BeitStudentConfig values read off a timm ``Beit``."""
+    from timm.models.beit import Beit
+
+    if not isinstance(model, Beit):
+        raise MmkdError(f"beit student: init model {type(model).__name__} is not a timm Beit")
+    blk = model.blocks[0]
+    args = _patch_args(model)
+    args.update(num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
+                qkv_bias=blk.attn.q_bias is not None, init_values=0.1 if blk.gamma_1 is not None else None,
+                use_abs_pos_emb=model.pos_embed is not None,
+                use_rel_pos_bias=blk.attn.relative_position_bias_table is not None,
+                use_shared_rel_pos_bias=model.rel_pos_bias is not None, timm_args={})
+    return args
+
+
+def init_from_timm(student: TimmStudent, source: Any, blocks: Sequence[int] | None = None) -> list[int]:
+    """Copy patch embedding, CLS token, position embedding or shared relative position table, the chosen
+    blocks and the final norm of a timm model of the student's family into ``student``.
+
+    An absolute position embedding is resampled (timm ``resample_abs_pos_embed``) when image sizes differ.
+
+    Args:
+        student: A vit or beit student whose architecture matches the source.
+        source: A timm VisionTransformer / Beit, or an image Teacher wrapping one.
+        blocks: Source blocks copied into student blocks 0..depth-1; default the first ``depth``.
+
+    Returns:
+        The source block indices copied.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    model = unwrap_source(source)
+    layers = resolve_blocks(student.name, blocks, student.num_layers, len(model.blocks))
+    src = model.state_dict()
+    dst = student.model.state_dict()
+    missing, state = [], {}
+    for key, own in dst.items():
+        m = _BLOCK_KEY.match(key)
+        skey = f"blocks.{layers[int(m.group(1))]}.{m.group(2)}" if m else key
+        if skey not in src:
+            missing.append(key)
+            continue
+        value = src[skey]
+        if key == "pos_embed" and value.shape != own.shape:
+            prefix = 0 if getattr(model, "no_embed_class", False) else 1
+            value = resample_abs_pos_embed(value, new_size=list(student.model.patch_embed.grid_size),
+                                           num_prefix_tokens=prefix)
+        if value.shape != own.shape:
+            raise MmkdError(f"{student.name} student: {key} has shape {tuple(own.shape)} but the init model's "
+                            f"{skey} has {tuple(value.shape)}" + (" (use the init model's img_size)"
+                                                                   if "relative_position" in key else ""))
+        state[key] = value
+    hard = [k for k in missing if k not in _OPTIONAL_KEYS]
+    if hard:
+        raise MmkdError(f"{student.name} student: the init model lacks {hard[:4]}; it is not of the student's "
+                        "architecture")
+    if missing:
+        logger.warning("%s student: init model has no %s; kept its fresh init", student.name, missing)
+    with torch.no_grad():
+        for key, value in state.items():
+            dst[key].copy_(value)
+    return layers
+
+
+def _create(cls: type[TimmStudent], config_cls: type[VitStudentConfig], arch_of: Any, init: str, init_from: Any,
+            init_weights: str | None, init_blocks: Sequence[int] | None, config: dict[str, Any]) -> TimmStudent:
+    name = cls.name
+    pretrained = check_init(name, init, init_from)
+    init_from = resolve_source(init_from, init_weights)
+    if pretrained:
+        source_args = arch_of(unwrap_source(init_from))
+        # the source's extra timm arguments are needed for its keys to fit; the caller's are added on top
+        config = dict(config, timm_args={**source_args.pop("timm_args"), **config.get("timm_args", {})})
+        config = fill_from_source(name, config, source_args, may_differ=("img_size",) if name == "vit" else ())
+    student = cls(build_config(config_cls, name, config))
+    if pretrained:
+        layers = init_from_timm(student, init_from, init_blocks)
+        student.init_info = {"init": "pretrained", "source": describe_source(init_from),
+                             "blocks": layers}
+        logger.info("%s student: copied blocks %s", name, layers)
+    return student
+
+
+@STUDENTS.register("vit")
+def create_vit_student(*, init: str = "random", init_from: Any = None, init_weights: str | None = None,
+                       init_blocks: Sequence[int] | None = None, **config: Any) -> VitStudent:
+    """A timm ``VisionTransformer`` student.
+
+    Args:
+        init: ``"random"`` or ``"pretrained"`` (alias ``"teacher"``): copy from ``init_from``.
+        init_from: A timm VisionTransformer (or a Teacher wrapping one, or such a teacher's registered name).
+            Architecture values are read off it unless given (and must then agree; ``img_size`` may differ:
+            the position embedding is resampled).
+        init_weights: Checkpoint for a teacher given by name.
+        init_blocks: Which source blocks to copy; default the first ``depth``.
+        **config: VitStudentConfig fields.
+    """
+    return _create(VitStudent, VitStudentConfig, vit_arch, init, init_from, init_weights, init_blocks, config)
+
+
+@STUDENTS.register("beit", "beitv2")
+def create_beit_student(*, init: str = "random", init_from: Any = None, init_weights: str | None = None,
+                        init_blocks: Sequence[int] | None = None, **config: Any) -> BeitStudent:
+    """A timm ``Beit`` student; from a BEiT v2 teacher it copies the shared relative position table too.
+
+    Args:
+        init: ``"random"`` or ``"pretrained"`` (alias ``"teacher"``): copy from ``init_from``.
+        init_from: A timm Beit, the beitv2 Teacher, or ``"beitv2"`` (built by ``create_teacher("beitv2",
+            init_weights)``, e.g. from the BEiT v2 release file). Architecture values, including the position
+            scheme, are read off it unless given (and must then agree; img_size too, as the tables depend on it).
+        init_weights: Checkpoint for a teacher given by name.
+        init_blocks: Which source blocks to copy; default the first ``depth``.
+        **config: BeitStudentConfig fields.
+    """
+    return _create(BeitStudent, BeitStudentConfig, beit_arch, init, init_from, init_weights, init_blocks, config)
