@@ -7,6 +7,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,11 +86,14 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
                     pooled_dim=probe["pooled"].shape[-1], dtype=cfg.dtype, store_tokens=not cfg.pooled_only,
                     input_ids=teacher.modality == "text", view_params=source.view_params,
                     chunk_size=cfg.chunk_size, shard_size=cfg.shard_size)
-    dataset_attrs = {**dataset.describe(), "fingerprint": dataset.fingerprint(), "num_samples": n,
-                     "limit": cfg.limit, "source_size": len(dataset)}
+    dataset_attrs = {"options": cfg.dataset_options, **dataset.describe(), "fingerprint": dataset.fingerprint(),
+                     "num_samples": n, "limit": cfg.limit, "source_size": len(dataset)}
     config = {"teacher": teacher.describe(), "recipe": recipe, "preprocess": _plain(teacher.preprocess),
               "views": source.describe_views(), "dataset": dataset_attrs}
-    writer = StoreWriter.open(cfg.out, layout, config, library_versions(), overwrite=cfg.overwrite)
+    # where the data was read is recorded for the loader, not compared: moving the data is fine
+    data_root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None
+    writer = StoreWriter.open(cfg.out, layout, config, library_versions(), overwrite=cfg.overwrite,
+                              extra={"data_root": data_root})
     todo = [k for k in range(layout.num_shards) if k not in writer.done_shards()]
     done_samples = n - sum(np.subtract(*layout.shard_range(k)[::-1]) for k in todo)
 

@@ -175,7 +175,7 @@ class StoreWriter:
 
     @classmethod
     def open(cls, path: str | Path, layout: Layout, config: dict[str, Any], versions: dict[str, str],
-             overwrite: bool = False) -> StoreWriter:
+             overwrite: bool = False, extra: dict[str, Any] | None = None) -> StoreWriter:
         """Create a new store, or resume one whose configuration equals ``config``.
 
         Args:
@@ -184,6 +184,7 @@ class StoreWriter:
             config: Provenance fields in CONFIG_FIELDS except ``storage`` and ``format_version``.
             versions: Library versions, recorded.
             overwrite: Replace an existing store whose configuration differs.
+            extra: Further attributes recorded but not compared (e.g. where the source data was read).
         """
         path = Path(path)
         full = {"format_version": FORMAT_VERSION, **config, "storage": layout.storage_attrs()}
@@ -216,7 +217,7 @@ class StoreWriter:
                                compressors=_codecs(dtype), fill_value=0)
         group.create_array("shards_done", shape=(layout.num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
                            compressors=None)
-        group.attrs["mmkd"] = {**full, "versions": versions, "complete": False}
+        group.attrs["mmkd"] = {**full, **(extra or {}), "versions": versions, "complete": False}
         return cls(path, layout, group)
 
     def done_shards(self) -> set[int]:

@@ -117,8 +117,8 @@ def draw_params(width: int, height: int, spec: ViewSpec, index: int) -> np.ndarr
     return out
 
 
-def render(image: Image.Image, params: np.ndarray, spec: ViewSpec) -> torch.Tensor:
-    """Replay one view: (3, size, size) float32, normalised. Same image + same params = same bits."""
+def render_pixels(image: Image.Image, params: np.ndarray, spec: ViewSpec) -> np.ndarray:
+    """Replay one view's crop, resize and flip: (size, size, 3) uint8."""
     top, left, h, w, flip = (int(p) for p in params)
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -126,10 +126,20 @@ def render(image: Image.Image, params: np.ndarray, spec: ViewSpec) -> torch.Tens
                        box=(left, top, left + w, top + h))
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    x = torch.from_numpy(np.asarray(out, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, spec: ViewSpec) -> torch.Tensor:
+    """(..., size, size, 3) uint8 -> (..., 3, size, size) float32, normalised by the spec's mean and std."""
+    x = torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255.0).movedim(-1, -3)
     mean = torch.tensor(spec.mean, dtype=torch.float32)[:, None, None]
     std = torch.tensor(spec.std, dtype=torch.float32)[:, None, None]
     return (x - mean) / std
+
+
+def render(image: Image.Image, params: np.ndarray, spec: ViewSpec) -> torch.Tensor:
+    """Replay one view: (3, size, size) float32, normalised. Same image + same params = same bits."""
+    return normalize(render_pixels(image, params, spec), spec)
 
 
 def render_views(image: Image.Image, params: np.ndarray, spec: ViewSpec) -> torch.Tensor:

@@ -38,10 +38,6 @@ logger = logging.getLogger(__name__)
 
 STUDENT_SUBDIR = "student"
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json")
-# What train/build.py renders a multimodal student's images with; the student directory does not record it
-# (save_student keeps preprocessing for vit/beit students only), so eval has to assume the same.
-MULTIMODAL_PREPROCESS = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=1.0,
-                             crop_mode="squash")
 
 
 class Encoder:
@@ -257,7 +253,7 @@ def _preprocess_override(base: ImagePreprocess, override: dict[str, Any] | None)
 def student_preprocess(student: Student, directory: Path) -> ImagePreprocess | None:
     """The image preprocessing a saved student records: a vit/beit student's timm ``pretrained_cfg``
     (``save_student(preprocess=...)`` writes it there); for multimodal students, which record none,
-    ``MULTIMODAL_PREPROCESS`` at the student's ``img_size`` (logged)."""
+    what ``save_student(preprocess=...)`` recorded in ``mmkd_student.json``."""
     if student.modality == "text":
         return None
     if student.modality == "image":
@@ -269,9 +265,12 @@ def student_preprocess(student: Student, directory: Path) -> ImagePreprocess | N
                                interpolation=cfg.get("interpolation", default.interpolation),
                                crop_pct=float(cfg.get("crop_pct", default.crop_pct)),
                                crop_mode=cfg.get("crop_mode", default.crop_mode))
-    logger.warning("%s: the saved multimodal student records no image preprocessing; assuming %s at %d px",
-                   directory, MULTIMODAL_PREPROCESS, student.config.img_size)
-    return ImagePreprocess(size=student.config.img_size, **MULTIMODAL_PREPROCESS)
+    meta = json.loads((directory / "mmkd_student.json").read_text())
+    if "preprocess" not in meta:
+        raise MmkdError(f"{directory}: the saved student records no image preprocessing; pass --preprocess "
+                        "size=...,mean=...,std=...")
+    p = meta["preprocess"]
+    return ImagePreprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
 
 
 def _student_dir(path: Path) -> tuple[Path, Path | None] | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +62,11 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _write_meta(student: Student, directory: Path, fmt: str, files: dict[str, str]) -> None:
+def _write_meta(student: Student, directory: Path, fmt: str, files: dict[str, str], preprocess: Any = None) -> None:
     meta = {"format_version": FORMAT_VERSION, "student": student.name, "format": fmt, "files": files,
             "config": asdict(student.config), "init": student.init_info, "versions": _versions()}
+    if preprocess is not None:
+        meta["preprocess"] = asdict(preprocess) if is_dataclass(preprocess) else dict(preprocess)
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
@@ -153,7 +155,8 @@ def save_student(student: Student, directory: str | Path, *, tokenizer: Any = No
         student: The student.
         directory: Created if needed.
         tokenizer: Saved alongside when given (text and multimodal students).
-        preprocess: Image students: recorded in the timm config (see :func:`save_vit_student`).
+        preprocess: Image preprocessing: in the timm config for image students (see
+            :func:`save_vit_student`), in ``mmkd_student.json`` for multimodal students.
 
     Returns:
         The directory.
@@ -166,7 +169,7 @@ def save_student(student: Student, directory: str | Path, *, tokenizer: Any = No
     directory.mkdir(parents=True, exist_ok=True)
     _save_tensors(student.state_dict(), directory / STATE_FILE)
     _save_tokenizer(tokenizer, directory)
-    _write_meta(student, directory, "mmkd", {"state": STATE_FILE})
+    _write_meta(student, directory, "mmkd", {"state": STATE_FILE}, preprocess)
     return directory
 
 

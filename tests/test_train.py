@@ -1,0 +1,132 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from extract.config import ExtractConfig
+from extract.run import extract
+from mmkd_core.errors import MmkdError
+from train.config import TrainConfig
+from train.loop import train
+
+WORDS = "the a cat dog sat on mat photo of and is red blue big small runs jumps over lazy fox".split()
+TINY_STUDENT = {"num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    root = tmp_path_factory.mktemp("bert")
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizer(vocab=str(root / "vocab.txt"))
+    tokenizer.save_pretrained(str(root))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def text_store(tmp_path_factory, bert_dir):
+    root = tmp_path_factory.mktemp("text")
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(96)]
+    (root / "s.txt").write_text("\n".join(lines) + "\n")
+    out = root / "t.zarr"
+    extract(ExtractConfig(teacher="bert", weights=str(bert_dir), dataset="text", data_root=str(root / "s.txt"),
+                          out=out, dtype="float32", chunk_size=8, shard_size=16), show_progress=False)
+    return out
+
+
+def _cfg(tmp_path, store, **kw):
+    base = dict(targets=store, depth=2, batch_size=16, steps=8, ckpt_every=4, run_dir=tmp_path / "run",
+                progress=False, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_text_student_trains_and_exports_to_transformers(tmp_path, text_store, bert_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    result = train(_cfg(tmp_path, text_store, steps=12))
+    assert result.steps == 12 and np.isfinite(result.losses).all()
+    run = tmp_path / "run"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["loss"] == {"token_mse": 1.0, "pooled_mse": 1.0} and cfg["store"]["recipe"]["layers"] == [0, 1, 2, 3]
+    assert cfg["student"]["init"]["blocks"] == [0, 1]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 12 and {"token_mse", "pooled_mse", "lr"} <= set(rows[-1])
+    # the export loads with transformers alone and computes what the student computes
+    from mmkd_core.students import load_student
+
+    student = load_student(run / "student")
+    hf = AutoModel.from_pretrained(str(run / "student")).eval()
+    tok = AutoTokenizer.from_pretrained(str(run / "student"))
+    enc = tok(["the cat sat on the mat", "a dog"], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        ours = student(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).hidden_states[-1]
+        theirs = hf(**enc).last_hidden_state
+    m = enc["attention_mask"].bool()
+    torch.testing.assert_close(ours[m], theirs[m], atol=1e-5, rtol=1e-5)
+
+
+def test_resume_continues_exactly(tmp_path, text_store, monkeypatch):
+    full = train(_cfg(tmp_path / "a", text_store))
+    from train import loop
+
+    real = loop.save_checkpoint
+
+    def crash_after_first(run_dir, step, *args, **kwargs):
+        path = real(run_dir, step, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_first)
+    with pytest.raises(MmkdError, match="--resume"):
+        train(_cfg(tmp_path / "b", text_store))
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    with pytest.raises(MmkdError, match="already holds a run"):
+        train(_cfg(tmp_path / "b", text_store))
+    resumed = train(_cfg(tmp_path / "b", text_store, resume=True))
+    assert resumed.losses == full.losses[4:]
+    a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "step_00000008" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "step_00000008" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_store_with_another_recipe(tmp_path, text_store, bert_dir):
+    train(_cfg(tmp_path, text_store, steps=4))
+    other = tmp_path / "other.zarr"
+    src = json.loads((text_store / "zarr.json").read_text())["attributes"]["mmkd"]["dataset"]
+    extract(ExtractConfig(teacher="bert", weights=str(bert_dir), dataset="text",
+                          data_root=str(text_store.parent / "s.txt"), out=other, dtype="float32", layers="last:2",
+                          chunk_size=8, shard_size=16), show_progress=False)
+    assert src["name"] == "text"
+    with pytest.raises(MmkdError, match="recipe.layers"):
+        train(_cfg(tmp_path, other, steps=8, resume=True))
+
+
+def test_random_init_and_head_prediction(tmp_path, text_store):
+    r = train(_cfg(tmp_path, text_store, init="random", token_pred="head", loss="token_mse=1,pooled_cosine=0.5",
+                   steps=4))
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["student"]["init"] in ({}, None) or cfg["student"]["init"].get("init") != "pretrained"
+    assert cfg["loss"] == {"token_mse": 1.0, "pooled_cosine": 0.5} and r.steps == 4
+
+
+def test_cli_trains_and_reports_errors_in_one_line(tmp_path, text_store):
+    from train.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["--targets", str(text_store), "--depth", "1", "--steps", "3", "--batch-size", "8",
+                              "--run-dir", str(tmp_path / "cli"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cli" / "student" / "mmkd_student.json").exists()
+    assert (tmp_path / "cli" / "training.png").read_bytes()[:4] == b"\x89PNG"
+    bad = runner.invoke(app, ["--targets", str(tmp_path / "missing.zarr"), "--quiet"])
+    assert bad.exit_code == 2 and "missing.zarr" in bad.output and "Traceback" not in bad.output
+    bad = runner.invoke(app, ["--targets", str(text_store), "--loss", "nope=1", "--run-dir", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "unknown term 'nope'" in bad.output

@@ -1,0 +1,170 @@
+"""From a store's provenance and a TrainConfig to a student, its inputs and its loss inputs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from data import create_dataset
+from mmkd_core.errors import MmkdError
+from mmkd_core.students import create_student
+from mmkd_core.teachers import create_teacher
+from mmkd_core.teachers.base import ImagePreprocess
+from mmkd_core.views import ViewSpec
+
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOSS = {
+    # token targets carry nothing of the sentence embedding (zero mean over tokens): regress both
+    "text": "token_mse=1,pooled_mse=1",
+    "vit": "token_mse=1",
+    "beit": "token_mse=1",
+    "multimodal": "contrastive_kd=1",
+}
+# the multimodal student reads shapes/caption images at a small size on the CPU (see README numbers)
+MULTIMODAL_DEFAULTS = {"img_size": 48, "patch_size": 8, "image_depth": 4, "text_depth": 2, "shared_depth": 1,
+                       "max_position": 64}
+IMAGE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def student_kind(cfg: TrainConfig, attrs: dict[str, Any]) -> str:
+    """The student kind for this store: cfg.student, or chosen from the teacher and the data."""
+    if cfg.student != "auto":
+        return cfg.student
+    teacher_modality = attrs["teacher"].get("modality")
+    if teacher_modality == "text":
+        return "multimodal" if attrs["dataset"]["name"] in ("shapes", "captions") else "text"
+    return "beit" if attrs["teacher"]["name"].startswith("beit") else "vit"
+
+
+def teacher_source(attrs: dict[str, Any]) -> tuple[str, str | None]:
+    """(registry name, weights argument) that reloads the store's teacher."""
+    t = attrs["teacher"]
+    src = t["source"]
+    if src == "random":
+        raise MmkdError(f"the store's teacher {t['name']} had random weights: use --init random")
+    if src.startswith("package:"):
+        return t["name"], None
+    if src.startswith("hf-hub:"):
+        return t["name"], src.removeprefix("hf-hub:").split("@")[0]
+    return t["name"], src
+
+
+def load_init_teacher(cfg: TrainConfig, attrs: dict[str, Any]):
+    """The model whose first blocks initialise the student (never run: only its weights are copied)."""
+    if cfg.init == "teacher":
+        name, weights = teacher_source(attrs)
+        teacher = create_teacher(name, weights)
+        if teacher.weights_sha256 != attrs["teacher"]["weights_sha256"]:
+            raise MmkdError(f"teacher.weights_sha256: {weights or name} is not the checkpoint the store was "
+                            "extracted with")
+        return teacher
+    return create_teacher(cfg.init, cfg.init_weights)
+
+
+@dataclass
+class Built:
+    """A student and what feeds it."""
+
+    student: torch.nn.Module
+    kind: str
+    tokenizer: Any
+    source: Any  # the source dataset, when the student reads images
+    image_spec: ViewSpec | None  # how images are rendered for a student that reads images the teacher did not
+    preprocess: ImagePreprocess | None
+
+
+def build(cfg: TrainConfig, reader) -> Built:
+    """The student for a store (a StoreReader) and what feeds it."""
+    attrs = reader.attrs
+    kind = student_kind(cfg, attrs)
+    recipe = attrs["recipe"]
+    d_teacher = attrs["teacher"]["num_layers"]
+    depth = cfg.depth or max(1, d_teacher // 2)
+    pooled_dim = int(reader.group["pooled"].shape[-1])
+    init_model = None if cfg.init == "random" else load_init_teacher(cfg, attrs)
+    arch_model = init_model
+    if cfg.init == "random" and attrs["teacher"]["modality"] == "text" and attrs["teacher"]["source"] != "random":
+        # a random student still takes the teacher's vocabulary and widths, and its tokenizer
+        name, weights = teacher_source(attrs)
+        arch_model = create_teacher(name, weights)
+    opts: dict[str, Any] = dict(cfg.student_options)
+    heads = {"target_dim": attrs["teacher"]["hidden_size"], "pooled_dim": pooled_dim}
+    tokenizer = getattr(arch_model, "tokenizer", None)
+    source, image_spec, preprocess = None, None, None
+    if kind in ("text", "vit", "beit"):
+        n_recipe = len(recipe["layers"])
+        heads.update(token_pred=cfg.token_pred, instance_norm_layers=recipe["instance_norm"],
+                     layer_norm_targets=recipe["layer_norm"],
+                     recipe_layers="all" if n_recipe >= d_teacher else f"last:{min(n_recipe, depth)}")
+    if kind == "text":
+        if cfg.init == "random" and arch_model is not None:
+            from mmkd_core.students.text import bert_arch
+
+            opts = {**bert_arch(arch_model.model), **opts}
+        student = create_student("text", depth=depth, init="random" if cfg.init == "random" else "pretrained",
+                                 init_from=init_model, freeze_embeddings=cfg.freeze_embeddings, pool="mean",
+                                 **heads, **opts)
+    elif kind in ("vit", "beit"):
+        source = _source(cfg, attrs)
+        student = create_student(kind, depth=depth, init="random" if cfg.init == "random" else "pretrained",
+                                 init_from=init_model, **heads, **opts)
+    elif kind == "multimodal":
+        if not reader.has("input_ids"):
+            raise MmkdError(f"{reader.path}: a multimodal student needs caption targets from a text teacher")
+        source = _source(cfg, attrs)
+        opts = {**MULTIMODAL_DEFAULTS, **opts}
+        if cfg.depth:
+            opts["image_depth"] = cfg.depth
+        heads.pop("target_dim")
+        text_init = init_model if init_model is not None and init_model.modality == "text" else None
+        if cfg.init == "random" and arch_model is not None:
+            from mmkd_core.students.multimodal import text_arch
+
+            opts = {**{k: v for k, v in text_arch(arch_model.model).items() if k in ("vocab_size",)}, **opts}
+        student = create_student("multimodal", init="random" if text_init is None else "pretrained",
+                                 text_init_from=text_init, **heads, **opts)
+        mean, std = IMAGE_MEAN_STD
+        size = student.config.img_size
+        image_spec = ViewSpec(size=size, mean=mean, std=std, interpolation="bicubic", crop_mode="squash")
+        preprocess = ImagePreprocess(size=size, mean=mean, std=std, interpolation="bicubic", crop_pct=1.0,
+                                     crop_mode="squash")
+    else:  # pragma: no cover - TrainConfig validates the kind
+        raise MmkdError(f"--student {kind!r} is unknown")
+    return Built(student=student, kind=kind, tokenizer=tokenizer, source=source, image_spec=image_spec,
+                 preprocess=preprocess)
+
+
+def _source(cfg: TrainConfig, attrs: dict[str, Any]):
+    """The source dataset the store indexes into, checked against the store's fingerprint."""
+    d = attrs["dataset"]
+    options = dict(d.get("options") or {})
+    root = cfg.data_root or attrs.get("data_root")
+    ds = create_dataset(d["name"], root=root, split=d["split"], **options)
+    if ds.fingerprint() != d["fingerprint"]:
+        raise MmkdError(f"dataset.fingerprint: the {d['name']} data at {root} is not the data the store was "
+                        "extracted from; pass --data-root to the right copy")
+    return ds
+
+
+def loss_inputs(built: Built, model: torch.nn.Module, batch: dict[str, Any], device: str) -> dict[str, Any]:
+    """Run the student (through ``model``, which may be its DDP wrapper) on a batch and pair its outputs
+    with the batch's targets, as CombinedLoss reads them."""
+    mv = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    out: dict[str, Any] = {"mask": mv["mask"]}
+    if "tokens" in mv:
+        out["tokens_target"] = mv["tokens"]
+    if "pooled" in mv:
+        out["pooled_target"] = mv["pooled"]
+    o = model(pixel_values=mv.get("pixel_values"), input_ids=mv.get("input_ids"),
+              attention_mask=mv.get("attention_mask"))
+    if built.kind == "multimodal":
+        out["pooled"] = {"image": o.image.pooled, "text": o.text.pooled}
+    else:
+        out["tokens"], out["pooled"] = o.tokens, o.pooled
+    return out

@@ -1,0 +1,55 @@
+"""Atomic checkpoints: the student as safetensors, optimiser/schedule/progress/RNG beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmkd_core.errors import MmkdError
+
+KEEP = 2
+
+
+def _dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any]) -> Path:
+    """Write checkpoint ``step``: into a temporary directory first, renamed when complete, so a crash
+    mid-write never leaves a checkpoint that looks whole. Keeps the newest KEEP."""
+    final = _dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # clone: safetensors refuses tensors that share memory (tied embeddings)
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()},
+              str(tmp / "model.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted((run_dir / "checkpoints").glob("step_*"))[:-KEEP]:
+        if not old.name.endswith(".tmp"):
+            shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = [p for p in sorted((run_dir / "checkpoints").glob("step_*")) if not p.name.endswith(".tmp")]
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load the weights into ``model`` and return the saved state (optimiser, schedule, progress, RNG)."""
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+        model.load_state_dict(weights, strict=True)
+        return torch.load(path / "state.pt", weights_only=False, map_location="cpu")
+    except (OSError, RuntimeError) as e:
+        raise MmkdError(f"{path}: cannot load checkpoint ({str(e).splitlines()[0]})") from None

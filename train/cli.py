@@ -1,0 +1,83 @@
+"""`mmkd-train`: parse options, build a TrainConfig, call `train` (and the evaluation it asks for)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from mmkd_core.cli_utils import guarded, parse_options, setup_logging
+from mmkd_core.progress import console
+
+from .config import TrainConfig
+from .loop import train
+from .report import final_report
+
+app = typer.Typer(add_completion=False, help="Train a student from a target store; the teacher is never run.")
+
+
+@app.command()
+@guarded
+def main_command(
+    targets: Path = typer.Option(..., help="Store written by mmkd-extract."),
+    student: str = typer.Option("auto", help="text, vit, beit, multimodal, or auto (from the store)."),
+    depth: int = typer.Option(None, help="Student depth (image tower for multimodal); default half the teacher's."),
+    init: str = typer.Option("teacher", help="random, teacher (its first blocks), or a teacher name whose "
+                             "checkpoint (--init-weights) gives the first blocks."),
+    init_weights: str = typer.Option(None, help="Checkpoint for --init <teacher name>."),
+    freeze_embeddings: bool = typer.Option(False, help="Freeze token/position embeddings copied from the teacher."),
+    token_pred: str = typer.Option("recipe", help="Student token prediction: recipe (own layers through the "
+                                   "target recipe) or head (linear head on the last layer)."),
+    loss: str = typer.Option(None, help="Loss terms with weights, e.g. token_mse=1,pooled_mse=1 (default per "
+                             "student: text token_mse+pooled_mse, image token_mse, multimodal contrastive_kd)."),
+    loss_option: list[str] = typer.Option(None, help="Loss option KEY=VALUE, e.g. temperature=0.05."),
+    student_option: list[str] = typer.Option(None, help="Student option KEY=VALUE, e.g. width=192."),
+    batch_size: int = typer.Option(64, help="Samples per step."),
+    lr: float = typer.Option(5e-4, help="Peak learning rate."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
+    warmup: float = typer.Option(0.05, help="Warmup steps, or a fraction of all steps when < 1."),
+    epochs: float = typer.Option(1.0, help="Passes over the store."),
+    steps: int = typer.Option(None, help="Total steps (overrides --epochs)."),
+    grad_clip: float = typer.Option(1.0, help="Max gradient norm (0: off)."),
+    autocast: str = typer.Option("none", help="none or bfloat16."),
+    workers: int = typer.Option(0, help="DataLoader processes."),
+    seed: int = typer.Option(0, help="Seed of init, data order and views."),
+    run_dir: Path = typer.Option(None, help="Output directory (default runs/<store name>)."),
+    resume: bool = typer.Option(False, help="Continue the run in --run-dir from its last checkpoint."),
+    ckpt_every: int = typer.Option(500, help="Checkpoint every N steps."),
+    log_every: int = typer.Option(10, help="Log metrics every N steps."),
+    data_root: str = typer.Option(None, help="Source data, for students that read images (default: where the "
+                                  "store was extracted from)."),
+    device: str = typer.Option("cpu", help="torch device."),
+    eval: list[str] = typer.Option(None, help="Evaluate at the end: retrieval (image-text, held-out), "
+                                   "mrpc:PATH, qqp:PATH. Default: retrieval for image-caption stores."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+    verbose: bool = typer.Option(False, help="Log what happens."),
+) -> None:
+    """Train a student from cached targets."""
+    setup_logging(verbose)
+    cfg = TrainConfig(
+        targets=targets, student=student, depth=depth,
+        student_options=parse_options(student_option, "--student-option"), init=init, init_weights=init_weights,
+        freeze_embeddings=freeze_embeddings, token_pred=token_pred, loss=loss,
+        loss_options=parse_options(loss_option, "--loss-option"), batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, warmup=warmup, epochs=epochs, steps=steps, grad_clip=grad_clip, autocast=autocast,
+        workers=workers, seed=seed, run_dir=run_dir, resume=resume, ckpt_every=ckpt_every, log_every=log_every,
+        data_root=data_root, device=device, eval=list(eval or []), progress=not quiet,
+    )
+    result = train(cfg)
+    table = Table(title=f"run {result.run_dir}", show_header=False)
+    table.add_row("steps", f"{result.steps:,}")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("final loss", f"{result.final_loss:.4f}")
+    console.print(table)
+    final_report(cfg, result)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

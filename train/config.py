@@ -1,0 +1,106 @@
+"""The resolved configuration of one training run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmkd_core.errors import MmkdError
+
+STUDENT_KINDS = ("auto", "text", "vit", "beit", "multimodal")
+AUTOCAST = ("none", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `mmkd-train` needs; the CLI only fills this in.
+
+    Attributes:
+        targets: The store written by mmkd-extract.
+        student: text, vit, beit, multimodal, or auto (chosen from the store: text teacher over text ->
+            text; over image–caption data -> multimodal; image teacher -> vit).
+        depth: Student depth (the image tower's for multimodal students); None: half the teacher's.
+        student_options: Extra student config (width, heads, ...).
+        init: random, teacher (the store's teacher's first blocks) or a teacher registry name whose
+            checkpoint (``init_weights``) gives the first blocks.
+        init_weights: Checkpoint of ``init`` when it names another model.
+        freeze_embeddings: Freeze token and position embeddings copied from the teacher (text).
+        token_pred: Student token prediction: recipe (its own layers through the target recipe) or head.
+        loss: Loss terms and weights, e.g. "token_mse=1,pooled_mse=1"; None picks per student kind.
+        loss_options: Loss options (temperature, margin, ...).
+        batch_size: Samples per step (per rank).
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay (not on biases and norms).
+        warmup: Warmup steps (>= 1) or a fraction of all steps (< 1).
+        epochs: Passes over the store (ignored when ``steps`` is given).
+        steps: Total optimiser steps.
+        grad_clip: Max gradient norm (0: off).
+        autocast: none (fp32) or bfloat16.
+        workers: DataLoader processes.
+        seed: Seed of the student init, data order and view choice.
+        run_dir: Output directory.
+        resume: Continue the run in ``run_dir`` from its last checkpoint.
+        ckpt_every: Checkpoint every N steps (and at the end).
+        log_every: Log metrics every N steps.
+        data_root: Source dataset location, for stores whose student reads images.
+        device: torch device.
+        eval: Evaluations to run at the end (e.g. "retrieval", "mrpc:PATH").
+        progress: Show a progress bar.
+    """
+
+    targets: Path
+    student: str = "auto"
+    depth: int | None = None
+    student_options: dict[str, Any] = field(default_factory=dict)
+    init: str = "teacher"
+    init_weights: str | None = None
+    freeze_embeddings: bool = False
+    token_pred: str = "recipe"
+    loss: str | None = None
+    loss_options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    epochs: float = 1.0
+    steps: int | None = None
+    grad_clip: float = 1.0
+    autocast: str = "none"
+    workers: int = 0
+    seed: int = 0
+    run_dir: Path | None = None
+    resume: bool = False
+    ckpt_every: int = 500
+    log_every: int = 10
+    data_root: str | None = None
+    device: str = "cpu"
+    eval: list[str] = field(default_factory=list)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.targets = Path(self.targets)
+        if self.student not in STUDENT_KINDS:
+            raise MmkdError(f"--student {self.student!r}: choose one of {', '.join(STUDENT_KINDS)}")
+        if self.token_pred not in ("recipe", "head"):
+            raise MmkdError(f"--token-pred {self.token_pred!r}: choose recipe or head")
+        if self.autocast not in AUTOCAST:
+            raise MmkdError(f"--autocast {self.autocast!r}: choose one of {', '.join(AUTOCAST)}")
+        for name in ("batch_size", "ckpt_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise MmkdError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.lr <= 0:
+            raise MmkdError(f"--lr {self.lr}: must be positive")
+        if self.steps is not None and self.steps < 1:
+            raise MmkdError(f"--steps {self.steps}: must be at least 1")
+        if self.steps is None and self.epochs <= 0:
+            raise MmkdError(f"--epochs {self.epochs}: must be positive")
+        if self.depth is not None and self.depth < 1:
+            raise MmkdError(f"--depth {self.depth}: must be at least 1")
+        if self.run_dir is None:
+            self.run_dir = Path("runs") / self.targets.name.removesuffix(".zarr")
+        self.run_dir = Path(self.run_dir)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}

@@ -1,0 +1,198 @@
+"""Streaming batches from a store: contiguous reads, shuffled within a bounded buffer, exactly resumable.
+
+The epoch plan is a pure function of (store size, chunk size, batch size, seed, epoch, rank, world size):
+the store's samples are cut into runs of whole chunks; the runs are shuffled; each rank takes every
+world-th run; consecutive runs are grouped into buffers; samples are shuffled within a buffer and cut into
+batches. Every read is a contiguous run, memory is bounded by one buffer, and the plan can be replayed
+from any batch, which is what makes resumption exact.
+
+DataLoader workers take batches round-robin (worker w yields plan batches k+w, k+w+W, ...), so the
+DataLoader hands them out in plan order. Each worker reads the buffers its batches need, so W workers
+read the store up to W times; reading is cheap next to image rendering, the reason to use workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmkd_core.errors import MmkdError
+from mmkd_core.store import open_store
+from mmkd_core.views import ViewSpec, eval_params, normalize, render, render_pixels
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """What fixes an epoch's batches.
+
+    Attributes:
+        num_samples: Samples in the store.
+        chunk_size: Store chunk size; runs are whole chunks.
+        batch_size: Samples per batch (the last batch of a buffer may be smaller).
+        seed: Shuffle seed.
+        run_chunks: Chunks per contiguous read.
+        buffer_runs: Runs shuffled together.
+        rank: This process's rank.
+        world_size: Number of ranks.
+    """
+
+    num_samples: int
+    chunk_size: int
+    batch_size: int
+    seed: int = 0
+    run_chunks: int = 1
+    buffer_runs: int = 16
+    rank: int = 0
+    world_size: int = 1
+
+
+def epoch_plan(spec: PlanSpec, epoch: int) -> list[tuple[list[tuple[int, int]], np.ndarray]]:
+    """The epoch's batches, grouped by buffer: ``[(runs, batches_of_indices), ...]``.
+
+    Returns:
+        A list of (runs as (start, stop) pairs, array of sample indices of each batch) per buffer.
+    """
+    run_len = spec.chunk_size * spec.run_chunks
+    starts = np.arange(0, spec.num_samples, run_len)
+    rng = np.random.default_rng([spec.seed, epoch])
+    starts = starts[rng.permutation(len(starts))][spec.rank :: spec.world_size]
+    out = []
+    for b in range(0, len(starts), spec.buffer_runs):
+        runs = sorted((int(s), int(min(s + run_len, spec.num_samples))) for s in starts[b : b + spec.buffer_runs])
+        idx = np.concatenate([np.arange(lo, hi) for lo, hi in runs])
+        idx = idx[rng.permutation(len(idx))]
+        batches = [idx[i : i + spec.batch_size] for i in range(0, len(idx), spec.batch_size)]
+        out.append((runs, batches))
+    return out
+
+
+def num_batches(spec: PlanSpec, epoch: int = 0) -> int:
+    return sum(len(b) for _, b in epoch_plan(spec, epoch))
+
+
+class StoreBatches(IterableDataset):
+    """Batches of inputs and dequantised targets from one store.
+
+    Holds paths and small objects only; the store is opened lazily in each process.
+
+    Args:
+        store_path: The store.
+        plan: Batching plan (see PlanSpec).
+        source: The source dataset, needed to replay image views (image stores); None for text.
+        epoch: Epoch to produce.
+        start_batch: Skip the epoch's first batches (resumption).
+        view: "random" for a random stored view per sample per epoch, or a view number.
+        in_memory: Read the whole store into memory first (for measuring the cost of streaming).
+        image_spec: How to render source images for a student that reads images the teacher did not
+            (an image–caption store extracted by a text teacher): the eval crop at this spec.
+        image_cache: A dict to keep those rendered images in (uint8), shared across epochs: rendering
+            and resizing a source image every epoch costs as much as a small student's step.
+    """
+
+    def __init__(self, store_path, plan: PlanSpec, source=None, epoch: int = 0, start_batch: int = 0,
+                 view: str | int = "random", in_memory: bool = False, image_spec: ViewSpec | None = None,
+                 image_cache: dict[int, np.ndarray] | None = None) -> None:
+        super().__init__()
+        self.store_path, self.plan, self.source = store_path, plan, source
+        self.epoch, self.start_batch, self.view, self.in_memory = epoch, start_batch, view, in_memory
+        self.image_spec = image_spec
+        self.image_cache = image_cache
+        self._reader = None
+        self._memory: dict[str, np.ndarray] | None = None
+
+    @property
+    def reader(self):
+        if self._reader is None:
+            self._reader = open_store(self.store_path)
+        return self._reader
+
+    def _read(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        if self.in_memory:
+            if self._memory is None:
+                self._memory = self.reader.read(0, len(self.reader))
+            return {k: v[lo:hi] for k, v in self._memory.items()}
+        return self.reader.read(lo, hi)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        g = 0  # plan position of the buffer's first batch
+        for runs, batches in epoch_plan(self.plan, self.epoch):
+            mine = [(g + j, b) for j, b in enumerate(batches) if g + j >= self.start_batch
+                    and (g + j - self.start_batch) % nw == wid]
+            g += len(batches)
+            if not mine:
+                continue
+            data = [self._read(lo, hi) for lo, hi in runs]
+            buffer = {k: np.concatenate([d[k] for d in data]) for k in data[0]}
+            offsets = np.concatenate([np.arange(lo, hi) for lo, hi in runs])
+            pos = {int(s): j for j, s in enumerate(offsets)}
+            for _, b in mine:
+                yield self._batch(buffer, np.array([pos[int(i)] for i in b]), b)
+
+    def _views_for(self, indices: np.ndarray) -> np.ndarray:
+        v = self.reader.views
+        if self.view != "random":
+            if not 0 <= int(self.view) < v:
+                raise MmkdError(f"view {self.view}: the store has {v} views")
+            return np.full(len(indices), int(self.view))
+        # one draw per (seed, epoch, sample): independent of batching, workers and resumption
+        return np.array([np.random.default_rng([self.plan.seed, self.epoch, int(i), 1]).integers(v)
+                         for i in indices])
+
+    def _batch(self, buffer: dict[str, np.ndarray], rows: np.ndarray, indices: np.ndarray) -> dict[str, Any]:
+        views = self._views_for(indices)
+        lengths = buffer["lengths"][rows].astype(np.int64)
+        t = int(lengths.max())
+        out: dict[str, Any] = {"index": torch.from_numpy(buffer["index"][rows]), "view": torch.from_numpy(views),
+                               "lengths": torch.from_numpy(lengths)}
+        out["mask"] = torch.arange(t)[None] < out["lengths"][:, None]
+        if "tokens" in buffer:
+            out["tokens"] = torch.from_numpy(np.ascontiguousarray(buffer["tokens"][rows, views, :t]))
+        if "pooled" in buffer:
+            out["pooled"] = torch.from_numpy(np.ascontiguousarray(buffer["pooled"][rows, views]))
+        if "input_ids" in buffer:
+            out["input_ids"] = torch.from_numpy(buffer["input_ids"][rows, :t].astype(np.int64))
+            out["attention_mask"] = out["mask"].long()
+        if "view_params" in buffer and self.source is not None:
+            spec = view_spec(self.reader.attrs)
+            params = buffer["view_params"][rows, views]
+            out["pixel_values"] = torch.stack([render(self.source.image(int(i)), p, spec)
+                                               for i, p in zip(out["index"], params, strict=True)])
+        elif self.image_spec is not None and self.source is not None:
+            out["pixel_values"] = normalize(np.stack([self._eval_pixels(int(i)) for i in out["index"]]),
+                                            self.image_spec)
+        return out
+
+    def _eval_pixels(self, i: int) -> np.ndarray:
+        cache = self.image_cache
+        if cache is not None and i in cache:
+            return cache[i]
+        image = self.source.image(i)
+        spec = self.image_spec
+        pixels = render_pixels(image, eval_params(*image.size, spec.crop_pct, spec.crop_mode), spec)
+        if cache is not None:
+            cache[i] = pixels
+        return pixels
+
+
+def view_spec(attrs: dict[str, Any]) -> ViewSpec:
+    """The ViewSpec a store's views were drawn with."""
+    v = {k: val for k, val in attrs["views"].items() if k != "params"}
+    return ViewSpec(**{k: tuple(val) if isinstance(val, list) else val for k, val in v.items()})
+
+
+def make_loader(batches: StoreBatches, workers: int = 0) -> DataLoader:
+    """A DataLoader over already-batched items, in plan order.
+
+    It gets its own generator: a DataLoader otherwise draws its base seed from the global RNG each time it
+    starts, and a resumed run would then see different dropout masks from an uninterrupted one.
+    """
+    generator = torch.Generator().manual_seed(batches.plan.seed * 1_000_003 + batches.epoch)
+    return DataLoader(batches, batch_size=None, num_workers=workers, persistent_workers=False,
+                      prefetch_factor=4 if workers else None, generator=generator)

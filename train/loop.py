@@ -1,0 +1,190 @@
+"""Stage 2: store -> student. The teacher is never run; only its weights may seed the student."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmkd_core.errors import MmkdError
+from mmkd_core.losses import build_loss
+from mmkd_core.progress import progress_bar
+from mmkd_core.store import config_diff, open_store
+from mmkd_core.students import save_student
+from mmkd_core.versions import library_versions
+
+from .build import DEFAULT_LOSS, build, loss_inputs
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .loader import PlanSpec, StoreBatches, make_loader, num_batches
+
+log = logging.getLogger(__name__)
+
+# what a resumed run must find unchanged in the store
+RESUME_FIELDS = ("teacher", "recipe", "dataset", "storage")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    seconds: float
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+    eval: dict[str, float] = field(default_factory=dict)
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched with torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def lr_lambda(total: int, warmup: int):
+    """Linear warmup to 1, then cosine to 0."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _store_record(reader) -> dict[str, Any]:
+    return {k: reader.attrs.get(k) for k in RESUME_FIELDS}
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train a student from ``cfg.targets`` into ``cfg.run_dir``; resumes exactly with ``cfg.resume``."""
+    rank, world = _dist()
+    reader = open_store(cfg.targets)
+    if not reader.complete:
+        raise MmkdError(f"{cfg.targets} is incomplete: run the same mmkd-extract command again to finish it")
+    run_dir = cfg.run_dir
+    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if ckpt is not None and not cfg.resume:
+        raise MmkdError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    if cfg.resume and ckpt is None:
+        raise MmkdError(f"--resume: {run_dir} has no checkpoint to continue from")
+    if cfg.resume:
+        recorded = json.loads((run_dir / "config.json").read_text())["store"]
+        diff = config_diff(_store_record(reader), recorded)
+        if diff is not None:
+            raise MmkdError(f"--resume: {diff} of {cfg.targets} differs from the store this run was trained on")
+
+    torch.manual_seed(cfg.seed)
+    built = build(cfg, reader)
+    student = built.student.to(cfg.device)
+    loss_fn = build_loss(cfg.loss or DEFAULT_LOSS[built.kind], **cfg.loss_options)
+    plan = PlanSpec(num_samples=len(reader), chunk_size=reader.chunk_size, batch_size=cfg.batch_size,
+                    seed=cfg.seed, rank=rank, world_size=world)
+    per_epoch = num_batches(plan)
+    total = cfg.steps or max(1, int(round(cfg.epochs * per_epoch)))
+    warmup = int(cfg.warmup if cfg.warmup >= 1 else max(1, round(cfg.warmup * total)))
+    model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    opt = torch.optim.AdamW(_param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup))
+
+    step = 0
+    if cfg.resume:
+        state = load_checkpoint(ckpt, student)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+        log.info("resumed %s at step %d", run_dir, step)
+    elif rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps({
+            "train": cfg.to_json(), "student": {"kind": built.kind, **student.describe()},
+            "loss": loss_fn.weights, "loss_options": loss_fn.options, "steps": total, "warmup": warmup,
+            "steps_per_epoch": per_epoch, "store": _store_record(reader), "versions": library_versions(),
+        }, indent=2, default=str))
+
+    metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+    tb = _tensorboard(run_dir) if rank == 0 else None
+    autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16) if cfg.autocast == "bfloat16" \
+        else nullcontext()
+    losses: list[float] = []
+    start = time.perf_counter()
+    student.train()
+    try:
+        with progress_bar(f"train {built.kind} student", total=total, completed=step, unit="steps",
+                          enabled=cfg.progress and rank == 0, extra="loss {task.fields[loss]}") as advance:
+            advance(0, loss="-")
+            while step < total:
+                epoch, start_batch = divmod(step, per_epoch)
+                batches = StoreBatches(cfg.targets, plan, source=built.source, epoch=epoch, start_batch=start_batch,
+                                       image_spec=built.image_spec)
+                for batch in make_loader(batches, cfg.workers):
+                    with autocast:
+                        loss, terms = loss_fn(loss_inputs(built, model, batch, cfg.device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+                    opt.step()
+                    sched.step()
+                    step += 1
+                    value = float(loss.detach())
+                    losses.append(value)
+                    advance(1, loss=f"{value:.4f}")
+                    if metrics is not None and (step % cfg.log_every == 0 or step == total):
+                        row = {"step": step, "epoch": epoch, "loss": value, **terms, "lr": sched.get_last_lr()[0],
+                               "seconds": round(time.perf_counter() - start, 3)}
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                        if tb is not None:
+                            for k, v in row.items():
+                                if k not in ("step", "epoch"):
+                                    tb.add_scalar(f"train/{k}", v, step)
+                    if rank == 0 and (step % cfg.ckpt_every == 0 or step == total):
+                        save_checkpoint(run_dir, step, student, {
+                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                            "torch_rng": torch.get_rng_state()})
+                    if step >= total:
+                        break
+    except KeyboardInterrupt:
+        raise MmkdError(f"interrupted at step {step}; continue with --resume --run-dir {run_dir}") from None
+    finally:
+        if metrics is not None:
+            metrics.close()
+        if tb is not None:
+            tb.close()
+    seconds = time.perf_counter() - start
+    result = TrainResult(run_dir=run_dir, steps=step, seconds=seconds, final_loss=losses[-1] if losses else math.nan,
+                         losses=losses)
+    if rank == 0:
+        student.eval()
+        save_student(student, run_dir / "student", tokenizer=built.tokenizer, preprocess=built.preprocess)
+    return result
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; metrics.jsonl always has the numbers
+        log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
