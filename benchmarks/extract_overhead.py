@@ -50,7 +50,7 @@ def main() -> None:
     rows: dict[str, list[float]] = {"bare": [], "extract": [], "bare_bf16": [], "extract_bf16": []}
     with tempfile.TemporaryDirectory() as tmp:
         shard = 0
-        for r in range(args.repeats):
+        for _ in range(args.repeats):
             for autocast in ("none", "bfloat16"):
                 cfg = ExtractConfig(dataset=name, data_root=root, dataset_options=opts, limit=args.n,
                                     batch_size=args.batch_size, autocast=autocast, dtype="float32",
@@ -61,7 +61,8 @@ def main() -> None:
                 rows["extract" + suffix].append(s.seconds)
                 rows["bare" + suffix].append(bare_forward(teacher, source, args.n, args.batch_size, shard,
                                                           autocast != "none"))
-        a, b = open_store(Path(tmp) / "none.zarr").read(0, args.n), open_store(Path(tmp) / "bfloat16.zarr").read(0, args.n)
+        a = open_store(Path(tmp) / "none.zarr").read(0, args.n)
+        b = open_store(Path(tmp) / "bfloat16.zarr").read(0, args.n)
         m = np.arange(a["tokens"].shape[2])[None] < a["lengths"][:, None]
         x, y = a["tokens"][:, 0][m], b["tokens"][:, 0][m]
         cos = (x * y).sum(-1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(y, axis=-1)
@@ -70,7 +71,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(f"\nminilm-l6 over {args.n} {'WordNet sentences' if root else 'shapes captions'}, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
-    print(f"| measure | value | goal |\n|---|---|---|")
+    print("| measure | value | goal |\n|---|---|---|")
     print(f"| extraction loop / bare teacher forward (fp32) | {med['extract'] / med['bare']:.3f} | <= 1.05 |")
     print(f"| extraction loop / bare teacher forward (bf16) | {med['extract_bf16'] / med['bare_bf16']:.3f} | <= 1.05 |")
     print(f"| bf16 autocast speed-up over fp32 (extraction) | {med['extract'] / med['extract_bf16']:.2f}x | |")

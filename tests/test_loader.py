@@ -11,8 +11,8 @@ CONFIG = {"teacher": {"name": "t"}, "recipe": {}, "preprocess": {}, "views": {"c
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("s") / "s.zarr"
-    layout = Layout(num_samples=50, views=3, time_steps=5, dim=4, pooled_dim=2, input_ids=True, chunk_size=4, dtype="float32",
-                    shard_size=8)
+    layout = Layout(num_samples=50, views=3, time_steps=5, dim=4, pooled_dim=2, input_ids=True, chunk_size=4,
+                    shard_size=8, dtype="float32")
     w = StoreWriter.open(path, layout, CONFIG, {})
     for k in range(layout.num_shards):
         lo, hi = layout.shard_range(k)

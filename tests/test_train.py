@@ -81,7 +81,7 @@ def test_resume_continues_exactly(tmp_path, text_store, monkeypatch):
     real = loop.save_checkpoint
 
     def crash_after_first(run_dir, step, *args, **kwargs):
-        path = real(run_dir, step, *args, **kwargs)
+        real(run_dir, step, *args, **kwargs)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(loop, "save_checkpoint", crash_after_first)
