@@ -16,7 +16,7 @@ from data import create_dataset
 from mmkd_core.errors import MmkdError
 from mmkd_core.progress import progress_bar
 from mmkd_core.store import Layout, StoreWriter, open_store
-from mmkd_core.targets import make_targets, pool_targets, select_layers
+from mmkd_core.targets import recipe_targets, select_layers
 from mmkd_core.teachers import create_teacher
 from mmkd_core.versions import library_versions
 
@@ -81,7 +81,7 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
               "tokens": not cfg.pooled_only, "autocast": cfg.autocast}
     # one forward pass on the first sample gives T (images), D and the pooled width E
     with torch.inference_mode(), _autocast(cfg):
-        probe = _targets(teacher, source.probe_batch(), layers, recipe)
+        probe = _targets(teacher, source.probe_batch(), recipe)
     layout = Layout(num_samples=n, views=source.views, time_steps=source.time_steps(probe), dim=teacher.hidden_size,
                     pooled_dim=probe["pooled"].shape[-1], dtype=cfg.dtype, store_tokens=not cfg.pooled_only,
                     input_ids=teacher.modality == "text", view_params=source.view_params,
@@ -109,7 +109,7 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
                 shard = _empty_shard(layout, lo, hi)
                 with torch.inference_mode(), _autocast(cfg):
                     for batch in source.batches(lo, hi, cfg.batch_size):
-                        out = _targets(teacher, batch, layers, recipe)
+                        out = _targets(teacher, batch, recipe)
                         _place(shard, batch, out, lo)
                         advance(len(batch["positions"]) // source.views)
                 if pending is not None:
@@ -136,15 +136,10 @@ def _plain(obj) -> dict:
     return asdict(obj) if hasattr(obj, "__dataclass_fields__") else dict(obj)
 
 
-def _targets(teacher, batch: dict, layers: list[int], recipe: dict) -> dict[str, torch.Tensor]:
+def _targets(teacher, batch: dict, recipe: dict) -> dict[str, torch.Tensor]:
     out = teacher(**batch["inputs"])
-    mask = out.mask
-    targets = None
-    if recipe["tokens"] or recipe["pool"] in ("cls", "mean"):
-        targets = make_targets(out.hidden_states, mask, layers, instance_norm_layers=recipe["instance_norm"],
-                               layer_norm_targets=recipe["layer_norm"])
-    pooled = pool_targets(recipe["pool"], targets, out.hidden_states, mask, out.embed)
-    return {"tokens": targets if recipe["tokens"] else None, "pooled": pooled, "mask": mask}
+    tokens, pooled = recipe_targets(out.hidden_states, out.mask, out.embed, recipe)
+    return {"tokens": tokens, "pooled": pooled, "mask": out.mask}
 
 
 def _empty_shard(layout: Layout, lo: int, hi: int) -> dict[str, np.ndarray]:

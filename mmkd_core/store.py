@@ -324,11 +324,11 @@ class StoreReader:
         Args:
             start: First sample.
             stop: One past the last sample.
-            names: Arrays to read (``tokens`` means the dequantised targets); default all present.
+            names: Arrays to read where present (``tokens`` means the dequantised targets); default all.
         """
         g = self.group
-        if names is None:
-            names = tuple(n for n in ("tokens", "pooled", "lengths", "input_ids", "view_params", "index") if n in g)
+        names = names or ("tokens", "pooled", "lengths", "input_ids", "view_params", "index")
+        names = tuple(n for n in names if n in g)
         out: dict[str, np.ndarray] = {}
         for name in names:
             if name in ("tokens", "pooled"):

@@ -141,3 +141,24 @@ def pool_targets(
             raise MmkdError("--pool teacher_embed: this teacher has no output embedding of its own")
         return embed.to(torch.float32)
     raise MmkdError(f"--pool {pool!r}: choose one of {', '.join(POOLS)}")
+
+
+def recipe_targets(hidden_states: Sequence[torch.Tensor], mask: torch.Tensor, embed: torch.Tensor | None,
+                   recipe: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per-token and pooled targets of one teacher forward pass, as a store's ``recipe`` attribute says.
+
+    Args:
+        hidden_states: The teacher's block outputs.
+        mask: (B, T) bool.
+        embed: The teacher's own output embedding, or None.
+        recipe: ``layers``, ``instance_norm``, ``layer_norm``, ``pool`` and ``tokens`` (False: pooled only).
+
+    Returns:
+        (tokens (B, T, D) or None, pooled (B, E)), float32.
+    """
+    targets = None
+    if recipe.get("tokens", True) or recipe["pool"] in ("cls", "mean"):
+        targets = make_targets(hidden_states, mask, recipe["layers"], instance_norm_layers=recipe["instance_norm"],
+                               layer_norm_targets=recipe["layer_norm"])
+    pooled = pool_targets(recipe["pool"], targets, hidden_states, mask, embed)
+    return (targets if recipe.get("tokens", True) else None), pooled

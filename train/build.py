@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,10 @@ def build(cfg: TrainConfig, reader) -> Built:
                                  **heads, **opts)
     elif kind in ("vit", "beit"):
         source = _source(cfg, attrs)
+        # the student reads the stored views: their size, and the teacher's patch grid (T = grid² + CLS)
+        size = int(attrs["views"]["size"])
+        grid = math.isqrt(int(reader.group["lengths"][0]) - 1)
+        opts = {"img_size": size, "patch_size": size // grid, **opts}
         student = create_student(kind, depth=depth, init="random" if cfg.init == "random" else "pretrained",
                                  init_from=init_model, **heads, **opts)
     elif kind == "multimodal":

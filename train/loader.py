@@ -92,16 +92,18 @@ class StoreBatches(IterableDataset):
             (an image–caption store extracted by a text teacher): the eval crop at this spec.
         image_cache: A dict to keep those rendered images in (uint8), shared across epochs: rendering
             and resizing a source image every epoch costs as much as a small student's step.
+        names: Store arrays to read (default all); leaving out ``tokens``/``pooled`` reads inputs only.
     """
 
     def __init__(self, store_path, plan: PlanSpec, source=None, epoch: int = 0, start_batch: int = 0,
                  view: str | int = "random", in_memory: bool = False, image_spec: ViewSpec | None = None,
-                 image_cache: dict[int, np.ndarray] | None = None) -> None:
+                 image_cache: dict[int, np.ndarray] | None = None, names: tuple[str, ...] | None = None) -> None:
         super().__init__()
         self.store_path, self.plan, self.source = store_path, plan, source
         self.epoch, self.start_batch, self.view, self.in_memory = epoch, start_batch, view, in_memory
         self.image_spec = image_spec
         self.image_cache = image_cache
+        self.names = names
         self._reader = None
         self._memory: dict[str, np.ndarray] | None = None
 
@@ -114,9 +116,9 @@ class StoreBatches(IterableDataset):
     def _read(self, lo: int, hi: int) -> dict[str, np.ndarray]:
         if self.in_memory:
             if self._memory is None:
-                self._memory = self.reader.read(0, len(self.reader))
+                self._memory = self.reader.read(0, len(self.reader), self.names)
             return {k: v[lo:hi] for k, v in self._memory.items()}
-        return self.reader.read(lo, hi)
+        return self.reader.read(lo, hi, self.names)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

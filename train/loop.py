@@ -19,6 +19,7 @@ from mmkd_core.losses import build_loss
 from mmkd_core.progress import progress_bar
 from mmkd_core.store import config_diff, open_store
 from mmkd_core.students import save_student
+from mmkd_core.targets import recipe_targets
 from mmkd_core.versions import library_versions
 
 from .build import DEFAULT_LOSS, build, loss_inputs
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 # what a resumed run must find unchanged in the store
 RESUME_FIELDS = ("teacher", "recipe", "dataset", "storage")
+INPUT_ARRAYS = ("lengths", "input_ids", "view_params", "index")
 
 
 @dataclass
@@ -75,8 +77,27 @@ def _store_record(reader) -> dict[str, Any]:
     return {k: reader.attrs.get(k) for k in RESUME_FIELDS}
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train a student from ``cfg.targets`` into ``cfg.run_dir``; resumes exactly with ``cfg.resume``."""
+def live_targets(teacher, batch: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+    """The batch with its targets computed by ``teacher`` on the batch's own inputs (replayed views or
+    token ids) instead of read from the store."""
+    inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask") if k in batch}
+    with torch.inference_mode():
+        out = teacher(**inputs)
+        tokens, pooled = recipe_targets(out.hidden_states, out.mask, out.embed, recipe)
+    live = dict(batch, pooled=pooled.clone())
+    if tokens is not None:
+        live["tokens"] = tokens.clone()
+    return live
+
+
+def train(cfg: TrainConfig, online_teacher=None) -> TrainResult:
+    """Train a student from ``cfg.targets`` into ``cfg.run_dir``; resumes exactly with ``cfg.resume``.
+
+    Args:
+        cfg: The run.
+        online_teacher: Compute targets with this teacher on each batch instead of reading them (the store
+            still supplies inputs and views). What caching replaces: tests and benchmarks compare the two.
+    """
     rank, world = _dist()
     reader = open_store(cfg.targets)
     if not reader.complete:
@@ -127,6 +148,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16) if cfg.autocast == "bfloat16" \
         else nullcontext()
     losses: list[float] = []
+    image_cache: dict = {}
     start = time.perf_counter()
     student.train()
     try:
@@ -136,8 +158,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             while step < total:
                 epoch, start_batch = divmod(step, per_epoch)
                 batches = StoreBatches(cfg.targets, plan, source=built.source, epoch=epoch, start_batch=start_batch,
-                                       image_spec=built.image_spec)
+                                       image_spec=built.image_spec, image_cache=image_cache,
+                                       names=INPUT_ARRAYS if online_teacher is not None else None)
                 for batch in make_loader(batches, cfg.workers):
+                    if online_teacher is not None:
+                        batch = live_targets(online_teacher, batch, reader.attrs["recipe"])
                     with autocast:
                         loss, terms = loss_fn(loss_inputs(built, model, batch, cfg.device))
                     opt.zero_grad(set_to_none=True)
