@@ -1,7 +1,7 @@
 """Source datasets: a registry of adapters over real file formats, plus the built-in `shapes` generator."""
 
 # The adapter modules are imported for their registrations.
-from . import captions, cifar, idx, imagefolder, paraphrase, shapes, stl10, text  # noqa: F401
+from . import captions, cifar, idx, imagefolder, labelled, paraphrase, shapes, stl10, text  # noqa: F401
 from .base import DATASETS, MODALITIES, SourceDataset, create_dataset, list_datasets
 
 __all__ = ["DATASETS", "MODALITIES", "SourceDataset", "create_dataset", "list_datasets"]
