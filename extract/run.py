@@ -86,7 +86,8 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
                     pooled_dim=probe["pooled"].shape[-1], dtype=cfg.dtype, store_tokens=not cfg.pooled_only,
                     input_ids=teacher.modality == "text", view_params=source.view_params,
                     chunk_size=cfg.chunk_size, shard_size=cfg.shard_size)
-    dataset_attrs = {"options": cfg.dataset_options, **dataset.describe(), "fingerprint": dataset.fingerprint(),
+    dataset_attrs = {"options": cfg.dataset_options, **dataset.describe(), "modality": dataset.modality,
+                     "fingerprint": dataset.fingerprint(),
                      "num_samples": n, "limit": cfg.limit, "source_size": len(dataset)}
     config = {"teacher": teacher.describe(), "recipe": recipe, "preprocess": _plain(teacher.preprocess),
               "views": source.describe_views(), "dataset": dataset_attrs}

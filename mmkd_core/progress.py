@@ -33,8 +33,9 @@ class RateColumn(ProgressColumn):
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, completed: int = 0, unit: str = "samples", enabled: bool = True,
-                 extra: str = "") -> Iterator[Callable[..., None]]:
-    """Yields ``advance(n, **fields)``; ``fields`` fill ``{task.fields[...]}`` placeholders in ``extra``."""
+                 extra: str = "", fields: dict | None = None) -> Iterator[Callable[..., None]]:
+    """Yields ``advance(n, **fields)``; ``fields`` (initial values given here) fill ``{task.fields[...]}``
+    placeholders in ``extra``."""
     if not enabled:
         yield lambda n=1, **fields: None
         return
@@ -43,7 +44,7 @@ def progress_bar(description: str, total: int, completed: int = 0, unit: str = "
     if extra:
         columns.append(TextColumn(extra))
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(description, total=total, completed=completed)
+        task = progress.add_task(description, total=total, completed=completed, **(fields or {}))
 
         def advance(n: int = 1, **fields) -> None:
             progress.update(task, advance=n, **fields)

