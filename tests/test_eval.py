@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from mmkd_core.errors import MmkdError
 from mmkd_core.students import create_student, save_student
+from mmkd_core.teachers.base import ImagePreprocess
 from train.encoders import load_encoder
 from train.eval_cli import app
 from train.evaluate import (
@@ -86,7 +87,8 @@ def mm_run_dir(tmp_path_factory, tokenizer):
     student = create_student("multimodal", width=32, num_heads=2, img_size=16, patch_size=8, image_depth=1,
                              text_depth=1, shared_depth=1, vocab_size=len(tokenizer), max_position=32)
     run = tmp_path_factory.mktemp("run")
-    save_student(student.eval(), run / "student", tokenizer=tokenizer)
+    preprocess = ImagePreprocess(size=16, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0, crop_mode="squash")
+    save_student(student.eval(), run / "student", tokenizer=tokenizer, preprocess=preprocess)
     return run
 
 

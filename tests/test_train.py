@@ -130,3 +130,26 @@ def test_cli_trains_and_reports_errors_in_one_line(tmp_path, text_store):
     assert bad.exit_code == 2 and "missing.zarr" in bad.output and "Traceback" not in bad.output
     bad = runner.invoke(app, ["--targets", str(text_store), "--loss", "nope=1", "--run-dir", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown term 'nope'" in bad.output
+
+
+def test_embedded_default_path_multimodal(tmp_path, minilm):
+    """mmkd-extract's default (MiniLM over shapes captions) then mmkd-train on it, at toy size."""
+    from extract.cli import app as extract_app
+    from train.cli import app as train_app
+
+    runner = CliRunner()
+    store = tmp_path / "mm.zarr"
+    res = runner.invoke(extract_app, ["--dataset-option", "count=48", "--out", str(store), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "bytes per sample" in res.output
+    res = runner.invoke(train_app, ["--targets", str(store), "--steps", "3", "--batch-size", "16", "--quiet",
+                                    "--run-dir", str(tmp_path / "run"), "--student-option", "width=32",
+                                    "--student-option", "num_heads=2", "--student-option", "text_num_heads=2"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["student"]["kind"] == "multimodal" and cfg["loss"] == {"contrastive_kd": 1.0, "itc": 1.0}
+    assert cfg["train"]["init"] == "random" and cfg["train"]["batch_size"] == 16
+    results = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(results) == {f"shapes/test/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    assert all(0 <= v <= 1 for v in results.values())
+    assert "i2t_r1" in res.output and (tmp_path / "run" / "eval.png").exists()

@@ -90,13 +90,14 @@ def live_targets(teacher, batch: dict[str, Any], recipe: dict[str, Any]) -> dict
     return live
 
 
-def train(cfg: TrainConfig, online_teacher=None) -> TrainResult:
+def train(cfg: TrainConfig, online_teacher=None, in_memory: bool = False) -> TrainResult:
     """Train a student from ``cfg.targets`` into ``cfg.run_dir``; resumes exactly with ``cfg.resume``.
 
     Args:
         cfg: The run.
         online_teacher: Compute targets with this teacher on each batch instead of reading them (the store
             still supplies inputs and views). What caching replaces: tests and benchmarks compare the two.
+        in_memory: Read the whole store into memory first instead of streaming it (benchmarks).
     """
     rank, world = _dist()
     reader = open_store(cfg.targets)
@@ -160,7 +161,8 @@ def train(cfg: TrainConfig, online_teacher=None) -> TrainResult:
                 epoch, start_batch = divmod(step, per_epoch)
                 batches = StoreBatches(cfg.targets, plan, source=built.source, epoch=epoch, start_batch=start_batch,
                                        image_spec=built.image_spec, image_cache=image_cache,
-                                       names=INPUT_ARRAYS if online_teacher is not None else None)
+                                       names=INPUT_ARRAYS if online_teacher is not None else None,
+                                       in_memory=in_memory)
                 for batch in make_loader(batches, cfg.workers):
                     if online_teacher is not None:
                         batch = live_targets(online_teacher, batch, reader.attrs["recipe"])
