@@ -31,9 +31,9 @@ def bare_forward(teacher, source: TextSource, n: int, batch_size: int, shard: in
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
     start = time.perf_counter()
     with torch.inference_mode(), ctx:
-        for lo in range(0, n, shard):
-            for batch in source.batches(lo, min(n, lo + shard), batch_size):
-                teacher(**batch["inputs"])
+        shards = [(k, lo, min(n, lo + shard)) for k, lo in enumerate(range(0, n, shard))]
+        for batch in source.batches(shards, batch_size):
+            teacher(**batch["inputs"])
     return time.perf_counter() - start
 
 

@@ -101,22 +101,34 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
     start = time.perf_counter()
     written = 0
     pending: Future | None = None
+    shards = [(k, *layout.shard_range(k)) for k in todo]
     with ThreadPoolExecutor(max_workers=1) as pool_exec, progress_bar(
         f"extract {cfg.teacher} → {cfg.out.name}", total=n, completed=done_samples, enabled=show_progress
     ) as advance:
+
+        def submit(k: int, shard: dict[str, np.ndarray]) -> Future:
+            if pending is not None:
+                pending.result()  # at most one shard in flight: bounded memory
+            lo, hi = layout.shard_range(k)
+            return pool_exec.submit(writer.write_shard, k, source.finish_shard(shard, lo, hi))
+
         try:
-            for k in todo:
-                lo, hi = layout.shard_range(k)
-                shard = _empty_shard(layout, lo, hi)
-                with torch.inference_mode(), _autocast(cfg):
-                    for batch in source.batches(lo, hi, cfg.batch_size):
-                        out = _targets(teacher, batch, recipe)
-                        _place(shard, batch, out, lo)
-                        advance(len(batch["positions"]) // source.views)
-                if pending is not None:
-                    pending.result()  # at most one shard in flight: bounded memory
-                pending = pool_exec.submit(writer.write_shard, k, source.finish_shard(shard, lo, hi))
-                written += hi - lo
+            current, shard = None, None
+            with torch.inference_mode(), _autocast(cfg):
+                # one pass over every pending shard (one DataLoader for images); batches never straddle shards
+                for batch in source.batches(shards, cfg.batch_size):
+                    if batch["shard"] != current:
+                        if current is not None:
+                            pending = submit(current, shard)
+                            written += int(np.subtract(*layout.shard_range(current)[::-1]))
+                        current = batch["shard"]
+                        shard = _empty_shard(layout, *layout.shard_range(current))
+                    out = _targets(teacher, batch, recipe)
+                    _place(shard, batch, out, layout.shard_range(current)[0])
+                    advance(len(batch["positions"]) // source.views)
+            if current is not None:
+                pending = submit(current, shard)
+                written += int(np.subtract(*layout.shard_range(current)[::-1]))
             if pending is not None:
                 pending.result()
         except KeyboardInterrupt:

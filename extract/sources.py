@@ -44,21 +44,23 @@ class TextSource:
     def time_steps(self, probe: dict) -> int:
         return self.input_ids.shape[1]
 
-    def _batch(self, rows: np.ndarray) -> dict[str, Any]:
+    def _batch(self, rows: np.ndarray, shard: int = -1) -> dict[str, Any]:
         t = int(self.lengths[rows].max())
         ids = torch.from_numpy(self.input_ids[rows, :t].astype(np.int64))
         mask = (torch.arange(t)[None] < torch.from_numpy(self.lengths[rows]).long()[:, None]).long()
         dev = next(self.teacher.parameters()).device
         return {"inputs": {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)},
-                "positions": rows, "view_ids": np.zeros(len(rows), dtype=np.int64)}
+                "positions": rows, "view_ids": np.zeros(len(rows), dtype=np.int64), "shard": shard}
 
     def probe_batch(self) -> dict[str, Any]:
         return self._batch(np.array([0]))
 
-    def batches(self, lo: int, hi: int, batch_size: int) -> Iterator[dict[str, Any]]:
-        order = lo + np.argsort(-self.lengths[lo:hi], kind="stable")
-        for s in range(0, len(order), batch_size):
-            yield self._batch(order[s : s + batch_size])
+    def batches(self, shards: list[tuple[int, int, int]], batch_size: int) -> Iterator[dict[str, Any]]:
+        """Batches of each (shard, lo, hi) in turn, longest texts first within a shard."""
+        for k, lo, hi in shards:
+            order = lo + np.argsort(-self.lengths[lo:hi], kind="stable")
+            for s in range(0, len(order), batch_size):
+                yield self._batch(order[s : s + batch_size], k)
 
     def finish_shard(self, shard: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
         return {**shard, "lengths": self.lengths[lo:hi], "input_ids": self.input_ids[lo:hi],
@@ -68,14 +70,13 @@ class TextSource:
 class _Views(Dataset):
     """Renders every view of one sample; runs in DataLoader workers (holds the dataset, not open files)."""
 
-    def __init__(self, dataset, spec: ViewSpec, lo: int, hi: int) -> None:
-        self.dataset, self.spec, self.lo, self.hi = dataset, spec, lo, hi
+    def __init__(self, dataset, spec: ViewSpec) -> None:
+        self.dataset, self.spec = dataset, spec
 
     def __len__(self) -> int:
-        return self.hi - self.lo
+        return len(self.dataset)
 
-    def __getitem__(self, j: int):
-        i = self.lo + j
+    def __getitem__(self, i: int):
         image = self.dataset.image(i)
         params = draw_params(*image.size, self.spec, i)
         return render_views(image, params, self.spec), torch.from_numpy(params), i
@@ -106,20 +107,23 @@ class ImageSource:
         return next(self.teacher.parameters()).device
 
     def probe_batch(self) -> dict[str, Any]:
-        pixels, _, _ = _Views(self.dataset, self.spec, 0, 1)[0]
+        pixels, _, _ = _Views(self.dataset, self.spec)[0]
         return {"inputs": {"pixel_values": pixels[:1].to(self._device())}}
 
-    def batches(self, lo: int, hi: int, batch_size: int) -> Iterator[dict[str, Any]]:
+    def batches(self, shards: list[tuple[int, int, int]], batch_size: int) -> Iterator[dict[str, Any]]:
+        """Batches of each (shard, lo, hi) in turn, from one DataLoader: workers start once per run, not per
+        shard (an ImageNet run with several views has tens of thousands of shards)."""
         per_batch = max(1, batch_size // self.views)
-        loader = DataLoader(_Views(self.dataset, self.spec, lo, hi), batch_size=per_batch, shuffle=False,
-                            num_workers=self.workers, persistent_workers=False)
+        plan = [(k, list(range(s, min(s + per_batch, hi)))) for k, lo, hi in shards for s in range(lo, hi, per_batch)]
+        loader = DataLoader(_Views(self.dataset, self.spec), batch_sampler=[b for _, b in plan],
+                            num_workers=self.workers)
         v = self.views
-        for pixels, params, idx in loader:
+        for (k, _), (pixels, params, idx) in zip(plan, loader, strict=True):
             b = pixels.shape[0]
             for i, p in zip(idx.tolist(), params.numpy(), strict=True):
                 self._params[i] = p
             yield {"inputs": {"pixel_values": pixels.reshape(b * v, *pixels.shape[2:]).to(self._device())},
-                   "positions": np.repeat(idx.numpy(), v), "view_ids": np.tile(np.arange(v), b)}
+                   "positions": np.repeat(idx.numpy(), v), "view_ids": np.tile(np.arange(v), b), "shard": k}
 
     def finish_shard(self, shard: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
         params = np.stack([self._params.pop(i) for i in range(lo, hi)])

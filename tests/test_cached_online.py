@@ -19,7 +19,7 @@ def test_cached_equals_online(tmp_path):
     torch.save({"model": timm.create_model("beitv2_base_patch16_224", num_classes=0, **TINY).state_dict()}, weights)
     store = tmp_path / "views.zarr"
     extract(ExtractConfig(teacher="beitv2", weights=str(weights), teacher_options=TINY, dataset="shapes",
-                          dataset_options={"count": 40, "resolution": 40}, views=4, dtype="float32", out=store,
+                          dataset_options={"count": 24, "resolution": 40}, views=4, dtype="float32", out=store,
                           chunk_size=4, shard_size=8), show_progress=False)
 
     def cfg(name):

@@ -49,3 +49,16 @@ def test_views_are_stored_and_replay_exactly(tmp_path, beit_file):
         np.testing.assert_allclose(data["tokens"][i, v], ref[0].numpy(), atol=1e-5)
         np.testing.assert_allclose(data["pooled"][i, v], pool_targets("teacher_cls", ref, out.hidden_states,
                                                                       out.mask)[0].numpy(), atol=1e-5)
+
+
+def test_workers_give_the_same_store(tmp_path, beit_file):
+    def run(name, workers):
+        cfg = ExtractConfig(teacher="beitv2", weights=str(beit_file), teacher_options=TINY, dataset="shapes",
+                            dataset_options={"count": 10, "resolution": 40}, views=2, dtype="float32",
+                            out=tmp_path / name, chunk_size=2, shard_size=4, batch_size=6, workers=workers)
+        extract(cfg, show_progress=False)
+        return open_store(tmp_path / name).read(0, 10)
+
+    a, b = run("w0.zarr", 0), run("w2.zarr", 2)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
