@@ -144,12 +144,25 @@ def test_embedded_default_path_multimodal(tmp_path, minilm):
     assert "bytes per sample" in res.output
     res = runner.invoke(train_app, ["--targets", str(store), "--steps", "3", "--batch-size", "16", "--quiet",
                                     "--run-dir", str(tmp_path / "run"), "--student-option", "width=32",
-                                    "--student-option", "num_heads=2", "--student-option", "text_num_heads=2"])
+                                    "--student-option", "num_heads=2", "--student-option", "text_num_heads=2",
+                                    "--bank-size", "20"])
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["student"]["kind"] == "multimodal" and cfg["loss"] == {"contrastive_kd": 1.0, "itc": 1.0}
-    assert cfg["train"]["init"] == "random" and cfg["train"]["batch_size"] == 16
+    assert cfg["train"]["init"] == "random" and cfg["train"]["batch_size"] == 16 and cfg["train"]["bank_size"] == 20
     results = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert set(results) == {f"shapes/test/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
     assert all(0 <= v <= 1 for v in results.values())
     assert "i2t_r1" in res.output and (tmp_path / "run" / "eval.png").exists()
+
+
+def test_memory_bank_holds_store_targets(text_store):
+    from mmkd_core.store import open_store
+    from train.loop import memory_bank
+
+    reader = open_store(text_store)
+    bank, index = memory_bank(reader, 20, seed=0, epoch=3)
+    assert bank.shape == (20, 32) and len(set(index.tolist())) == 20
+    pooled = reader.read(0, len(reader))["pooled"][:, 0]
+    np.testing.assert_array_equal(bank.numpy(), pooled[index])
+    assert not np.array_equal(index, memory_bank(reader, 20, seed=0, epoch=4)[1])

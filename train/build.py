@@ -172,6 +172,8 @@ def loss_inputs(built: Built, model: torch.nn.Module, batch: dict[str, Any], dev
         out["tokens_target"] = mv["tokens"]
     if "pooled" in mv:
         out["pooled_target"] = mv["pooled"]
+    if "bank" in mv:
+        out["bank"] = mv["bank"]
     o = model(pixel_values=mv.get("pixel_values"), input_ids=mv.get("input_ids"),
               attention_mask=mv.get("attention_mask"))
     if built.kind == "multimodal":

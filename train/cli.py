@@ -32,6 +32,8 @@ def main_command(
     loss: str = typer.Option(None, help="Loss terms with weights, e.g. token_mse=1,pooled_mse=1 (default per "
                              "student: text token_mse+pooled_mse, image token_mse, multimodal contrastive_kd+itc)."),
     loss_option: list[str] = typer.Option(None, help="Loss option KEY=VALUE, e.g. temperature=0.05."),
+    bank_size: int = typer.Option(0, help="Memory bank: teacher targets of this many other samples per epoch as "
+                                  "extra contrastive_kd negatives."),
     student_option: list[str] = typer.Option(None, help="Student option KEY=VALUE, e.g. width=192."),
     batch_size: int = typer.Option(None, help="Samples per step (default 64; multimodal 128)."),
     lr: float = typer.Option(None, help="Peak learning rate (default 5e-4; multimodal 1e-3)."),
@@ -61,7 +63,7 @@ def main_command(
         targets=targets, student=student, depth=depth,
         student_options=parse_options(student_option, "--student-option"), init=init, init_weights=init_weights,
         freeze_embeddings=freeze_embeddings, token_pred=token_pred, loss=loss,
-        loss_options=parse_options(loss_option, "--loss-option"), batch_size=batch_size, lr=lr,
+        loss_options=parse_options(loss_option, "--loss-option"), bank_size=bank_size, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, warmup=warmup, epochs=epochs, steps=steps, grad_clip=grad_clip, autocast=autocast,
         workers=workers, seed=seed, run_dir=run_dir, resume=resume, ckpt_every=ckpt_every, log_every=log_every,
         data_root=data_root, device=device, eval=list(eval or []), progress=not quiet,

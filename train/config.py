@@ -38,6 +38,8 @@ class TrainConfig:
         token_pred: Student token prediction: recipe (its own layers through the target recipe) or head.
         loss: Loss terms and weights, e.g. "token_mse=1,pooled_mse=1"; None picks per student kind.
         loss_options: Loss options (temperature, margin, ...).
+        bank_size: Teacher targets of this many other samples, drawn from the store each epoch, as extra
+            negatives for contrastive_kd (0: the batch's targets only).
         batch_size: Samples per step (per rank); None: per student kind (KIND_DEFAULTS).
         lr: Peak learning rate; None: per student kind.
         weight_decay: AdamW weight decay (not on biases and norms).
@@ -68,6 +70,7 @@ class TrainConfig:
     token_pred: str = "recipe"
     loss: str | None = None
     loss_options: dict[str, Any] = field(default_factory=dict)
+    bank_size: int = 0
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float = 0.01
@@ -104,6 +107,8 @@ class TrainConfig:
             raise MmkdError(f"--steps {self.steps}: must be at least 1")
         if self.epochs is not None and self.epochs <= 0:
             raise MmkdError(f"--epochs {self.epochs}: must be positive")
+        if self.bank_size < 0:
+            raise MmkdError(f"--bank-size {self.bank_size}: must be 0 or more")
         if self.depth is not None and self.depth < 1:
             raise MmkdError(f"--depth {self.depth}: must be at least 1")
         if self.run_dir is None:

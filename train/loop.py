@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mmkd_core.errors import MmkdError
@@ -90,6 +91,23 @@ def live_targets(teacher, batch: dict[str, Any], recipe: dict[str, Any]) -> dict
     return live
 
 
+def memory_bank(reader, size: int, seed: int, epoch: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Pooled teacher targets (view 0) of ``size`` samples in whole chunk runs chosen at random for the
+    epoch, with their sample indices."""
+    chunk = reader.chunk_size
+    starts = np.arange(0, len(reader), chunk)
+    rng = np.random.default_rng([seed, epoch, 2])
+    picked, rows, idx = rng.permutation(starts), [], []
+    for lo in picked:
+        if sum(len(i) for i in idx) >= size:
+            break
+        part = reader.read(int(lo), int(min(lo + chunk, len(reader))), ("pooled", "index"))
+        rows.append(part["pooled"][:, 0])
+        idx.append(part["index"])
+    bank, index = np.concatenate(rows)[:size], np.concatenate(idx)[:size]
+    return torch.from_numpy(bank), index
+
+
 def train(cfg: TrainConfig, online_teacher=None, in_memory: bool = False) -> TrainResult:
     """Train a student from ``cfg.targets`` into ``cfg.run_dir``; resumes exactly with ``cfg.resume``.
 
@@ -163,9 +181,12 @@ def train(cfg: TrainConfig, online_teacher=None, in_memory: bool = False) -> Tra
                                        image_spec=built.image_spec, image_cache=image_cache,
                                        names=INPUT_ARRAYS if online_teacher is not None else None,
                                        in_memory=in_memory)
+                bank = memory_bank(reader, cfg.bank_size, cfg.seed, epoch) if cfg.bank_size else None
                 for batch in make_loader(batches, cfg.workers):
                     if online_teacher is not None:
                         batch = live_targets(online_teacher, batch, reader.attrs["recipe"])
+                    if bank is not None:  # the batch's own samples are positives, not negatives
+                        batch["bank"] = bank[0][~np.isin(bank[1], batch["index"].numpy())]
                     with autocast:
                         loss, terms = loss_fn(loss_inputs(built, model, batch, cfg.device))
                     opt.zero_grad(set_to_none=True)
