@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any, ClassVar
 
+import numpy as np
+
 from mmkd_core.errors import MmkdError
 from mmkd_core.registry import Registry
 
@@ -55,6 +57,43 @@ class SourceDataset:
     def describe(self) -> dict[str, Any]:
         """JSON-able description stored in a store's provenance (name, split, options, size)."""
         return {"name": self.name, "split": self.split, "num_samples": len(self)}
+
+
+class ArrayImageDataset(SourceDataset):
+    """A labelled image dataset whose pixels fit in one uint8 array (MNIST, CIFAR).
+
+    Subclasses set ``_labels`` (and may set ``_images``) in their constructor and implement
+    ``_load_images``. The pixels are dropped when the object is pickled and reloaded on first use, so
+    DataLoader workers receive a small object.
+    """
+
+    _images: np.ndarray | None = None
+    _labels: np.ndarray
+    image_mode = "RGB"  # PIL mode of the stored array; images are returned as RGB
+
+    def _load_images(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_images": None}
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def image(self, i: int):
+        from PIL import Image
+
+        from .files import check_index
+
+        i = check_index(self.name, i, len(self._labels))
+        if self._images is None:
+            self._images = self._load_images()
+        return Image.fromarray(np.ascontiguousarray(self._images[i]), self.image_mode).convert("RGB")
+
+    def label(self, i: int) -> int:
+        from .files import check_index
+
+        return int(self._labels[check_index(self.name, i, len(self._labels))])
 
 
 def create_dataset(name: str, root: str | None = None, split: str = "train", **options: Any) -> SourceDataset:

@@ -11,8 +11,8 @@ import numpy as np
 
 from mmkd_core.errors import MmkdError
 
-from .base import DATASETS, SourceDataset, hash_files
-from .files import check_index, check_split, need_root, reject_options
+from .base import DATASETS, ArrayImageDataset, hash_files
+from .files import check_split, need_root, reject_options
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _names(values: Any) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
 
-class CifarDataset(SourceDataset):
+class CifarDataset(ArrayImageDataset):
     """CIFAR images (32x32 RGB) with labels.
 
     Pixel arrays are loaded (and checked) at construction and dropped when pickled; a DataLoader worker
@@ -97,6 +97,9 @@ class CifarDataset(SourceDataset):
         self._images, self._labels = self._load()
         self._fingerprint: str | None = None
 
+    def _load_images(self) -> np.ndarray:
+        return self._load()[0]
+
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
         labels_key = "labels" if self.name == "cifar10" else f"{self.label_kind}_labels"
         images, labels = [], []
@@ -113,23 +116,6 @@ class CifarDataset(SourceDataset):
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.append(y)
         return np.concatenate(images), np.concatenate(labels)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_images": None}
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def image(self, i: int):
-        from PIL import Image
-
-        i = check_index(self.name, i, len(self._labels))
-        if self._images is None:
-            self._images = self._load()[0]
-        return Image.fromarray(np.ascontiguousarray(self._images[i]), "RGB")
-
-    def label(self, i: int) -> int:
-        return int(self._labels[check_index(self.name, i, len(self._labels))])
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:

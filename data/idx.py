@@ -13,8 +13,8 @@ import numpy as np
 
 from mmkd_core.errors import MmkdError
 
-from .base import DATASETS, SourceDataset, hash_files
-from .files import check_index, check_split, find_file, need_root, reject_options
+from .base import DATASETS, ArrayImageDataset, hash_files
+from .files import check_split, find_file, need_root, reject_options
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-class IdxDataset(SourceDataset):
+class IdxDataset(ArrayImageDataset):
     """Greyscale idx images (returned as RGB) with labels.
 
     Images are loaded and checked at construction and dropped when pickled; a DataLoader worker reloads
@@ -69,6 +69,8 @@ class IdxDataset(SourceDataset):
         split: "train" or "test".
         classes: Class names.
     """
+
+    image_mode = "L"
 
     modality = "image"
 
@@ -88,23 +90,6 @@ class IdxDataset(SourceDataset):
                 f"{self.images_file}: {len(images)} images but {self.labels_file} has {len(self._labels)} labels"
             )
         return images
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_images": None}
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def image(self, i: int):
-        from PIL import Image
-
-        i = check_index(self.name, i, len(self._labels))
-        if self._images is None:
-            self._images = self._load_images()
-        return Image.fromarray(self._images[i], "L").convert("RGB")
-
-    def label(self, i: int) -> int:
-        return int(self._labels[check_index(self.name, i, len(self._labels))])
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_bert
 from typer.testing import CliRunner
 
 from mmkd_core.errors import MmkdError
@@ -25,8 +26,6 @@ from train.evaluate import (
     run_evaluation,
 )
 
-WORDS = ("a the cat dog sat on mat ran far red blue green circle square triangle star cross in at top left right "
-         "center bottom and photo of is there are picture shows he she man woman doctor nurse").split()
 SENTENCES = ["the cat sat on the mat", "a dog ran far", "the red circle", "a blue square at the top",
              "the green star in the center", "a cat and a dog"]
 PARAPHRASE_SCORES = ("s1_to_s2_r1", "s1_to_s2_r5", "s2_to_s1_r1", "s2_to_s1_r5")
@@ -40,17 +39,7 @@ def _seed():
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    root = tmp_path_factory.mktemp("bert")
-    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizer(vocab=str(root / "vocab.txt"))
-    tokenizer.save_pretrained(str(root))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(str(root))
-    return root
+    return save_tiny_bert(tmp_path_factory.mktemp("bert"))
 
 
 @pytest.fixture(scope="module")

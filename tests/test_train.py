@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import WORDS, save_tiny_bert
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -12,22 +13,12 @@ from mmkd_core.errors import MmkdError
 from train.config import TrainConfig
 from train.loop import train
 
-WORDS = "the a cat dog sat on mat photo of and is red blue big small runs jumps over lazy fox".split()
 TINY_STUDENT = {"num_heads": 2}
 
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    root = tmp_path_factory.mktemp("bert")
-    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizer(vocab=str(root / "vocab.txt"))
-    tokenizer.save_pretrained(str(root))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(str(root))
-    return root
+    return save_tiny_bert(tmp_path_factory.mktemp("bert"), layers=4)
 
 
 @pytest.fixture(scope="module")
