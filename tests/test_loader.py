@@ -81,3 +81,20 @@ def test_in_memory_equals_streamed(store):
     b = list(StoreBatches(store, plan, in_memory=True))
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x["tokens"], y["tokens"]) and torch.equal(x["index"], y["index"])
+
+
+def test_length_bucketing_keeps_coverage_and_groups_lengths(store):
+    from mmkd_core.store import open_store
+
+    lengths = open_store(store).group["lengths"][:]
+    spec = PlanSpec(50, 4, 5, seed=4, buffer_runs=6, by_length=True)
+    plan = epoch_plan(spec, 0, lengths)
+    seen = np.concatenate([b for _, bs in plan for b in bs])
+    assert sorted(seen.tolist()) == list(range(50))
+    spread = np.mean([np.ptp(lengths[b]) for _, bs in plan for b in bs])
+    plain = np.mean([np.ptp(lengths[b]) for _, bs in epoch_plan(PlanSpec(50, 4, 5, seed=4, buffer_runs=6), 0)
+                     for b in bs])
+    assert spread < plain
+    assert num_batches(spec) == sum(len(bs) for _, bs in plan)
+    full = [b["index"].tolist() for b in StoreBatches(store, spec)]
+    assert [b["index"].tolist() for b in StoreBatches(store, spec, start_batch=4)] == full[4:]

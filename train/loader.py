@@ -13,6 +13,7 @@ read the store up to W times; reading is cheap next to image rendering, the reas
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,9 @@ class PlanSpec:
         buffer_runs: Runs shuffled together.
         rank: This process's rank.
         world_size: Number of ranks.
+        by_length: Within each buffer, batch samples of similar length together (then shuffle the batches):
+            text batches are padded to their longest sample, so random batches of short and long sentences
+            spend most of their compute on padding.
     """
 
     num_samples: int
@@ -49,10 +53,17 @@ class PlanSpec:
     buffer_runs: int = 16
     rank: int = 0
     world_size: int = 1
+    by_length: bool = False
 
 
-def epoch_plan(spec: PlanSpec, epoch: int) -> list[tuple[list[tuple[int, int]], np.ndarray]]:
+def epoch_plan(spec: PlanSpec, epoch: int, lengths: np.ndarray | None = None
+               ) -> list[tuple[list[tuple[int, int]], np.ndarray]]:
     """The epoch's batches, grouped by buffer: ``[(runs, batches_of_indices), ...]``.
+
+    Args:
+        spec: The plan.
+        epoch: Epoch number (seeds the order).
+        lengths: Every sample's length, needed with ``spec.by_length``.
 
     Returns:
         A list of (runs as (start, stop) pairs, array of sample indices of each batch) per buffer.
@@ -66,13 +77,19 @@ def epoch_plan(spec: PlanSpec, epoch: int) -> list[tuple[list[tuple[int, int]], 
         runs = sorted((int(s), int(min(s + run_len, spec.num_samples))) for s in starts[b : b + spec.buffer_runs])
         idx = np.concatenate([np.arange(lo, hi) for lo, hi in runs])
         idx = idx[rng.permutation(len(idx))]
+        if spec.by_length:
+            idx = idx[np.argsort(lengths[idx], kind="stable")]
         batches = [idx[i : i + spec.batch_size] for i in range(0, len(idx), spec.batch_size)]
+        if spec.by_length:
+            batches = [batches[j] for j in rng.permutation(len(batches))]
         out.append((runs, batches))
     return out
 
 
 def num_batches(spec: PlanSpec, epoch: int = 0) -> int:
-    return sum(len(b) for _, b in epoch_plan(spec, epoch))
+    """Batches per epoch (the same for every epoch)."""
+    return sum(-(-sum(hi - lo for lo, hi in runs) // spec.batch_size) for runs, _ in
+               epoch_plan(dataclasses.replace(spec, by_length=False), epoch))
 
 
 class StoreBatches(IterableDataset):
@@ -124,7 +141,8 @@ class StoreBatches(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         g = 0  # plan position of the buffer's first batch
-        for runs, batches in epoch_plan(self.plan, self.epoch):
+        lengths = self.reader.group["lengths"][:] if self.plan.by_length else None
+        for runs, batches in epoch_plan(self.plan, self.epoch, lengths):
             mine = [(g + j, b) for j, b in enumerate(batches) if g + j >= self.start_batch
                     and (g + j - self.start_batch) % nw == wid]
             g += len(batches)

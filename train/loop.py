@@ -139,7 +139,7 @@ def train(cfg: TrainConfig, online_teacher=None, in_memory: bool = False) -> Tra
     student = built.student.to(cfg.device)
     loss_fn = build_loss(cfg.loss or DEFAULT_LOSS[built.kind], **cfg.loss_options)
     plan = PlanSpec(num_samples=len(reader), chunk_size=reader.chunk_size, batch_size=cfg.batch_size,
-                    seed=cfg.seed, rank=rank, world_size=world)
+                    seed=cfg.seed, rank=rank, world_size=world, by_length=built.kind == "text")
     per_epoch = num_batches(plan)
     total = cfg.steps or max(1, int(round(cfg.epochs * per_epoch)))
     warmup = int(cfg.warmup if cfg.warmup >= 1 else max(1, round(cfg.warmup * total)))
