@@ -202,7 +202,10 @@ def load_student(directory: str | Path) -> Student:
     if isinstance(student, TextStudent):
         from transformers import BertModel
 
-        bert = BertModel.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True)
+        from ..teachers.hf_common import quiet_transformers_load
+
+        with quiet_transformers_load():  # the strict load below reports any key that does not fit
+            bert = BertModel.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True)
         state = {k: v for k, v in bert.state_dict().items() if not k.startswith("pooler.")}
         _strict_load(student.bert, state, what)
     elif isinstance(student, TimmStudent):

@@ -93,7 +93,7 @@ def load_model(model_cls: type, config: Any, path: Path | None, *, teacher: str,
     files = hf_weight_files(path)
     file = files[0] if len(files) == 1 else path
     try:
-        with _quiet_load_report():
+        with quiet_transformers_load():
             # mismatches are collected, not raised, so the error can name them
             model, info = model_cls.from_pretrained(
                 str(path), config=config, dtype=torch.float32, local_files_only=True, output_loading_info=True,
@@ -109,7 +109,7 @@ def load_model(model_cls: type, config: Any, path: Path | None, *, teacher: str,
 
 
 @contextlib.contextmanager
-def _quiet_load_report() -> Iterator[None]:
+def quiet_transformers_load() -> Iterator[None]:
     """Silence transformers' own key report and its loading bar: :func:`report_keys` logs the same keys,
     and a bar per teacher load would interleave with the extraction progress bar."""
     from transformers.utils import logging as hf_logging
