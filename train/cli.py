@@ -69,6 +69,8 @@ def main_command(
         data_root=data_root, device=device, eval=list(eval or []), progress=not quiet,
     )
     result = train(cfg)
+    if result.rank != 0:
+        return
     table = Table(title=f"run {result.run_dir}", show_header=False)
     table.add_row("steps", f"{result.steps:,}")
     table.add_row("time", f"{result.seconds:.1f} s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ class TrainResult:
     seconds: float
     final_loss: float
     losses: list[float] = field(default_factory=list)
-    eval: dict[str, float] = field(default_factory=dict)
+    rank: int = 0
 
 
 def _dist() -> tuple[int, int]:
@@ -140,7 +141,8 @@ def train(cfg: TrainConfig, online_teacher=None, in_memory: bool = False) -> Tra
     loss_fn = build_loss(cfg.loss or DEFAULT_LOSS[built.kind], **cfg.loss_options)
     plan = PlanSpec(num_samples=len(reader), chunk_size=reader.chunk_size, batch_size=cfg.batch_size,
                     seed=cfg.seed, rank=rank, world_size=world, by_length=built.kind == "text")
-    per_epoch = num_batches(plan)
+    # every rank takes the same number of steps per epoch, or DDP's gradient all-reduce would wait forever
+    per_epoch = min(num_batches(dataclasses.replace(plan, rank=r)) for r in range(world))
     total = cfg.steps or max(1, int(round(cfg.epochs * per_epoch)))
     warmup = int(cfg.warmup if cfg.warmup >= 1 else max(1, round(cfg.warmup * total)))
     model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
@@ -212,7 +214,7 @@ def train(cfg: TrainConfig, online_teacher=None, in_memory: bool = False) -> Tra
                         save_checkpoint(run_dir, step, student, {
                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                             "torch_rng": torch.get_rng_state()})
-                    if step >= total:
+                    if step >= total or step >= (epoch + 1) * per_epoch:
                         break
     except KeyboardInterrupt:
         raise MmkdError(f"interrupted at step {step}; continue with --resume --run-dir {run_dir}") from None
@@ -223,7 +225,7 @@ def train(cfg: TrainConfig, online_teacher=None, in_memory: bool = False) -> Tra
             tb.close()
     seconds = time.perf_counter() - start
     result = TrainResult(run_dir=run_dir, steps=step, seconds=seconds, final_loss=losses[-1] if losses else math.nan,
-                         losses=losses)
+                         losses=losses, rank=rank)
     if rank == 0:
         student.eval()
         save_student(student, run_dir / "student", tokenizer=built.tokenizer, preprocess=built.preprocess)
