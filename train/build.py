@@ -120,6 +120,10 @@ def build(cfg: TrainConfig, reader) -> Built:
         size = int(attrs["views"]["size"])
         grid = math.isqrt(int(reader.group["lengths"][0]) - 1)
         opts = {"img_size": size, "patch_size": size // grid, **opts}
+        v = attrs["views"]
+        preprocess = ImagePreprocess(size=size, mean=tuple(v["mean"]), std=tuple(v["std"]),
+                                     interpolation=v["interpolation"], crop_pct=v["crop_pct"],
+                                     crop_mode=v.get("crop_mode", "center"))
         student = create_student(kind, depth=depth, init="random" if cfg.init == "random" else "pretrained",
                                  init_from=init_model, **heads, **opts)
     elif kind == "multimodal":
