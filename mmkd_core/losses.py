@@ -103,17 +103,33 @@ def contrastive_kd(
         raise MmkdError("contrastive_kd: without batch teacher targets, pass positives (indices into the bank)")
     cand = F.normalize(torch.cat(parts), dim=-1)
     s = F.normalize(s, dim=-1)
-    labels = torch.arange(len(s), device=s.device) if positives is None else positives.to(s.device).long()
+    if positives is not None:
+        labels = positives.to(s.device).long()
+    else:  # identical batch targets are all positives; the bank holds negatives only
+        labels = F.pad(same_target(teacher), (0, len(cand) - len(teacher)))
     loss = F.cross_entropy(s @ cand.T / temperature, labels)
     if symmetric:
         if teacher is None:
             raise MmkdError("contrastive_kd: symmetric=True needs the batch's teacher targets")
         t = cand[: len(teacher)]
-        loss = 0.5 * (loss + F.cross_entropy(t @ s.T / temperature, torch.arange(len(s), device=s.device)))
+        loss = 0.5 * (loss + F.cross_entropy(t @ s.T / temperature, same_target(teacher)))
     return loss
 
 
-def itc(img: Tensor, txt: Tensor, temperature: float = 0.07, logit_scale: Tensor | None = None) -> Tensor:
+def same_target(targets: Tensor) -> Tensor:
+    """(B, B) soft labels: row i spreads its mass evenly over the samples whose target equals target i.
+
+    Batches of label captions or repeated sentences hold identical targets; counting those as negatives
+    would push apart samples that the teacher says are the same.
+    """
+    t = F.normalize(targets.detach().to(torch.float32), dim=-1)
+    same = (t @ t.T > 1 - 1e-6).to(torch.float32)
+    same.fill_diagonal_(1.0)
+    return same / same.sum(-1, keepdim=True)
+
+
+def itc(img: Tensor, txt: Tensor, temperature: float = 0.07, logit_scale: Tensor | None = None,
+        targets: Tensor | None = None) -> Tensor:
     """CLIP-style symmetric image–text contrastive loss between two student towers; pair i matches pair i.
 
     Args:
@@ -122,11 +138,13 @@ def itc(img: Tensor, txt: Tensor, temperature: float = 0.07, logit_scale: Tensor
         temperature: Fixed τ, used when ``logit_scale`` is None.
         logit_scale: Learnable log of the inverse temperature (CLIP's parameter, init ln(1/0.07)); its
             exponential is capped at 100 as in CLIP so training cannot blow the scale up.
+        targets: Optional (B, E) teacher targets of the pairs: pairs with identical targets (the same
+            caption) also count as matches (see ``same_target``).
     """
     img, txt = (F.normalize(x, dim=-1) for x in _f32(img, txt))
     scale = logit_scale.float().exp().clamp(max=100.0) if logit_scale is not None else 1.0 / temperature
     logits = scale * img @ txt.T
-    labels = torch.arange(len(img), device=img.device)
+    labels = torch.arange(len(img), device=img.device) if targets is None else same_target(targets)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
@@ -268,7 +286,7 @@ def _itc_term(b: Mapping[str, Any], o: Mapping[str, Any]) -> Tensor:
     (pooled,) = _get(b, "itc", "pooled")
     if not isinstance(pooled, Mapping) or not {"image", "text"} <= set(pooled):
         raise MmkdError("--loss itc: needs student embeddings for both 'image' and 'text'")
-    return itc(pooled["image"], pooled["text"], o["itc_temperature"], b.get("logit_scale"))
+    return itc(pooled["image"], pooled["text"], o["itc_temperature"], b.get("logit_scale"), b.get("pooled_target"))
 
 
 def _msd_term(b: Mapping[str, Any], o: Mapping[str, Any]) -> Tensor:

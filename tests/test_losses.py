@@ -297,3 +297,20 @@ def test_combined_multimodal_terms_all_run_and_backpropagate():
 def test_itc_term_needs_both_towers():
     with pytest.raises(MmkdError, match="--loss itc"):
         build_loss("itc")({"pooled": torch.randn(2, 3)})
+
+
+def test_identical_targets_are_positives_not_negatives():
+    from mmkd_core.losses import contrastive_kd, itc, same_target
+
+    t = torch.eye(4)[[0, 1, 0, 2]] * 3.0  # samples 0 and 2 share their target (one caption, two images)
+    labels = same_target(t)
+    torch.testing.assert_close(labels.sum(-1), torch.ones(4))
+    assert labels[0, 2] == labels[0, 0] == 0.5 and labels[1, 1] == 1.0
+    # a student that reproduces the targets: only the shared pair's ambiguity (ln 2) is left, at small tau
+    loss = contrastive_kd(t, t, temperature=0.01)
+    assert abs(float(loss) - 0.5 * float(torch.log(torch.tensor(2.0)))) < 1e-3
+    assert abs(float(itc(t, t, temperature=0.01, targets=t)) - 0.5 * float(torch.log(torch.tensor(2.0)))) < 1e-3
+    # hard labels would make candidate 2 a negative of sample 0: its target then carries all the mass on 0
+    hard = contrastive_kd(t, t, temperature=0.01, positives=torch.arange(4))
+    torch.testing.assert_close(hard, loss)  # same value at the tie, but the soft labels are what it is compared to
+    assert labels[0].tolist() == [0.5, 0.0, 0.5, 0.0]
