@@ -120,8 +120,12 @@ def same_target(targets: Tensor) -> Tensor:
     """(B, B) soft labels: row i spreads its mass evenly over the samples whose target equals target i.
 
     Batches of label captions or repeated sentences hold identical targets; counting those as negatives
-    would push apart samples that the teacher says are the same.
+    would push apart samples that the teacher says are the same. Float targets are equal when their cosine
+    is 1; integer keys (token ids of captions) when every element is.
     """
+    if not targets.is_floating_point():
+        same = (targets[:, None, :] == targets[None, :, :]).all(-1).to(torch.float32)
+        return same / same.sum(-1, keepdim=True)
     t = F.normalize(targets.detach().to(torch.float32), dim=-1)
     same = (t @ t.T > 1 - 1e-6).to(torch.float32)
     same.fill_diagonal_(1.0)
@@ -138,8 +142,8 @@ def itc(img: Tensor, txt: Tensor, temperature: float = 0.07, logit_scale: Tensor
         temperature: Fixed τ, used when ``logit_scale`` is None.
         logit_scale: Learnable log of the inverse temperature (CLIP's parameter, init ln(1/0.07)); its
             exponential is capped at 100 as in CLIP so training cannot blow the scale up.
-        targets: Optional (B, E) teacher targets of the pairs: pairs with identical targets (the same
-            caption) also count as matches (see ``same_target``).
+        targets: Optional (B, E) teacher targets or (B, T) integer caption keys of the pairs: pairs with
+            identical ones (the same caption) also count as matches (see ``same_target``).
     """
     img, txt = (F.normalize(x, dim=-1) for x in _f32(img, txt))
     scale = logit_scale.float().exp().clamp(max=100.0) if logit_scale is not None else 1.0 / temperature
@@ -286,7 +290,8 @@ def _itc_term(b: Mapping[str, Any], o: Mapping[str, Any]) -> Tensor:
     (pooled,) = _get(b, "itc", "pooled")
     if not isinstance(pooled, Mapping) or not {"image", "text"} <= set(pooled):
         raise MmkdError("--loss itc: needs student embeddings for both 'image' and 'text'")
-    return itc(pooled["image"], pooled["text"], o["itc_temperature"], b.get("logit_scale"), b.get("pooled_target"))
+    # the same caption is recognised by its token ids, so a teacher-free (CLIP-style) run uses no teacher at all
+    return itc(pooled["image"], pooled["text"], o["itc_temperature"], b.get("logit_scale"), b.get("caption_ids"))
 
 
 def _msd_term(b: Mapping[str, Any], o: Mapping[str, Any]) -> Tensor:
@@ -328,7 +333,8 @@ class CombinedLoss:
       ``pooled_target``: the teacher's (B, E) whole-sample target. Pooled terms (pooled_mse,
       pooled_cosine, mse_cosine, contrastive_kd, triplet) compare every student modality with the target
       and average over modalities; itc needs ``pooled["image"]`` and ``pooled["text"]``.
-    - optional ``bank`` (M, E) negatives for contrastive_kd, ``logit_scale`` for itc.
+    - optional ``bank`` (M, E) negatives for contrastive_kd, ``logit_scale`` for itc, ``caption_ids``
+      (B, T) integer ids of each pair's caption for itc (pairs with the same caption are matches).
     - msd: ``teacher_by_modality`` (m -> (B, E), teacher given m alone) and either ``msd_weights``
       (m -> (B,)) or ``teacher_without`` (m -> (B, E), teacher with m removed) to compute them.
 

@@ -314,3 +314,5 @@ def test_identical_targets_are_positives_not_negatives():
     hard = contrastive_kd(t, t, temperature=0.01, positives=torch.arange(4))
     torch.testing.assert_close(hard, loss)  # same value at the tie, but the soft labels are what it is compared to
     assert labels[0].tolist() == [0.5, 0.0, 0.5, 0.0]
+    ids = torch.tensor([[101, 7, 102], [101, 8, 102], [101, 7, 102], [101, 9, 0]])  # captions as token ids
+    torch.testing.assert_close(same_target(ids), labels)

@@ -182,6 +182,7 @@ def loss_inputs(built: Built, model: torch.nn.Module, batch: dict[str, Any], dev
               attention_mask=mv.get("attention_mask"))
     if built.kind == "multimodal":
         out["pooled"] = {"image": o.image.pooled, "text": o.text.pooled}
+        out["caption_ids"] = mv["input_ids"]
     else:
         out["tokens"], out["pooled"] = o.tokens, o.pooled
     return out
