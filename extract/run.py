@@ -80,8 +80,8 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
     recipe = {"layers": layers, "instance_norm": cfg.instance_norm, "layer_norm": cfg.layer_norm, "pool": pool,
               "tokens": not cfg.pooled_only, "autocast": cfg.autocast}
     # one forward pass on the first sample gives T (images), D and the pooled width E
-    with torch.inference_mode(), _autocast(cfg):
-        probe = _targets(teacher, source.probe_batch(), recipe)
+    with torch.inference_mode():
+        probe = _targets(teacher, source.probe_batch(), recipe, cfg)
     layout = Layout(num_samples=n, views=source.views, time_steps=source.time_steps(probe), dim=teacher.hidden_size,
                     pooled_dim=probe["pooled"].shape[-1], dtype=cfg.dtype, store_tokens=not cfg.pooled_only,
                     input_ids=teacher.modality == "text", view_params=source.view_params,
@@ -114,7 +114,7 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
 
         try:
             current, shard = None, None
-            with torch.inference_mode(), _autocast(cfg):
+            with torch.inference_mode():
                 # one pass over every pending shard (one DataLoader for images); batches never straddle shards
                 for batch in source.batches(shards, cfg.batch_size):
                     if batch["shard"] != current:
@@ -123,7 +123,7 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
                             written += int(np.subtract(*layout.shard_range(current)[::-1]))
                         current = batch["shard"]
                         shard = _empty_shard(layout, *layout.shard_range(current))
-                    out = _targets(teacher, batch, recipe)
+                    out = _targets(teacher, batch, recipe, cfg)
                     _place(shard, batch, out, layout.shard_range(current)[0])
                     advance(len(batch["positions"]) // source.views)
             if current is not None:
@@ -149,8 +149,9 @@ def _plain(obj) -> dict:
     return asdict(obj) if hasattr(obj, "__dataclass_fields__") else dict(obj)
 
 
-def _targets(teacher, batch: dict, recipe: dict) -> dict[str, torch.Tensor]:
-    out = teacher(**batch["inputs"])
+def _targets(teacher, batch: dict, recipe: dict, cfg: ExtractConfig) -> dict[str, torch.Tensor]:
+    with _autocast(cfg):  # the teacher only: the target statistics are taken in float32 outside autocast
+        out = teacher(**batch["inputs"])
     tokens, pooled = recipe_targets(out.hidden_states, out.mask, out.embed, recipe)
     return {"tokens": tokens, "pooled": pooled, "mask": out.mask}
 
