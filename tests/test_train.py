@@ -174,3 +174,16 @@ def test_ddp_with_torchrun(tmp_path, text_store):
     rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 * (96 // 2 // 8)  # 96 samples, half per rank, batches of 8, two epochs
     assert (res.stdout + res.stderr).count("student saved to") == 1
+
+
+def test_student_cut_from_teacher_starts_with_its_pooled_embedding(minilm):
+    from mmkd_core.students import create_student
+    from mmkd_core.targets import masked_mean
+
+    student = create_student("text", depth=3, init="pretrained", init_from=minilm, pool="mean", target_dim=384,
+                             pooled_dim=384).eval()
+    enc = minilm.tokenize(["a red circle at the top left", "two words"])
+    with torch.inference_mode():
+        ours = student(**enc).pooled
+        hs = minilm(**enc).hidden_states
+    torch.testing.assert_close(ours, masked_mean(hs[2], enc["attention_mask"].bool()), atol=1e-5, rtol=1e-5)

@@ -118,6 +118,12 @@ class PredictionHeads(nn.Module):
         else:
             self.token_head = None
         self.pooled_head = nn.Linear(width, config.pooled_dim or width)
+        if (config.pooled_dim or width) == width:
+            # start as the plain pooled state: a student cut from the teacher's first blocks then begins with
+            # exactly the truncated teacher's embedding, not a random rotation of it
+            with torch.no_grad():
+                self.pooled_head.weight.copy_(torch.eye(width))
+                self.pooled_head.bias.zero_()
 
     def forward(self, hidden_states: Sequence[torch.Tensor], last_hidden_state: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
