@@ -24,9 +24,9 @@ from train.loop import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VARIANTS = [  # name, init, loss
-    ("token only", "teacher", "token_mse=1"),
-    ("pooled only", "teacher", "pooled_mse=1"),
     ("token + pooled", "teacher", "token_mse=1,pooled_mse=1"),
+    ("pooled only", "teacher", "pooled_mse=1"),
+    ("token only", "teacher", "token_mse=1"),
     ("token + pooled, random init", "random", "token_mse=1,pooled_mse=1"),
 ]
 
@@ -66,6 +66,8 @@ def main() -> None:
                               batch_size=args.batch_size, lr=args.lr, run_dir=run, ckpt_every=10_000))
             print(f"{name}: trained in {time.perf_counter() - t:.0f} s")
         rows.append((f"trained: {name}", eval_paraphrase(load_encoder(str(run)), "mrpc", args.mrpc)))
+        print(f"{rows[-1][0]}: mean {rows[-1][1]['mean']:.4f}", flush=True)
+        (args.work / "results.json").write_text(json.dumps(dict(rows), indent=2))
 
     teacher_mean, init_mean = rows[0][1]["mean"], rows[1][1]["mean"]
     keys = [k for k in rows[0][1] if k != "mean"]
