@@ -141,7 +141,7 @@ def build(cfg: TrainConfig, reader) -> Built:
         if cfg.init == "random" and arch_model is not None:
             from mmkd_core.students.multimodal import text_arch
 
-            opts = {**{k: v for k, v in text_arch(arch_model.model).items() if k in ("vocab_size",)}, **opts}
+            opts = {"vocab_size": text_arch(arch_model.model)["vocab_size"], **opts}
         student = create_student("multimodal", init="random" if text_init is None else "pretrained",
                                  text_init_from=text_init, **heads, **opts)
         mean, std = IMAGE_MEAN_STD
