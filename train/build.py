@@ -17,6 +17,7 @@ from mmkd_core.teachers.base import ImagePreprocess
 from mmkd_core.views import ViewSpec
 
 from .config import TrainConfig
+from .encoders import view_spec
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +146,10 @@ def build(cfg: TrainConfig, reader) -> Built:
         student = create_student("multimodal", init="random" if text_init is None else "pretrained",
                                  text_init_from=text_init, **heads, **opts)
         mean, std = IMAGE_MEAN_STD
-        size = student.config.img_size
-        image_spec = ViewSpec(size=size, mean=mean, std=std, interpolation="bicubic", crop_mode="squash")
-        preprocess = ImagePreprocess(size=size, mean=mean, std=std, interpolation="bicubic", crop_pct=1.0,
-                                     crop_mode="squash")
+        preprocess = ImagePreprocess(size=student.config.img_size, mean=mean, std=std, interpolation="bicubic",
+                                     crop_pct=1.0, crop_mode="squash")
+        # derived from the same record evaluation reads back, so training and evaluation render alike
+        image_spec = view_spec(preprocess)
     else:  # pragma: no cover - TrainConfig validates the kind
         raise MmkdError(f"--student {kind!r} is unknown")
     return Built(student=student, kind=kind, tokenizer=tokenizer, source=source, image_spec=image_spec,
