@@ -1,10 +1,11 @@
 """Streaming batches from a store: contiguous reads, shuffled within a bounded buffer, exactly resumable.
 
 The epoch plan is a pure function of (store size, chunk size, batch size, seed, epoch, rank, world size):
-the store's samples are cut into runs of whole chunks; the runs are shuffled; each rank takes every
-world-th run; consecutive runs are grouped into buffers; samples are shuffled within a buffer and cut into
-batches. Every read is a contiguous run, memory is bounded by one buffer, and the plan can be replayed
-from any batch, which is what makes resumption exact.
+the store's samples are cut into runs of whole chunks; the runs are shuffled and laid end to end; each
+rank takes a contiguous share of that stream; each share is cut into buffers of a fixed number of
+samples; samples are shuffled within a buffer and cut into batches. Every read is a contiguous range,
+memory is bounded by one buffer, the number of batches is the same in every epoch and on every rank,
+and the plan can be replayed from any batch, which is what makes resumption exact.
 
 DataLoader workers take batches round-robin (worker w yields plan batches k+w, k+w+W, ...), so the
 DataLoader hands them out in plan order. Each worker reads the buffers its batches need, so W workers
@@ -13,7 +14,6 @@ read the store up to W times; reading is cheap next to image rendering, the reas
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -55,10 +55,64 @@ class PlanSpec:
     world_size: int = 1
     by_length: bool = False
 
+    @property
+    def buffer_samples(self) -> int:
+        """Samples shuffled together (memory is bounded by one buffer)."""
+        return self.chunk_size * self.run_chunks * self.buffer_runs
+
+
+def rank_range(num_samples: int, world_size: int, rank: int) -> tuple[int, int]:
+    """This rank's share of an epoch's sample stream, as positions [lo, hi): sizes differ by at most one."""
+    return rank * num_samples // world_size, (rank + 1) * num_samples // world_size
+
+
+def num_batches(spec: PlanSpec) -> int:
+    """Batches per epoch: the same for every epoch and every rank (DDP ranks step together).
+
+    The largest rank share is cut into buffers of ``buffer_samples`` samples and each buffer into batches;
+    a share one sample shorter that would come out one batch short splits its largest batch in two.
+    """
+    return _count(-(-spec.num_samples // spec.world_size), spec.buffer_samples, spec.batch_size)
+
+
+def _count(n: int, buffer: int, batch: int) -> int:
+    return (n // buffer) * -(-buffer // batch) + -(-(n % buffer) // batch)
+
+
+def check_plan(spec: PlanSpec) -> None:
+    """Refuse plans in which the ranks cannot take the same number of steps with every sample once."""
+    if spec.num_samples < spec.world_size:
+        raise MmkdError(f"the store has {spec.num_samples} samples, fewer than the {spec.world_size} ranks")
+    if min(spec.batch_size, spec.buffer_samples) == 1 and spec.num_samples % spec.world_size:
+        # batches of one sample cannot be split to even out shares that differ by one sample
+        raise MmkdError(f"--batch-size {spec.batch_size} with {spec.world_size} ranks needs a store size divisible "
+                        f"by {spec.world_size} ({spec.num_samples} samples): use a larger batch")
+
+
+def _pieces(starts: np.ndarray, run_len: int, num_samples: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Sample ranges covering stream positions [lo, hi) of runs laid end to end in the order ``starts``."""
+    lens = np.minimum(starts + run_len, num_samples) - starts
+    ends = np.cumsum(lens)
+    out = []
+    for j in range(int(np.searchsorted(ends, lo, side="right")), len(starts)):
+        begin = int(ends[j] - lens[j])
+        if begin >= hi:
+            break
+        a, b = max(lo, begin) - begin, min(hi, int(ends[j])) - begin
+        out.append((int(starts[j]) + a, int(starts[j]) + b))
+    return out
+
 
 def epoch_plan(spec: PlanSpec, epoch: int, lengths: np.ndarray | None = None
                ) -> list[tuple[list[tuple[int, int]], np.ndarray]]:
-    """The epoch's batches, grouped by buffer: ``[(runs, batches_of_indices), ...]``.
+    """This rank's batches of an epoch, grouped by buffer: ``[(runs, batches_of_indices), ...]``.
+
+    The store's runs of whole chunks are shuffled and laid end to end (the short last run, if any, at the
+    end); each rank takes a contiguous share of that stream (so every sample is in exactly one rank's
+    share), cuts it into buffers of ``buffer_samples`` and shuffles each buffer. With one rank every buffer
+    is whole runs; with several, a buffer may begin or end inside a chunk (that chunk is read twice).
+    Every count depends only on (N, batch size, buffer, world size), never on the epoch's order:
+    ``num_batches`` holds for every epoch and rank.
 
     Args:
         spec: The plan.
@@ -66,16 +120,20 @@ def epoch_plan(spec: PlanSpec, epoch: int, lengths: np.ndarray | None = None
         lengths: Every sample's length, needed with ``spec.by_length``.
 
     Returns:
-        A list of (runs as (start, stop) pairs, array of sample indices of each batch) per buffer.
+        A list of (contiguous sample ranges to read, sample indices of each batch) per buffer.
     """
+    check_plan(spec)
     run_len = spec.chunk_size * spec.run_chunks
-    starts = np.arange(0, spec.num_samples, run_len)
-    rng = np.random.default_rng([spec.seed, epoch])
-    starts = starts[rng.permutation(len(starts))][spec.rank :: spec.world_size]
+    full = spec.num_samples // run_len
+    # the one short run goes last, so buffers of a single rank's share are whole runs in every epoch
+    starts = np.concatenate([np.random.default_rng([spec.seed, epoch]).permutation(full) * run_len,
+                             np.arange(full * run_len, spec.num_samples, run_len)]).astype(np.int64)
+    lo, hi = rank_range(spec.num_samples, spec.world_size, spec.rank)
     out = []
-    for b in range(0, len(starts), spec.buffer_runs):
-        runs = sorted((int(s), int(min(s + run_len, spec.num_samples))) for s in starts[b : b + spec.buffer_runs])
-        idx = np.concatenate([np.arange(lo, hi) for lo, hi in runs])
+    for b, a in enumerate(range(lo, hi, spec.buffer_samples)):
+        rng = np.random.default_rng([spec.seed, epoch, spec.rank, b])
+        runs = sorted(_pieces(starts, run_len, spec.num_samples, a, min(a + spec.buffer_samples, hi)))
+        idx = np.concatenate([np.arange(r0, r1) for r0, r1 in runs])
         idx = idx[rng.permutation(len(idx))]
         if spec.by_length:
             idx = idx[np.argsort(lengths[idx], kind="stable")]
@@ -83,13 +141,24 @@ def epoch_plan(spec: PlanSpec, epoch: int, lengths: np.ndarray | None = None
         if spec.by_length:
             batches = [batches[j] for j in rng.permutation(len(batches))]
         out.append((runs, batches))
+    if sum(len(bs) for _, bs in out) < num_batches(spec):  # a share one sample short: split its largest batch
+        bs = out[-1][1]
+        j = int(np.argmax([len(x) for x in bs]))
+        half = (len(bs[j]) + 1) // 2
+        bs[j : j + 1] = [bs[j][:half], bs[j][half:]]
     return out
 
 
-def num_batches(spec: PlanSpec, epoch: int = 0) -> int:
-    """Batches per epoch (the same for every epoch)."""
-    return sum(-(-sum(hi - lo for lo, hi in runs) // spec.batch_size) for runs, _ in
-               epoch_plan(dataclasses.replace(spec, by_length=False), epoch))
+def plan_batches(spec: PlanSpec, epoch: int, lengths: np.ndarray | None = None, start_batch: int = 0,
+                 worker: int = 0, num_workers: int = 1) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
+    """(buffer ranges, batch) for the epoch's batches from ``start_batch`` on that are this worker's
+    (round-robin: worker w takes the w-th, (w + num_workers)-th, ... of them)."""
+    g = 0  # plan position of the buffer's first batch
+    for runs, batches in epoch_plan(spec, epoch, lengths):
+        for j, b in enumerate(batches):
+            if g + j >= start_batch and (g + j - start_batch) % num_workers == worker:
+                yield runs, b
+        g += len(batches)
 
 
 class StoreBatches(IterableDataset):
@@ -140,20 +209,16 @@ class StoreBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        g = 0  # plan position of the buffer's first batch
         lengths = self.reader.group["lengths"][:] if self.plan.by_length else None
-        for runs, batches in epoch_plan(self.plan, self.epoch, lengths):
-            mine = [(g + j, b) for j, b in enumerate(batches) if g + j >= self.start_batch
-                    and (g + j - self.start_batch) % nw == wid]
-            g += len(batches)
-            if not mine:
-                continue
-            data = [self._read(lo, hi) for lo, hi in runs]
-            buffer = {k: np.concatenate([d[k] for d in data]) for k in data[0]}
-            offsets = np.concatenate([np.arange(lo, hi) for lo, hi in runs])
-            pos = {int(s): j for j, s in enumerate(offsets)}
-            for _, b in mine:
-                yield self._batch(buffer, np.array([pos[int(i)] for i in b]), b)
+        current, buffer, pos = None, None, None
+        for runs, b in plan_batches(self.plan, self.epoch, lengths, self.start_batch, wid, nw):
+            if runs is not current:
+                data = [self._read(lo, hi) for lo, hi in runs]
+                buffer = {k: np.concatenate([d[k] for d in data]) for k in data[0]}
+                offsets = np.concatenate([np.arange(lo, hi) for lo, hi in runs])
+                pos = {int(s): j for j, s in enumerate(offsets)}
+                current = runs
+            yield self._batch(buffer, np.array([pos[int(i)] for i in b]), b)
 
     def _views_for(self, indices: np.ndarray) -> np.ndarray:
         v = self.reader.views
