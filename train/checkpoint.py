@@ -1,9 +1,14 @@
-"""Atomic checkpoints: the student as safetensors, optimiser/schedule/progress/RNG beside it."""
+"""Atomic checkpoints: the student as safetensors, optimiser/schedule/progress/RNG beside it.
+
+``state.pt`` holds tensors and plain types only and is read with ``weights_only=True``: a checkpoint is a
+file a user may have downloaded or been sent, and unpickling arbitrary objects would run their code.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,18 +19,25 @@ from safetensors.torch import load_file, save_file
 from mmkd_core.errors import MmkdError
 
 KEEP = 2
+STATE_KEYS = ("optimizer", "scheduler", "step", "rng")
 
 
 def _dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:08d}"
 
 
+def _complete(run_dir: Path) -> list[Path]:
+    return [p for p in sorted((run_dir / "checkpoints").glob("step_*")) if not p.name.endswith(".tmp")]
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any]) -> Path:
     """Write checkpoint ``step``: into a temporary directory first, renamed when complete, so a crash
-    mid-write never leaves a checkpoint that looks whole. Keeps the newest KEEP."""
+    mid-write never leaves a checkpoint that looks whole. Keeps the newest KEEP and removes the leftovers
+    of interrupted writes."""
     final = _dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in (run_dir / "checkpoints").glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     # clone: safetensors refuses tensors that share memory (tied embeddings)
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()},
@@ -34,14 +46,13 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
     (tmp / "meta.json").write_text(json.dumps({"step": step}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted((run_dir / "checkpoints").glob("step_*"))[:-KEEP]:
-        if not old.name.endswith(".tmp"):
-            shutil.rmtree(old)
+    for old in _complete(run_dir)[:-KEEP]:
+        shutil.rmtree(old)
     return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = [p for p in sorted((run_dir / "checkpoints").glob("step_*")) if not p.name.endswith(".tmp")]
+    done = _complete(run_dir)
     return done[-1] if done else None
 
 
@@ -50,6 +61,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     try:
         weights = load_file(str(path / "model.safetensors"))
         model.load_state_dict(weights, strict=True)
-        return torch.load(path / "state.pt", weights_only=False, map_location="cpu")
-    except (OSError, RuntimeError) as e:
+        state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, ValueError) as e:
         raise MmkdError(f"{path}: cannot load checkpoint ({str(e).splitlines()[0]})") from None
+    except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain types
+        raise MmkdError(f"{path / 'state.pt'}: refused, it holds objects other than tensors and plain types "
+                        "(not a checkpoint mmkd wrote)") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise MmkdError(f"{path / 'state.pt'}: not a complete mmkd checkpoint (missing {', '.join(missing)})")
+    return state

@@ -129,6 +129,10 @@ class MultimodalStudent(Student):
     name = "multimodal"
     modality = "multimodal"
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay (timm's convention): the learnt CLS token and position table."""
+        return {"cls_token", "pos_embed"}
+
     def __init__(self, config: MultimodalStudentConfig) -> None:
         super().__init__()
         from timm.layers import PatchEmbed

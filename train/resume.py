@@ -1,0 +1,91 @@
+"""Resume means the same run: its settings come from the run's ``config.json``, not from the command line.
+
+A resumed run takes every setting that decides what it computes (student, loss, schedule, batch size,
+seed, ...) from what the run recorded. Settings given again are accepted only when they equal the
+recorded ones; a differing one is refused, naming the flag. Settings that change how a run is executed
+but not what it computes (device, workers, checkpoint cadence, progress, where the data lives) may change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from mmkd_core.errors import MmkdError
+from mmkd_core.store import config_diff
+
+from .config import TrainConfig
+
+# what may differ between the first command and the one that resumes it
+FREE_FIELDS = frozenset({"targets", "run_dir", "resume", "workers", "device", "progress", "ckpt_every",
+                         "log_every", "data_root", "eval"})
+# what a resumed run must find unchanged in the store
+STORE_FIELDS = ("format_version", "teacher", "recipe", "preprocess", "views", "dataset", "storage")
+
+
+def flag(name: str) -> str:
+    return "--" + {"student_options": "student-option", "loss_options": "loss-option"}.get(
+        name, name.replace("_", "-"))
+
+
+def given_fields(cfg: TrainConfig) -> set[str]:
+    """The fields a library caller set: those that differ from TrainConfig's defaults."""
+    default = TrainConfig(targets=cfg.targets, run_dir=cfg.run_dir)
+    return {f.name for f in dataclasses.fields(cfg) if _plain(getattr(cfg, f.name)) != _plain(getattr(default, f.name))}
+
+
+def _plain(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
+
+
+def read_record(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MmkdError(f"--resume: {path} is missing; this run directory was not written by mmkd-train") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MmkdError(f"--resume: {path} is not valid JSON ({e})") from None
+
+
+def resumed_config(cfg: TrainConfig, record: dict[str, Any], given: set[str] | None, world: int) -> TrainConfig:
+    """The run's recorded configuration, with only the execution settings of ``cfg`` applied.
+
+    Args:
+        cfg: The configuration of the resuming command.
+        record: The run's ``config.json``.
+        given: Fields the resuming command set explicitly (None: those that differ from the defaults).
+        world: Number of ranks now.
+    """
+    path = cfg.run_dir / "config.json"
+    try:
+        values = dict(record["train"])
+        recorded = TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig) if f.name in values})
+    except (KeyError, TypeError, MmkdError) as e:
+        raise MmkdError(f"--resume: {path} does not hold a training configuration ({e})") from None
+    for name in sorted((given_fields(cfg) if given is None else given) - FREE_FIELDS):
+        now, then = _plain(getattr(cfg, name)), _plain(getattr(recorded, name))
+        if now != then:
+            raise MmkdError(f"--resume: {flag(name)} {now!r} differs from this run's {then!r} ({path}); "
+                            "drop it to continue the same run, or start a new one in another --run-dir")
+    ranks = int(record.get("world_size", 1))
+    if ranks != world:
+        raise MmkdError(f"--resume: {cfg.run_dir} was trained on {ranks} rank(s), not {world}; resume it with "
+                        f"{ranks} so that every rank continues its own share of the data")
+    free = {name: getattr(cfg, name) for name in FREE_FIELDS}
+    return dataclasses.replace(recorded, **free)
+
+
+def check_store(reader, record: dict[str, Any]) -> None:
+    """Refuse a store that is not the one the run was trained on, naming the first field that differs."""
+    recorded = record.get("store") or {}
+    now = store_record(reader)
+    diff = config_diff({k: now.get(k) for k in recorded}, recorded)
+    if diff is not None:
+        raise MmkdError(f"--resume: {diff} of {reader.path} differs from the store this run was trained on")
+
+
+def store_record(reader) -> dict[str, Any]:
+    return {k: reader.attrs.get(k) for k in STORE_FIELDS}
