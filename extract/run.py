@@ -94,7 +94,7 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
     # where the data was read is recorded for the loader, not compared: moving the data is fine
     data_root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None
     writer = StoreWriter.open(cfg.out, layout, config, library_versions(), overwrite=cfg.overwrite,
-                              extra={"data_root": data_root})
+                              extra={"data_root": data_root, **source.extra_attrs()})
     todo = [k for k in range(layout.num_shards) if k not in writer.done_shards()]
     done_samples = n - sum(np.subtract(*layout.shard_range(k)[::-1]) for k in todo)
 

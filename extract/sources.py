@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmkd_core.views import NUM_PARAMS, ViewSpec, draw_params, render_views
+from mmkd_core.views import NUM_PARAMS, ViewSpec, draw_params, render_versions, render_views, view_checksum
 
 TOKENIZE_CHUNK = 4096
 
@@ -40,6 +40,10 @@ class TextSource:
 
     def describe_views(self) -> dict[str, Any]:
         return {"count": 1}
+
+    def extra_attrs(self) -> dict[str, Any]:
+        """Provenance recorded beside the compared fields (nothing for text)."""
+        return {}
 
     def time_steps(self, probe: dict) -> int:
         return self.input_ids.shape[1]
@@ -83,7 +87,8 @@ class _Views(Dataset):
 
 
 class ImageSource:
-    """Renders K views per image (view 0 the eval transform) and records their parameters."""
+    """Renders K views per image (view 0 the eval transform) and records their parameters and the checksum
+    of each view's teacher input (``view_checksum``), computed from the very batch tensor the teacher reads."""
 
     view_params = NUM_PARAMS
 
@@ -96,9 +101,15 @@ class ImageSource:
                              crop_mode=getattr(pre, "crop_mode", "center"), scale=tuple(crop_scale),
                              seed=seed)
         self._params: dict[int, np.ndarray] = {}
+        self._checksums: dict[int, np.ndarray] = {}
 
     def describe_views(self) -> dict[str, Any]:
         return self.spec.describe()
+
+    def extra_attrs(self) -> dict[str, Any]:
+        """The libraries that render the views, recorded but not compared: another Pillow must not refuse a
+        resume or a reuse; the loader re-renders views and names these when a checksum differs."""
+        return {"view_render": {"versions": render_versions()}}
 
     def time_steps(self, probe: dict) -> int:
         return int(probe["mask"].shape[1])
@@ -120,13 +131,16 @@ class ImageSource:
         v = self.views
         for (k, _), (pixels, params, idx) in zip(plan, loader, strict=True):
             b = pixels.shape[0]
-            for i, p in zip(idx.tolist(), params.numpy(), strict=True):
+            checksums = view_checksum(pixels, self.spec)  # (b, V): of the tensor that goes to the teacher
+            for i, p, c in zip(idx.tolist(), params.numpy(), checksums, strict=True):
                 self._params[i] = p
+                self._checksums[i] = c
             yield {"inputs": {"pixel_values": pixels.reshape(b * v, *pixels.shape[2:]).to(self._device())},
                    "positions": np.repeat(idx.numpy(), v), "view_ids": np.tile(np.arange(v), b), "shard": k}
 
     def finish_shard(self, shard: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
         params = np.stack([self._params.pop(i) for i in range(lo, hi)])
+        checksums = np.stack([self._checksums.pop(i) for i in range(lo, hi)])
         t = shard["tokens"].shape[2] if "tokens" in shard else 0
         return {**shard, "lengths": np.full(hi - lo, t, dtype=np.int32), "view_params": params,
-                "index": np.arange(lo, hi, dtype=np.int64)}
+                "view_checksum": checksums, "index": np.arange(lo, hi, dtype=np.int64)}

@@ -121,6 +121,7 @@ class Layout:
             out["input_ids"] = ((n, t), "int32")
         if self.view_params:
             out["view_params"] = ((n, v, self.view_params), "float32")
+            out["view_checksum"] = ((n, v), "uint64")  # of each view's teacher input (views.CHECKSUM_RULE)
         out["index"] = ((n,), "int64")
         return out
 

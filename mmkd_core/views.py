@@ -6,20 +6,32 @@ View 0 is the deterministic eval transform: the centred square of side ``crop_pc
 (the crop that "resize to size/crop_pct, centre-crop size" takes, done as one resample). Views 1..K-1 are
 random resized crops (torchvision's sampling rule) with a random flip, drawn from a generator seeded by
 (seed, sample index, view), so they do not depend on batching, workers or resumption.
+
+Each view's teacher input is checksummed at extraction (``view_checksum``, rule ``CHECKSUM_RULE``): the
+normalised tensor is mapped back to the 8-bit pixel grid it was rendered on and hashed. Rendering goes
+through uint8, so the mapping is exact (float error of the normalisation is ~1e-4 grey levels, far below
+the half level that rounding forgives) and the checksum does not depend on BLAS or threads; any change of
+a pixel by one level, of the crop, the resize or the flip changes it. The libraries that render a view
+(``render_versions``) are recorded beside it, so a mismatch can name what changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass
+from importlib import metadata
 
 import numpy as np
+import PIL
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from .errors import MmkdError
 
 NUM_PARAMS = 5
+CHECKSUM_RULE = ("blake2b digest_size=8 as little-endian uint64 of the teacher input x (3, size, size) mapped "
+                 "back to 8-bit pixels, uint8(clip(round((x * std + mean) * 255), 0, 255)), C order")
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST}
 
@@ -40,6 +52,8 @@ class ViewSpec:
         ratio: Aspect-ratio range of random crops.
         flip: Probability of a horizontal flip in random views.
         seed: Seed of the view generator.
+        checksum: The rule of ``view_checksum`` (part of the compared provenance: checksums made by
+            different rules must not share a store).
     """
 
     count: int = 1
@@ -53,6 +67,7 @@ class ViewSpec:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: float = 0.5
     seed: int = 0
+    checksum: str = CHECKSUM_RULE
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -145,3 +160,43 @@ def render(image: Image.Image, params: np.ndarray, spec: ViewSpec) -> torch.Tens
 def render_views(image: Image.Image, params: np.ndarray, spec: ViewSpec) -> torch.Tensor:
     """All views of one image: (K, 3, size, size)."""
     return torch.stack([render(image, p, spec) for p in params])
+
+
+def view_checksum(pixel_values: torch.Tensor, spec: ViewSpec) -> np.ndarray:
+    """Checksum of rendered views by ``spec.checksum`` (see CHECKSUM_RULE): the exact tensor the teacher
+    read, (..., 3, size, size) normalised float, -> (...) uint64.
+
+    Mapping back to the uint8 grid makes it exact for views rendered through uint8 and blind to float noise
+    below half a grey level (another BLAS, thread count or fused kernel), not to any pixel that changed.
+    """
+    if spec.checksum != CHECKSUM_RULE:
+        raise MmkdError(f"view checksum rule {spec.checksum!r} is not the one this mmkd computes "
+                        f"({CHECKSUM_RULE!r}): verify the store with the mmkd that wrote it")
+    x = torch.as_tensor(pixel_values).detach().to("cpu", torch.float32)
+    if x.ndim < 3 or x.shape[-3] != 3:
+        raise ValueError(f"view_checksum: expected (..., 3, H, W), got {tuple(x.shape)}")
+    mean = torch.tensor(spec.mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(spec.std, dtype=torch.float32)[:, None, None]
+    flat = x.reshape(-1, *x.shape[-3:])
+    out = np.empty(flat.shape[0], dtype=np.uint64)
+    for j, view in enumerate(flat):  # one view at a time: bounded memory for large batches
+        pixels = (view * std + mean).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+        digest = hashlib.blake2b(pixels.contiguous().numpy().tobytes(), digest_size=8).digest()
+        out[j] = int.from_bytes(digest, "little")
+    return out.reshape(x.shape[:-3])
+
+
+def render_versions() -> dict[str, str]:
+    """Versions of what decodes and renders a view: Pillow (resize, flip, decoding), the JPEG library it
+    decodes with, numpy and torch (normalisation) and torchvision (datasets that decode through it)."""
+    try:
+        jpeg = features.version("libjpeg_turbo")
+    except ValueError:  # a Pillow that does not know the feature
+        jpeg = None
+    out = {"pillow": PIL.__version__, "libjpeg": f"libjpeg-turbo {jpeg}" if jpeg else str(features.version("jpg")),
+           "numpy": np.__version__, "torch": torch.__version__}
+    try:
+        out["torchvision"] = metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        out["torchvision"] = "not installed"
+    return out

@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmkd_core import views
 from mmkd_core.errors import MmkdError
 from mmkd_core.views import ViewSpec, draw_params, eval_params, render, render_views
 
@@ -57,3 +58,40 @@ def test_spec_errors():
         ViewSpec(count=0)
     with pytest.raises(MmkdError, match="scale"):
         ViewSpec(scale=(0.5, 0.2))
+
+
+def test_checksum_is_of_the_pixels_rendered():
+    spec = ViewSpec(count=4, size=16)
+    img = image()
+    params = draw_params(*img.size, spec, index=0)
+    p = params[1].copy()
+    p[4] = 0
+    q = p.copy()
+    q[4] = 1
+    a = views.view_checksum(render(img, p, spec), spec)
+    assert a.dtype == np.uint64 and a.shape == ()
+    assert a == views.view_checksum(render(image(), p.copy(), spec), spec)  # same view rendered twice
+    assert a != views.view_checksum(render(img, q, spec), spec)  # flip toggled
+    batch = render_views(img, params, spec)
+    np.testing.assert_array_equal(views.view_checksum(batch[None], spec)[0],
+                                  [views.view_checksum(x, spec) for x in batch])
+
+
+def test_checksum_ignores_float_noise_not_a_grey_level():
+    spec = ViewSpec(size=16)
+    img = image()
+    x = render(img, eval_params(*img.size, 1.0), spec)
+    c = views.view_checksum(x, spec)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * 1e-4  # far below 1/255 / std
+    assert views.view_checksum(x + noise, spec) == c
+    pixels = views.render_pixels(img, eval_params(*img.size, 1.0), spec).copy()
+    pixels[3, 5, 1] ^= 1  # one channel of one pixel, one grey level
+    assert views.view_checksum(views.normalize(pixels, spec), spec) != c
+    with pytest.raises(MmkdError, match="checksum rule"):
+        views.view_checksum(x, ViewSpec(size=16, checksum="md5 of something else"))
+
+
+def test_render_versions_name_the_renderers():
+    v = views.render_versions()
+    assert {"pillow", "libjpeg", "numpy", "torch", "torchvision"} <= set(v)
+    assert ViewSpec().describe()["checksum"] == views.CHECKSUM_RULE
