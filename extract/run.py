@@ -102,7 +102,8 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
     written = 0
     pending: Future | None = None
     shards = [(k, *layout.shard_range(k)) for k in todo]
-    with ThreadPoolExecutor(max_workers=1) as pool_exec, progress_bar(
+    # the writer is closed (its lock released) on leaving this block, after the pool has let the shard in flight land
+    with writer, ThreadPoolExecutor(max_workers=1) as pool_exec, progress_bar(
         f"extract {cfg.teacher} → {cfg.out.name}", total=n, completed=done_samples, enabled=show_progress
     ) as advance:
 
@@ -138,8 +139,8 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
                 f"interrupted: {len(writer.done_shards())} of {layout.num_shards} shards of {cfg.out} are written; "
                 "run the same command again to continue"
             ) from None
+        complete = writer.finish()
     seconds = time.perf_counter() - start
-    complete = writer.finish()
     return ExtractSummary(path=str(cfg.out), samples=n, views=source.views, shards_written=len(todo),
                           shards_total=layout.num_shards, samples_written=written, seconds=seconds,
                           bytes_on_disk=open_store(cfg.out).nbytes_stored(), complete=complete)

@@ -8,8 +8,13 @@ taking them out keeps the scale near the bulk of the distribution.
 The same encoding applies to every target array A (``tokens`` and ``pooled``); its dequantisation rule
 (recorded in the store's ``storage`` attribute)::
 
-    x[..., d] = A[..., d] * A_scale[..., None] / 127
+    x = A * A_scale[..., None] / 127                          (in float32, left to right)
     x[..., A_outlier_idx[..., k]] = A_outlier_val[..., k]    for k < K
+
+``decode_int8`` evaluates exactly this expression (``INT8_RULE``, recorded in stores, states the same),
+so any reader that follows the recorded rule gets the same float32 values bit for bit. ``encode_int8``
+stores ``rint(x / scale * 127)``, so a non-outlier channel decodes to within ``scale / 254`` of its value
+(plus float32 rounding); outlier channels decode to their float16 value.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def encode_int8(x: np.ndarray, k: int, name: str = "tokens") -> dict[str, np.nda
 
 
 def decode_int8(q: np.ndarray, scale: np.ndarray, idx: np.ndarray, val: np.ndarray) -> np.ndarray:
-    """Inverse of ``encode_int8`` (see the module docstring for the rule)."""
-    x = q.astype(np.float32) * (scale.astype(np.float32)[..., None] / 127.0)
+    """Inverse of ``encode_int8``: literally INT8_RULE, ``x = A * A_scale[..., None] / 127`` in float32."""
+    x = q.astype(np.float32) * scale.astype(np.float32)[..., None] / np.float32(127)
     np.put_along_axis(x, idx.astype(np.int64), val.astype(np.float32), axis=-1)
     return x

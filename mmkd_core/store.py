@@ -6,7 +6,10 @@ Layout (the public contract, see DESIGN.md): ``tokens`` (N, V, T, D), ``pooled``
 uint8 — one chunk per shard, so writers of different shards never touch the same file. Group
 attribute ``mmkd`` holds the provenance and ``complete``.
 
-A shard is the unit of work: it is written whole, then marked done. Resume skips done shards.
+A shard is the unit of work: it is checked whole, written, then marked done. Resume skips done shards.
+
+One writer at a time: ``StoreWriter`` holds the lock file ``<store>.lock`` beside the store directory (see
+``lock_path``) from ``open`` to ``close``/``finish``. ``--overwrite`` deletes only an mmkd store.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import secrets
 import shutil
+import socket
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -166,51 +173,264 @@ def _describe_diff(stored: dict, expected: dict, field: str) -> str:
     return f"{field}: store has {get(stored, field)!r}, expected {get(expected, field)!r}"
 
 
-class StoreWriter:
-    """Creates or resumes a store and writes it shard by shard."""
+LOCK_SUFFIX = ".lock"
 
-    def __init__(self, path: Path, layout: Layout, group: zarr.Group) -> None:
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file of a store: ``<store>.lock`` beside the store directory (e.g. ``s.zarr.lock``).
+
+    Beside, not inside: it exists before the store does, survives ``--overwrite`` deleting the store, and no
+    zarr reader ever sees it. The path is resolved, so two spellings of one store share one lock.
+    """
+    p = Path(path).resolve()
+    return p.with_name(p.name + LOCK_SUFFIX)
+
+
+class StoreLock:
+    """An exclusive lock on one store, held by one StoreWriter from ``open`` to ``close``.
+
+    The lock file is created atomically (``O_CREAT | O_EXCL``) and holds JSON ``{pid, host, started,
+    token}``. A lock left by a process that died (same host, pid gone) is reported as stale, not taken
+    over: a pid that looks dead may still be a live writer in another pid namespace (a container) or on
+    another machine sharing the file system, and a wrong takeover corrupts shards silently, while deleting a
+    stale lock costs one command.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.token: str | None = None
+
+    def acquire(self, store: Path) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": secrets.token_hex(8)}
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            raise MmkdError(self._held_message(store)) from None
+        except OSError as e:
+            raise MmkdError(f"cannot create the lock file {self.path} ({e.strerror}); choose an --out in a "
+                            "writable directory") from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
+        self.token = info["token"]
+
+    def release(self) -> None:
+        if self.token is None:
+            return
+        try:
+            held = _read_lock(self.path)
+            if held is not None and held.get("token") == self.token:
+                self.path.unlink()
+            else:
+                log.warning("lock %s is no longer this writer's (now %s); left in place", self.path, held)
+        except FileNotFoundError:
+            log.warning("lock %s was deleted while this writer held it", self.path)
+        self.token = None
+
+    def _held_message(self, store: Path) -> str:
+        info = _read_lock(self.path)
+        if info is None:  # created but not yet written, or damaged: look again once
+            time.sleep(0.2)
+            info = _read_lock(self.path)
+        if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
+            return (f"{store} is locked by {self.path}, which is unreadable; if no extraction of this store is "
+                    f"running, delete {self.path} and run again")
+        pid, host, started = info["pid"], info.get("host"), info.get("started", "?")
+        if host != socket.gethostname():
+            return (f"{store} is locked by pid {pid} on host {host} since {started} ({self.path}); if no "
+                    f"extraction of this store runs there, delete {self.path} and run again")
+        if not _pid_alive(pid):
+            return (f"stale lock {self.path} from pid {pid} (started {started}), which is no longer running; "
+                    "delete it to continue (finished shards are kept)")
+        me = ", this process: another StoreWriter of it is still open" if pid == os.getpid() else ""
+        return (f"{store} is being written by pid {pid} (since {started}{me}): lock {self.path}; wait for it to "
+                f"finish, or if pid {pid} is not writing this store, delete {self.path}")
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    """The lock's JSON; None when it is empty or unparseable. FileNotFoundError when it is gone."""
+    text = path.read_text()
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill there terminates; assume alive, which refuses rather than corrupts
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError):
+        return False
+    try:  # an exited child nobody has reaped yet still answers signal 0, but holds nothing
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _mmkd_attrs(path: Path) -> dict[str, Any] | None:
+    """The ``mmkd`` attribute of the zarr v3 group at ``path`` (read from its zarr.json), or None."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("node_type") != "group":
+        return None
+    attrs = (meta.get("attributes") or {}).get("mmkd")
+    return attrs if isinstance(attrs, dict) else None
+
+
+def _remove_store(path: Path) -> None:
+    """Delete the mmkd store at ``path`` and refuse anything else: its top-level zarr.json must carry the
+    ``mmkd`` attribute and every other top-level entry must be a zarr node (a directory with a zarr.json)."""
+    if path.is_symlink():
+        raise MmkdError(f"{path} is a symbolic link; --overwrite does not delete through links: pass the store's "
+                        f"own path {path.resolve()}")
+    if _mmkd_attrs(path) is None:
+        raise MmkdError(f"{path} is not an mmkd store (no zarr.json with an 'mmkd' attribute); --overwrite "
+                        "never deletes it: choose another --out")
+    foreign = sorted(e.name for e in path.iterdir() if e.name != "zarr.json"
+                     and not (e.is_dir() and not e.is_symlink() and (e / "zarr.json").is_file()))
+    if foreign:
+        raise MmkdError(f"{path} is an mmkd store but also holds {foreign[0]!r}, which is not part of a store; "
+                        "--overwrite will not delete it: move it out or choose another --out")
+    log.warning("--overwrite: deleting the store %s", path)
+    shutil.rmtree(path)
+
+
+def _where(name: str, pos: tuple[int, ...], lo: int, index: np.ndarray | None) -> str:
+    """'array 'tokens', sample 12 (dataset index 40), view 0, time step 3' for a position in a shard array."""
+    i = int(pos[0])
+    out = f"array {name!r}, sample {lo + i}"
+    if index is not None and len(index) > i and int(index[i]) != lo + i:
+        out += f" (dataset index {int(index[i])})"
+    if len(pos) > 1:
+        out += f", view {int(pos[1])}"
+    if name == "tokens" and len(pos) > 2:
+        out += f", time step {int(pos[2])}"
+    return out
+
+
+def _first(bad: np.ndarray) -> tuple[int, ...] | None:
+    flat = np.flatnonzero(bad)
+    return tuple(int(i) for i in np.unravel_index(flat[0], bad.shape)) if flat.size else None
+
+
+def _check_finite(name: str, x: np.ndarray, lo: int, index: np.ndarray | None) -> None:
+    pos = _first(~np.isfinite(x))
+    if pos is not None:
+        raise MmkdError(f"{_where(name, pos, lo, index)}: the teacher's target is {x[pos]}; a non-finite target is "
+                        "never stored — check the weights and --autocast (float16 compute can overflow)")
+
+
+def _check_storable(name: str, x: np.ndarray, enc: dict[str, np.ndarray], dtype: str, lo: int,
+                    index: np.ndarray | None) -> None:
+    """Refuse finite float32 targets that the storage dtype turns into inf (float16 above 65504, the float16
+    outliers of int8, bfloat16 near float32's maximum)."""
+    if dtype == "float16":
+        pos, value, what = _first(~np.isfinite(enc[name])), x, "float16"
+    elif dtype == "int8":  # int8 keeps each vector's largest channels as float16
+        val = enc[f"{name}_outlier_val"]
+        pos, what = _first(~np.isfinite(val)), "float16 (int8 keeps its outlier channels as float16)"
+        value = np.take_along_axis(x, enc[f"{name}_outlier_idx"].astype(np.int64), axis=-1)
+    elif dtype == "bfloat16":
+        pos, value, what = _first((enc[name] & 0x7F80) == 0x7F80), x, "bfloat16"
+    else:
+        return
+    if pos is not None:
+        hint = "--dtype float32" if dtype == "bfloat16" else "--dtype bfloat16 or --dtype float32"
+        raise MmkdError(f"{_where(name, pos, lo, index)}: value {float(value[pos]):.7g} is beyond the range of "
+                        f"{what} and would be stored as inf; use {hint}")
+
+
+class StoreWriter:
+    """Creates or resumes a store and writes it shard by shard, holding the store's lock (``lock_path``)
+    from ``open`` until ``close`` (``finish`` closes too; so does leaving a ``with`` block)."""
+
+    def __init__(self, path: Path, layout: Layout, group: zarr.Group, lock: StoreLock | None = None) -> None:
         self.path, self.layout, self.group = path, layout, group
+        self._lock = lock
+        missing = [name for name in (*layout.arrays(), "shards_done") if name not in group]
+        if missing:
+            raise MmkdError(f"{path} lacks the array {missing[0]!r} (its creation was interrupted or it was made "
+                            "by another version); pass --overwrite to start it afresh")
         self._arrays = {name: group[name] for name in layout.arrays()}
         self._done = group["shards_done"]
+        self.closed = False
 
     @classmethod
     def open(cls, path: str | Path, layout: Layout, config: dict[str, Any], versions: dict[str, str],
              overwrite: bool = False, extra: dict[str, Any] | None = None) -> StoreWriter:
-        """Create a new store, or resume one whose configuration equals ``config``.
+        """Lock the store, then create it, or resume it when its configuration equals ``config``.
 
         Args:
             path: Store directory.
             layout: Shapes and storage.
             config: Provenance fields in CONFIG_FIELDS except ``storage`` and ``format_version``.
             versions: Library versions, recorded.
-            overwrite: Replace an existing store whose configuration differs.
+            overwrite: Replace an existing mmkd store whose configuration differs. Only an mmkd store (a
+                zarr group whose zarr.json carries the ``mmkd`` attribute) is ever deleted; any other
+                existing path except an empty directory is refused, with or without it.
             extra: Further attributes recorded but not compared (e.g. where the source data was read).
+
+        Raises:
+            MmkdError: another writer holds the lock (or left a stale one), the path is not a store, or the
+                configuration differs without ``overwrite``.
         """
         path = Path(path)
+        lock = StoreLock(lock_path(path))
+        lock.acquire(path)
+        try:
+            return cls(path, layout, cls._open_group(path, layout, config, versions, overwrite, extra), lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @staticmethod
+    def _open_group(path: Path, layout: Layout, config: dict[str, Any], versions: dict[str, str],
+                    overwrite: bool, extra: dict[str, Any] | None) -> zarr.Group:
         full = {"format_version": FORMAT_VERSION, **config, "storage": layout.storage_attrs()}
+        if path.is_symlink() and not path.exists():
+            raise MmkdError(f"{path} is a symbolic link to nothing; choose another --out")
         if path.exists():
-            diff = None
-            try:
-                existing = zarr.open_group(str(path), mode="r").attrs.get("mmkd")
-            except Exception:  # noqa: BLE001 - anything unreadable is "not our store"
-                existing = None
+            if not path.is_dir():
+                raise MmkdError(f"{path} exists and is not a directory; mmkd will not replace it, even with "
+                                "--overwrite: choose another --out")
+            existing = _mmkd_attrs(path)
             if existing is None:
-                if not overwrite:
-                    raise MmkdError(f"{path} exists and is not an mmkd store; pass --overwrite to replace it")
+                if any(path.iterdir()):
+                    raise MmkdError(f"{path} exists and is not an mmkd store (no zarr.json with an 'mmkd' "
+                                    "attribute); mmkd never deletes it, even with --overwrite: choose another --out")
+                # an empty directory: nothing to lose, the store is created in it
             else:
                 stored = {k: existing.get(k) for k in CONFIG_FIELDS}
                 diff = config_diff(stored, full)
                 if diff is None and not overwrite:
                     log.info("resuming %s", path)
-                    return cls(path, layout, zarr.open_group(str(path), mode="r+"))
+                    return zarr.open_group(str(path), mode="r+")
                 if diff is not None and not overwrite:
                     raise MmkdError(
                         f"{path} holds a store with another configuration ({_describe_diff(stored, full, diff)}); "
                         "pass --overwrite to replace it or choose another --out"
                     )
-            shutil.rmtree(path)
-        group = zarr.open_group(str(path), mode="w")
+                _remove_store(path)
+        # the attribute comes first: a creation cut short still reads as ours, so --overwrite may replace it
+        attrs = {**full, **(extra or {}), "versions": versions, "complete": False}
+        group = zarr.open_group(str(path), mode="w", attributes={"mmkd": attrs})
         for name, (shape, dtype) in layout.arrays().items():
             chunks = (layout.chunk_size, *shape[1:])
             shards = (layout.shard_size, *shape[1:])
@@ -218,45 +438,79 @@ class StoreWriter:
                                compressors=_codecs(dtype), fill_value=0)
         group.create_array("shards_done", shape=(layout.num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
                            compressors=None)
-        group.attrs["mmkd"] = {**full, **(extra or {}), "versions": versions, "complete": False}
-        return cls(path, layout, group)
+        return group
 
     def done_shards(self) -> set[int]:
         return {int(i) for i in np.flatnonzero(self._done[:])}
 
     def write_shard(self, k: int, data: dict[str, np.ndarray]) -> None:
-        """Write shard k whole, then mark it done.
+        """Check shard k whole, write it, then mark it done. Nothing is written when a check fails.
 
         Args:
             k: Shard number.
             data: ``tokens`` (n, V, T, D) float32 (omitted for pooled-only stores), ``pooled`` (n, V, E)
                 float32, ``lengths``, ``index`` and, as the layout has them, ``input_ids``, ``view_params``.
+
+        Raises:
+            MmkdError: a target is NaN or inf, or its value does not fit the storage dtype (float16 above
+                65504 becomes inf); the message names the array, the sample and the value.
         """
+        if self.closed:
+            raise RuntimeError(f"StoreWriter of {self.path} is closed")
         lo, hi = self.layout.shard_range(k)
+        index = data.get("index")
+        targets = [name for name in ("tokens", "pooled") if name in self._arrays]
+        missing = [name for name in targets if name not in data]
+        if missing:
+            raise ValueError(f"shard {k}: no {missing[0]!r} array given")
+        x = {name: np.ascontiguousarray(data[name], dtype=np.float32) for name in targets}
+        for name in targets:
+            _check_finite(name, x[name], lo, index)
         enc = dict(data)
-        for name in ("tokens", "pooled"):
-            if name not in self._arrays:
-                continue
-            if self.layout.dtype == "int8":
-                x = enc.pop(name)
-                enc.update(quant.encode_int8(x, quant.outliers_for(x.shape[-1]), name))
-            else:
-                enc[name] = quant.encode_float(enc[name], self.layout.dtype)
-        for name, arr in self._arrays.items():
-            value = enc[name]
-            if value.shape[0] != hi - lo:
-                raise ValueError(f"shard {k}: {name} has {value.shape[0]} samples, expected {hi - lo}")
-            arr[lo:hi] = value.astype(arr.dtype, copy=False)
-        self._done[k] = 1
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below, naming the value
+            for name in targets:
+                if self.layout.dtype == "int8":
+                    del enc[name]
+                    enc.update(quant.encode_int8(x[name], quant.outliers_for(x[name].shape[-1]), name))
+                else:
+                    enc[name] = quant.encode_float(x[name], self.layout.dtype)
+        for name in targets:
+            _check_storable(name, x[name], enc, self.layout.dtype, lo, index)
+        for name in self._arrays:
+            if name not in enc:
+                raise ValueError(f"shard {k}: no {name!r} array given")
+            if enc[name].shape[0] != hi - lo:
+                raise ValueError(f"shard {k}: {name} has {enc[name].shape[0]} samples, expected {hi - lo}")
+        for name, arr in self._arrays.items():  # nothing of the shard was written before this point
+            arr[lo:hi] = enc[name].astype(arr.dtype, copy=False)
+        self._done[k] = 1  # only after every array of the shard is written
 
     def finish(self) -> bool:
-        """Mark the store complete when every shard is done; returns whether it is."""
-        complete = len(self.done_shards()) == self.layout.num_shards
-        attrs = dict(self.group.attrs["mmkd"])
-        if complete and not attrs.get("complete"):
-            attrs["complete"] = True
-            self.group.attrs["mmkd"] = attrs
-        return complete
+        """Mark the store complete when every shard is done, then close; returns whether it is complete."""
+        if self.closed:
+            raise RuntimeError(f"StoreWriter of {self.path} is closed")
+        try:
+            complete = len(self.done_shards()) == self.layout.num_shards
+            attrs = dict(self.group.attrs["mmkd"])
+            if complete and not attrs.get("complete"):
+                attrs["complete"] = True
+                self.group.attrs["mmkd"] = attrs
+            return complete
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the store's lock. Idempotent; the writer writes nothing more."""
+        self.closed = True
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class StoreReader:

@@ -79,14 +79,16 @@ def test_bfloat16_matches_torch():
 
 def test_resume_refuses_other_config(tmp_path):
     layout = Layout(num_samples=10, views=2, time_steps=6, dim=8, pooled_dim=5, chunk_size=2, shard_size=4)
-    w = StoreWriter.open(tmp_path / "s.zarr", layout, CONFIG, {})
-    w.write_shard(1, {k: v for k, v in fake_data(layout, 4, 8).items() if k != "input_ids"})
-    assert StoreWriter.open(tmp_path / "s.zarr", layout, CONFIG, {}).done_shards() == {1}
+    with StoreWriter.open(tmp_path / "s.zarr", layout, CONFIG, {}) as w:
+        w.write_shard(1, {k: v for k, v in fake_data(layout, 4, 8).items() if k != "input_ids"})
+    with StoreWriter.open(tmp_path / "s.zarr", layout, CONFIG, {}) as w:
+        assert w.done_shards() == {1}
     other = {**CONFIG, "recipe": {"layers": [1], "pool": "mean"}}
     with pytest.raises(MmkdError, match="recipe.layers"):
         StoreWriter.open(tmp_path / "s.zarr", layout, other, {})
     # --overwrite starts afresh
-    assert StoreWriter.open(tmp_path / "s.zarr", layout, other, {}, overwrite=True).done_shards() == set()
+    with StoreWriter.open(tmp_path / "s.zarr", layout, other, {}, overwrite=True) as w:
+        assert w.done_shards() == set()
 
 
 def test_refuses_foreign_directory(tmp_path):
@@ -126,3 +128,67 @@ def test_reader_pickles_without_open_group(tmp_path):
     len(r)
     r2 = pickle.loads(pickle.dumps(r))
     assert r2._group is None and len(r2) == 4
+
+
+# float32 unit roundoff: every float32 operation is exact up to a relative error of u
+U32 = np.finfo(np.float32).eps / 2
+
+
+def test_int8_error_within_the_quantiser_bound():
+    # encode stores q = rint(x / s * 127) for the non-outlier channels, s their absmax, so |127 x / s - q| <= 1/2
+    # and the rule's x' = q * s / 127 is within s / 254 of x. Float32 adds at most 2u relative on the way in
+    # (x / s, * 127: 2u * 127 in q units) and 2u on the way out (q * s, / 127):
+    # |x - x'| <= s/127 * (1/2 + 254u) + 2u * s  =  s/254 * (1 + 1016u).
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 96)).astype(np.float32)
+    x *= (10.0 ** rng.uniform(-3, 2, (400, 1))).astype(np.float32)  # far from 1 either way, float16-safe
+    x[:, 5] *= 50  # outlier channels, as transformer activations have
+    x[0] = 0.0  # a zero vector: scale 0
+    k = quant.outliers_for(96)
+    enc = quant.encode_int8(x, k)
+    y = quant.decode_int8(*(enc["tokens" + p] for p in quant.INT8_PARTS))
+    scale, idx = enc["tokens_scale"], enc["tokens_outlier_idx"].astype(np.int64)
+    outlier = np.zeros(x.shape, bool)
+    np.put_along_axis(outlier, idx, True, axis=-1)
+    err = np.where(outlier, 0, np.abs(x - y))
+    bound = scale[:, None] / 254 * (1 + 1016 * U32)
+    assert np.all(err <= bound), float((err / np.maximum(bound, 1e-30)).max())
+    assert (err / np.maximum(bound, 1e-30)).max() > 0.9  # the bound is tight: a looser one would hide a bug
+    np.testing.assert_array_equal(y[outlier], x[outlier].astype(np.float16).astype(np.float32))
+    assert not np.any(y[0])
+
+
+# scales where the rule's grouping (q * s) / 127 and the other grouping q * (s / 127) round differently
+RULE_SCALES = np.array([7.963242530822754, 1.9851304292678833, 9.27154541015625, 5.293121337890625], np.float32)
+
+
+def test_int8_decoding_is_literally_the_recorded_rule():
+    expr = "x = A * A_scale[..., None] / 127"
+    assert expr in quant.INT8_RULE and expr in quant.__doc__
+    layout = Layout(num_samples=2, views=1, time_steps=2, dim=4, pooled_dim=2, dtype="int8")
+    assert layout.storage_attrs()["dequantize"] == quant.INT8_RULE
+    f = np.float32
+    assert any(f(127) * s / f(127) != f(127) * (s / f(127)) for s in RULE_SCALES)  # the groupings can be told apart
+    codes = np.array([127, -127, 1, 64, -3, 0], np.int8)
+    q = np.tile(codes, (len(RULE_SCALES), 1))
+    idx = np.zeros((len(RULE_SCALES), 1), np.uint16)  # channel 0 is the outlier: its code is replaced
+    val = np.full((len(RULE_SCALES), 1), 0.5, np.float16)
+    got = quant.decode_int8(q, RULE_SCALES, idx, val)
+    want = np.array([[f(c) * s / f(127) for c in codes] for s in RULE_SCALES], np.float32)
+    want[:, 0] = 0.5
+    np.testing.assert_array_equal(got, want)
+    # q = 127 gives the scale back exactly for these scales (127 * s is exact in float32 for s with few bits)
+    for s in (1.0, 0.75, 2.5, 1 / 64, RULE_SCALES[0], RULE_SCALES[1]):
+        out = quant.decode_int8(np.array([[0, 127]], np.int8), np.array([s], np.float32),
+                                np.zeros((1, 1), np.uint16), np.zeros((1, 1), np.float16))
+        assert out[0, 1] == np.float32(s)
+
+
+def test_versions_record_the_libraries_that_decide_inputs():
+    from importlib import metadata
+
+    from mmkd_core.versions import library_versions
+
+    v = library_versions()
+    for name in ("tokenizers", "safetensors", "huggingface_hub", "torchvision", "transformers", "torch", "zarr"):
+        assert v[name] == metadata.version(name), name
