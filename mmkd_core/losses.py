@@ -24,7 +24,12 @@ def _f32(*xs: Tensor) -> list[Tensor]:
 
 
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
-    return per_sample.mean() if reduction == "mean" else per_sample
+    if reduction == "none":
+        return per_sample
+    if reduction != "mean":
+        raise MmkdError(f"reduction {reduction!r}: choose 'mean' or 'none'")
+    # nothing to average (an all-padding batch): 0, still in the graph, like token_mse
+    return per_sample.mean() if per_sample.numel() else per_sample.sum()
 
 
 def token_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
@@ -83,13 +88,17 @@ def contrastive_kd(
     """InfoNCE: each student embedding must pick its own teacher target among the candidates.
 
     Candidates are the batch's teacher targets followed by the bank's; logits are cosine / ``temperature``.
-    The bank is meant for targets of *earlier* batches: copies of this batch's targets would be negatives.
+    Candidates identical to a sample's positive (the target of a repeated caption elsewhere in the batch,
+    or a copy of it in the bank; equality as in ``identical_targets``) are left out of that sample's
+    softmax: they are the same target, not negatives. Keeping them, as negatives or as soft positives
+    (the same loss and gradient, since their logits equal the positive's), leaves a floor of ln(copies) and
+    weakens the pull toward the target. The symmetric direction leaves out the students of the same target.
 
     Args:
         student: (B, E) student embeddings.
         teacher: (B, E) teacher targets of the same samples, or None to use the bank alone.
         temperature: Softmax temperature τ.
-        bank: Optional (M, E) extra teacher targets.
+        bank: Optional (M, E) extra teacher targets, e.g. of other samples (``batch["bank"]``).
         positives: (B,) index of each sample's positive among the candidates; default ``arange(B)``.
             Required when ``teacher`` is None (the bank then holds the positives).
         symmetric: Also let each teacher target pick its student among the batch (needs ``teacher``) and
@@ -103,31 +112,40 @@ def contrastive_kd(
         raise MmkdError("contrastive_kd: without batch teacher targets, pass positives (indices into the bank)")
     cand = F.normalize(torch.cat(parts), dim=-1)
     s = F.normalize(s, dim=-1)
-    if positives is not None:
-        labels = positives.to(s.device).long()
-    else:  # identical batch targets are all positives; the bank holds negatives only
-        labels = F.pad(same_target(teacher), (0, len(cand) - len(teacher)))
-    loss = F.cross_entropy(s @ cand.T / temperature, labels)
+    rows = torch.arange(len(s), device=s.device)
+    labels = rows if positives is None else positives.to(s.device).long()
+    copies = identical_targets(cand[labels], cand)
+    copies[rows, labels] = False
+    loss = F.cross_entropy((s @ cand.T / temperature).masked_fill(copies, float("-inf")), labels)
     if symmetric:
         if teacher is None:
             raise MmkdError("contrastive_kd: symmetric=True needs the batch's teacher targets")
         t = cand[: len(teacher)]
-        loss = 0.5 * (loss + F.cross_entropy(t @ s.T / temperature, same_target(teacher)))
+        twins = identical_targets(t, t)  # the students of a repeated caption: not negatives of its target
+        twins.fill_diagonal_(False)
+        loss = 0.5 * (loss + F.cross_entropy((t @ s.T / temperature).masked_fill(twins, float("-inf")), rows))
     return loss
+
+
+def identical_targets(a: Tensor, b: Tensor) -> Tensor:
+    """(len(a), len(b)) bool: True where row i of ``a`` and row j of ``b`` are the same target.
+
+    Float targets are equal when their cosine is 1 (within 1e-6: the same caption extracted in two batches
+    differs by rounding only); integer keys (token ids of captions) when every element is.
+    """
+    if not a.is_floating_point():
+        return (a[:, None, :] == b[None, :, :]).all(-1)
+    a, b = (F.normalize(x.detach().to(torch.float32), dim=-1) for x in (a, b))
+    return a @ b.T > 1 - 1e-6
 
 
 def same_target(targets: Tensor) -> Tensor:
     """(B, B) soft labels: row i spreads its mass evenly over the samples whose target equals target i.
 
     Batches of label captions or repeated sentences hold identical targets; counting those as negatives
-    would push apart samples that the teacher says are the same. Float targets are equal when their cosine
-    is 1; integer keys (token ids of captions) when every element is.
+    would push apart samples that the teacher says are the same. Equality as in ``identical_targets``.
     """
-    if not targets.is_floating_point():
-        same = (targets[:, None, :] == targets[None, :, :]).all(-1).to(torch.float32)
-        return same / same.sum(-1, keepdim=True)
-    t = F.normalize(targets.detach().to(torch.float32), dim=-1)
-    same = (t @ t.T > 1 - 1e-6).to(torch.float32)
+    same = identical_targets(targets, targets).to(torch.float32)
     same.fill_diagonal_(1.0)
     return same / same.sum(-1, keepdim=True)
 
@@ -158,8 +176,9 @@ def triplet(anchor: Tensor, positive: Tensor, negative: Tensor | None = None, ma
     Args:
         anchor: (B, E).
         positive: (B, E), row i is anchor i's positive.
-        negative: (B, E), or None for the hardest in-batch negative: the closest *other* row of
-            ``positive`` (as VSE++).
+        negative: (B, E), or None for the hardest in-batch negative: the closest row of ``positive`` whose
+            target differs from row i's (as VSE++; rows identical to row i, as in ``identical_targets``,
+            are the same target, not negatives). An anchor without any such row contributes 0.
         margin: Required gap between the negative and the positive distance.
     """
     a, p = (F.normalize(x, dim=-1) for x in _f32(anchor, positive))
@@ -167,10 +186,13 @@ def triplet(anchor: Tensor, positive: Tensor, negative: Tensor | None = None, ma
     if negative is None:
         if len(a) < 2:
             raise MmkdError("triplet: hardest in-batch negatives need a batch of at least 2")
-        sim = (a @ p.T).masked_fill(torch.eye(len(a), dtype=torch.bool, device=a.device), float("-inf"))
-        d_neg = 1.0 - sim.max(dim=1).values
-    else:
-        d_neg = 1.0 - (a * F.normalize(negative.float(), dim=-1)).sum(-1)
+        same = identical_targets(p, p)
+        same.fill_diagonal_(True)
+        best = (a @ p.T).masked_fill(same, float("-inf")).max(dim=1).values
+        has_negative = torch.isfinite(best)
+        hinge = F.relu(d_pos - (1.0 - best.masked_fill(~has_negative, 0.0)) + margin)
+        return torch.where(has_negative, hinge, torch.zeros_like(hinge)).mean()
+    d_neg = 1.0 - (a * F.normalize(negative.float(), dim=-1)).sum(-1)
     return F.relu(d_pos - d_neg + margin).mean()
 
 
@@ -265,7 +287,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "itc_temperature": 0.07,  # itc, when the batch has no learnable logit_scale
     "symmetric": False,  # contrastive_kd
     "margin": 0.2,  # triplet
-    "cos_weight": 1.0,  # mse_cosine
+    "cos_weight": 1.0,  # mse_cosine, and msd with msd_base=mse_cosine
     "msd_mode": "sample",
     "msd_fixed": None,
     "msd_base": "pooled_mse",
@@ -300,7 +322,10 @@ def _msd_term(b: Mapping[str, Any], o: Mapping[str, Any]) -> Tensor:
     if weights is None:
         t_full, t_without = _get(b, "msd", "pooled_target", "teacher_without")
         weights = msd_weights(msd_saliency(t_full, t_without), o["msd_mode"], o["msd_fixed"])
-    return msd_loss(pooled, teacher, weights, o["msd_base"])
+    base = o["msd_base"]
+    if base == "mse_cosine":  # the same cos_weight as the mse_cosine term
+        base = lambda p, t, reduction: mse_cosine(p, t, cos_weight=o["cos_weight"], reduction=reduction)  # noqa: E731
+    return msd_loss(pooled, teacher, weights, base)
 
 
 def _pooled(name: str, fn: Callable[[Tensor, Tensor, Mapping[str, Any], Mapping[str, Any]], Tensor]) -> Callable:

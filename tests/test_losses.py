@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmkd_core.errors import MmkdError
 from mmkd_core.losses import (
@@ -9,6 +10,7 @@ from mmkd_core.losses import (
     build_loss,
     cls_mse,
     contrastive_kd,
+    identical_targets,
     itc,
     msd_loss,
     msd_saliency,
@@ -17,6 +19,7 @@ from mmkd_core.losses import (
     parse_loss_spec,
     pooled_cosine,
     pooled_mse,
+    same_target,
     token_mse,
     triplet,
 )
@@ -71,6 +74,16 @@ def test_pooled_mse_and_cosine_known_values():
     assert pooled_cosine(a, 5 * a, reduction="none").tolist() == pytest.approx([0.0, 0.0])
 
 
+def test_mse_cosine_all_padding_is_zero_and_differentiable():
+    pred = torch.randn(2, 3, 4, requires_grad=True)
+    loss = mse_cosine(pred, torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool))
+    loss.backward()  # the mean over no valid step was NaN
+    assert loss.item() == 0.0 and torch.all(pred.grad == 0)
+    assert mse_cosine(pred, pred.detach(), torch.zeros(2, 3), reduction="none").shape == (0,)
+    with pytest.raises(MmkdError, match="reduction 'sum'"):
+        pooled_mse(pred[:, 0], pred[:, 0], reduction="sum")  # was silently the per-sample vector
+
+
 def test_mse_cosine_pooled_and_masked():
     target, mask = padded_batch()
     # pred = 2·target: cosine term is 0, MSE term is mean(target²)
@@ -90,12 +103,25 @@ def test_mse_cosine_pooled_and_masked():
 def test_contrastive_kd_known_answers():
     e = eye(4)
     assert contrastive_kd(e, e.clone(), temperature=0.01).item() < 1e-6
-    same = torch.ones(5, 3)
-    assert contrastive_kd(same, same, temperature=0.05).item() == pytest.approx(math.log(5), abs=1e-5)
-    assert contrastive_kd(same, same, bank=torch.ones(3, 3)).item() == pytest.approx(math.log(8), abs=1e-5)
-    assert contrastive_kd(same, same, symmetric=True).item() == pytest.approx(math.log(5), abs=1e-5)
+    # a collapsed student (cos 1/2 to every target) faces B equally likely candidates: ln B, ln(B + M) with a bank
+    collapsed = torch.ones(4, 6)
+    targets = eye(6)
+    assert contrastive_kd(collapsed, targets[:4]).item() == pytest.approx(math.log(4), abs=1e-5)
+    assert contrastive_kd(collapsed, targets[:4], bank=targets[4:]).item() == pytest.approx(math.log(6), abs=1e-5)
+    # symmetric: each target also picks among 4 identical students (ln 4); the bank is not in that direction
+    both = contrastive_kd(collapsed, targets[:4], bank=targets[4:], symmetric=True).item()
+    assert both == pytest.approx(0.5 * (math.log(6) + math.log(4)), abs=1e-5)
     # two samples, τ = 1: −log(e / (e + 1))
     assert contrastive_kd(e[:2], e[:2], temperature=1.0).item() == pytest.approx(math.log(1 + math.exp(-1)), 1e-5)
+
+
+def test_contrastive_kd_one_target_for_all_leaves_nothing_to_contrast():
+    same = torch.ones(5, 3)
+    # every candidate is the sample's own target: none is a negative (the old rule gave ln 5, ln 8 with the bank)
+    assert contrastive_kd(same, same).item() == 0.0
+    assert contrastive_kd(same, same, bank=torch.ones(3, 3)).item() == 0.0
+    # nor, in the other direction, are the students of that one target
+    assert contrastive_kd(same, same, symmetric=True).item() == 0.0
 
 
 def test_contrastive_kd_bank_only_with_positives():
@@ -143,6 +169,27 @@ def test_triplet_hardest_in_batch_negative():
         triplet(anchor[:1], positive[:1])
 
 
+def test_triplet_identical_targets_are_not_negatives():
+    targets = eye(3)[[0, 1, 0]]  # samples 0 and 2 share their target
+    perfect = targets.clone().requires_grad_(True)
+    loss = triplet(perfect, targets, margin=0.2)
+    # the old rule took the twin as the hardest negative: d_neg = 0, hinge 0.2 for anchors 0 and 2 → 0.4 / 3
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.all(perfect.grad == 0)
+    # not perfect: anchor 2 sits at cos 0.8 to its target and 0.6 to e1 (row 1, a true negative):
+    # 0.2 − 0.4 + 0.5 = 0.3; anchors 0, 1, 3 are 1 from every negative. The twin rule gives (0.5 + 0.5) / 4.
+    positive = eye(3)[[0, 1, 0, 2]]
+    anchor = positive.clone()
+    anchor[2] = torch.tensor([0.8, 0.6, 0.0])
+    assert triplet(anchor, positive, margin=0.5).item() == pytest.approx(0.3 / 4, abs=1e-6)
+    # no negative at all (one target for the whole batch): 0, and a finite gradient
+    x = torch.randn(3, 4, requires_grad=True)
+    lone = triplet(x, torch.ones(3, 4), margin=0.2)
+    lone.backward()
+    assert lone.item() == 0.0 and torch.isfinite(x.grad).all()
+
+
 # ---- MSD --------------------------------------------------------------------------------------------
 
 
@@ -186,6 +233,18 @@ def test_msd_loss_is_weighted_per_sample():
         msd_loss(s, t, w, base="kl")
     with pytest.raises(MmkdError, match="same modalities"):
         msd_loss(s, {"image": t["image"]}, w)
+
+
+def test_msd_term_uses_cos_weight_for_mse_cosine_base():
+    g = torch.Generator().manual_seed(5)
+    s = {m: torch.randn(3, 4, generator=g) for m in ("image", "text")}
+    t = {m: torch.randn(3, 4, generator=g) for m in ("image", "text")}
+    w = {"image": torch.full((3,), 0.25), "text": torch.full((3,), 0.75)}
+    batch = {"pooled": s, "teacher_by_modality": t, "msd_weights": w}
+    _, v = build_loss("msd", msd_base="mse_cosine", cos_weight=0.5)(batch)
+    want = sum(w[m] * (pooled_mse(s[m], t[m], "none") + 0.5 * pooled_cosine(s[m], t[m], "none")) for m in s)
+    assert v["msd"] == pytest.approx(want.mean().item(), rel=1e-6)  # cos_weight 1 gives another value
+    assert abs(msd_loss(s, t, w, "mse_cosine").item() - v["msd"]) > 0.05
 
 
 # ---- gradients --------------------------------------------------------------------------------------
@@ -300,19 +359,110 @@ def test_itc_term_needs_both_towers():
 
 
 def test_identical_targets_are_positives_not_negatives():
-    from mmkd_core.losses import contrastive_kd, itc, same_target
-
     t = torch.eye(4)[[0, 1, 0, 2]] * 3.0  # samples 0 and 2 share their target (one caption, two images)
     labels = same_target(t)
-    torch.testing.assert_close(labels.sum(-1), torch.ones(4))
-    assert labels[0, 2] == labels[0, 0] == 0.5 and labels[1, 1] == 1.0
-    # a student that reproduces the targets: only the shared pair's ambiguity (ln 2) is left, at small tau
-    loss = contrastive_kd(t, t, temperature=0.01)
-    assert abs(float(loss) - 0.5 * float(torch.log(torch.tensor(2.0)))) < 1e-3
-    assert abs(float(itc(t, t, temperature=0.01, targets=t)) - 0.5 * float(torch.log(torch.tensor(2.0)))) < 1e-3
-    # hard labels would make candidate 2 a negative of sample 0: its target then carries all the mass on 0
-    hard = contrastive_kd(t, t, temperature=0.01, positives=torch.arange(4))
-    torch.testing.assert_close(hard, loss)  # same value at the tie, but the soft labels are what it is compared to
-    assert labels[0].tolist() == [0.5, 0.0, 0.5, 0.0]
+    assert labels.tolist() == [[0.5, 0, 0.5, 0], [0, 1, 0, 0], [0.5, 0, 0.5, 0], [0, 0, 0, 1]]
     ids = torch.tensor([[101, 7, 102], [101, 8, 102], [101, 7, 102], [101, 9, 0]])  # captions as token ids
     torch.testing.assert_close(same_target(ids), labels)
+    # a student that reproduces the targets: the twin is no negative, so nothing is left at small τ (the old
+    # rule, twin in the softmax, left ln 2 for samples 0 and 2: 0.347)
+    assert contrastive_kd(t, t, temperature=0.01).item() < 1e-6
+    # τ = 1: sample 0 picks e0 among {e0, e1, e2} without its twin, samples 1 and 3 among all four
+    want = (2 * (math.log(math.e + 2) - 1) + 2 * (math.log(math.e + 3) - 1)) / 4  # twin kept: ln(2e + 2) − 1
+    assert contrastive_kd(t, t, temperature=1.0).item() == pytest.approx(want, abs=1e-6)
+    # the other direction: target 0 picks student 0 without student 2 (and target 2 student 2): 0 as well
+    assert contrastive_kd(t, t, temperature=0.01, symmetric=True).item() < 1e-6
+    # twins' students that differ (τ = 1): each direction leaves the twin out of row 0's and row 2's softmax
+    g = torch.Generator().manual_seed(2)
+    student = t + torch.randn(4, 4, generator=g)
+    twin = {0: 2, 2: 0}
+
+    def without_twins(logits):
+        return torch.stack([torch.logsumexp(logits[i, [j for j in range(4) if j != twin.get(i)]], 0) - logits[i, i]
+                            for i in range(4)]).mean()
+
+    logits = F.normalize(student.double(), dim=-1) @ F.normalize(t.double(), dim=-1).T
+    want = 0.5 * (without_twins(logits) + without_twins(logits.T))
+    got = contrastive_kd(student, t, temperature=1.0, symmetric=True)
+    assert got.item() == pytest.approx(want.item(), abs=1e-5)
+    # twins kept in the other direction, as negatives or sharing the label (the same sum): another value
+    kept = 0.5 * (without_twins(logits) + F.cross_entropy(logits.T, torch.arange(4)))
+    assert abs(kept.item() - got.item()) > 0.05
+    # itc with the targets as caption keys and towers that agree: ln 2 for the two pairs of the shared caption
+    assert itc(t, t, temperature=0.01, targets=t).item() == pytest.approx(0.5 * math.log(2), abs=1e-5)
+
+
+def test_identical_targets_within_the_promised_cosine():
+    g = torch.Generator().manual_seed(1)
+    x = F.normalize(torch.randn(64, dtype=torch.float64, generator=g), dim=0)
+    u = torch.randn(64, dtype=torch.float64, generator=g)
+    u = F.normalize(u - (u @ x) * x, dim=0)  # orthogonal to x
+
+    def at(one_minus_cos):  # a vector whose cosine to x is exactly 1 − one_minus_cos
+        c = 1 - one_minus_cos
+        return 3 * (c * x + math.sqrt(1 - c * c) * u)
+
+    # float32 rounding of a cosine is ~1e-7, far from both sides of the 1e-6 bound
+    others = torch.stack([at(0.0), at(4e-7), at(4e-6), at(0.5)]).float()
+    assert identical_targets(x[None].float(), others).tolist() == [[True, True, False, False]]
+    ids = torch.tensor([[1, 2, 0], [1, 2, 3]])
+    assert identical_targets(ids, torch.tensor([[1, 2, 0], [1, 2, 3], [1, 2, 4]])).tolist() == [
+        [True, False, False], [False, True, False]]
+
+
+def test_contrastive_kd_bank_copies_of_batch_targets_are_not_negatives():
+    g = torch.Generator().manual_seed(0)
+    targets, others = torch.randn(3, 64, generator=g), torch.randn(2, 64, generator=g)
+    # the bank holds other samples' targets and two of a repeated caption whose target is sample 1's (one
+    # scaled, one rounded through float16 as a store keeps it)
+    bank = torch.cat([2 * targets[1:2], others, targets[1:2].half().float()])
+    # τ = 1, student = targets; the copies are negatives of samples 0 and 2 (another target), not of sample 1
+    loss = contrastive_kd(targets, targets, temperature=1.0, bank=bank)
+    s = F.normalize(targets, dim=-1)
+    cand = F.normalize(torch.cat([targets, bank]), dim=-1)
+    logits = s @ cand.T
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    keep[1, [3, 6]] = False  # the copies, dropped for sample 1 only
+    want = torch.stack([torch.logsumexp(logits[i][keep[i]], 0) - logits[i, i] for i in range(3)]).mean()
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6)
+    wrong = F.cross_entropy(logits, torch.arange(3))  # copies as negatives (or as soft positives: the same)
+    assert wrong.item() - loss.item() > 0.15
+    # the perfect student at small τ: 0; copies as negatives leave ln 3 for sample 1 (0.37 over the batch)
+    assert contrastive_kd(targets, targets, temperature=0.01, bank=bank).item() < 1e-6
+    # bank alone: copies of the designated positive are dropped the same way
+    pos = torch.tensor([0])
+    alone = contrastive_kd(bank[pos], None, temperature=1.0, bank=bank, positives=pos)
+    assert alone.item() == pytest.approx(
+        contrastive_kd(bank[pos], None, temperature=1.0, bank=bank[:3], positives=pos).item(), abs=1e-6)
+    kept = F.cross_entropy(F.normalize(bank[pos], dim=-1) @ F.normalize(bank, dim=-1).T, pos)  # copy as negative
+    assert kept.item() - alone.item() > 0.3
+    # the training loop hands the bank to the registered term
+    batch = {"pooled": targets, "pooled_target": targets, "bank": bank}
+    _, values = build_loss("contrastive_kd", temperature=1.0)(batch)
+    assert values["contrastive_kd"] == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_itc_repeated_captions_are_matches_with_distinct_embeddings():
+    # pairs 0 and 1 share a caption; the towers disagree (img 0 = txt 1, img 1 = txt 0), τ = 1:
+    # logits [[0, 1, 0], [1, 0, 0], [0, 0, 1]], labels [[½, ½, 0], [½, ½, 0], [0, 0, 1]] in both directions
+    img, txt = eye(3), eye(3)[[1, 0, 2]]
+    ids = torch.tensor([[101, 7, 102, 0], [101, 7, 102, 0], [101, 9, 102, 0]])
+    want = math.log(math.e + 2) - 2 / 3  # one-hot labels: ln(e + 2) − 1/3
+    assert itc(img, txt, temperature=1.0, targets=ids).item() == pytest.approx(want, abs=1e-6)
+    assert itc(img, txt, temperature=1.0).item() == pytest.approx(math.log(math.e + 2) - 1 / 3, abs=1e-6)
+    # random towers, a caption repeated three times (rows 0, 2, 5) and one twice (1, 4): float64 reference
+    g = torch.Generator().manual_seed(4)
+    img, txt = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    keys = [0, 1, 0, 2, 1, 0]
+    ids = torch.tensor([[101, 10 + k, 102] for k in keys])
+    logits = (F.normalize(img.double(), dim=-1) @ F.normalize(txt.double(), dim=-1).T) / 0.1
+    same = torch.tensor([[float(a == b) for b in keys] for a in keys], dtype=torch.float64)
+    y = same / same.sum(1, keepdim=True)
+    ref = 0.5 * (-(y * logits.log_softmax(1)).sum(1).mean() - (y * logits.T.log_softmax(1)).sum(1).mean())
+    got = itc(img, txt, temperature=0.1, targets=ids)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert abs(itc(img, txt, temperature=0.1).item() - ref.item()) > 0.1  # the one-hot rule differs
+    # the registered term reads the caption ids from the batch
+    batch = {"pooled": {"image": img, "text": txt}, "caption_ids": ids}
+    _, values = build_loss("itc", itc_temperature=0.1)(batch)
+    assert values["itc"] == pytest.approx(ref.item(), rel=1e-5)
