@@ -4,7 +4,8 @@ and only ``plot_bias`` writes one.
 
 Ranking rule used throughout: a query's rank is the number of *incorrect* gallery items whose cosine
 similarity is at least that of its best correct item, so ties count against the query. A collapsed model
-that maps everything to one vector therefore scores 0, not 1.
+that maps everything to one vector therefore scores 0, not 1; NaN similarities count against the query
+too, so a diverged model (NaN embeddings) scores 0 as well.
 """
 
 from __future__ import annotations
@@ -92,10 +93,13 @@ def recall_at_k(
         rows = slice(start, start + block)
         sim = q[rows] @ g.T
         idx, valid = _positive_index(positives, rows, len(g))
-        pos_sim = sim.gather(1, idx).masked_fill(~valid, float("-inf"))
+        # a NaN similarity (a diverged model's embedding) is a miss: never the best correct item, always ahead
+        pos_sim = sim.gather(1, idx).nan_to_num(nan=float("-inf")).masked_fill(~valid, float("-inf"))
         best = pos_sim.max(dim=1, keepdim=True).values
-        # items at least as similar as the best correct one, minus the correct ones among them
-        ranks.append((sim >= best).sum(dim=1) - (pos_sim >= best).sum(dim=1))
+        correct = torch.zeros_like(sim, dtype=torch.bool)
+        correct[torch.arange(len(idx))[:, None].expand_as(idx)[valid], idx[valid]] = True
+        # incorrect items at least as similar as the best correct one
+        ranks.append((((sim >= best) | sim.isnan()) & ~correct).sum(dim=1))
     rank = torch.cat(ranks)
     return {k: float((rank < k).float().mean()) for k in ks}
 

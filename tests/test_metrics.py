@@ -62,6 +62,30 @@ def test_ties_count_against_the_query():
     assert recall_at_k(collapsed, collapsed, np.arange(20), ks=(1, 5)) == {1: 0.0, 5: 0.0}
 
 
+def test_padding_of_positive_lists_is_not_a_correct_item():
+    query = unit([1.0, 0, 0], [0, 1.0, 0])
+    gallery = unit([0.3, 0.9, 0], [1.0, 0, 0], [0, 0.5, 0.5])  # query 1: item 0 (wrong) 0.95, item 2 (right) 0.71
+    pos = [{0, 1}, {2}]  # query 1's list is padded to width 2 with index 0
+    assert recall_at_k(query, gallery, pos, ks=(1, 2)) == {1: 0.5, 2: 1.0}
+    matrix = np.array([[True, True, False], [False, False, True]])
+    assert recall_at_k(query, gallery, matrix, ks=(1, 2)) == {1: 0.5, 2: 1.0}
+
+
+def test_nan_embeddings_are_misses():
+    g = randn(6, 8, seed=3)
+    q = g.clone()
+    q[2] = float("nan")  # one diverged query: a miss (it was a hit)
+    assert recall_at_k(q, g, np.arange(6), ks=(1, 5)) == {1: pytest.approx(5 / 6), 5: pytest.approx(5 / 6)}
+    # a diverged model scores 0, like a collapsed one (it scored 1)
+    nan = torch.full((6, 8), float("nan"))
+    assert recall_at_k(nan, nan, np.arange(6), ks=(1, 5)) == {1: 0.0, 5: 0.0}
+    # a NaN gallery item is ahead of every query's answer, and no answer for its own query
+    bad = g.clone()
+    bad[4] = float("inf")  # normalises to NaN
+    r = recall_at_k(g, bad, np.arange(6), ks=(1, 2, 5, 6))
+    assert r == {1: 0.0, 2: pytest.approx(5 / 6), 5: pytest.approx(5 / 6), 6: 1.0}
+
+
 def test_query_without_a_correct_item_is_an_error():
     with pytest.raises(MmkdError, match="query 1 has no correct gallery item"):
         recall_at_k(randn(2, 4), randn(3, 4), [{0}, set()])
@@ -203,6 +227,21 @@ def test_bias_probe_detects_lean_and_compares(tmp_path):
     path = plot_bias(teacher, neutral, str(tmp_path / "bias.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_bias_known_correlation_and_strengths():
+    def table(diffs):
+        return {p: {"male": 0.0, "female": 0.0, "diff": d} for p, d in diffs.items()}
+
+    teacher = table({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0, "only_teacher": 100.0})
+    # deviations (−1.5, −0.5, 0.5, 1.5) and (1.5, −0.5, 0.5, −1.5)/2: r = −(2.25 − 0.25 − 0.25 + 2.25) / 5 = −0.8
+    student = table({"a": -0.5, "b": -1.5, "c": -1.0, "d": -2.0})
+    out = compare_bias(teacher, student)
+    assert out["diff_correlation"] == pytest.approx(-0.8)
+    assert out["mean_abs_diff_teacher"] == pytest.approx(2.5)  # over the shared professions only
+    assert out["mean_abs_diff_student"] == pytest.approx(1.25)
+    flat = compare_bias(teacher, table({"a": 0.3, "b": 0.3, "c": 0.3, "d": 0.3}))
+    assert np.isnan(flat["diff_correlation"]) and flat["mean_abs_diff_student"] == pytest.approx(0.3)
 
 
 def test_bias_probe_custom_groups_and_errors():
