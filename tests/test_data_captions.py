@@ -28,7 +28,18 @@ def test_tsv(tmp_path):
     assert ds.image(2).getpixel((0, 0)) == (0, 0, 0) and ds.image(1).getpixel((0, 0)) == (40, 0, 0)
     assert pickle.loads(pickle.dumps(ds)).text(1) == "a black thing"
     fp = ds.fingerprint()
-    _images(tmp_path, "img/b.png", "img/a.png")  # swap the pixels, same names
+    # moved with its images: the same content
+    (tmp_path / "moved").mkdir()
+    for name in ("img", "caps.tsv"):
+        (tmp_path / name).rename(tmp_path / "moved" / name)
+    f = tmp_path / "moved" / "caps.tsv"
+    assert create_dataset("captions", str(f)).fingerprint() == fp
+    text = f.read_text()
+    f.write_text(text.replace("red again", "red agaiN"))  # one byte of one caption
+    assert create_dataset("captions", str(f)).fingerprint() != fp
+    f.write_text(text)
+    assert create_dataset("captions", str(f)).fingerprint() == fp
+    _images(tmp_path / "moved", "img/b.png", "img/a.png")  # swap the pixels, same names
     assert create_dataset("captions", str(f)).fingerprint() != fp
 
 

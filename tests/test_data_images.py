@@ -42,11 +42,28 @@ def test_imagefolder(tmp_path):
     assert len(create_dataset("imagefolder", str(root / "train"), split="val")) == 4
 
 
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
 def test_imagefolder_fingerprint(tmp_path):
-    root = _folder(tmp_path)
+    root = _folder(tmp_path / "here")
     fp = create_dataset("imagefolder", str(root)).fingerprint()
+    # unrelated to the content: where the folder lives, a file that is not an image
+    root = root.rename(tmp_path / "moved")
     assert create_dataset("imagefolder", str(root)).fingerprint() == fp
-    Image.new("RGB", (8, 6), (250, 0, 0)).save(root / "train" / "n01" / "a.png")  # same size, new bytes
+    (root / "train" / "n02" / "notes.txt").write_text("edited notes")
+    assert create_dataset("imagefolder", str(root)).fingerprint() == fp
+    # the content: one byte of one image, then one image fewer
+    image = root / "train" / "n01" / "a.png"
+    original = image.read_bytes()
+    _flip_last_byte(image)
+    assert create_dataset("imagefolder", str(root)).fingerprint() != fp
+    image.write_bytes(original)
+    assert create_dataset("imagefolder", str(root)).fingerprint() == fp
+    (root / "train" / "n02" / "b1.JPEG").unlink()
     assert create_dataset("imagefolder", str(root)).fingerprint() != fp
 
 
@@ -104,8 +121,13 @@ def test_cifar10(tmp_path):
     clone = pickle.loads(pickle.dumps(train))
     assert clone._images is None and clone.image(4).tobytes() == img.tobytes()
     fp = train.fingerprint()
-    _cifar_batch(d / "data_batch_5", 3, b"labels", 10, 99)
-    assert create_dataset("cifar10", str(tmp_path)).fingerprint() != fp
+    moved = d.rename(tmp_path / "elsewhere")
+    assert create_dataset("cifar10", str(moved)).fingerprint() == fp  # where it lives is not content
+    (moved / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))  # the same content rewritten
+    assert create_dataset("cifar10", str(moved)).fingerprint() == fp
+    batch[b"data"][1, 0] ^= 1  # one byte of one image
+    (moved / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
+    assert create_dataset("cifar10", str(moved)).fingerprint() != fp
 
 
 def test_cifar100(tmp_path):
@@ -175,7 +197,9 @@ def test_mnist(tmp_path, gz):
     assert clone._images is None and clone.image(2).tobytes() == img.tobytes()
     fp = ds.fingerprint()
     ext = ".gz" if gz else ""
-    _idx(root / f"train-labels-idx1-ubyte{ext}", np.array([1, 1, 1, 1, 1]))
+    root = root.rename(tmp_path / "moved")
+    assert create_dataset("mnist", str(root)).fingerprint() == fp  # where it lives is not content
+    _idx(root / f"train-labels-idx1-ubyte{ext}", np.array([0, 1, 2, 3, 5]))  # one label of one sample
     assert create_dataset("mnist", str(root)).fingerprint() != fp
 
 

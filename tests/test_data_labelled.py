@@ -2,9 +2,11 @@
 
 import json
 import pickle
+from pathlib import Path
 
+import numpy as np
 import pytest
-from test_data_images import _mnist
+from test_data_images import _idx, _mnist
 
 from data import create_dataset
 from data.idx import FASHION_DEBIAN_DIR
@@ -49,6 +51,11 @@ def test_fingerprint_and_rebuild(root):
     json.dumps(d)
     rebuilt = create_dataset(d["name"], root, d["split"], **d["options"])
     assert rebuilt.fingerprint() == fp and rebuilt.text(0) == ds.text(0)
+    # the base's content is part of it: moved, the same; one label of one base sample changed, another
+    moved = Path(root).rename(Path(root).with_name("moved"))
+    assert create_dataset("labelled-captions", str(moved), base="fashion-mnist").fingerprint() == fp
+    _idx(moved / "train-labels-idx1-ubyte", np.array([0, 1, 2, 3, 5]))
+    assert create_dataset("labelled-captions", str(moved), base="fashion-mnist").fingerprint() != fp
 
 
 def test_passthrough_options(tmp_path):

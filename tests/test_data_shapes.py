@@ -43,6 +43,7 @@ def test_pixels_match_scene():
     ds = ShapesDataset(count=20, resolution=48)
     for i in range(20):
         arr = np.asarray(ds.image(i)).astype(int)
+        assert ds.scene(i)
         for obj in ds.scene(i):
             k = CELLS.index(obj.cell)
             cell = arr[(k // 3) * 16 : (k // 3 + 1) * 16, (k % 3) * 16 : (k % 3 + 1) * 16].reshape(-1, 3)
@@ -82,7 +83,12 @@ def test_options_and_fingerprint():
         for kw in ({}, {"count": 9}, {"seed": 1}, {"resolution": 32}, {"max_objects": 3}, {"min_objects": 2})
     }
     assert len(fps) == 6
-    assert ShapesDataset().fingerprint() == ShapesDataset().fingerprint()
+    # one sample more is other content; the defaults spelled out, or a pickled copy, are not
+    assert ShapesDataset(count=10).fingerprint() != ShapesDataset(count=11).fingerprint()
+    fp = ShapesDataset().fingerprint()
+    explicit = dict(split="train", count=10000, seed=0, resolution=64, min_objects=1, max_objects=2)
+    assert create_dataset("shapes", **explicit).fingerprint() == fp
+    assert pickle.loads(pickle.dumps(ShapesDataset())).fingerprint() == fp
     assert ds.describe()["options"]["resolution"] == 32
 
 

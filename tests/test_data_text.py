@@ -39,9 +39,13 @@ def test_text_file_and_directory(tmp_path):
     ds = create_dataset("text", str(f))
     assert len(ds) == 3 and ds.text(0) == "first sentence" and ds.text(2) == "third"
     assert ds.modality == "text" and ds.label(0) is None
-    assert create_dataset("text", str(tmp_path / "corpus")).fingerprint() == ds.fingerprint()
     fp = ds.fingerprint()
-    f.write_text("first sentence\nsecond one\nthird!\n")
+    # unrelated to the content: the file given directly or through its directory, the directory moved
+    assert create_dataset("text", str(tmp_path / "corpus")).fingerprint() == fp
+    moved = (tmp_path / "corpus").rename(tmp_path / "moved")
+    f = moved / "s.txt"
+    assert create_dataset("text", str(f)).fingerprint() == fp
+    f.write_text(f.read_text().replace("third", "thirD"))  # one byte
     assert create_dataset("text", str(f)).fingerprint() != fp
     assert pickle.loads(pickle.dumps(ds)).text(1) == "second one"
 
@@ -95,10 +99,14 @@ def test_mrpc_original_txt_with_bom(tmp_path):
 
 
 def test_mrpc_fingerprint_changes(tmp_path):
-    f = _write(tmp_path / "train.tsv", MRPC_HEADER + "".join(MRPC_ROWS))
+    f = _write(tmp_path / "a" / "train.tsv", MRPC_HEADER + "".join(MRPC_ROWS))
     fp = create_dataset("mrpc", str(f)).fingerprint()
     assert create_dataset("mrpc", str(f), max_pairs=2).fingerprint() != fp
-    _write(f, MRPC_HEADER + "".join(MRPC_ROWS[:3]))
+    f = f.parent.rename(tmp_path / "b") / "train.tsv"
+    assert create_dataset("mrpc", str(f)).fingerprint() == fp  # moved: the same content
+    _write(f, MRPC_HEADER + "".join(MRPC_ROWS).replace("It rained", "It Rained"))  # one byte of one pair
+    assert create_dataset("mrpc", str(f)).fingerprint() != fp
+    _write(f, MRPC_HEADER + "".join(MRPC_ROWS[:3]))  # one pair fewer
     assert create_dataset("mrpc", str(f)).fingerprint() != fp
 
 

@@ -10,9 +10,10 @@ from conftest import save_tiny_bert
 from typer.testing import CliRunner
 
 from mmkd_core.errors import MmkdError
+from mmkd_core.metrics import DEFAULT_GENDER_TERMS, DEFAULT_PROFESSIONS
 from mmkd_core.students import create_student, save_student
 from mmkd_core.teachers.base import ImagePreprocess
-from train.encoders import load_encoder
+from train.encoders import Encoder, load_encoder
 from train.eval_cli import app
 from train.evaluate import (
     EvalConfig,
@@ -183,8 +184,51 @@ def test_bias_against_a_teacher(bert_dir, text_student_dir, tmp_path):
     out = eval_bias(load_encoder(str(text_student_dir)), load_encoder("bert", weights=str(bert_dir)), tmp_path)
     assert {"bias/doctor/diff", "bias/mean_abs_diff", "bias_teacher/nurse/diff", "bias/diff_correlation"} <= set(out)
     assert all(isinstance(v, float) for v in out.values())
-    assert -1.0 <= out["bias/diff_correlation"] <= 1.0 or math.isnan(out["bias/diff_correlation"])
+    # the summary numbers are those of the two tables it reports (student under bias/, teacher under bias_teacher/)
+    student = np.array([out[f"bias/{p}/diff"] for p in DEFAULT_PROFESSIONS])
+    teacher = np.array([out[f"bias_teacher/{p}/diff"] for p in DEFAULT_PROFESSIONS])
+    assert student.std() > 0 and teacher.std() > 0 and not np.allclose(student, teacher)
+    assert out["bias/diff_correlation"] == pytest.approx(np.corrcoef(teacher, student)[0, 1], abs=1e-9)
+    assert out["bias/mean_abs_diff_teacher"] == pytest.approx(np.abs(teacher).mean(), abs=1e-9)
+    assert out["bias/mean_abs_diff_student"] == out["bias/mean_abs_diff"] == pytest.approx(np.abs(student).mean())
     assert (tmp_path / "bias.png").stat().st_size > 0
+
+
+class _LeaningEncoder(Encoder):
+    """Gender terms on e0 (male) and e1 (female); profession k at unit norm with diff exactly 2·lean[k]."""
+
+    modalities = frozenset({"text"})
+
+    def __init__(self, leans):
+        super().__init__()
+        self.name, self.leans = "leaning", dict(zip(DEFAULT_PROFESSIONS, leans, strict=True))
+
+    def encode_text(self, texts, batch_size=64):
+        out = np.zeros((len(texts), 64), dtype=np.float32)
+        for i, t in enumerate(texts):
+            if t in DEFAULT_GENDER_TERMS["male"]:
+                out[i, 0] = 1.0
+            elif t in DEFAULT_GENDER_TERMS["female"]:
+                out[i, 1] = 1.0
+            else:  # (½ + l) e0 + (½ − l) e1 + c e_k with c making the norm 1: cos to e0 minus cos to e1 = 2l
+                lean = self.leans[t]
+                k = 2 + DEFAULT_PROFESSIONS.index(t)
+                out[i, [0, 1, k]] = 0.5 + lean, 0.5 - lean, math.sqrt(0.5 - 2 * lean**2)
+        return out
+
+
+def test_bias_known_answer():
+    leans = np.linspace(-0.3, 0.4, len(DEFAULT_PROFESSIONS))
+    teacher, student = _LeaningEncoder(leans), _LeaningEncoder(-leans / 2)  # the student reverses and halves
+    out = eval_bias(student, teacher)
+    for p, lean in zip(DEFAULT_PROFESSIONS, leans, strict=True):
+        assert out[f"bias_teacher/{p}/diff"] == pytest.approx(2 * lean, abs=1e-6)
+        assert out[f"bias_teacher/{p}/male"] == pytest.approx(0.5 + lean, abs=1e-6)
+        assert out[f"bias/{p}/diff"] == pytest.approx(-lean, abs=1e-6)
+    assert out["bias/diff_correlation"] == pytest.approx(-1.0, abs=1e-6)
+    assert out["bias/mean_abs_diff_teacher"] == pytest.approx(2 * np.abs(leans).mean(), abs=1e-6)
+    assert out["bias/mean_abs_diff_student"] == pytest.approx(np.abs(leans).mean(), abs=1e-6)
+    assert eval_bias(teacher, teacher)["bias/diff_correlation"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_unknown_model_and_config_errors(tmp_path):
@@ -225,5 +269,7 @@ def test_clip_teacher_loads_both_towers(clip_dir):
     assert enc.modalities == {"text", "image"} and enc.image_spec.size == 16
     assert enc.encode_image([], batch_size=4).shape[0] == 0
     out = eval_image_text(enc, "shapes", limit=6, dataset_options=SHAPES)
+    assert set(out) == {f"shapes/test/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
     assert all(0.0 <= v <= 1.0 for v in out.values())
+    assert out["shapes/test/t2i_r1"] <= out["shapes/test/t2i_r5"] <= out["shapes/test/t2i_r10"] == 1.0  # 6 images
     assert load_encoder("clip", weights=str(clip_dir), tower="vision").modalities == {"image"}

@@ -78,8 +78,14 @@ def test_pools():
     tm = pool_targets("teacher_mean", y, hs, mask)
     torch.testing.assert_close(tm[1], hs[-1][1, :4].mean(0))
     torch.testing.assert_close(masked_mean(hs[-1], mask)[2], hs[-1][2, :2].mean(0))
-    emb = torch.randn(3, 9)
-    assert pool_targets("teacher_embed", y, hs, mask, emb) is not None
+    # the recipe's targets averaged over valid steps only: sample 2 has 2, its padded steps are 0 in y
+    mean = pool_targets("mean", y, hs, mask)
+    torch.testing.assert_close(mean[2], y[2, :2].mean(0))
+    assert not torch.allclose(mean[2], y[2].mean(0))
+    assert not torch.allclose(tm[2], hs[-1][2].mean(0)) and torch.allclose(tm[2], hs[-1][2, :2].mean(0))
+    emb = torch.randn(3, 9).half()
+    embed = pool_targets("teacher_embed", y, hs, mask, emb)
+    assert embed.dtype == torch.float32 and torch.equal(embed, emb.float())
     with pytest.raises(MmkdError, match="teacher_embed"):
         pool_targets("teacher_embed", y, hs, mask, None)
     with pytest.raises(MmkdError, match="--pool"):

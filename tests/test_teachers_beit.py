@@ -104,7 +104,8 @@ def test_teacher_is_frozen_float32_eval(pt1k_file):
     teacher = create_teacher("beitv2", weights=pt1k_file, **TINY)
     teacher.train()
     assert not teacher.training and not any(m.training for m in teacher.modules())
-    assert all(not p.requires_grad and p.dtype == torch.float32 for p in teacher.parameters())
+    params = list(teacher.parameters())
+    assert params and all(not p.requires_grad and p.dtype == torch.float32 for p in params)
 
 
 def test_outputs_do_not_depend_on_batch(pt1k_file):
@@ -112,6 +113,7 @@ def test_outputs_do_not_depend_on_batch(pt1k_file):
     x = _images(5)
     with torch.inference_mode():
         full = teacher(pixel_values=x).hidden_states
+        assert len(full) == TINY["depth"]
         for i in (0, 3):
             alone = teacher(pixel_values=x[i:i + 1]).hidden_states
             pair = teacher(pixel_values=x[i:i + 2]).hidden_states

@@ -128,6 +128,7 @@ def _check_padding_invariance(teacher) -> None:
     batch = teacher.tokenize(SENTENCES)
     with torch.inference_mode():
         full = teacher(**batch)
+        assert len(full.hidden_states) == teacher.num_layers > 0
         for i, text in enumerate(SENTENCES):
             alone = teacher.tokenize([text])
             n = int(alone["attention_mask"].sum())
@@ -203,6 +204,7 @@ def test_data2vec_text_loads_and_matches(d2v_text_dir):
     with torch.inference_mode():
         out = teacher(**batch)
     ref = _original_text(Data2VecTextModel, d2v_text_dir, batch)
+    assert len(out.hidden_states) == teacher.num_layers == 2
     for h, r in zip(out.hidden_states, ref.hidden_states[1:], strict=True):
         torch.testing.assert_close(h, r, atol=1e-5, rtol=1e-5)
     assert teacher.preprocess.tokenizer == "RobertaTokenizer"
@@ -291,6 +293,7 @@ def test_clip_vision_tower(clip_dir):
         out = teacher(pixel_values=x)
         ref = model.get_image_features(pixel_values=x, output_hidden_states=True)
         alone = teacher(pixel_values=x[2:])
+    assert len(out.hidden_states) == 2
     for h, r in zip(out.hidden_states, ref.hidden_states[1:], strict=True):
         torch.testing.assert_close(h, r, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.embed, ref.pooler_output, atol=1e-5, rtol=1e-5)
@@ -308,6 +311,7 @@ def test_clip_text_tower(clip_dir):
     with torch.inference_mode():
         out = teacher(**batch)
         ref = model.get_text_features(**batch, output_hidden_states=True)
+    assert len(out.hidden_states) == 2
     for h, r in zip(out.hidden_states, ref.hidden_states[1:], strict=True):
         torch.testing.assert_close(h, r, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.embed, ref.pooler_output, atol=1e-5, rtol=1e-5)
