@@ -157,8 +157,9 @@ class CaptionsDataset(SourceDataset):
             if not isinstance(cap, str) or not cap.strip():
                 raise MmkdError(f"{where}: empty caption")
             if image not in group:
-                if not os.path.exists(image):
-                    raise MmkdError(f"{where}: image {image} does not exist")
+                if not os.path.isfile(image):
+                    problem = "is not a file" if os.path.exists(image) else "does not exist"
+                    raise MmkdError(f"{where}: image {image} {problem}")
                 group[image] = len(self._images)
                 self._images.append(image)
             self._groups.append(group[image])

@@ -95,6 +95,8 @@ class CifarDataset(ArrayImageDataset):
         names_key = "label_names" if name == "cifar10" else f"{labels}_label_names"
         self.classes = _names(_field(meta, names_key, self.meta_file))
         self._images, self._labels = self._load()
+        if not len(self._labels):
+            raise MmkdError(f"dataset {name!r}: {', '.join(map(str, self.files))} hold no images")
         self._fingerprint: str | None = None
 
     def _load_images(self) -> np.ndarray:

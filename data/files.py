@@ -69,7 +69,11 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
 
     A UTF-8 byte-order mark on the first line is removed. Decoding errors name the file and line.
     """
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise MmkdError(f"{path}: cannot read ({e.strerror or e})") from None
+    with f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -86,6 +90,9 @@ def sample_digest(paths: Iterable[str | os.PathLike], base: str | os.PathLike, e
     Hashing every byte of an ImageNet-sized folder takes hours; the ends of a file change whenever an
     image is re-encoded or replaced, and the size catches most other edits. An edit confined to the
     middle of a large file that keeps its size is not detected.
+
+    This pass runs before anything is written, so it also refuses empty (0-byte) and unreadable files:
+    an extraction would otherwise stop at them midway.
     """
     import json
 
@@ -93,26 +100,55 @@ def sample_digest(paths: Iterable[str | os.PathLike], base: str | os.PathLike, e
     base = os.fspath(base)
     for p in paths:
         p = os.fspath(p)
-        size = os.path.getsize(p)
-        h.update(f"{os.path.relpath(p, base)}\0{size}\0".encode())
-        with open(p, "rb") as f:
-            h.update(f.read(EDGE_BYTES))
-            if size > 2 * EDGE_BYTES:
-                f.seek(size - EDGE_BYTES)
+        try:
+            size = os.path.getsize(p)
+            if size == 0:
+                raise MmkdError(f"{p}: empty file (0 bytes)")
+            h.update(f"{os.path.relpath(p, base)}\0{size}\0".encode())
+            with open(p, "rb") as f:
                 h.update(f.read(EDGE_BYTES))
-            elif size > EDGE_BYTES:
-                h.update(f.read())
+                if size > 2 * EDGE_BYTES:
+                    f.seek(size - EDGE_BYTES)
+                    h.update(f.read(EDGE_BYTES))
+                elif size > EDGE_BYTES:
+                    h.update(f.read())
+        except OSError as e:
+            raise MmkdError(f"{p}: cannot read ({e.strerror or e})") from None
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
+# 16-bit greyscale (PNG, TIFF): PIL's convert("RGB") clips these to 255 instead of scaling them
+_WIDE_GREY = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+def to_rgb(im):
+    """Any PIL image as a new 8-bit RGB image: greyscale, palette, CMYK, alpha (dropped), 16-bit greyscale."""
+    from PIL import Image
+
+    if im.mode in _WIDE_GREY:
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # what PIL asks for; converting such palettes to RGB directly warns
+    return im.convert("RGB")
+
+
 def open_rgb(path: str | os.PathLike, source: str | os.PathLike | None = None):
     """Open an image file as an RGB ``PIL.Image``; unreadable files are an MmkdError naming them."""
+    import struct
+    import zlib
+
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+            im.load()  # decodes the whole file: a truncated one fails here, naming it
+            return to_rgb(im)
+    # PIL's decoders report damage as any of these; DecompressionBombError: a file claiming huge dimensions
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+            Image.DecompressionBombError) as e:
         where = f" (listed in {source})" if source else ""
         raise MmkdError(f"cannot read image {path}{where}: {e}") from None

@@ -78,6 +78,8 @@ class IdxDataset(ArrayImageDataset):
         self.name, self.split, self.classes = name, split, classes
         self.images_file, self.labels_file = images_file, labels_file
         self._labels = read_idx(labels_file, 1)
+        if not len(self._labels):
+            raise MmkdError(f"{labels_file}: holds no samples (its header says 0)")
         self._images: np.ndarray | None = self._load_images()
         if self._labels.size and self._labels.max() >= len(classes):
             raise MmkdError(f"{labels_file}: labels outside 0..{len(classes) - 1}")

@@ -43,6 +43,8 @@ class Stl10Dataset(SourceDataset):
         if size % IMAGE_BYTES:
             raise MmkdError(f"{self.images_file}: {size} bytes is not a whole number of 3x96x96 images")
         self._count = size // IMAGE_BYTES
+        if not self._count:
+            raise MmkdError(f"{self.images_file}: empty file (0 images)")
         self.labels_file: Path | None = None
         self._labels: np.ndarray | None = None
         if split != "unlabeled":

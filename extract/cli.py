@@ -11,7 +11,6 @@ from mmkd_core.cli_utils import guarded, parse_options, setup_logging
 from mmkd_core.progress import console
 
 from .config import ExtractConfig
-from .run import extract
 
 app = typer.Typer(add_completion=False, help="Run a frozen teacher once over a dataset and store its targets.")
 
@@ -68,6 +67,8 @@ def main_command(
         dtype=dtype, batch_size=batch_size, device=device, autocast=autocast, limit=limit, overwrite=overwrite,
         workers=workers, seed=seed, chunk_size=chunk_size, shard_size=shard_size,
     )
+    from .run import extract  # imported here: option mistakes are reported before torch and the teachers load
+
     s = extract(cfg, show_progress=not quiet)
     table = Table(title=f"store {s.path}" + ("" if s.complete else " (incomplete)"), show_header=False)
     table.add_row("samples", f"{s.samples:,}")

@@ -85,6 +85,15 @@ class ExtractConfig:
             raise MmkdError(f"--limit {self.limit}: must be at least 1")
         if self.workers < 0:
             raise MmkdError(f"--workers {self.workers}: must be 0 or more")
+        for name in ("chunk_size", "shard_size"):
+            if getattr(self, name) < 0:
+                raise MmkdError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 (automatic) or more")
+        if self.chunk_size and self.shard_size and self.shard_size % self.chunk_size:
+            raise MmkdError(f"--shard-size {self.shard_size}: must be a multiple of --chunk-size {self.chunk_size}")
+        if self.data_root is not None and not str(self.data_root).strip():
+            raise MmkdError("--data-root is empty: give the dataset's file or directory")
         if self.out is None:
             self.out = Path(f"{self.teacher}-{self.dataset}-{self.split}.zarr")
         self.out = Path(self.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise MmkdError(f"--out {self.out}: is a file, not a store directory; choose another --out")

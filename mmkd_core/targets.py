@@ -9,6 +9,7 @@ into predictions, so the two sides of the loss share one definition.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
@@ -25,33 +26,45 @@ def select_layers(spec: str | int | Sequence[int] | None, num_layers: int) -> li
 
     Args:
         spec: ``"all"`` (or None), ``"last:K"`` / ``"lastK"`` / an int K for the last K blocks, or
-            explicit block indices as a sequence or a comma-separated string (negative counts from the end).
+            explicit block indices: a comma-separated string of 0-based indices (what ``--layers`` takes),
+            or a sequence, where negative indices count from the end.
         num_layers: How many blocks the teacher has.
     """
-    if spec is None or spec == "all":
+    if spec is None:
         return list(range(num_layers))
+    if isinstance(spec, bool):
+        raise MmkdError(f"--layers {spec!r}: use 'all', 'last:K' or block indices like '0,5,11'")
     if isinstance(spec, int):
         spec = f"last:{spec}"
+    given = spec
     if isinstance(spec, str):
         s = spec.strip().lower().replace(" ", "")
+        if s == "all":
+            return list(range(num_layers))
         if s.startswith("last"):
-            k_text = s[4:].lstrip(":")
-            if not k_text.isdigit() or not 1 <= int(k_text) <= num_layers:
-                raise MmkdError(f"--layers {spec!r}: K in last:K must be 1..{num_layers}")
+            k_text = s[4:].removeprefix(":")
+            if not (k_text.isascii() and k_text.isdigit()) or not 1 <= int(k_text) <= num_layers:
+                raise MmkdError(f"--layers {spec!r}: K in last:K must be 1..{num_layers} (the teacher has "
+                                f"{num_layers} blocks)")
             k = int(k_text)
             return list(range(num_layers - k, num_layers))
-        try:
-            spec = [int(p) for p in s.split(",") if p]
-        except ValueError:
-            raise MmkdError(f"--layers {spec!r}: use 'all', 'last:K' or block indices like '0,5,11'") from None
+        parts = [p for p in s.split(",") if p]
+        if not parts or not all(p.isascii() and p.isdigit() for p in parts):
+            # negative indices are refused here: "--layers -1" reads as a typo more often than as "the last"
+            raise MmkdError(f"--layers {spec!r}: use 'all', 'last:K' or 0-based block indices like '0,5,11' "
+                            f"(0..{num_layers - 1})")
+        spec = [int(p) for p in parts]
     out = []
     for i in spec:
-        j = i + num_layers if i < 0 else i
+        if isinstance(i, bool) or not isinstance(i, Integral):
+            raise MmkdError(f"--layers {given!r}: block indices must be integers")
+        j = int(i) + num_layers if i < 0 else int(i)
         if not 0 <= j < num_layers:
-            raise MmkdError(f"--layers: block {i} is out of range for a teacher with {num_layers} blocks")
+            raise MmkdError(f"--layers: block {i} is out of range for a teacher with {num_layers} blocks "
+                            f"(0..{num_layers - 1})")
         out.append(j)
     if not out or len(set(out)) != len(out):
-        raise MmkdError(f"--layers {spec!r}: give each block at most once, at least one block")
+        raise MmkdError(f"--layers {given!r}: give each block at most once, at least one block")
     return sorted(out)
 
 

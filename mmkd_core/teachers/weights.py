@@ -11,8 +11,8 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,17 +166,21 @@ def load_state_dict_file(path: Path | str) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        obj: object = load_file(str(path), device="cpu")
+        try:
+            obj: object = load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - SafetensorError has no importable base; any failure is the file's
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MmkdError(f"{path}: not a readable safetensors file ({first}); damaged, truncated or another "
+                            "format") from None
     else:
         try:
             # research checkpoints often carry their argparse args next to the weights: harmless to rebuild
-            with torch.serialization.safe_globals([argparse.Namespace]):
+            with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+                # what the unpickler says about a damaged file's "protocol" before failing on it
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 obj = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MmkdError(f"cannot read {path} with torch.load(weights_only=True) ({first}); if you trust the "
-                            "file, re-save its state dict alone: torch.save(torch.load(path, weights_only=False)"
-                            "['model'], 'weights.pth')") from None
+        except Exception as e:  # noqa: BLE001 - on damaged bytes the unpickler raises nearly anything
+            raise MmkdError(_torch_load_error(path, e)) from None
     while isinstance(obj, Mapping):
         inner = next((obj[k] for k in _UNWRAP_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
@@ -190,6 +194,28 @@ def load_state_dict_file(path: Path | str) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _torch_load_error(path: Path, e: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, and what to do: only a file that needs code to unpickle
+    deserves the advice to re-save it; a damaged or foreign file does not."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours part of its message
+    lines = text.splitlines()
+    # the unpickler's own reason, not torch's preamble about weights_only defaults
+    first = next((ln.split("WeightsUnpickler error:", 1)[1].strip() for ln in lines if "WeightsUnpickler error:" in ln),
+                 lines[0] if lines else type(e).__name__)
+    first = first.split(" Please use ")[0] or type(e).__name__
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return f"{path}: empty file (0 bytes), not a checkpoint"
+    # torch files are zip archives (torch >= 1.6) or bare pickles (protocol 2+ starts with 0x80)
+    if not head.startswith(b"PK") and head[:1] != b"\x80":
+        return f"{path}: not a torch checkpoint (neither a zip archive nor a pickle); damaged or another format"
+    if "Unsupported global" in text:
+        return (f"cannot read {path} with torch.load(weights_only=True) ({first}); if you trust the file, re-save "
+                "its state dict alone: torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')")
+    return f"{path}: damaged or truncated torch checkpoint ({first})"
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:
