@@ -159,23 +159,6 @@ def test_memory_bank_holds_store_targets(text_store):
     assert not np.array_equal(index, memory_bank(reader, 20, seed=0, epoch=4)[1])
 
 
-def test_ddp_with_torchrun(tmp_path, text_store):
-    """Two CPU ranks (gloo) read disjoint runs, take the same number of steps and write one run."""
-    import os
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "train.cli", "--targets",
-           str(text_store), "--depth", "1", "--epochs", "2", "--batch-size", "8", "--run-dir", str(tmp_path / "ddp"),
-           "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 2 * (96 // 2 // 8)  # 96 samples, half per rank, batches of 8, two epochs
-    assert (res.stdout + res.stderr).count("student saved to") == 1
-
-
 def test_student_cut_from_teacher_starts_with_its_pooled_embedding(minilm):
     from mmkd_core.students import create_student
     from mmkd_core.targets import masked_mean

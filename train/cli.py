@@ -20,6 +20,7 @@ app = typer.Typer(add_completion=False, help="Train a student from a target stor
 @app.command()
 @guarded
 def main_command(
+    ctx: typer.Context,
     targets: Path = typer.Option(..., help="Store written by mmkd-extract."),
     student: str = typer.Option("auto", help="text, vit, beit, multimodal, or auto (from the store)."),
     depth: int = typer.Option(None, help="Student depth (image tower for multimodal); default half the teacher's."),
@@ -54,6 +55,8 @@ def main_command(
     device: str = typer.Option("cpu", help="torch device."),
     eval: list[str] = typer.Option(None, help="Evaluate at the end: retrieval (image-text, held-out), "
                                    "mrpc:PATH, qqp:PATH. Default: retrieval for image-caption stores."),
+    verify_views: bool = typer.Option(False, "--verify-views", help="Re-render every stored view and compare it "
+                                      "with its checksum before training (default: a sample of 64)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
     verbose: bool = typer.Option(False, help="Log what happens."),
 ) -> None:
@@ -67,8 +70,9 @@ def main_command(
         weight_decay=weight_decay, warmup=warmup, epochs=epochs, steps=steps, grad_clip=grad_clip, autocast=autocast,
         workers=workers, seed=seed, run_dir=run_dir, resume=resume, ckpt_every=ckpt_every, log_every=log_every,
         data_root=data_root, device=device, eval=list(eval or []), progress=not quiet,
+        verify_views=verify_views,
     )
-    result = train(cfg)
+    result = train(cfg, given=_given(ctx))
     if result.rank != 0:
         return
     table = Table(title=f"run {result.run_dir}", show_header=False)
@@ -77,6 +81,17 @@ def main_command(
     table.add_row("final loss", f"{result.final_loss:.4f}")
     console.print(table)
     final_report(cfg, result)
+
+
+# CLI parameters whose TrainConfig field has another name
+FIELDS = {"student_option": "student_options", "loss_option": "loss_options", "quiet": "progress"}
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """TrainConfig fields set on the command line: on --resume each must equal the run's recorded value."""
+    # by name: typer may bring its own copy of click, whose ParameterSource is another enum
+    return {FIELDS.get(p, p) for p in ctx.params
+            if getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"}
 
 
 def main() -> None:

@@ -18,6 +18,21 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "multimodal": {"init": "random", "batch_size": 128, "lr": 1e-3, "epochs": 12.0},
 }
 AUTOCAST = ("none", "bfloat16")
+EVAL_TASKS = ("retrieval", "mrpc", "qqp")
+
+
+def check_eval_task(task: str) -> None:
+    """Refuse an --eval task before training starts, not after the run (a typo would cost the run)."""
+    name, sep, root = task.partition(":")
+    if name not in EVAL_TASKS:
+        raise MmkdError(f"--eval {task!r}: choose retrieval, mrpc:PATH or qqp:PATH")
+    if name in ("mrpc", "qqp"):
+        if not root:
+            raise MmkdError(f"--eval {task}: give the data as {name}:PATH")
+        if not Path(root).exists():
+            raise MmkdError(f"--eval {task}: {root} does not exist")
+    elif sep:
+        raise MmkdError(f"--eval {task!r}: retrieval takes no path")
 
 
 @dataclass
@@ -58,6 +73,8 @@ class TrainConfig:
         device: torch device.
         eval: Evaluations to run at the end (e.g. "retrieval", "mrpc:PATH").
         progress: Show a progress bar.
+        verify_views: Re-render every stored view and compare it with its checksum before training
+            (otherwise a deterministic sample of them).
     """
 
     targets: Path
@@ -89,6 +106,7 @@ class TrainConfig:
     device: str = "cpu"
     eval: list[str] = field(default_factory=list)
     progress: bool = True
+    verify_views: bool = False
 
     def __post_init__(self) -> None:
         self.targets = Path(self.targets)
@@ -111,6 +129,8 @@ class TrainConfig:
             raise MmkdError(f"--bank-size {self.bank_size}: must be 0 or more")
         if self.depth is not None and self.depth < 1:
             raise MmkdError(f"--depth {self.depth}: must be at least 1")
+        for task in self.eval:
+            check_eval_task(task)
         if self.run_dir is None:
             self.run_dir = Path("runs") / self.targets.name.removesuffix(".zarr")
         self.run_dir = Path(self.run_dir)

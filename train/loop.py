@@ -28,6 +28,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .loader import PlanSpec, StoreBatches, check_plan, make_loader, num_batches
 from .resume import check_store, read_record, resumed_config, store_record
+from .verify_views import DEFAULT_SAMPLE, verify_views
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,10 @@ def _run_config(cfg: TrainConfig, reader, given: set[str] | None, world: int) ->
 def _setup(cfg: TrainConfig, reader, rank: int, world: int, device: str) -> Run:
     torch.manual_seed(cfg.seed)
     built = build(cfg, reader)
+    # every rank checks the same deterministic sample, so all of them refuse together
+    verify_views(reader, built.source, sample=None if cfg.verify_views else DEFAULT_SAMPLE, seed=cfg.seed)
+    if cfg.eval and "retrieval" in cfg.eval and built.kind != "multimodal":
+        raise MmkdError(f"--eval retrieval scores image-caption students; this store trains a {built.kind} student")
     student = built.student.to(device)
     loss_fn = build_loss(cfg.loss or DEFAULT_LOSS[built.kind], **cfg.loss_options)
     plan = PlanSpec(num_samples=len(reader), chunk_size=reader.chunk_size, batch_size=cfg.batch_size,
@@ -201,13 +206,36 @@ def _setup(cfg: TrainConfig, reader, rank: int, world: int, device: str) -> Run:
     per_epoch = num_batches(plan)  # the same in every epoch and on every rank: DDP ranks step together
     total = cfg.steps or max(1, int(round(cfg.epochs * per_epoch)))
     warmup = int(cfg.warmup if cfg.warmup >= 1 else max(1, round(cfg.warmup * total)))
-    # a student's default loss may leave parts without gradient (a vit's pooled head under token_mse)
-    model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if world > 1 \
-        else student
+    model = student
+    if world > 1:
+        _freeze_unused(built, plan, cfg, loss_fn, device)
+        model = torch.nn.parallel.DistributedDataParallel(student)
     opt = torch.optim.AdamW(_param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup))
     return Run(cfg=cfg, reader=reader, built=built, model=model, loss_fn=loss_fn, opt=opt, sched=sched, plan=plan,
                per_epoch=per_epoch, total=total, warmup=warmup, rank=rank, world=world, device=device)
+
+
+def _freeze_unused(built, plan: PlanSpec, cfg: TrainConfig, loss_fn, device: str) -> None:
+    """Freeze the parameters the loss never reaches (a vit's pooled head under ``token_mse``).
+
+    DDP waits for a gradient of every trainable parameter; ``find_unused_parameters`` does not help, since
+    it marks everything that feeds the student's outputs as used, including outputs the loss ignores.
+    One probe step on the first batch finds them (a parameter used on any rank stays trainable); frozen,
+    they are what they would be anyway: AdamW leaves a parameter without gradient untouched.
+    """
+    student = built.student
+    batch = next(iter(StoreBatches(cfg.targets, plan, source=built.source, image_spec=built.image_spec)))
+    params = [p for p in student.parameters() if p.requires_grad]
+    loss, _ = loss_fn(loss_inputs(built, student, batch, device))
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    used = torch.tensor([g is not None for g in grads], dtype=torch.int32)
+    torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
+    for p, u in zip(params, used.tolist(), strict=True):
+        if not u:
+            p.requires_grad_(False)
+    log.info("DDP: %d of %d parameter tensors get no gradient from the loss and are frozen",
+             len(params) - int(used.sum()), len(params))
 
 
 def _record(run: Run) -> None:

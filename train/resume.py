@@ -20,7 +20,7 @@ from .config import TrainConfig
 
 # what may differ between the first command and the one that resumes it
 FREE_FIELDS = frozenset({"targets", "run_dir", "resume", "workers", "device", "progress", "ckpt_every",
-                         "log_every", "data_root", "eval"})
+                         "log_every", "data_root", "eval", "verify_views"})
 # what a resumed run must find unchanged in the store
 STORE_FIELDS = ("format_version", "teacher", "recipe", "preprocess", "views", "dataset", "storage")
 
@@ -65,7 +65,8 @@ def resumed_config(cfg: TrainConfig, record: dict[str, Any], given: set[str] | N
         recorded = TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig) if f.name in values})
     except (KeyError, TypeError, MmkdError) as e:
         raise MmkdError(f"--resume: {path} does not hold a training configuration ({e})") from None
-    for name in sorted((given_fields(cfg) if given is None else given) - FREE_FIELDS):
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name in sorted(((given_fields(cfg) if given is None else given) & names) - FREE_FIELDS):
         now, then = _plain(getattr(cfg, name)), _plain(getattr(recorded, name))
         if now != then:
             raise MmkdError(f"--resume: {flag(name)} {now!r} differs from this run's {then!r} ({path}); "
