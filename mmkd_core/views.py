@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from importlib import metadata
+from typing import Any
 
 import numpy as np
 import PIL
@@ -200,3 +201,13 @@ def render_versions() -> dict[str, str]:
     except metadata.PackageNotFoundError:
         out["torchvision"] = "not installed"
     return out
+
+
+def view_spec(record: Any) -> ViewSpec:
+    """The one ViewSpec constructor for records: a store's attributes (their ``views``), a ``views`` record
+    itself, or an image preprocessing record (an ``ImagePreprocess`` or its dict: the eval view at it)."""
+    if hasattr(record, "__dataclass_fields__"):
+        record = asdict(record)
+    record = dict(record.get("views", record))
+    names = {f.name for f in fields(ViewSpec)}
+    return ViewSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names})

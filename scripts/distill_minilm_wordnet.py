@@ -18,8 +18,8 @@ from extract.run import extract
 from mmkd_core.students import create_student, save_student
 from mmkd_core.teachers import create_teacher
 from train.config import TrainConfig
-from train.encoders import load_encoder
-from train.evaluate import eval_paraphrase
+from evaluate.encoders import load_encoder
+from evaluate.tasks import eval_paraphrase
 from train.loop import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -9,8 +9,7 @@ from extract.run import extract
 from mmkd_core.store import open_store
 from mmkd_core.targets import make_targets, pool_targets
 from mmkd_core.teachers import create_teacher
-from mmkd_core.views import render
-from train.loader import view_spec
+from mmkd_core.views import render, view_spec
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
 

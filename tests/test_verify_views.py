@@ -12,8 +12,7 @@ from extract.run import extract
 from mmkd_core import views
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import open_store
-from mmkd_core.views import CHECKSUM_RULE, render, render_versions, view_checksum
-from train.loader import view_spec
+from mmkd_core.views import CHECKSUM_RULE, render, render_versions, view_checksum, view_spec
 from train.verify_views import verify_views
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}

@@ -14,10 +14,9 @@ from mmkd_core.errors import MmkdError
 from mmkd_core.students import create_student
 from mmkd_core.teachers import create_teacher
 from mmkd_core.teachers.base import ImagePreprocess
-from mmkd_core.views import ViewSpec
+from mmkd_core.views import ViewSpec, view_spec
 
 from .config import TrainConfig
-from .encoders import view_spec
 
 log = logging.getLogger(__name__)
 

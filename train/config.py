@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evaluate import check_run_task
 from mmkd_core.errors import MmkdError
 
 STUDENT_KINDS = ("auto", "text", "vit", "beit", "multimodal")
@@ -18,23 +19,6 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "multimodal": {"init": "random", "batch_size": 128, "lr": 1e-3, "epochs": 12.0},
 }
 AUTOCAST = ("none", "bfloat16")
-EVAL_TASKS = ("retrieval", "mrpc", "qqp")
-
-
-def check_eval_task(task: str) -> None:
-    """Refuse an --eval task before training starts, not after the run (a typo would cost the run)."""
-    name, sep, root = task.partition(":")
-    if name not in EVAL_TASKS:
-        raise MmkdError(f"--eval {task!r}: choose retrieval, mrpc:PATH or qqp:PATH")
-    if name in ("mrpc", "qqp"):
-        if not root:
-            raise MmkdError(f"--eval {task}: give the data as {name}:PATH")
-        if not Path(root).exists():
-            raise MmkdError(f"--eval {task}: {root} does not exist")
-    elif sep:
-        raise MmkdError(f"--eval {task!r}: retrieval takes no path")
-
-
 @dataclass
 class TrainConfig:
     """Everything `mmkd-train` needs; the CLI only fills this in.
@@ -130,7 +114,7 @@ class TrainConfig:
         if self.depth is not None and self.depth < 1:
             raise MmkdError(f"--depth {self.depth}: must be at least 1")
         for task in self.eval:
-            check_eval_task(task)
+            check_run_task(task)
         if self.run_dir is None:
             self.run_dir = Path("runs") / self.targets.name.removesuffix(".zarr")
         self.run_dir = Path(self.run_dir)

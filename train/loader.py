@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import open_store
-from mmkd_core.views import ViewSpec, eval_params, normalize, render, render_pixels
+from mmkd_core.views import ViewSpec, eval_params, normalize, render, render_pixels, view_spec
 
 
 @dataclass(frozen=True)
@@ -264,12 +264,6 @@ class StoreBatches(IterableDataset):
         if cache is not None:
             cache[i] = pixels
         return pixels
-
-
-def view_spec(attrs: dict[str, Any]) -> ViewSpec:
-    """The ViewSpec a store's views were drawn with."""
-    v = {k: val for k, val in attrs["views"].items() if k != "params"}
-    return ViewSpec(**{k: tuple(val) if isinstance(val, list) else val for k, val in v.items()})
 
 
 def make_loader(batches: StoreBatches, workers: int = 0) -> DataLoader:

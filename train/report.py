@@ -1,4 +1,5 @@
-"""What a finished run reports: evaluation numbers (printed, saved as JSON) and PNG plots in the run dir."""
+"""What a finished run reports: PNG plots in the run dir, and the evaluation it asked for (through the
+evaluation stage's public ``evaluate_run``), printed and saved as JSON."""
 
 from __future__ import annotations
 
@@ -9,44 +10,14 @@ from typing import Any
 
 from rich.table import Table
 
-from mmkd_core.errors import MmkdError
+from evaluate import default_run_tasks, evaluate_run
 from mmkd_core.progress import console
 from mmkd_core.store import open_store
 
 from .config import TrainConfig
-from .encoders import load_encoder
-from .evaluate import eval_image_text, eval_paraphrase
 from .loop import TrainResult
 
 log = logging.getLogger(__name__)
-HELD_OUT_SCENES = 1000
-
-
-def default_eval(cfg: TrainConfig) -> list[str]:
-    """Held-out image–caption retrieval for a multimodal student trained on shapes; nothing otherwise."""
-    student = json.loads((cfg.run_dir / "config.json").read_text())["student"]["kind"]
-    dataset = open_store(cfg.targets).attrs["dataset"]["name"]
-    return ["retrieval"] if student == "multimodal" and dataset == "shapes" else []
-
-
-def run_eval(cfg: TrainConfig, tasks: list[str]) -> dict[str, float]:
-    """Evaluate the run's saved student. Tasks: ``retrieval`` (held-out shapes scenes, two objects each),
-    ``mrpc:PATH`` / ``qqp:PATH`` (zero-shot paraphrase retrieval)."""
-    encoder = load_encoder(str(cfg.run_dir))
-    results: dict[str, float] = {}
-    for task in tasks:
-        name, _, root = task.partition(":")
-        if name == "retrieval":
-            options = dict(open_store(cfg.targets).attrs["dataset"].get("options") or {})
-            options.update(count=HELD_OUT_SCENES, min_objects=2, max_objects=2)
-            results.update(eval_image_text(encoder, "shapes", split="test", dataset_options=options))
-        elif name in ("mrpc", "qqp"):
-            if not root:
-                raise MmkdError(f"--eval {task}: give the data as {name}:PATH")
-            results.update(eval_paraphrase(encoder, name, root))
-        else:
-            raise MmkdError(f"--eval {task!r}: choose retrieval, mrpc:PATH or qqp:PATH")
-    return results
 
 
 def plot_curves(run_dir: Path) -> Path | None:
@@ -94,8 +65,10 @@ def plot_results(results: dict[str, float], path: Path) -> Path:
 def final_report(cfg: TrainConfig, result: TrainResult) -> dict[str, Any]:
     """Plots, then the evaluations the run asked for (or its default), printed and saved."""
     plot_curves(result.run_dir)
-    tasks = cfg.eval or default_eval(cfg)
-    results = run_eval(cfg, tasks) if tasks else {}
+    attrs = open_store(cfg.targets).attrs
+    kind = json.loads((result.run_dir / "config.json").read_text())["student"]["kind"]
+    tasks = cfg.eval or default_run_tasks(kind, attrs)
+    results = evaluate_run(result.run_dir, attrs, tasks) if tasks else {}
     if results:
         (result.run_dir / "eval.json").write_text(json.dumps(results, indent=2))
         plot_results(results, result.run_dir / "eval.png")

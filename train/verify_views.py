@@ -17,9 +17,7 @@ import numpy as np
 
 from mmkd_core import views
 from mmkd_core.errors import MmkdError
-from mmkd_core.views import ViewSpec
-
-from .loader import view_spec
+from mmkd_core.views import ViewSpec, view_spec
 
 log = logging.getLogger(__name__)
 

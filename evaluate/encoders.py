@@ -32,7 +32,7 @@ from mmkd_core.students import Student, load_student
 from mmkd_core.students.export import META_FILE
 from mmkd_core.targets import masked_mean
 from mmkd_core.teachers import TEACHERS, ImagePreprocess, Teacher, create_teacher
-from mmkd_core.views import ViewSpec, eval_params, render
+from mmkd_core.views import ViewSpec, eval_params, render, view_spec
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +135,6 @@ class Encoder:
                 out.append(F.normalize(self._embed_image(pixels.to(self.device)).float(), dim=-1).cpu())
                 advance(len(batch))
         return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
-
-
-def view_spec(preprocess: ImagePreprocess) -> ViewSpec:
-    """The eval ViewSpec of an image preprocessing record."""
-    return ViewSpec(size=preprocess.size, mean=tuple(preprocess.mean), std=tuple(preprocess.std),
-                    interpolation=preprocess.interpolation, crop_pct=preprocess.crop_pct,
-                    crop_mode=preprocess.crop_mode)
 
 
 class TeacherEncoder(Encoder):

@@ -1,4 +1,4 @@
-"""Evaluation tasks on an :class:`~train.encoders.Encoder`: paraphrase retrieval, image–text retrieval,
+"""Evaluation tasks on an :class:`~mmkd.evaluate.encoders.Encoder`: paraphrase retrieval, image–text retrieval,
 zero-shot classification, linear probe and the gender–profession bias probe.
 
 Each task reads a dataset, embeds it and hands the embeddings to :mod:`mmkd_core.metrics` (which holds all

@@ -13,7 +13,7 @@ from rich.table import Table
 from mmkd_core.cli_utils import guarded, parse_options, setup_logging
 from mmkd_core.progress import console
 
-from .evaluate import TASKS, EvalConfig, EvalReport, finite_or_none, run_evaluation
+from .tasks import TASKS, EvalConfig, EvalReport, finite_or_none, run_evaluation
 
 app = typer.Typer(add_completion=False, help="Evaluate a teacher or a trained student: paraphrase retrieval, "
                   "image-text retrieval, zero-shot classification, linear probe, bias probe.")
