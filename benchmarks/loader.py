@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from extract.config import ExtractConfig
-from extract.run import extract
+from mmkd.extract.config import ExtractConfig
+from mmkd.extract.run import extract
 from mmkd_core.store import open_store
 from mmkd_core.teachers import create_teacher
-from train.config import TrainConfig
-from train.loader import PlanSpec, StoreBatches
-from train.loop import train
+from mmkd.train.config import TrainConfig
+from mmkd.train.loader import PlanSpec, StoreBatches
+from mmkd.train.loop import train
 
 SENTENCES = Path(__file__).resolve().parents[2] / "shared" / "data" / "wordnet" / "sentences.txt"
 

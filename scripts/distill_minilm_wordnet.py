@@ -13,14 +13,14 @@ import json
 import time
 from pathlib import Path
 
-from extract.config import ExtractConfig
-from extract.run import extract
+from mmkd.extract.config import ExtractConfig
+from mmkd.extract.run import extract
 from mmkd_core.students import create_student, save_student
 from mmkd_core.teachers import create_teacher
-from train.config import TrainConfig
-from evaluate.encoders import load_encoder
-from evaluate.tasks import eval_paraphrase
-from train.loop import train
+from mmkd.train.config import TrainConfig
+from mmkd.evaluate.encoders import load_encoder
+from mmkd.evaluate.tasks import eval_paraphrase
+from mmkd.train.loop import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VARIANTS = [  # name, init, loss

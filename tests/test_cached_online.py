@@ -4,11 +4,11 @@ the proof that stored views replay exactly and stored targets are the teacher's.
 import timm
 import torch
 
-from extract.config import ExtractConfig
-from extract.run import extract
+from mmkd.extract.config import ExtractConfig
+from mmkd.extract.run import extract
 from mmkd_core.teachers import create_teacher
-from train.config import TrainConfig
-from train.loop import train
+from mmkd.train.config import TrainConfig
+from mmkd.train.loop import train
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
 

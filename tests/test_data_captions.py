@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data import create_dataset
+from mmkd.data import create_dataset
 from mmkd_core.errors import MmkdError
 
 

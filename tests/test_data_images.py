@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import create_dataset
-from data.idx import FASHION_DEBIAN_DIR
+from mmkd.data import create_dataset
+from mmkd.data.idx import FASHION_DEBIAN_DIR
 from mmkd_core.errors import MmkdError
 
 # --- imagefolder -----------------------------------------------------------------------------------------

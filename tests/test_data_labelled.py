@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from test_data_images import _idx, _mnist
 
-from data import create_dataset
-from data.idx import FASHION_DEBIAN_DIR
-from data.labelled import class_text
+from mmkd.data import create_dataset
+from mmkd.data.idx import FASHION_DEBIAN_DIR
+from mmkd.data.labelled import class_text
 from mmkd_core.errors import MmkdError
 
 

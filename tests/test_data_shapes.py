@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from data import create_dataset
-from data.shapes import CELLS, CELLS_ALT, COLOURS, SHAPES, ShapesDataset, caption
+from mmkd.data import create_dataset
+from mmkd.data.shapes import CELLS, CELLS_ALT, COLOURS, SHAPES, ShapesDataset, caption
 from mmkd_core.errors import MmkdError
 
 

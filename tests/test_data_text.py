@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from data import create_dataset
+from mmkd.data import create_dataset
 from mmkd_core.errors import MmkdError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

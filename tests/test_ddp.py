@@ -15,10 +15,9 @@ import pytest
 import timm
 import torch
 from conftest import WORDS, save_tiny_bert
+from mmkd.extract.config import ExtractConfig
+from mmkd.extract.run import extract
 from safetensors.torch import load_file
-
-from extract.config import ExtractConfig
-from extract.run import extract
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 MM_STUDENT = ["--student-option", "width=32", "--student-option", "num_heads=2", "--student-option",
@@ -64,7 +63,8 @@ def stores(tmp_path_factory, bert_dir):
 @pytest.mark.parametrize("kind", ["vit", "beit", "text", "multimodal"])
 def test_every_student_kind_trains_on_two_ranks_with_its_default_loss(tmp_path, stores, kind):
     store = {"vit": "image", "beit": "image", "text": "text", "multimodal": "mm"}[kind]
-    extra = {"vit": ["--init", "random"], "beit": ["--init", "random"], "text": ["--depth", "1"], "multimodal": MM_STUDENT}[kind]
+    extra = {"vit": ["--init", "random"], "beit": ["--init", "random"], "text": ["--depth", "1"],
+             "multimodal": MM_STUDENT}[kind]
     res = torchrun("--targets", str(stores / f"{store}.zarr"), "--student", kind, "--epochs", "2", "--batch-size",
                    "4", "--run-dir", str(tmp_path / "run"), *extra)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
@@ -74,13 +74,21 @@ def test_every_student_kind_trains_on_two_ranks_with_its_default_loss(tmp_path, 
     assert (res.stdout + res.stderr).count("student saved to") == 1
 
 
-def test_store_smaller_than_ranks_times_chunk(tmp_path, stores):
-    """40 samples in one chunk of the default size: two ranks still split them and step together."""
+def test_store_smaller_than_ranks_times_chunk_with_nproc_from_a_users_folder(tmp_path, stores):
+    """40 samples in one chunk of the default size: two ranks still split them and step together. Started
+    as ``mmkd-train --nproc 2`` from a folder whose own train.py, data/ and extract.py would shadow bare
+    top-level packages."""
     from mmkd_core.store import open_store
 
     assert open_store(stores / "mm.zarr").chunk_size >= 40
-    res = torchrun("--targets", str(stores / "mm.zarr"), "--epochs", "3", "--batch-size", "8", "--run-dir",
-                   str(tmp_path / "run"), *MM_STUDENT)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "__init__.py").write_text("raise ImportError('the user data package')\n")
+    for name in ("train.py", "extract.py", "evaluate.py"):
+        (tmp_path / name).write_text("raise SystemExit('the user script ran')\n")
+    cmd = [str(Path(sysconfig.get_path("scripts")) / "mmkd-train"), "--nproc", "2", "--targets",
+           str(stores / "mm.zarr"), "--epochs", "3", "--batch-size", "8", "--run-dir", "run", "--quiet", *MM_STUDENT]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["steps_per_epoch"] == 3 and cfg["steps"] == 9  # 20 samples per rank in batches of 8
@@ -108,7 +116,7 @@ def test_killed_two_rank_run_resumes_to_the_same_weights(tmp_path, stores):
     proc.wait()
     while subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).returncode == 0:
         time.sleep(0.05)
-    from train.checkpoint import latest_checkpoint
+    from mmkd.train.checkpoint import latest_checkpoint
 
     killed_at = int(latest_checkpoint(run_dir).name.removeprefix("step_"))
     assert killed_at < 60, "the run finished before it could be killed"

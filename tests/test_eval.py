@@ -13,9 +13,9 @@ from mmkd_core.errors import MmkdError
 from mmkd_core.metrics import DEFAULT_GENDER_TERMS, DEFAULT_PROFESSIONS
 from mmkd_core.students import create_student, save_student
 from mmkd_core.teachers.base import ImagePreprocess
-from evaluate.encoders import Encoder, load_encoder
-from evaluate.cli import app
-from evaluate.tasks import (
+from mmkd.evaluate.encoders import Encoder, load_encoder
+from mmkd.evaluate.cli import app
+from mmkd.evaluate.tasks import (
     EvalConfig,
     available_paraphrase_splits,
     eval_bias,

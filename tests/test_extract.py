@@ -4,8 +4,8 @@ import torch
 import zarr
 from reference import reference_targets
 
-from extract.config import ExtractConfig
-from extract.run import extract
+from mmkd.extract.config import ExtractConfig
+from mmkd.extract.run import extract
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import open_store
 
@@ -25,7 +25,7 @@ def test_minilm_store_matches_independent_recipe(tmp_path, minilm):
     assert a["recipe"]["layers"] == [3, 4, 5] and a["recipe"]["pool"] == "teacher_mean"
     assert a["teacher"]["name"] == "minilm-l6" and len(a["teacher"]["weights_sha256"]) == 64
     assert a["dataset"]["num_samples"] == 60 and a["storage"]["dtype"] == "float32"
-    from data import create_dataset
+    from mmkd.data import create_dataset
 
     ds = create_dataset("shapes", count=60)
     model = minilm.model
@@ -50,7 +50,7 @@ def test_batch_size_does_not_change_targets(tmp_path, minilm):
 
 def test_resume_after_interrupt_equals_uninterrupted(tmp_path, minilm, monkeypatch):
     extract(cfg(tmp_path, "full.zarr"), show_progress=False)
-    from extract import run as run_mod
+    from mmkd.extract import run as run_mod
 
     real = run_mod.StoreWriter.write_shard
     calls = {"n": 0}

@@ -3,9 +3,9 @@ import pytest
 import timm
 import torch
 
-from data import create_dataset
-from extract.config import ExtractConfig
-from extract.run import extract
+from mmkd.data import create_dataset
+from mmkd.extract.config import ExtractConfig
+from mmkd.extract.run import extract
 from mmkd_core.store import open_store
 from mmkd_core.targets import make_targets, pool_targets
 from mmkd_core.teachers import create_teacher

@@ -58,7 +58,7 @@ def _error_line(result) -> str:
 
 
 def _extract(tmp_path, *args):
-    from extract.cli import app
+    from mmkd.extract.cli import app
 
     return CliRunner().invoke(app, ["--out", str(tmp_path / "s.zarr"), "--quiet", "--chunk-size", "2",
                                     "--shard-size", "4", *args])
@@ -132,7 +132,7 @@ def test_bad_images_name_the_file(tmp_path, beit, kind, workers):
 
 
 def test_image_modes_are_converted(tmp_path, beit):
-    from data.files import open_rgb
+    from mmkd.data.files import open_rgb
 
     modes = ("CMYK", "RGBA", "L", "LA", "P", "1", "I;16", "RGB")
     root = _folder(tmp_path / "imgs", modes=modes)
@@ -166,9 +166,9 @@ def test_bad_idx_files(tmp_path, beit, kind):
 
 
 def test_train_refuses_what_is_not_a_finished_store(tmp_path, bert):
-    from extract.config import ExtractConfig
-    from extract.run import extract
-    from train.cli import app
+    from mmkd.extract.config import ExtractConfig
+    from mmkd.extract.run import extract
+    from mmkd.train.cli import app
 
     (tmp_path / "notastore").mkdir()
     (tmp_path / "t.txt").write_text("".join(f"a cat sat on the mat {i}\n" for i in range(12)))
@@ -243,11 +243,21 @@ def test_worker_wrapped_error_becomes_its_own_line():
 # ------------------------------------------------------------------------------------------- real processes
 
 
+def _shards_done(out: Path, k: int):
+    """True once k shards are marked done: the fault lands mid-store, whatever the machine's speed."""
+    def check() -> bool:
+        try:
+            return sum(1 for _ in os.scandir(out / "shards_done" / "c")) >= k
+        except FileNotFoundError:
+            return False
+    return check
+
+
 def test_sigterm_during_extraction_says_how_to_continue(ws):
     d = ws.trial_dir("sigterm")
     out = d / "s.zarr"
-    # batches of one: the work lasts long enough for the signal to land inside it
-    o = fs.run_faulted(ws.text_cmd(out, "--batch-size", "1"), d, marker=out.exists, delay=0.3, sig=signal.SIGTERM)
+    o = fs.run_faulted(ws.text_cmd(out, "--batch-size", "1"), d, marker=out.exists, sig=signal.SIGTERM,
+                       trigger=_shards_done(out, 3))
     assert o.signalled
     assert fs.one_error_line(o, "run the same command again") is None, o.text[-2000:]
     assert o.rc == 143
@@ -256,12 +266,12 @@ def test_sigterm_during_extraction_says_how_to_continue(ws):
 
 def test_kill_9_during_extraction_then_rerun_equals_uninterrupted(ws):
     ref = ws.root / "ref.zarr"
-    cmd_ref = ws.text_cmd(ref, "--batch-size", "2")
+    cmd_ref = ws.text_cmd(ref, "--batch-size", "1")
     assert fs.run(cmd_ref, ws.root).rc == 0
     d = ws.trial_dir("kill")
     out = d / "s.zarr"
-    cmd = ws.text_cmd(out, "--batch-size", "2")
-    o = fs.run_faulted(cmd, d, marker=out.exists, delay=0.3, sig=signal.SIGKILL, group=True)
+    cmd = ws.text_cmd(out, "--batch-size", "1")
+    o = fs.run_faulted(cmd, d, marker=out.exists, sig=signal.SIGKILL, group=True, trigger=_shards_done(out, 5))
     assert o.signalled and o.rc == -signal.SIGKILL
     assert fs.store_state(out) != "complete"
     o2, _ = fs.continue_extract(ws, cmd, d, out)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mmkd_core.store import Layout, StoreWriter
-from train.loader import PlanSpec, StoreBatches, epoch_plan, make_loader, num_batches
+from mmkd.train.loader import PlanSpec, StoreBatches, epoch_plan, make_loader, num_batches
 
 CONFIG = {"teacher": {"name": "t"}, "recipe": {}, "preprocess": {}, "views": {"count": 3}, "dataset": {"name": "d"}}
 

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mmkd_core.errors import MmkdError
-from train.loader import PlanSpec, check_plan, epoch_plan, num_batches, plan_batches
+from mmkd.train.loader import PlanSpec, check_plan, epoch_plan, num_batches, plan_batches
 
 plans = st.builds(
     lambda n, chunk, batch, world, buffer_runs, seed, by_length: PlanSpec(

@@ -7,11 +7,11 @@ from conftest import WORDS, save_tiny_bert
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from extract.config import ExtractConfig
-from extract.run import extract
+from mmkd.extract.config import ExtractConfig
+from mmkd.extract.run import extract
 from mmkd_core.errors import MmkdError
-from train.config import TrainConfig
-from train.loop import train
+from mmkd.train.config import TrainConfig
+from mmkd.train.loop import train
 
 TINY_STUDENT = {"num_heads": 2}
 
@@ -67,7 +67,7 @@ def test_text_student_trains_and_exports_to_transformers(tmp_path, text_store, b
 
 def test_resume_continues_exactly(tmp_path, text_store, monkeypatch):
     full = train(_cfg(tmp_path / "a", text_store))
-    from train import loop
+    from mmkd.train import loop
 
     real = loop.save_checkpoint
 
@@ -109,7 +109,7 @@ def test_random_init_and_head_prediction(tmp_path, text_store):
 
 
 def test_cli_trains_and_reports_errors_in_one_line(tmp_path, text_store):
-    from train.cli import app
+    from mmkd.train.cli import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["--targets", str(text_store), "--depth", "1", "--steps", "3", "--batch-size", "8",
@@ -125,8 +125,8 @@ def test_cli_trains_and_reports_errors_in_one_line(tmp_path, text_store):
 
 def test_embedded_default_path_multimodal(tmp_path, minilm):
     """mmkd-extract's default (MiniLM over shapes captions) then mmkd-train on it, at toy size."""
-    from extract.cli import app as extract_app
-    from train.cli import app as train_app
+    from mmkd.extract.cli import app as extract_app
+    from mmkd.train.cli import app as train_app
 
     runner = CliRunner()
     store = tmp_path / "mm.zarr"
@@ -149,7 +149,7 @@ def test_embedded_default_path_multimodal(tmp_path, minilm):
 
 def test_memory_bank_holds_store_targets(text_store):
     from mmkd_core.store import open_store
-    from train.loop import memory_bank
+    from mmkd.train.loop import memory_bank
 
     reader = open_store(text_store)
     bank, index = memory_bank(reader, 20, seed=0, epoch=3)

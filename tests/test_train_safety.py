@@ -11,13 +11,13 @@ from conftest import WORDS, save_tiny_bert
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from extract.config import ExtractConfig
-from extract.run import extract
+from mmkd.extract.config import ExtractConfig
+from mmkd.extract.run import extract
 from mmkd_core.errors import MmkdError
-from train.checkpoint import KEEP, latest_checkpoint, load_checkpoint, save_checkpoint
-from train.cli import app
-from train.config import TrainConfig
-from train.loop import _param_groups, train
+from mmkd.train.checkpoint import KEEP, latest_checkpoint, load_checkpoint, save_checkpoint
+from mmkd.train.cli import app
+from mmkd.train.config import TrainConfig
+from mmkd.train.loop import _param_groups, train
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_resume_without_flags_is_the_same_run_and_differing_flags_are_refused(tm
     args = ["--targets", str(store), "--depth", "1", "--batch-size", "8", "--lr", "3e-3", "--seed", "5", "--steps",
             "12", "--ckpt-every", "4", "--quiet"]
     assert runner.invoke(app, [*args, "--run-dir", str(tmp_path / "full")]).exit_code == 0
-    from train import loop
+    from mmkd.train import loop
 
     real = loop.save_checkpoint
     with pytest.MonkeyPatch.context() as mp:

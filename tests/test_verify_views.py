@@ -6,14 +6,14 @@ import PIL
 import pytest
 import zarr
 
-from data import create_dataset
-from extract.config import ExtractConfig
-from extract.run import extract
+from mmkd.data import create_dataset
+from mmkd.extract.config import ExtractConfig
+from mmkd.extract.run import extract
 from mmkd_core import views
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import open_store
 from mmkd_core.views import CHECKSUM_RULE, render, render_versions, view_checksum, view_spec
-from train.verify_views import verify_views
+from mmkd.train.verify_views import verify_views
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 DATA = {"count": 12, "resolution": 40}
@@ -141,7 +141,7 @@ def test_sample_is_deterministic_and_none_checks_every_view(extracted, source, m
 def test_store_without_checksums_warns_once(store, source, caplog):
     shutil.rmtree(store / "view_checksum")  # as extracted before checksums existed
     r = open_store(store)
-    with caplog.at_level(logging.WARNING, logger="train.verify_views"):
+    with caplog.at_level(logging.WARNING, logger="mmkd.train.verify_views"):
         verify_views(r, source, None)
         verify_views(r, source, None, sample=None)
     warnings = [rec for rec in caplog.records if rec.levelno == logging.WARNING]

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from mmkd.data import create_dataset
 
-from data import create_dataset
 from mmkd_core.errors import MmkdError
 from mmkd_core.students import create_student
 from mmkd_core.teachers import create_teacher

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from mmkd_core.cli_utils import guarded, parse_options, setup_logging
+from mmkd_core.errors import MmkdError
 from mmkd_core.progress import console
 
 from .config import TrainConfig
@@ -45,6 +48,8 @@ def main_command(
     grad_clip: float = typer.Option(1.0, help="Max gradient norm (0: off)."),
     autocast: str = typer.Option("none", help="none or bfloat16."),
     workers: int = typer.Option(0, help="DataLoader processes."),
+    nproc: int = typer.Option(1, help="Train with N DDP ranks on this machine (torchrun started for you); "
+                              "or launch `torchrun --nproc-per-node N $(which mmkd-train) ...` yourself."),
     seed: int = typer.Option(0, help="Seed of init, data order and views."),
     run_dir: Path = typer.Option(None, help="Output directory (default runs/<store name>)."),
     resume: bool = typer.Option(False, help="Continue the run in --run-dir from its last checkpoint."),
@@ -62,6 +67,8 @@ def main_command(
 ) -> None:
     """Train a student from cached targets."""
     setup_logging(verbose)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # main() launches the ranks; only a library call lands here
+        raise MmkdError("--nproc: start ranks through the mmkd-train command, or call it under torchrun")
     cfg = TrainConfig(
         targets=targets, student=student, depth=depth,
         student_options=parse_options(student_option, "--student-option"), init=init, init_weights=init_weights,
@@ -94,7 +101,36 @@ def _given(ctx: typer.Context) -> set[str]:
             if getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"}
 
 
+def _nproc(argv: list[str]) -> tuple[int, list[str]]:
+    """``--nproc N`` taken out of the arguments: (N, the rest)."""
+    n, rest, i = 1, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--nproc" and i + 1 < len(argv):
+            n, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--nproc="):
+            n = a.partition("=")[2]
+        else:
+            rest.append(a)
+        i += 1
+    try:
+        return int(n), rest
+    except ValueError:
+        raise MmkdError(f"--nproc {n!r}: expected a number of ranks") from None
+
+
 def main() -> None:
+    """The console script: with ``--nproc N`` (N > 1) it runs itself under torchrun with N ranks."""
+    try:
+        n, rest = _nproc(sys.argv[1:])
+    except MmkdError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise SystemExit(2) from None
+    if n > 1 and "WORLD_SIZE" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+               "-m", "mmkd.train.cli", *rest]
+        os.execv(sys.executable, cmd)  # torchrun takes this process's place: signals reach it and its ranks
     app()
 
 

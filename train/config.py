@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evaluate import check_run_task
+from mmkd.evaluate import check_run_task
+
 from mmkd_core.errors import MmkdError
 
 STUDENT_KINDS = ("auto", "text", "vit", "beit", "multimodal")
