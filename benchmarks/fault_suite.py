@@ -329,13 +329,16 @@ class Workspace:
                 "--steps", str(steps or self.train_steps), "--ckpt-every", "2", "--batch-size", "8",
                 "--log-every", "2", "--quiet", *extra]
 
+    def ref_path(self, name: str) -> Path:
+        d = self.root / "ref"
+        return {"text": d / "text.zarr", "image": d / "image.zarr", "train": d / "train-run",
+                "image-train": d / "image-train-run"}[name]
+
     # the references, built once on first use
     def ref(self, name: str) -> Path:
         d = self.root / "ref"
         d.mkdir(exist_ok=True)
-        paths = {"text": d / "text.zarr", "image": d / "image.zarr", "train": d / "train-run",
-                 "image-train": d / "image-train-run"}
-        path = paths[name]
+        path = self.ref_path(name)
         if name not in self.refs:
             if name in ("train", "image-train"):
                 store = self.ref("text" if name == "train" else "image")
@@ -468,7 +471,7 @@ def trial_kill_train(ws: Workspace, rng: random.Random, in_checkpoint: bool) -> 
     problem = weights_diff(ref_run, run_dir)
     if problem:
         return f"killed {when}; after {shell(o2.cmd[1:])}: {problem}", None
-    return None, how or note
+    return None, how or note or (f"killed {when}" if in_checkpoint else None)
 
 
 def trial_signal(ws: Workspace, command: str, sig: int, rng: random.Random) -> tuple[str | None, str | None]:
@@ -718,7 +721,8 @@ class Case:
     succeed: bool = False  # a fault the tools must absorb (images in other modes)
 
 
-def bad_input_cases(ws: Workspace) -> list[Case]:
+def make_bad_inputs(ws: Workspace) -> None:
+    """The files of ``bad_input_cases``, under ``<root>/bad``."""
     b = ws.root / "bad"
     shutil.rmtree(b, ignore_errors=True)
     b.mkdir(parents=True)
@@ -747,8 +751,15 @@ def bad_input_cases(ws: Workspace) -> list[Case]:
     (b / "plain.txt").write_text("not a store\n")
     (b / "out-is-a-file").write_text("x\n")
     (b / "bad.pth").write_bytes(os.urandom(4096))
-    incomplete = make_incomplete(ws.ref("text"), b / "incomplete.zarr")
-    store = ws.ref("text")
+    make_incomplete(ws.ref("text"), b / "incomplete.zarr")
+
+
+def bad_input_cases(ws: Workspace) -> list[Case]:
+    """The cases, by paths only: ``make_bad_inputs`` writes their files."""
+    b = ws.root / "bad"
+    cap = b / "captions"
+    incomplete = b / "incomplete.zarr"
+    store = ws.ref_path("text")
 
     def out(name: str) -> Path:
         return b / f"{name}.zarr"
@@ -931,6 +942,9 @@ def stale_trials(ws: Workspace, ch: Change) -> list[tuple[str | None, str | None
     return results
 
 
+RANDOM_WEIGHTS_ROW = "stale store: --random-weights, interrupted and re-run"
+
+
 def random_weights_trial(ws: Workspace) -> list[tuple[str | None, str | None]]:
     """An interrupted --random-weights extraction, re-run: it must finish with the teacher it began with
     (or refuse). The store records ``weights_sha256: random`` whatever the weights were."""
@@ -1038,7 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
         if items:
             print(f"  {len(items)} checks done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
-    try:
+    def kill_rows() -> None:
         trial_row("kill -9 mmkd-extract (text) -> re-run", trials, lambda: trial_kill_extract(ws, "text", rng))
         trial_row("kill -9 mmkd-extract (images, 3 views) -> re-run", trials,
                   lambda: trial_kill_extract(ws, "image", rng))
@@ -1047,24 +1061,36 @@ def main(argv: list[str] | None = None) -> int:
                   lambda: trial_kill_train(ws, rng, in_checkpoint=False))
         trial_row("kill -9 mmkd-train inside a checkpoint write -> --resume", n_ckpt,
                   lambda: trial_kill_train(ws, rng, in_checkpoint=True))
-        if wanted("disk full"):
-            disk = DiskFull(root / "disk", args.disk)
-            try:
-                need = measure_need(ws, disk)
-                how = ("ballast on a 16 MiB tmpfs" if disk.mode == "tmpfs"
-                       else "ENOSPC from zarr's writes past a byte budget")
-                notes.append(f"disk full: {disk.mode} ({how}); a store needs {need:,} bytes there; budgets drawn "
-                             f"from 0..{need:,}")
-                trial_row(f"disk full during mmkd-extract ({disk.mode}) -> free space -> re-run", trials,
-                          lambda: trial_disk_full(ws, disk, need, rng))
-            finally:
-                disk.close()
+
+    def disk_rows() -> None:
+        if not wanted("disk full during mmkd-extract"):
+            return
+        disk = DiskFull(root / "disk", args.disk)
+        try:
+            need = measure_need(ws, disk)
+            how = ("ballast on a 16 MiB tmpfs" if disk.mode == "tmpfs"
+                   else "ENOSPC from zarr's writes past a byte budget")
+            notes.append(f"disk full: {disk.mode} ({how}); a store needs {need:,} bytes there; budgets drawn "
+                         f"from 0..{need:,}")
+            trial_row(f"disk full during mmkd-extract ({disk.mode}) -> free space -> re-run", trials,
+                      lambda: trial_disk_full(ws, disk, need, rng))
+        finally:
+            disk.close()
+
+    def signal_rows() -> None:
         for command in ("extract", "train"):
             for sig, how in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C (SIGINT)")):
                 trial_row(f"{how} during mmkd-{command} -> continue as told", trials,
                           lambda c=command, s=sig: trial_signal(ws, c, s, rng))
+
+    def bad_input_rows() -> None:
         cases = [c for c in bad_input_cases(ws) if wanted(f"bad input: {c.name}")]
+        if not cases:
+            return
+        make_bad_inputs(ws)
         parallel_rows([(f"bad input: {c.name}", lambda c=c: [check_case(c, ws.root)]) for c in cases])
+
+    def stale_rows() -> None:
         changes = [ch for ch in CHANGES if wanted(f"stale store: {ch.name}")]
         for ch in changes:  # the references first, built once: the checks below run side by side
             ws.ref(ch.kind)
@@ -1074,7 +1100,15 @@ def main(argv: list[str] | None = None) -> int:
             parallel_rows([(f"stale store: {ch.name}", lambda ch=ch: stale_trials(ws, ch))])
         parallel_rows([(f"stale store: {ch.name}", lambda ch=ch: stale_trials(ws, ch))
                        for ch in changes if ch.prepare is None]
-                      + [("stale store: --random-weights, interrupted and re-run", lambda: random_weights_trial(ws))])
+                      + [(RANDOM_WEIGHTS_ROW, lambda: random_weights_trial(ws))])
+
+    try:
+        for section in (kill_rows, disk_rows, signal_rows, bad_input_rows, stale_rows):
+            try:
+                section()
+            except Exception as e:  # noqa: BLE001 - a section that cannot run is a row that lost its answer
+                rows.append(Row(f"{section.__name__.removesuffix('_rows').replace('_', ' ')}: could not run", 1, 0,
+                                [f"{type(e).__name__}: {str(e)[-1500:]}"]))
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
