@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from mmkd.data import create_dataset
+
 from mmkd_core.errors import MmkdError
 from mmkd_core.progress import progress_bar
 from mmkd_core.store import Layout, StoreWriter, open_store
@@ -62,6 +62,36 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
     dataset = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split, **cfg.dataset_options)
     teacher = create_teacher(cfg.teacher, cfg.weights, random_init=cfg.random_weights, device=cfg.device,
                              **cfg.teacher_options)
+    _check_modalities(cfg, teacher, dataset)
+    n = min(len(dataset), cfg.limit or len(dataset))
+    source = TextSource(dataset, teacher, n) if teacher.modality == "text" else \
+        ImageSource(dataset, teacher, n, cfg.views, cfg.seed, cfg.crop_scale, cfg.workers)
+    recipe = _recipe(cfg, teacher)
+    layout = _layout(cfg, teacher, source, recipe, n)
+    writer = _open_writer(cfg, dataset, teacher, source, recipe, layout, n)
+    todo = [k for k in range(layout.num_shards) if k not in writer.done_shards()]
+    start = time.perf_counter()
+    # the writer is closed (its lock released) on leaving this block, after the shard in flight has landed
+    with writer, ShardQueue(writer, source) as queue, progress_bar(
+        f"extract {cfg.teacher} → {cfg.out.name}", total=n, completed=n - _samples(layout, todo),
+        enabled=show_progress,
+    ) as advance:
+        try:
+            _run_teacher(cfg, teacher, source, recipe, layout, todo, queue, advance)
+        except KeyboardInterrupt:
+            queue.drain()  # let the shard in flight land; it is marked done only once written
+            raise MmkdError(
+                f"interrupted: {len(writer.done_shards())} of {layout.num_shards} shards of {cfg.out} are written; "
+                "run the same command again to continue"
+            ) from None
+        complete = writer.finish()
+    return ExtractSummary(path=str(cfg.out), samples=n, views=source.views, shards_written=len(todo),
+                          shards_total=layout.num_shards, samples_written=_samples(layout, todo),
+                          seconds=time.perf_counter() - start, bytes_on_disk=open_store(cfg.out).nbytes_stored(),
+                          complete=complete)
+
+
+def _check_modalities(cfg: ExtractConfig, teacher, dataset) -> None:
     if teacher.modality == "text" and dataset.modality not in ("text", "image_text"):
         raise MmkdError(f"--teacher {cfg.teacher} reads text but dataset {cfg.dataset!r} has none")
     if teacher.modality == "image" and dataset.modality not in ("image", "image_text"):
@@ -69,23 +99,24 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
     if teacher.modality == "text" and cfg.views != 1:
         raise MmkdError(f"--views {cfg.views}: text has one view")
 
-    n = min(len(dataset), cfg.limit or len(dataset))
-    layers = select_layers(cfg.layers, teacher.num_layers)
-    pool = cfg.pool or ("teacher_mean" if teacher.modality == "text" else "teacher_cls")
-    if teacher.modality == "text":
-        source = TextSource(dataset, teacher, n)
-    else:
-        source = ImageSource(dataset, teacher, n, cfg.views, cfg.seed, cfg.crop_scale, cfg.workers)
 
-    recipe = {"layers": layers, "instance_norm": cfg.instance_norm, "layer_norm": cfg.layer_norm, "pool": pool,
-              "tokens": not cfg.pooled_only, "autocast": cfg.autocast}
+def _recipe(cfg: ExtractConfig, teacher) -> dict:
+    pool = cfg.pool or ("teacher_mean" if teacher.modality == "text" else "teacher_cls")
+    return {"layers": select_layers(cfg.layers, teacher.num_layers), "instance_norm": cfg.instance_norm,
+            "layer_norm": cfg.layer_norm, "pool": pool, "tokens": not cfg.pooled_only, "autocast": cfg.autocast}
+
+
+def _layout(cfg: ExtractConfig, teacher, source, recipe: dict, n: int) -> Layout:
     # one forward pass on the first sample gives T (images), D and the pooled width E
     with torch.inference_mode():
         probe = _targets(teacher, source.probe_batch(), recipe, cfg)
-    layout = Layout(num_samples=n, views=source.views, time_steps=source.time_steps(probe), dim=teacher.hidden_size,
-                    pooled_dim=probe["pooled"].shape[-1], dtype=cfg.dtype, store_tokens=not cfg.pooled_only,
-                    input_ids=teacher.modality == "text", view_params=source.view_params,
-                    chunk_size=cfg.chunk_size, shard_size=cfg.shard_size)
+    return Layout(num_samples=n, views=source.views, time_steps=source.time_steps(probe), dim=teacher.hidden_size,
+                  pooled_dim=probe["pooled"].shape[-1], dtype=cfg.dtype, store_tokens=not cfg.pooled_only,
+                  input_ids=teacher.modality == "text", view_params=source.view_params,
+                  chunk_size=cfg.chunk_size, shard_size=cfg.shard_size)
+
+
+def _open_writer(cfg: ExtractConfig, dataset, teacher, source, recipe: dict, layout: Layout, n: int) -> StoreWriter:
     dataset_attrs = {"options": cfg.dataset_options, **dataset.describe(), "modality": dataset.modality,
                      "fingerprint": dataset.fingerprint(),
                      "num_samples": n, "limit": cfg.limit, "source_size": len(dataset)}
@@ -93,57 +124,62 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
               "views": source.describe_views(), "dataset": dataset_attrs}
     # where the data was read is recorded for the loader, not compared: moving the data is fine
     data_root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None
-    writer = StoreWriter.open(cfg.out, layout, config, library_versions(), overwrite=cfg.overwrite,
-                              extra={"data_root": data_root, **source.extra_attrs()})
-    todo = [k for k in range(layout.num_shards) if k not in writer.done_shards()]
-    done_samples = n - sum(np.subtract(*layout.shard_range(k)[::-1]) for k in todo)
+    return StoreWriter.open(cfg.out, layout, config, library_versions(), overwrite=cfg.overwrite,
+                            extra={"data_root": data_root, **source.extra_attrs()})
 
-    start = time.perf_counter()
-    written = 0
-    pending: Future | None = None
-    shards = [(k, *layout.shard_range(k)) for k in todo]
-    # the writer is closed (its lock released) on leaving this block, after the pool has let the shard in flight land
-    with writer, ThreadPoolExecutor(max_workers=1) as pool_exec, progress_bar(
-        f"extract {cfg.teacher} → {cfg.out.name}", total=n, completed=done_samples, enabled=show_progress
-    ) as advance:
 
-        def submit(k: int, shard: dict[str, np.ndarray]) -> Future:
-            if pending is not None:
-                pending.result()  # at most one shard in flight: bounded memory
-            lo, hi = layout.shard_range(k)
-            return pool_exec.submit(writer.write_shard, k, source.finish_shard(shard, lo, hi))
+def _samples(layout: Layout, shards: list[int]) -> int:
+    return sum(hi - lo for lo, hi in map(layout.shard_range, shards))
 
+
+class ShardQueue:
+    """Writes finished shards on a background thread, at most one in flight (memory stays bounded by two
+    shards), so the teacher computes the next shard while the last one is compressed and written."""
+
+    def __init__(self, writer: StoreWriter, source) -> None:
+        self.writer, self.source = writer, source
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: Future | None = None
+
+    def put(self, k: int, shard: dict[str, np.ndarray]) -> None:
+        self.drain()
+        lo, hi = self.writer.layout.shard_range(k)
+        self._pending = self._pool.submit(self.writer.write_shard, k, self.source.finish_shard(shard, lo, hi))
+
+    def drain(self) -> None:
+        """Wait for the shard in flight; its error, if any, is raised here."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def __enter__(self) -> ShardQueue:
+        return self
+
+    def __exit__(self, *exc) -> None:
         try:
-            current, shard = None, None
-            with torch.inference_mode():
-                # one pass over every pending shard (one DataLoader for images); batches never straddle shards
-                for batch in source.batches(shards, cfg.batch_size):
-                    if batch["shard"] != current:
-                        if current is not None:
-                            pending = submit(current, shard)
-                            written += int(np.subtract(*layout.shard_range(current)[::-1]))
-                        current = batch["shard"]
-                        shard = _empty_shard(layout, *layout.shard_range(current))
-                    out = _targets(teacher, batch, recipe, cfg)
-                    _place(shard, batch, out, layout.shard_range(current)[0])
-                    advance(len(batch["positions"]) // source.views)
-            if current is not None:
-                pending = submit(current, shard)
-                written += int(np.subtract(*layout.shard_range(current)[::-1]))
-            if pending is not None:
-                pending.result()
-        except KeyboardInterrupt:
-            if pending is not None and not pending.done():
-                pending.result()  # let the shard in flight land; it is marked done only once written
-            raise MmkdError(
-                f"interrupted: {len(writer.done_shards())} of {layout.num_shards} shards of {cfg.out} are written; "
-                "run the same command again to continue"
-            ) from None
-        complete = writer.finish()
-    seconds = time.perf_counter() - start
-    return ExtractSummary(path=str(cfg.out), samples=n, views=source.views, shards_written=len(todo),
-                          shards_total=layout.num_shards, samples_written=written, seconds=seconds,
-                          bytes_on_disk=open_store(cfg.out).nbytes_stored(), complete=complete)
+            if exc[0] is None:
+                self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _run_teacher(cfg: ExtractConfig, teacher, source, recipe: dict, layout: Layout, todo: list[int],
+                 queue: ShardQueue, advance) -> None:
+    """One pass over every pending shard (one DataLoader for images); batches never straddle shards."""
+    current, shard = None, None
+    with torch.inference_mode():
+        for batch in source.batches([(k, *layout.shard_range(k)) for k in todo], cfg.batch_size):
+            if batch["shard"] != current:
+                if current is not None:
+                    queue.put(current, shard)
+                current = batch["shard"]
+                shard = _empty_shard(layout, *layout.shard_range(current))
+            out = _targets(teacher, batch, recipe, cfg)
+            _place(shard, batch, out, layout.shard_range(current)[0])
+            advance(len(batch["positions"]) // source.views)
+    if current is not None:
+        queue.put(current, shard)
+    queue.drain()
 
 
 def _plain(obj) -> dict:
