@@ -341,8 +341,6 @@ def init_multimodal(student: MultimodalStudent, image_from: Any = None, text_fro
     Returns:
         What was copied from where (recorded as ``init_info``).
     """
-    from timm.layers import resample_abs_pos_embed
-
     c = student.config
     info: dict[str, Any] = {"init": "pretrained", "vl_from": vl_from if c.vl_depth else None}
     img = _image_model(image_from) if image_from is not None else None
@@ -350,60 +348,82 @@ def init_multimodal(student: MultimodalStudent, image_from: Any = None, text_fro
     if c.mome and c.vl_depth and (img if vl_from == "image" else txt) is None:
         raise MmkdError(f"multimodal student: vl_from={vl_from!r} needs that model (image_init_from / text_init_from)")
     if img is not None:
-        need = c.image_depth + c.shared_depth
-        if len(img.blocks) < need:
-            raise MmkdError(f"multimodal student: image init model has {len(img.blocks)} blocks; needs {need}")
-        copy_state(student.patch_embed, img.patch_embed.state_dict(), "multimodal student patch embedding")
-        with torch.no_grad():
-            student.cls_token.copy_(img.cls_token)
-            if img.pos_embed is None:
-                logger.warning("multimodal student: the image init model has no absolute position embedding; "
-                               "pos_embed starts at zero (relative position bias is not carried over)")
-                student.pos_embed.zero_()
-            else:
-                pos = img.pos_embed
-                if getattr(img, "no_embed_class", False):
-                    pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
-                student.pos_embed.copy_(resample_abs_pos_embed(pos, new_size=list(student.patch_embed.grid_size),
-                                                               num_prefix_tokens=1))
-            if isinstance(img.norm, nn.LayerNorm):
-                student.image_norm.load_state_dict(img.norm.state_dict())
-        for i in range(c.image_depth):
-            copy_state(student.image_blocks[i], image_block_state(img.blocks[i]), f"image block {i}")
+        _init_image_tower(student, img)
         info["image"] = describe_source(image_from)
     if txt is not None:
-        text_shared = (c.shared_depth if c.vl_depth and vl_from == "text" else c.shared_depth - c.vl_depth)
-        need = c.text_depth + (text_shared if c.mome else 0)
-        if len(txt.encoder.layer) < need:
-            raise MmkdError(f"multimodal student: text init model has {len(txt.encoder.layer)} layers; needs {need}")
-        emb, off = txt.embeddings, position_offset(txt)
-        with torch.no_grad():
-            student.word_embeddings.weight.copy_(emb.word_embeddings.weight)
-            student.position_embeddings.weight.copy_(emb.position_embeddings.weight[off:off + c.max_position]
-                                                     + emb.token_type_embeddings.weight[0])
-            student.text_embed_norm.load_state_dict(emb.LayerNorm.state_dict())
-        for i in range(c.text_depth):
-            copy_state(student.text_blocks[i], bert_layer_state(txt.encoder.layer[i]), f"text block {i}")
+        _init_text_tower(student, txt, vl_from)
         info["text"] = describe_source(text_from)
-    scaled = c.init_values is not None
     for s, blk in enumerate(student.shared_blocks):
-        image_state = image_block_state(img.blocks[c.image_depth + s]) if img is not None else None
-        if not c.mome:
-            if image_state is not None:
-                copy_state(blk, image_state, f"shared block {s}")
-            continue
-        if image_state is not None:
-            shared = {k: v for k, v in image_state.items() if k.startswith(("norm1.", "attn.", "ls1."))}
-            copy_state(nn.ModuleDict({"norm1": blk.norm1, "attn": blk.attn, "ls1": blk.ls1}), shared,
-                       f"shared block {s} attention")
-        for name, expert in blk.experts.items():
-            origin = vl_from if name == "vl" else name
-            if origin == "image" and image_state is not None:
-                copy_state(expert, _expert_state(image_state, "norm2", scaled), f"shared block {s} {name} expert")
-            elif origin == "text" and txt is not None:
-                layer = bert_layer_state(txt.encoder.layer[c.text_depth + s])
-                copy_state(expert, _expert_state(layer, "norm1", scaled), f"shared block {s} {name} expert")
+        _init_shared_block(student, s, blk, img, txt, vl_from)
     return info
+
+
+def _init_image_tower(student: MultimodalStudent, img: nn.Module) -> None:
+    """Patch embedding, CLS, position embedding (resampled), image blocks and final norm from ``img``."""
+    from timm.layers import resample_abs_pos_embed
+
+    c = student.config
+    need = c.image_depth + c.shared_depth
+    if len(img.blocks) < need:
+        raise MmkdError(f"multimodal student: image init model has {len(img.blocks)} blocks; needs {need}")
+    copy_state(student.patch_embed, img.patch_embed.state_dict(), "multimodal student patch embedding")
+    with torch.no_grad():
+        student.cls_token.copy_(img.cls_token)
+        if img.pos_embed is None:
+            logger.warning("multimodal student: the image init model has no absolute position embedding; "
+                           "pos_embed starts at zero (relative position bias is not carried over)")
+            student.pos_embed.zero_()
+        else:
+            pos = img.pos_embed
+            if getattr(img, "no_embed_class", False):
+                pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+            student.pos_embed.copy_(resample_abs_pos_embed(pos, new_size=list(student.patch_embed.grid_size),
+                                                           num_prefix_tokens=1))
+        if isinstance(img.norm, nn.LayerNorm):
+            student.image_norm.load_state_dict(img.norm.state_dict())
+    for i in range(c.image_depth):
+        copy_state(student.image_blocks[i], image_block_state(img.blocks[i]), f"image block {i}")
+
+
+def _init_text_tower(student: MultimodalStudent, txt: nn.Module, vl_from: str) -> None:
+    """Word and position embeddings (token type 0 folded in), embedding norm and text blocks from ``txt``."""
+    c = student.config
+    text_shared = (c.shared_depth if c.vl_depth and vl_from == "text" else c.shared_depth - c.vl_depth)
+    need = c.text_depth + (text_shared if c.mome else 0)
+    if len(txt.encoder.layer) < need:
+        raise MmkdError(f"multimodal student: text init model has {len(txt.encoder.layer)} layers; needs {need}")
+    emb, off = txt.embeddings, position_offset(txt)
+    with torch.no_grad():
+        student.word_embeddings.weight.copy_(emb.word_embeddings.weight)
+        student.position_embeddings.weight.copy_(emb.position_embeddings.weight[off:off + c.max_position]
+                                                 + emb.token_type_embeddings.weight[0])
+        student.text_embed_norm.load_state_dict(emb.LayerNorm.state_dict())
+    for i in range(c.text_depth):
+        copy_state(student.text_blocks[i], bert_layer_state(txt.encoder.layer[i]), f"text block {i}")
+
+
+def _init_shared_block(student: MultimodalStudent, s: int, blk: nn.Module, img: nn.Module | None,
+                       txt: nn.Module | None, vl_from: str) -> None:
+    """Shared block ``s``: the image model's next block; with MoME its attention and image expert from it,
+    the text expert from the text model's next layer, the VL expert from ``vl_from``."""
+    c = student.config
+    image_state = image_block_state(img.blocks[c.image_depth + s]) if img is not None else None
+    if not c.mome:
+        if image_state is not None:
+            copy_state(blk, image_state, f"shared block {s}")
+        return
+    if image_state is not None:
+        shared = {k: v for k, v in image_state.items() if k.startswith(("norm1.", "attn.", "ls1."))}
+        copy_state(nn.ModuleDict({"norm1": blk.norm1, "attn": blk.attn, "ls1": blk.ls1}), shared,
+                   f"shared block {s} attention")
+    scaled = c.init_values is not None
+    for name, expert in blk.experts.items():
+        origin = vl_from if name == "vl" else name
+        if origin == "image" and image_state is not None:
+            copy_state(expert, _expert_state(image_state, "norm2", scaled), f"shared block {s} {name} expert")
+        elif origin == "text" and txt is not None:
+            layer = bert_layer_state(txt.encoder.layer[c.text_depth + s])
+            copy_state(expert, _expert_state(layer, "norm1", scaled), f"shared block {s} {name} expert")
 
 
 @STUDENTS.register("multimodal", "mome")
