@@ -594,14 +594,21 @@ class DiskFull:
         return {"PYTHONPATH": pp, "MMKD_FAULT_ROOT": str(self.mnt), "MMKD_FAULT_BUDGET": str(budget)}
 
 
-def trial_disk_full(ws: Workspace, disk: DiskFull, need: int, rng: random.Random) -> tuple[str | None, str | None]:
+def disk_budgets(n: int, need: int, mode: str, rng: random.Random) -> list[int]:
+    """Free bytes of each trial: none at all (the lock or the first metadata file fails), room for a few
+    metadata files (the store's creation fails midway), then random amounts up to a whole store."""
+    page = 4096 if mode == "tmpfs" else 400
+    edges = [0, 3 * page]
+    return (edges + [int(rng.uniform(0, need)) for _ in range(max(0, n - len(edges)))])[:n]
+
+
+def trial_disk_full(ws: Workspace, disk: DiskFull, budget: int) -> tuple[str | None, str | None]:
     ref = ws.ref("text")
     d = ws.trial_dir("disk-full")
     for p in disk.mnt.iterdir():
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     out = disk.mnt / "s.zarr"
     cmd = ws.text_cmd(out)
-    budget = int(rng.uniform(0, need))
     if disk.mode == "tmpfs":
         ballast = disk.fill(budget)
         o = run(cmd, d)
@@ -1070,10 +1077,11 @@ def main(argv: list[str] | None = None) -> int:
             need = measure_need(ws, disk)
             how = ("ballast on a 16 MiB tmpfs" if disk.mode == "tmpfs"
                    else "ENOSPC from zarr's writes past a byte budget")
-            notes.append(f"disk full: {disk.mode} ({how}); a store needs {need:,} bytes there; budgets drawn "
-                         f"from 0..{need:,}")
+            notes.append(f"disk full: {disk.mode} ({how}); a store needs {need:,} bytes there; free space per "
+                         f"trial: 0, room for a few metadata files, then drawn from 0..{need:,}")
+            budgets = iter(disk_budgets(trials, need, disk.mode, rng))
             trial_row(f"disk full during mmkd-extract ({disk.mode}) -> free space -> re-run", trials,
-                      lambda: trial_disk_full(ws, disk, need, rng))
+                      lambda: trial_disk_full(ws, disk, next(budgets)))
         finally:
             disk.close()
 

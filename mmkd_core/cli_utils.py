@@ -27,7 +27,8 @@ from .progress import console
 CONTINUE_HINT = "run the same command again to continue"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # torch's DataLoader re-raises a worker's exception with the worker's traceback folded into the message
-_WORKER_WRAPPED = re.compile(r"Original Traceback \(most recent call last\):.*?\n(?:[\w.]*\.)?\w+: (.*)\Z", re.S)
+# (the original message is the traceback's last line: "mmkd_core.errors.MmkdError: <message>")
+_WORKER_WRAPPED = re.compile(r"Original Traceback \(most recent call last\):.*\n(?:[\w.]*\.)?\w+: ([^\n]*)\n*\Z", re.S)
 
 
 def parse_options(items: list[str] | None, option: str) -> dict[str, Any]:
