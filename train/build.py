@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from mmkd.data import create_dataset
 
 from mmkd_core.errors import MmkdError
+from mmkd_core.registry import Registry
 from mmkd_core.students import create_student
 from mmkd_core.teachers import create_teacher
 from mmkd_core.teachers.base import ImagePreprocess
@@ -29,8 +31,8 @@ DEFAULT_LOSS = {
     "multimodal": "contrastive_kd=1,itc=1",
 }
 # A CPU-sized multimodal student: 48 px images in 16 px patches (shapes' 3x3 cells, one patch each), 128 wide.
-# Measured on the embedded default: i2t R@1 0.90 on held-out scenes after 420 s; 8 px patches at 48 px were
-# four times slower per step and reached 0.14 in the time that 16 px patches reached 0.27.
+# 8 px patches at 48 px were four times slower per step and reached i2t R@1 0.14 in the time that 16 px
+# patches reached 0.27; the README has the embedded default's measured R@1 and time.
 MULTIMODAL_DEFAULTS = {"img_size": 48, "patch_size": 16, "width": 128, "num_heads": 4, "text_num_heads": 4,
                        "image_depth": 4, "text_depth": 1, "shared_depth": 1, "max_position": 64}
 IMAGE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -83,76 +85,112 @@ class Built:
     preprocess: ImagePreprocess | None
 
 
+@dataclass
+class Context:
+    """What every student kind's builder reads: the run, the store, and the models around it."""
+
+    cfg: TrainConfig
+    reader: Any
+    attrs: dict[str, Any]
+    kind: str
+    depth: int
+    init_model: Any  # the model whose first blocks seed the student (None: random init)
+    arch_model: Any  # the model whose vocabulary and widths a random text student takes
+    heads: dict[str, Any]
+
+    @property
+    def init(self) -> str:
+        return "random" if self.cfg.init == "random" else "pretrained"
+
+
+# student kind -> builder(Context) -> Built; each kind registers what it needs, as teachers and datasets do
+BUILDERS: Registry[Callable[[Context], Built]] = Registry("student kind")
+
+
 def build(cfg: TrainConfig, reader) -> Built:
     """The student for a store (a StoreReader) and what feeds it."""
     attrs = reader.attrs
     kind = student_kind(cfg, attrs)
-    recipe = attrs["recipe"]
     d_teacher = attrs["teacher"]["num_layers"]
     depth = cfg.depth or max(1, d_teacher // 2)
-    pooled_dim = int(reader.group["pooled"].shape[-1])
     init_model = None if cfg.init == "random" else load_init_teacher(cfg, attrs)
     arch_model = init_model
     if cfg.init == "random" and attrs["teacher"]["modality"] == "text" and attrs["teacher"]["source"] != "random":
         # a random student still takes the teacher's vocabulary and widths, and its tokenizer
         name, weights = teacher_source(attrs)
         arch_model = create_teacher(name, weights)
-    opts: dict[str, Any] = dict(cfg.student_options)
-    heads = {"target_dim": attrs["teacher"]["hidden_size"], "pooled_dim": pooled_dim}
-    tokenizer = getattr(arch_model, "tokenizer", None)
-    source, image_spec, preprocess = None, None, None
-    if kind in ("text", "vit", "beit"):
-        n_recipe = len(recipe["layers"])
-        heads.update(token_pred=cfg.token_pred, instance_norm_layers=recipe["instance_norm"],
-                     layer_norm_targets=recipe["layer_norm"],
-                     recipe_layers="all" if n_recipe >= d_teacher else f"last:{min(n_recipe, depth)}")
-    if kind == "text":
-        if cfg.init == "random" and arch_model is not None:
-            from mmkd_core.students.text import bert_arch
+    heads = {"target_dim": attrs["teacher"]["hidden_size"], "pooled_dim": int(reader.group["pooled"].shape[-1])}
+    ctx = Context(cfg=cfg, reader=reader, attrs=attrs, kind=kind, depth=depth, init_model=init_model,
+                  arch_model=arch_model, heads=heads)
+    return BUILDERS.get(kind)(ctx)
 
-            opts = {**bert_arch(arch_model.model), **opts}
-        student = create_student("text", depth=depth, init="random" if cfg.init == "random" else "pretrained",
-                                 init_from=init_model, freeze_embeddings=cfg.freeze_embeddings, pool="mean",
-                                 **heads, **opts)
-    elif kind in ("vit", "beit"):
-        source = _source(cfg, attrs)
-        # the student reads the stored views: their size, and the teacher's patch grid (T = grid² + CLS)
-        size = int(attrs["views"]["size"])
-        grid = math.isqrt(int(reader.group["lengths"][0]) - 1)
-        opts = {"img_size": size, "patch_size": size // grid, **opts}
-        v = attrs["views"]
-        preprocess = ImagePreprocess(size=size, mean=tuple(v["mean"]), std=tuple(v["std"]),
-                                     interpolation=v["interpolation"], crop_pct=v["crop_pct"],
-                                     crop_mode=v.get("crop_mode", "center"))
-        student = create_student(kind, depth=depth, init="random" if cfg.init == "random" else "pretrained",
-                                 init_from=init_model, **heads, **opts)
-    elif kind == "multimodal":
-        if not reader.has("input_ids"):
-            raise MmkdError(f"{reader.path}: a multimodal student needs caption targets from a text teacher")
-        source = _source(cfg, attrs)
-        opts = {**MULTIMODAL_DEFAULTS, **opts}
-        if init_model is not None:  # widths come from the init model unless given
-            opts = {k: v for k, v in opts.items()
-                    if k not in ("width", "num_heads", "text_num_heads") or k in cfg.student_options}
-        if cfg.depth:
-            opts["image_depth"] = cfg.depth
-        heads.pop("target_dim")
-        text_init = init_model if init_model is not None and init_model.modality == "text" else None
-        if cfg.init == "random" and arch_model is not None:
-            from mmkd_core.students.multimodal import text_arch
 
-            opts = {"vocab_size": text_arch(arch_model.model)["vocab_size"], **opts}
-        student = create_student("multimodal", init="random" if text_init is None else "pretrained",
-                                 text_init_from=text_init, **heads, **opts)
-        mean, std = IMAGE_MEAN_STD
-        preprocess = ImagePreprocess(size=student.config.img_size, mean=mean, std=std, interpolation="bicubic",
-                                     crop_pct=1.0, crop_mode="squash")
-        # derived from the same record evaluation reads back, so training and evaluation render alike
-        image_spec = view_spec(preprocess)
-    else:  # pragma: no cover - TrainConfig validates the kind
-        raise MmkdError(f"--student {kind!r} is unknown")
-    return Built(student=student, kind=kind, tokenizer=tokenizer, source=source, image_spec=image_spec,
-                 preprocess=preprocess)
+def _token_heads(ctx: Context) -> dict[str, Any]:
+    """Heads of students that regress per-token targets: predict them through the store's own recipe."""
+    recipe, d_teacher = ctx.attrs["recipe"], ctx.attrs["teacher"]["num_layers"]
+    n_recipe = len(recipe["layers"])
+    return {**ctx.heads, "token_pred": ctx.cfg.token_pred, "instance_norm_layers": recipe["instance_norm"],
+            "layer_norm_targets": recipe["layer_norm"],
+            "recipe_layers": "all" if n_recipe >= d_teacher else f"last:{min(n_recipe, ctx.depth)}"}
+
+
+@BUILDERS.register("text")
+def _build_text(ctx: Context) -> Built:
+    opts: dict[str, Any] = dict(ctx.cfg.student_options)
+    if ctx.cfg.init == "random" and ctx.arch_model is not None:
+        from mmkd_core.students.text import bert_arch
+
+        opts = {**bert_arch(ctx.arch_model.model), **opts}
+    student = create_student("text", depth=ctx.depth, init=ctx.init, init_from=ctx.init_model,
+                             freeze_embeddings=ctx.cfg.freeze_embeddings, pool="mean", **_token_heads(ctx), **opts)
+    return Built(student=student, kind="text", tokenizer=getattr(ctx.arch_model, "tokenizer", None), source=None,
+                 image_spec=None, preprocess=None)
+
+
+@BUILDERS.register("vit")
+@BUILDERS.register("beit")
+def _build_image(ctx: Context) -> Built:
+    attrs = ctx.attrs
+    # the student reads the stored views: their size, and the teacher's patch grid (T = grid² + CLS)
+    size = int(attrs["views"]["size"])
+    grid = math.isqrt(int(ctx.reader.group["lengths"][0]) - 1)
+    opts = {"img_size": size, "patch_size": size // grid, **ctx.cfg.student_options}
+    v = attrs["views"]
+    preprocess = ImagePreprocess(size=size, mean=tuple(v["mean"]), std=tuple(v["std"]),
+                                 interpolation=v["interpolation"], crop_pct=v["crop_pct"],
+                                 crop_mode=v.get("crop_mode", "center"))
+    student = create_student(ctx.kind, depth=ctx.depth, init=ctx.init, init_from=ctx.init_model,
+                             **_token_heads(ctx), **opts)
+    return Built(student=student, kind=ctx.kind, tokenizer=getattr(ctx.arch_model, "tokenizer", None),
+                 source=_source(ctx.cfg, attrs), image_spec=None, preprocess=preprocess)
+
+
+@BUILDERS.register("multimodal")
+def _build_multimodal(ctx: Context) -> Built:
+    cfg, init_model = ctx.cfg, ctx.init_model
+    if not ctx.reader.has("input_ids"):
+        raise MmkdError(f"{ctx.reader.path}: a multimodal student needs caption targets from a text teacher")
+    source = _source(cfg, ctx.attrs)
+    opts = {**MULTIMODAL_DEFAULTS, **cfg.student_options}
+    if init_model is not None:  # widths come from the init model unless given
+        opts = {k: v for k, v in opts.items()
+                if k not in ("width", "num_heads", "text_num_heads") or k in cfg.student_options}
+    if cfg.depth:
+        opts["image_depth"] = cfg.depth
+    heads = {k: v for k, v in ctx.heads.items() if k != "target_dim"}
+    text_init = init_model if init_model is not None and init_model.modality == "text" else None
+    if cfg.init == "random" and ctx.arch_model is not None:
+        from mmkd_core.students.multimodal import text_arch
+
+        opts = {"vocab_size": text_arch(ctx.arch_model.model)["vocab_size"], **opts}
+    student = create_student("multimodal", init="random" if text_init is None else "pretrained",
+                             text_init_from=text_init, **heads, **opts)
+    mean, std = IMAGE_MEAN_STD
+    preprocess = ImagePreprocess(size=student.config.img_size, mean=mean, std=std, interpolation="bicubic",
+                                 crop_pct=1.0, crop_mode="squash")
+    # derived from the same record evaluation reads back, so training and evaluation render alike
+    return Built(student=student, kind="multimodal", tokenizer=getattr(ctx.arch_model, "tokenizer", None),
+                 source=source, image_spec=view_spec(preprocess), preprocess=preprocess)
 
 
 def _source(cfg: TrainConfig, attrs: dict[str, Any]):

@@ -66,8 +66,8 @@ class HeadConfig:
         target_dim: Width of the token targets; None = the student's width.
         pooled_dim: Width of the pooled target; None = the student's width.
         pool: ``"cls"`` (time step 0) or ``"mean"`` (masked mean) of ``last_hidden_state``, then a plain
-            ``nn.Linear`` to ``pooled_dim`` (default init, also when widths are equal: the pooled target
-            lives in the teacher's space, not the student's, so identity is no better a start).
+            ``nn.Linear`` to ``pooled_dim``; when the widths are equal it starts as the identity, so a
+            student cut from the teacher's first blocks begins with the truncated teacher's embedding.
         recipe_layers: Student blocks averaged by ``"recipe"``: ``"all"``, ``"last:K"``, an int K or indices.
         instance_norm_layers: As the store recipe's ``instance_norm``.
         layer_norm_targets: As the store recipe's ``layer_norm``.
