@@ -420,6 +420,26 @@ def trial_kill_extract(ws: Workspace, kind: str, rng: random.Random) -> tuple[st
     return None, lock_note or note
 
 
+def trial_creation(ws: Workspace, sig: int) -> tuple[str | None, str | None]:
+    """A signal the moment the store's directory appears, while its arrays are being created."""
+    ref = ws.ref("text")
+    d = ws.trial_dir(f"creation-{signal.Signals(sig).name}")
+    out = d / "s.zarr"
+    cmd = ws.text_cmd(out)
+    o = run_faulted(cmd, d, marker=out.exists, delay=0.0, sig=sig, group=True)
+    made = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    when = f"{signal.Signals(sig).name} when the store held {made}"
+    if sig != signal.SIGKILL and o.signalled:
+        problem = one_error_line(o, "run the same command again")
+        if problem:
+            return f"{when}: {problem}", None
+    o2, lock_note = continue_extract(ws, cmd, d, out)
+    if o2.rc != 0:
+        return f"{when}; re-running the same command failed: {o2.brief()}", None
+    problem = store_diff(ref, out)
+    return (f"{when}; after the re-run {problem}", None) if problem else (None, lock_note)
+
+
 def continue_train(ws: Workspace, cmd: list[str], cwd: Path, run_dir: Path, said: str = ""
                    ) -> tuple[Outcome, str | None]:
     """What a user does after an interrupted mmkd-train: --resume when a checkpoint exists (or the message
@@ -1064,6 +1084,9 @@ def main(argv: list[str] | None = None) -> int:
         trial_row("kill -9 mmkd-extract (images, 3 views) -> re-run", trials,
                   lambda: trial_kill_extract(ws, "image", rng))
         n_ckpt = max(1, trials // 2)
+        creation = iter([signal.SIGKILL, signal.SIGTERM])
+        trial_row("kill -9 / SIGTERM while the store's arrays are created -> re-run", 2,
+                  lambda: trial_creation(ws, next(creation)))
         trial_row("kill -9 mmkd-train at a random moment -> --resume", trials - n_ckpt if trials > 1 else 1,
                   lambda: trial_kill_train(ws, rng, in_checkpoint=False))
         trial_row("kill -9 mmkd-train inside a checkpoint write -> --resume", n_ckpt,
