@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from mmkd.data import create_dataset
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
 from mmkd.extract.sources import TextSource
+
 from mmkd_core.store import open_store
 from mmkd_core.teachers import create_teacher
 
@@ -52,15 +52,24 @@ def main() -> None:
         shard = 0
         for _ in range(args.repeats):
             for autocast in ("none", "bfloat16"):
-                cfg = ExtractConfig(dataset=name, data_root=root, dataset_options=opts, limit=args.n,
-                                    batch_size=args.batch_size, autocast=autocast, dtype="float32",
-                                    out=Path(tmp) / f"{autocast}.zarr", overwrite=True)
+                cfg = ExtractConfig(
+                    dataset=name,
+                    data_root=root,
+                    dataset_options=opts,
+                    limit=args.n,
+                    batch_size=args.batch_size,
+                    autocast=autocast,
+                    dtype="float32",
+                    out=Path(tmp) / f"{autocast}.zarr",
+                    overwrite=True,
+                )
                 s = extract(cfg, show_progress=False)
                 shard = open_store(cfg.out).shard_size
                 suffix = "" if autocast == "none" else "_bf16"
                 rows["extract" + suffix].append(s.seconds)
-                rows["bare" + suffix].append(bare_forward(teacher, source, args.n, args.batch_size, shard,
-                                                          autocast != "none"))
+                rows["bare" + suffix].append(
+                    bare_forward(teacher, source, args.n, args.batch_size, shard, autocast != "none")
+                )
         a = open_store(Path(tmp) / "none.zarr").read(0, args.n)
         b = open_store(Path(tmp) / "bfloat16.zarr").read(0, args.n)
         m = np.arange(a["tokens"].shape[2])[None] < a["lengths"][:, None]
@@ -69,16 +78,20 @@ def main() -> None:
         pa, pb = a["pooled"][:, 0], b["pooled"][:, 0]
         pcos = (pa * pb).sum(-1) / np.linalg.norm(pa, axis=-1) / np.linalg.norm(pb, axis=-1)
     med = {k: statistics.median(v) for k, v in rows.items()}
-    print(f"\nminilm-l6 over {args.n} {'WordNet sentences' if root else 'shapes captions'}, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
+    print(
+        f"\nminilm-l6 over {args.n} {'WordNet sentences' if root else 'shapes captions'}, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}\n"
+    )
     print("| measure | value | goal |\n|---|---|---|")
     print(f"| extraction loop / bare teacher forward (fp32) | {med['extract'] / med['bare']:.3f} | <= 1.05 |")
     print(f"| extraction loop / bare teacher forward (bf16) | {med['extract_bf16'] / med['bare_bf16']:.3f} | <= 1.05 |")
     print(f"| bf16 autocast speed-up over fp32 (extraction) | {med['extract'] / med['extract_bf16']:.2f}x | |")
     print(f"| token-target cosine bf16 vs fp32: median / worst | {np.median(cos):.5f} / {cos.min():.5f} | |")
     print(f"| pooled-target cosine bf16 vs fp32: median / worst | {np.median(pcos):.5f} / {pcos.min():.5f} | |")
-    print(f"| seconds: bare {med['bare']:.2f}, extract {med['extract']:.2f}, bare bf16 {med['bare_bf16']:.2f}, "
-          f"extract bf16 {med['extract_bf16']:.2f} | | |")
+    print(
+        f"| seconds: bare {med['bare']:.2f}, extract {med['extract']:.2f}, bare bf16 {med['bare_bf16']:.2f}, "
+        f"extract bf16 {med['extract_bf16']:.2f} | | |"
+    )
 
 
 if __name__ == "__main__":

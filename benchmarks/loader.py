@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 import torch
-
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
-from mmkd_core.store import open_store
-from mmkd_core.teachers import create_teacher
 from mmkd.train.config import TrainConfig
 from mmkd.train.loader import PlanSpec, StoreBatches
 from mmkd.train.loop import train
+
+from mmkd_core.store import open_store
+from mmkd_core.teachers import create_teacher
 
 SENTENCES = Path(__file__).resolve().parents[2] / "shared" / "data" / "wordnet" / "sentences.txt"
 
@@ -57,13 +57,23 @@ def main() -> None:
     rows: dict[str, list[float]] = {k: [] for k in ("stream", "ram", "online", "raw", "loader", "teacher", "step")}
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "s.zarr"
-        extract(ExtractConfig(dataset=name, data_root=root, dataset_options=opts, limit=args.n, out=store),
-                show_progress=False)
+        extract(
+            ExtractConfig(dataset=name, data_root=root, dataset_options=opts, limit=args.n, out=store),
+            show_progress=False,
+        )
         teacher = create_teacher("minilm-l6")
         for r in range(args.repeats):
+
             def cfg(tag: str, r: int = r) -> TrainConfig:
-                return TrainConfig(targets=store, depth=args.depth, epochs=1, batch_size=args.batch_size,
-                                   run_dir=Path(tmp) / f"{tag}{r}", progress=False, ckpt_every=10**9)
+                return TrainConfig(
+                    targets=store,
+                    depth=args.depth,
+                    epochs=1,
+                    batch_size=args.batch_size,
+                    run_dir=Path(tmp) / f"{tag}{r}",
+                    progress=False,
+                    ckpt_every=10**9,
+                )
 
             rows["stream"].append(train(cfg("stream")).seconds)
             rows["ram"].append(train(cfg("ram"), in_memory=True).seconds)
@@ -79,16 +89,22 @@ def main() -> None:
             rows["teacher"].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in rows.items() if v}
     n = args.n
-    print(f"\n{n} {'WordNet sentences' if root else 'shapes captions'}, MiniLM targets (float16), {args.depth}-block "
-          f"text student, batch {args.batch_size}, {torch.get_num_threads()} threads, median of {args.repeats}\n")
+    print(
+        f"\n{n} {'WordNet sentences' if root else 'shapes captions'}, MiniLM targets (float16), {args.depth}-block "
+        f"text student, batch {args.batch_size}, {torch.get_num_threads()} threads, median of {args.repeats}\n"
+    )
     print("| measure | value | goal |\n|---|---|---|")
     print(f"| training epoch streamed / all targets in RAM | {med['stream'] / med['ram']:.3f} | <= 1.05 |")
     print(f"| loader samples/s / raw sequential read samples/s | {med['raw'] / med['loader']:.3f} | >= 0.8 |")
     print(f"| online-teacher epoch / cached epoch | {med['online'] / med['stream']:.2f}x | |")
-    print(f"| teacher forward / student step (per batch, 20 batches) | "
-          f"{med['teacher'] / (med['stream'] / (n / args.batch_size) * 20):.2f} | |")
-    print(f"| seconds: stream {med['stream']:.1f}, ram {med['ram']:.1f}, online {med['online']:.1f}, "
-          f"raw read {med['raw']:.2f}, loader {med['loader']:.2f} | | |")
+    print(
+        f"| teacher forward / student step (per batch, 20 batches) | "
+        f"{med['teacher'] / (med['stream'] / (n / args.batch_size) * 20):.2f} | |"
+    )
+    print(
+        f"| seconds: stream {med['stream']:.1f}, ram {med['ram']:.1f}, online {med['online']:.1f}, "
+        f"raw read {med['raw']:.2f}, loader {med['loader']:.2f} | | |"
+    )
 
 
 if __name__ == "__main__":

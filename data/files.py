@@ -148,7 +148,15 @@ def open_rgb(path: str | os.PathLike, source: str | os.PathLike | None = None):
             im.load()  # decodes the whole file: a truncated one fails here, naming it
             return to_rgb(im)
     # PIL's decoders report damage as any of these; DecompressionBombError: a file claiming huge dimensions
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
-            Image.DecompressionBombError) as e:
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        struct.error,
+        zlib.error,
+        Image.DecompressionBombError,
+    ) as e:
         where = f" (listed in {source})" if source else ""
         raise MmkdError(f"cannot read image {path}{where}: {e}") from None

@@ -5,5 +5,15 @@ from .encoders import Encoder, load_encoder
 from .run import RUN_TASKS, check_run_task, default_run_tasks, evaluate_run
 from .tasks import TASKS, EvalConfig, EvalReport, run_evaluation
 
-__all__ = ["Encoder", "load_encoder", "RUN_TASKS", "check_run_task", "default_run_tasks", "evaluate_run", "TASKS",
-           "EvalConfig", "EvalReport", "run_evaluation"]
+__all__ = [
+    "Encoder",
+    "load_encoder",
+    "RUN_TASKS",
+    "check_run_task",
+    "default_run_tasks",
+    "evaluate_run",
+    "TASKS",
+    "EvalConfig",
+    "EvalReport",
+    "run_evaluation",
+]

@@ -15,8 +15,11 @@ from mmkd_core.progress import console
 
 from .tasks import TASKS, EvalConfig, EvalReport, finite_or_none, run_evaluation
 
-app = typer.Typer(add_completion=False, help="Evaluate a teacher or a trained student: paraphrase retrieval, "
-                  "image-text retrieval, zero-shot classification, linear probe, bias probe.")
+app = typer.Typer(
+    add_completion=False,
+    help="Evaluate a teacher or a trained student: paraphrase retrieval, "
+    "image-text retrieval, zero-shot classification, linear probe, bias probe.",
+)
 
 
 def _items(values: list[str] | None) -> list[str] | None:
@@ -44,17 +47,27 @@ def _table(report: EvalReport, title: str) -> Table:
 @app.command()
 @guarded
 def main_command(
-    model: str = typer.Option(..., help="Teacher name (minilm-l6, bert, clip, beitv2, ...), a training run "
-                              "directory (with student/) or a saved student directory."),
+    model: str = typer.Option(
+        ...,
+        help="Teacher name (minilm-l6, bert, clip, beitv2, ...), a training run "
+        "directory (with student/) or a saved student directory.",
+    ),
     weights: str = typer.Option(None, help="Teacher checkpoint file or directory."),
-    task: list[str] = typer.Option(None, help=f"Task(s), repeatable or comma list: {', '.join(TASKS)} "
-                                   "(default: by what the model embeds)."),
-    dataset: list[str] = typer.Option(None, help="Dataset(s), repeatable or comma list (default: mrpc for "
-                                      "paraphrase, shapes otherwise)."),
-    data_root: list[str] = typer.Option(None, help="Data file or directory: one for all datasets, or one per "
-                                        "dataset in order."),
-    split: list[str] = typer.Option(None, "--split", "--splits", help="Split(s) to evaluate (default: "
-                                    "paraphrase: train and dev/test where present; others: test)."),
+    task: list[str] = typer.Option(
+        None, help=f"Task(s), repeatable or comma list: {', '.join(TASKS)} (default: by what the model embeds)."
+    ),
+    dataset: list[str] = typer.Option(
+        None, help="Dataset(s), repeatable or comma list (default: mrpc for paraphrase, shapes otherwise)."
+    ),
+    data_root: list[str] = typer.Option(
+        None, help="Data file or directory: one for all datasets, or one per dataset in order."
+    ),
+    split: list[str] = typer.Option(
+        None,
+        "--split",
+        "--splits",
+        help="Split(s) to evaluate (default: paraphrase: train and dev/test where present; others: test).",
+    ),
     train_split: str = typer.Option("train", help="Split the linear probe is fitted on."),
     limit: int = typer.Option(None, help="Use at most N pairs / images / samples per split."),
     batch_size: int = typer.Option(64, help="Inputs per forward pass."),
@@ -64,12 +77,16 @@ def main_command(
     dataset_option: list[str] = typer.Option(None, help="Dataset option KEY=VALUE, e.g. count=1000 (repeatable)."),
     teacher_option: list[str] = typer.Option(None, help="Option KEY=VALUE of the --model teacher (repeatable)."),
     tokenizer: str = typer.Option(None, help="Tokenizer directory for a student saved without one."),
-    preprocess: list[str] = typer.Option(None, help="Student image preprocessing override KEY=VALUE: size, mean, "
-                                         "std, interpolation, crop_pct, crop_mode (repeatable)."),
+    preprocess: list[str] = typer.Option(
+        None,
+        help="Student image preprocessing override KEY=VALUE: size, mean, "
+        "std, interpolation, crop_pct, crop_mode (repeatable).",
+    ),
     random_weights: bool = typer.Option(False, help="Random teacher weights (tests only)."),
     device: str = typer.Option("cpu", help="torch device."),
-    out: Path = typer.Option(None, help="Directory for eval-<tasks>.json and plots (default: the run directory "
-                             "when --model is one)."),
+    out: Path = typer.Option(
+        None, help="Directory for eval-<tasks>.json and plots (default: the run directory when --model is one)."
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object with every number to stdout."),
     quiet: bool = typer.Option(False, help="No progress bars."),
     verbose: bool = typer.Option(False, help="Log what happens (splits, sizes, times)."),
@@ -77,12 +94,26 @@ def main_command(
     """Evaluate a model and print its numbers (a table on stderr, or JSON on stdout with --json)."""
     setup_logging(verbose)
     cfg = EvalConfig(
-        model=model, tasks=_items(task) or [], weights=weights, random_weights=random_weights,
-        teacher_options=parse_options(teacher_option, "--teacher-option"), tokenizer=tokenizer,
-        preprocess=parse_options(preprocess, "--preprocess"), datasets=_items(dataset), data_roots=data_root or None,
-        splits=_items(split), train_split=train_split, limit=limit, batch_size=batch_size, templates=template or None,
-        dataset_options=parse_options(dataset_option, "--dataset-option"), teacher=teacher,
-        teacher_weights=teacher_weights, device=device, out=out, show_progress=not quiet,
+        model=model,
+        tasks=_items(task) or [],
+        weights=weights,
+        random_weights=random_weights,
+        teacher_options=parse_options(teacher_option, "--teacher-option"),
+        tokenizer=tokenizer,
+        preprocess=parse_options(preprocess, "--preprocess"),
+        datasets=_items(dataset),
+        data_roots=data_root or None,
+        splits=_items(split),
+        train_split=train_split,
+        limit=limit,
+        batch_size=batch_size,
+        templates=template or None,
+        dataset_options=parse_options(dataset_option, "--dataset-option"),
+        teacher=teacher,
+        teacher_weights=teacher_weights,
+        device=device,
+        out=out,
+        show_progress=not quiet,
     )
     # --json promises nothing but the JSON on stdout: anything a library prints goes to stderr instead
     with contextlib.redirect_stdout(sys.stderr):

@@ -100,10 +100,12 @@ class Encoder:
         texts = list(texts)
         unique = sorted(set(texts), key=lambda t: (len(t), t))
         out: list[torch.Tensor] = []
-        with torch.inference_mode(), progress_bar("encode text", len(unique), unit="texts",
-                                                  enabled=self.show_progress) as advance:
+        with (
+            torch.inference_mode(),
+            progress_bar("encode text", len(unique), unit="texts", enabled=self.show_progress) as advance,
+        ):
             for start in range(0, len(unique), batch_size):
-                batch = self._tokenize(unique[start:start + batch_size])
+                batch = self._tokenize(unique[start : start + batch_size])
                 emb = self._embed_text(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
                 out.append(F.normalize(emb.float(), dim=-1).cpu())
                 advance(len(batch["input_ids"]))
@@ -126,12 +128,15 @@ class Encoder:
         self.require("image", "encode_image")
         spec = self.image_spec
         out: list[torch.Tensor] = []
-        with torch.inference_mode(), progress_bar("encode images", len(images), unit="images",
-                                                  enabled=self.show_progress) as advance:
+        with (
+            torch.inference_mode(),
+            progress_bar("encode images", len(images), unit="images", enabled=self.show_progress) as advance,
+        ):
             for start in range(0, len(images), batch_size):
                 batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
-                pixels = torch.stack([render(im, eval_params(*im.size, spec.crop_pct, spec.crop_mode), spec)
-                                      for im in batch])
+                pixels = torch.stack(
+                    [render(im, eval_params(*im.size, spec.crop_pct, spec.crop_mode), spec) for im in batch]
+                )
                 out.append(F.normalize(self._embed_image(pixels.to(self.device)).float(), dim=-1).cpu())
                 advance(len(batch))
         return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
@@ -140,8 +145,9 @@ class Encoder:
 class TeacherEncoder(Encoder):
     """A text teacher, an image teacher, or both (CLIP's two towers)."""
 
-    def __init__(self, name: str, text: Teacher | None = None, image: Teacher | None = None,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, name: str, text: Teacher | None = None, image: Teacher | None = None, device: str = "cpu"
+    ) -> None:
         super().__init__(device)
         self.name = name
         self.text_teacher, self.image_teacher = text, image
@@ -162,15 +168,26 @@ class TeacherEncoder(Encoder):
 
     def describe(self) -> dict[str, Any]:
         towers = {m: t.describe() for m, t in (("text", self.text_teacher), ("image", self.image_teacher)) if t}
-        return {"kind": "teacher", "name": self.name, "towers": towers,
-                "image_preprocess": asdict(self.image_spec) if self.image_spec else None}
+        return {
+            "kind": "teacher",
+            "name": self.name,
+            "towers": towers,
+            "image_preprocess": asdict(self.image_spec) if self.image_spec else None,
+        }
 
 
 class StudentEncoder(Encoder):
     """A trained student loaded from its directory, with the tokenizer / image preprocessing beside it."""
 
-    def __init__(self, student: Student, directory: Path, tokenizer: Any = None,
-                 preprocess: ImagePreprocess | None = None, device: str = "cpu", run_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        student: Student,
+        directory: Path,
+        tokenizer: Any = None,
+        preprocess: ImagePreprocess | None = None,
+        device: str = "cpu",
+        run_dir: Path | None = None,
+    ) -> None:
         super().__init__(device)
         self.student = student.to(self.device).eval()
         self.directory, self.run_dir = directory, run_dir
@@ -187,10 +204,11 @@ class StudentEncoder(Encoder):
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         if self.tokenizer is None:
             # only an error when text is needed: an image task on a multimodal student can do without
-            raise MmkdError(f"{self.directory}: no tokenizer saved beside the student (save_student(..., "
-                            "tokenizer=...)); pass the teacher's tokenizer directory with --tokenizer")
-        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+            raise MmkdError(
+                f"{self.directory}: no tokenizer saved beside the student (save_student(..., "
+                "tokenizer=...)); pass the teacher's tokenizer directory with --tokenizer"
+            )
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
         return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 
     def _embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -204,10 +222,14 @@ class StudentEncoder(Encoder):
         return self.student(pixel_values=pixel_values).pooled
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "student", "directory": str(self.directory),
-                "run_dir": str(self.run_dir) if self.run_dir else None, "student": self.student.describe(),
-                "tokenizer": type(self.tokenizer).__name__ if self.tokenizer is not None else None,
-                "image_preprocess": asdict(self.image_spec) if self.image_spec else None}
+        return {
+            "kind": "student",
+            "directory": str(self.directory),
+            "run_dir": str(self.run_dir) if self.run_dir else None,
+            "student": self.student.describe(),
+            "tokenizer": type(self.tokenizer).__name__ if self.tokenizer is not None else None,
+            "image_preprocess": asdict(self.image_spec) if self.image_spec else None,
+        }
 
 
 def _load_tokenizer(directory: Path) -> Any:
@@ -216,8 +238,9 @@ def _load_tokenizer(directory: Path) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MmkdError(f"{directory}: cannot read the tokenizer saved there ({str(e).strip().splitlines()[0]})"
-                        ) from None
+        raise MmkdError(
+            f"{directory}: cannot read the tokenizer saved there ({str(e).strip().splitlines()[0]})"
+        ) from None
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -235,8 +258,9 @@ def _preprocess_override(base: ImagePreprocess, override: dict[str, Any] | None)
     known = {f.name for f in fields(ImagePreprocess)}
     unknown = sorted(set(override) - known)
     if unknown:
-        raise MmkdError(f"image preprocessing: unknown field(s) {', '.join(unknown)}; "
-                        f"known: {', '.join(sorted(known))}")
+        raise MmkdError(
+            f"image preprocessing: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     values = {**asdict(base), **override}
     for key in ("mean", "std"):
         values[key] = tuple(values[key])
@@ -253,15 +277,20 @@ def student_preprocess(student: Student, directory: Path) -> ImagePreprocess | N
         cfg = json.loads((directory / "config.json").read_text()).get("pretrained_cfg", {})
         size = int(cfg.get("input_size", [3, student.config.img_size, 0])[1])
         default = ImagePreprocess()
-        return ImagePreprocess(size=size, mean=tuple(cfg.get("mean", default.mean)),
-                               std=tuple(cfg.get("std", default.std)),
-                               interpolation=cfg.get("interpolation", default.interpolation),
-                               crop_pct=float(cfg.get("crop_pct", default.crop_pct)),
-                               crop_mode=cfg.get("crop_mode", default.crop_mode))
+        return ImagePreprocess(
+            size=size,
+            mean=tuple(cfg.get("mean", default.mean)),
+            std=tuple(cfg.get("std", default.std)),
+            interpolation=cfg.get("interpolation", default.interpolation),
+            crop_pct=float(cfg.get("crop_pct", default.crop_pct)),
+            crop_mode=cfg.get("crop_mode", default.crop_mode),
+        )
     meta = json.loads((directory / "mmkd_student.json").read_text())
     if "preprocess" not in meta:
-        raise MmkdError(f"{directory}: the saved student records no image preprocessing; pass --preprocess "
-                        "size=...,mean=...,std=...")
+        raise MmkdError(
+            f"{directory}: the saved student records no image preprocessing; pass --preprocess "
+            "size=...,mean=...,std=..."
+        )
     p = meta["preprocess"]
     return ImagePreprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
 
@@ -275,9 +304,16 @@ def _student_dir(path: Path) -> tuple[Path, Path | None] | None:
     return None
 
 
-def load_encoder(spec: str, weights: str | None = None, *, random_weights: bool = False, device: str = "cpu",
-                 tokenizer: str | None = None, preprocess: dict[str, Any] | None = None,
-                 **teacher_options: Any) -> Encoder:
+def load_encoder(
+    spec: str,
+    weights: str | None = None,
+    *,
+    random_weights: bool = False,
+    device: str = "cpu",
+    tokenizer: str | None = None,
+    preprocess: dict[str, Any] | None = None,
+    **teacher_options: Any,
+) -> Encoder:
     """Build the encoder a model specification names.
 
     Args:
@@ -299,14 +335,18 @@ def load_encoder(spec: str, weights: str | None = None, *, random_weights: bool 
     found = _student_dir(path) if path.is_dir() else None
     if found is not None:
         if weights is not None or random_weights or teacher_options:
-            raise MmkdError(f"{spec} is a trained student: weights, random weights and teacher options apply "
-                            "to teachers only")
+            raise MmkdError(
+                f"{spec} is a trained student: weights, random weights and teacher options apply to teachers only"
+            )
         directory, run_dir = found
         student = load_student(directory)
         tok = None
         if student.modality != "image":
-            tok = _load_tokenizer(Path(tokenizer)) if tokenizer else _find_tokenizer([directory] + (
-                [run_dir] if run_dir else []))
+            tok = (
+                _load_tokenizer(Path(tokenizer))
+                if tokenizer
+                else _find_tokenizer([directory] + ([run_dir] if run_dir else []))
+            )
         pre = student_preprocess(student, directory)
         if pre is not None:
             pre = _preprocess_override(pre, preprocess)
@@ -314,16 +354,21 @@ def load_encoder(spec: str, weights: str | None = None, *, random_weights: bool 
         return StudentEncoder(student, directory, tok, pre, device=device, run_dir=run_dir)
     if spec not in TEACHERS:
         if path.exists():
-            raise MmkdError(f"{path} is neither a training run directory (with {STUDENT_SUBDIR}/{META_FILE}) nor "
-                            f"a saved student ({META_FILE})")
-        raise MmkdError(f"--model {spec!r}: not a registered teacher ({', '.join(TEACHERS.names())}) and no such "
-                        "directory")
+            raise MmkdError(
+                f"{path} is neither a training run directory (with {STUDENT_SUBDIR}/{META_FILE}) nor "
+                f"a saved student ({META_FILE})"
+            )
+        raise MmkdError(
+            f"--model {spec!r}: not a registered teacher ({', '.join(TEACHERS.names())}) and no such directory"
+        )
     if tokenizer or preprocess:
         raise MmkdError("tokenizer and preprocess overrides apply to students only; a teacher brings its own")
     name = TEACHERS.canonical(spec)
     if name == "clip" and "tower" not in teacher_options:
-        towers = {t: create_teacher(name, weights, random_init=random_weights, device=device, tower=tower,
-                                    **teacher_options) for t, tower in (("text", "text"), ("image", "vision"))}
+        towers = {
+            t: create_teacher(name, weights, random_init=random_weights, device=device, tower=tower, **teacher_options)
+            for t, tower in (("text", "text"), ("image", "vision"))
+        }
         return TeacherEncoder(name, towers["text"], towers["image"], device=device)
     teacher = create_teacher(name, weights, random_init=random_weights, device=device, **teacher_options)
     if teacher.modality == "text":

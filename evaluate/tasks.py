@@ -104,16 +104,29 @@ def available_paraphrase_splits(dataset: str, root: str | Path) -> list[str]:
     splits = [s for s in ("train", held_out) if s in have]
     for s in ("train", held_out):
         if s not in have:
-            logger.warning("%s: no %s split under %s (no %s there or in %s); skipped", dataset, s, root,
-                           " or ".join(fmt.files[s]), ", ".join(f"{d}/" for d in fmt.dirs if d))
+            logger.warning(
+                "%s: no %s split under %s (no %s there or in %s); skipped",
+                dataset,
+                s,
+                root,
+                " or ".join(fmt.files[s]),
+                ", ".join(f"{d}/" for d in fmt.dirs if d),
+            )
     if not splits:
         names = sorted({f for files in fmt.files.values() for f in files})
         raise MmkdError(f"dataset {dataset!r}: {root} holds none of {', '.join(names)}")
     return splits
 
 
-def _paraphrase_results(encoder: Encoder, dataset: str, root: str | None, splits: Sequence[str] | None,
-                        batch_size: int, limit: int | None, count_duplicates: bool) -> dict[str, dict[str, float]]:
+def _paraphrase_results(
+    encoder: Encoder,
+    dataset: str,
+    root: str | None,
+    splits: Sequence[str] | None,
+    batch_size: int,
+    limit: int | None,
+    count_duplicates: bool,
+) -> dict[str, dict[str, float]]:
     encoder.require("text", "paraphrase retrieval")
     _paraphrase_format(dataset)
     if root is None:
@@ -135,9 +148,16 @@ def _paraphrase_results(encoder: Encoder, dataset: str, root: str | None, splits
     return results
 
 
-def eval_paraphrase(encoder: Encoder, dataset: str = "mrpc", root: str | None = None,
-                    splits: Sequence[str] | None = None, *, batch_size: int = 64, limit: int | None = None,
-                    count_duplicates: bool = True) -> dict[str, float]:
+def eval_paraphrase(
+    encoder: Encoder,
+    dataset: str = "mrpc",
+    root: str | None = None,
+    splits: Sequence[str] | None = None,
+    *,
+    batch_size: int = 64,
+    limit: int | None = None,
+    count_duplicates: bool = True,
+) -> dict[str, float]:
     """Zero-shot paraphrase retrieval (the DESIGN protocol): the positive pairs of each split, the first
     25,000 at most; sentence 1 queries all sentence 2s by cosine similarity and the reverse; recall@1 and @5.
 
@@ -157,9 +177,15 @@ def eval_paraphrase(encoder: Encoder, dataset: str = "mrpc", root: str | None = 
     return summarize(_paraphrase_results(encoder, dataset, root, splits, batch_size, limit, count_duplicates))
 
 
-def eval_paraphrase_many(encoder: Encoder, sources: Sequence[tuple[str, str | None]],
-                         splits: Sequence[str] | None = None, *, batch_size: int = 64, limit: int | None = None,
-                         count_duplicates: bool = True) -> dict[str, float]:
+def eval_paraphrase_many(
+    encoder: Encoder,
+    sources: Sequence[tuple[str, str | None]],
+    splits: Sequence[str] | None = None,
+    *,
+    batch_size: int = 64,
+    limit: int | None = None,
+    count_duplicates: bool = True,
+) -> dict[str, float]:
     """:func:`eval_paraphrase` over several datasets (e.g. ``[("qqp", root), ("mrpc", root)]``: the
     16-number protocol); ``mean`` is over all of their numbers."""
     if len({name for name, _ in sources}) != len(sources):
@@ -173,9 +199,16 @@ def eval_paraphrase_many(encoder: Encoder, sources: Sequence[tuple[str, str | No
 # image–text retrieval ----------------------------------------------------------------------------------------
 
 
-def eval_image_text(encoder: Encoder, dataset: str = "shapes", root: str | None = None, split: str = "test",
-                    limit: int | None = None, *, batch_size: int = 64,
-                    dataset_options: dict[str, Any] | None = None) -> dict[str, float]:
+def eval_image_text(
+    encoder: Encoder,
+    dataset: str = "shapes",
+    root: str | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    *,
+    batch_size: int = 64,
+    dataset_options: dict[str, Any] | None = None,
+) -> dict[str, float]:
     """Image→text and text→image retrieval, R@1/5/10.
 
     Caption sets (COCO, Flickr30k: several captions per image) count any caption of the query image as an
@@ -233,9 +266,17 @@ def _labelled(ds: SourceDataset, indices: Sequence[int], dataset: str) -> np.nda
     return np.array(labels, dtype=np.int64)
 
 
-def eval_zero_shot(encoder: Encoder, dataset: str = "shapes", root: str | None = None, split: str = "test",
-                   templates: Sequence[str] | None = None, *, limit: int | None = None, batch_size: int = 64,
-                   dataset_options: dict[str, Any] | None = None) -> dict[str, float]:
+def eval_zero_shot(
+    encoder: Encoder,
+    dataset: str = "shapes",
+    root: str | None = None,
+    split: str = "test",
+    templates: Sequence[str] | None = None,
+    *,
+    limit: int | None = None,
+    batch_size: int = 64,
+    dataset_options: dict[str, Any] | None = None,
+) -> dict[str, float]:
     """Zero-shot classification: each class is the mean embedding of its prompts (class names from
     ``classes``, underscores as spaces); an image's prediction is the most similar class.
 
@@ -271,10 +312,18 @@ def eval_zero_shot(encoder: Encoder, dataset: str = "shapes", root: str | None =
     return {f"{dataset}/{ds.split}/zero_shot_{k}": v for k, v in out.items()}
 
 
-def eval_linear_probe(encoder: Encoder, dataset: str = "shapes", root: str | None = None,
-                      train_split: str = "train", test_split: str = "test", limit: int | None = None, *,
-                      batch_size: int = 64, dataset_options: dict[str, Any] | None = None,
-                      epochs: int = 100) -> dict[str, float]:
+def eval_linear_probe(
+    encoder: Encoder,
+    dataset: str = "shapes",
+    root: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    limit: int | None = None,
+    *,
+    batch_size: int = 64,
+    dataset_options: dict[str, Any] | None = None,
+    epochs: int = 100,
+) -> dict[str, float]:
     """Linear probe: logistic regression on frozen image embeddings of ``train_split``, accuracy on
     ``test_split``.
 
@@ -313,8 +362,9 @@ def _bias_numbers(prefix: str, table: dict[str, dict[str, float]]) -> dict[str, 
     return {f"{prefix}/{p}/{col}": v for p, row in table.items() for col, v in row.items()}
 
 
-def eval_bias(encoder: Encoder, teacher_encoder: Encoder | None = None, out_dir: str | Path | None = None, *,
-              batch_size: int = 64) -> dict[str, float]:
+def eval_bias(
+    encoder: Encoder, teacher_encoder: Encoder | None = None, out_dir: str | Path | None = None, *, batch_size: int = 64
+) -> dict[str, float]:
     """Bias probe: mean cosine similarity of each profession to male and female terms
     (``metrics.bias_probe`` defaults), and with a teacher, how closely the model reproduces its bias.
 
@@ -426,8 +476,10 @@ class EvalConfig:
             raise MmkdError(f"--limit {self.limit}: must be at least 1")
         roots, datasets = self.data_roots or [], self.datasets or []
         if len(roots) > 1 and len(roots) != len(datasets):
-            raise MmkdError(f"{len(roots)} --data-root for {len(datasets)} --dataset: give one root for all "
-                            "datasets or one per dataset, in the same order")
+            raise MmkdError(
+                f"{len(roots)} --data-root for {len(datasets)} --dataset: give one root for all "
+                "datasets or one per dataset, in the same order"
+            )
         if self.teacher_weights and not self.teacher:
             raise MmkdError("--teacher-weights without --teacher")
 
@@ -488,11 +540,13 @@ def run_task(task: str, encoder: Encoder, cfg: EvalConfig, out_dir: Path | None)
             if task == "image-text":
                 part = eval_image_text(encoder, name, root, split, cfg.limit, batch_size=b, dataset_options=opts)
             elif task == "zero-shot":
-                part = eval_zero_shot(encoder, name, root, split, cfg.templates, limit=cfg.limit, batch_size=b,
-                                      dataset_options=opts)
+                part = eval_zero_shot(
+                    encoder, name, root, split, cfg.templates, limit=cfg.limit, batch_size=b, dataset_options=opts
+                )
             else:
-                part = eval_linear_probe(encoder, name, root, cfg.train_split, split, cfg.limit, batch_size=b,
-                                         dataset_options=opts)
+                part = eval_linear_probe(
+                    encoder, name, root, cfg.train_split, split, cfg.limit, batch_size=b, dataset_options=opts
+                )
             out.update(part)
     return out
 
@@ -500,8 +554,15 @@ def run_task(task: str, encoder: Encoder, cfg: EvalConfig, out_dir: Path | None)
 def run_evaluation(cfg: EvalConfig) -> EvalReport:
     """Load the model, run every task, add ``mean`` and write ``eval-<tasks>.json`` (config, model
     provenance, times and results) to the output directory when there is one."""
-    encoder = load_encoder(cfg.model, cfg.weights, random_weights=cfg.random_weights, device=cfg.device,
-                           tokenizer=cfg.tokenizer, preprocess=cfg.preprocess, **cfg.teacher_options)
+    encoder = load_encoder(
+        cfg.model,
+        cfg.weights,
+        random_weights=cfg.random_weights,
+        device=cfg.device,
+        tokenizer=cfg.tokenizer,
+        preprocess=cfg.preprocess,
+        **cfg.teacher_options,
+    )
     encoder.show_progress = cfg.show_progress
     tasks = cfg.tasks or default_tasks(encoder)
     out_dir = cfg.out if cfg.out is not None else encoder.run_dir
@@ -525,8 +586,13 @@ def run_evaluation(cfg: EvalConfig) -> EvalReport:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         out_file = out_dir / f"eval-{'+'.join(tasks)}.json"
-        record = {"config": asdict(cfg) | {"tasks": tasks}, "model": encoder.describe(), "seconds": seconds,
-                  "versions": library_versions(), "results": finite_or_none(results)}
+        record = {
+            "config": asdict(cfg) | {"tasks": tasks},
+            "model": encoder.describe(),
+            "seconds": seconds,
+            "versions": library_versions(),
+            "results": finite_or_none(results),
+        }
         out_file.write_text(json.dumps(record, indent=2, default=str) + "\n")
         logger.info("results written to %s", out_file)
     return EvalReport(results=results, seconds=seconds, out_file=out_file, model=encoder.describe())

@@ -26,18 +26,25 @@ def _human(n: float) -> str:
 @app.command()
 @guarded
 def main_command(
-    teacher: str = typer.Option("minilm-l6", help="Teacher: beitv2, data2vec-vision, data2vec-text, bert, "
-                                "minilm-l6, clip."),
+    teacher: str = typer.Option(
+        "minilm-l6", help="Teacher: beitv2, data2vec-vision, data2vec-text, bert, minilm-l6, clip."
+    ),
     weights: str = typer.Option(None, help="Checkpoint file or directory (default: the teacher's own source)."),
-    dataset: str = typer.Option("shapes", help="Dataset: shapes, text, mrpc, qqp, imagefolder/imagenet, cifar10, "
-                                "cifar100, mnist, fashion-mnist, captions."),
+    dataset: str = typer.Option(
+        "shapes",
+        help="Dataset: shapes, text, mrpc, qqp, imagefolder/imagenet, cifar10, "
+        "cifar100, mnist, fashion-mnist, captions.",
+    ),
     data_root: str = typer.Option(None, help="Dataset file or directory."),
     split: str = typer.Option("train", help="Dataset split."),
     out: Path = typer.Option(None, help="Store path (default: <teacher>-<dataset>-<split>.zarr here)."),
     views: int = typer.Option(1, help="Views per image; view 0 is the eval transform. Text has one."),
     layers: str = typer.Option("all", help="Teacher blocks to average: all, last:K, or indices like 0,5,11."),
-    pool: str = typer.Option(None, help="Pooled target: cls, mean, teacher_cls, teacher_mean, teacher_embed "
-                             "(default: teacher_mean for text, teacher_cls for images)."),
+    pool: str = typer.Option(
+        None,
+        help="Pooled target: cls, mean, teacher_cls, teacher_mean, teacher_embed "
+        "(default: teacher_mean for text, teacher_cls for images).",
+    ),
     layer_norm: bool = typer.Option(True, help="Layer-normalise the averaged targets."),
     instance_norm: bool = typer.Option(True, help="Instance-normalise each layer before averaging."),
     pooled_only: bool = typer.Option(False, help="Store only pooled targets."),
@@ -60,12 +67,31 @@ def main_command(
     """Extract teacher targets into a zarr store. With no arguments: minilm-l6 over shapes captions."""
     setup_logging(verbose)
     cfg = ExtractConfig(
-        teacher=teacher, weights=weights, random_weights=random_weights,
-        teacher_options=parse_options(teacher_option, "--teacher-option"), dataset=dataset, data_root=data_root,
-        split=split, dataset_options=parse_options(dataset_option, "--dataset-option"), out=out, views=views,
-        layers=layers, pool=pool, instance_norm=instance_norm, layer_norm=layer_norm, pooled_only=pooled_only,
-        dtype=dtype, batch_size=batch_size, device=device, autocast=autocast, limit=limit, overwrite=overwrite,
-        workers=workers, seed=seed, chunk_size=chunk_size, shard_size=shard_size,
+        teacher=teacher,
+        weights=weights,
+        random_weights=random_weights,
+        teacher_options=parse_options(teacher_option, "--teacher-option"),
+        dataset=dataset,
+        data_root=data_root,
+        split=split,
+        dataset_options=parse_options(dataset_option, "--dataset-option"),
+        out=out,
+        views=views,
+        layers=layers,
+        pool=pool,
+        instance_norm=instance_norm,
+        layer_norm=layer_norm,
+        pooled_only=pooled_only,
+        dtype=dtype,
+        batch_size=batch_size,
+        device=device,
+        autocast=autocast,
+        limit=limit,
+        overwrite=overwrite,
+        workers=workers,
+        seed=seed,
+        chunk_size=chunk_size,
+        shard_size=shard_size,
     )
     from .run import extract  # imported here: option mistakes are reported before torch and the teachers load
 

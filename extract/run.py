@@ -60,22 +60,32 @@ def _autocast(cfg: ExtractConfig):
 def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
     """Run the teacher over the dataset and write (or finish writing) the store ``cfg.out``."""
     dataset = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split, **cfg.dataset_options)
-    teacher = create_teacher(cfg.teacher, cfg.weights, random_init=cfg.random_weights, device=cfg.device,
-                             **cfg.teacher_options)
+    teacher = create_teacher(
+        cfg.teacher, cfg.weights, random_init=cfg.random_weights, device=cfg.device, **cfg.teacher_options
+    )
     _check_modalities(cfg, teacher, dataset)
     n = min(len(dataset), cfg.limit or len(dataset))
-    source = TextSource(dataset, teacher, n) if teacher.modality == "text" else \
-        ImageSource(dataset, teacher, n, cfg.views, cfg.seed, cfg.crop_scale, cfg.workers)
+    source = (
+        TextSource(dataset, teacher, n)
+        if teacher.modality == "text"
+        else ImageSource(dataset, teacher, n, cfg.views, cfg.seed, cfg.crop_scale, cfg.workers)
+    )
     recipe = _recipe(cfg, teacher)
     layout = _layout(cfg, teacher, source, recipe, n)
     writer = _open_writer(cfg, dataset, teacher, source, recipe, layout, n)
     todo = [k for k in range(layout.num_shards) if k not in writer.done_shards()]
     start = time.perf_counter()
     # the writer is closed (its lock released) on leaving this block, after the shard in flight has landed
-    with writer, ShardQueue(writer, source) as queue, progress_bar(
-        f"extract {cfg.teacher} → {cfg.out.name}", total=n, completed=n - _samples(layout, todo),
-        enabled=show_progress,
-    ) as advance:
+    with (
+        writer,
+        ShardQueue(writer, source) as queue,
+        progress_bar(
+            f"extract {cfg.teacher} → {cfg.out.name}",
+            total=n,
+            completed=n - _samples(layout, todo),
+            enabled=show_progress,
+        ) as advance,
+    ):
         try:
             _run_teacher(cfg, teacher, source, recipe, layout, todo, queue, advance)
         except KeyboardInterrupt:
@@ -85,10 +95,17 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
                 "run the same command again to continue"
             ) from None
         complete = writer.finish()
-    return ExtractSummary(path=str(cfg.out), samples=n, views=source.views, shards_written=len(todo),
-                          shards_total=layout.num_shards, samples_written=_samples(layout, todo),
-                          seconds=time.perf_counter() - start, bytes_on_disk=open_store(cfg.out).nbytes_stored(),
-                          complete=complete)
+    return ExtractSummary(
+        path=str(cfg.out),
+        samples=n,
+        views=source.views,
+        shards_written=len(todo),
+        shards_total=layout.num_shards,
+        samples_written=_samples(layout, todo),
+        seconds=time.perf_counter() - start,
+        bytes_on_disk=open_store(cfg.out).nbytes_stored(),
+        complete=complete,
+    )
 
 
 def _check_modalities(cfg: ExtractConfig, teacher, dataset) -> None:
@@ -102,30 +119,62 @@ def _check_modalities(cfg: ExtractConfig, teacher, dataset) -> None:
 
 def _recipe(cfg: ExtractConfig, teacher) -> dict:
     pool = cfg.pool or ("teacher_mean" if teacher.modality == "text" else "teacher_cls")
-    return {"layers": select_layers(cfg.layers, teacher.num_layers), "instance_norm": cfg.instance_norm,
-            "layer_norm": cfg.layer_norm, "pool": pool, "tokens": not cfg.pooled_only, "autocast": cfg.autocast}
+    return {
+        "layers": select_layers(cfg.layers, teacher.num_layers),
+        "instance_norm": cfg.instance_norm,
+        "layer_norm": cfg.layer_norm,
+        "pool": pool,
+        "tokens": not cfg.pooled_only,
+        "autocast": cfg.autocast,
+    }
 
 
 def _layout(cfg: ExtractConfig, teacher, source, recipe: dict, n: int) -> Layout:
     # one forward pass on the first sample gives T (images), D and the pooled width E
     with torch.inference_mode():
         probe = _targets(teacher, source.probe_batch(), recipe, cfg)
-    return Layout(num_samples=n, views=source.views, time_steps=source.time_steps(probe), dim=teacher.hidden_size,
-                  pooled_dim=probe["pooled"].shape[-1], dtype=cfg.dtype, store_tokens=not cfg.pooled_only,
-                  input_ids=teacher.modality == "text", view_params=source.view_params,
-                  chunk_size=cfg.chunk_size, shard_size=cfg.shard_size)
+    return Layout(
+        num_samples=n,
+        views=source.views,
+        time_steps=source.time_steps(probe),
+        dim=teacher.hidden_size,
+        pooled_dim=probe["pooled"].shape[-1],
+        dtype=cfg.dtype,
+        store_tokens=not cfg.pooled_only,
+        input_ids=teacher.modality == "text",
+        view_params=source.view_params,
+        chunk_size=cfg.chunk_size,
+        shard_size=cfg.shard_size,
+    )
 
 
 def _open_writer(cfg: ExtractConfig, dataset, teacher, source, recipe: dict, layout: Layout, n: int) -> StoreWriter:
-    dataset_attrs = {"options": cfg.dataset_options, **dataset.describe(), "modality": dataset.modality,
-                     "fingerprint": dataset.fingerprint(),
-                     "num_samples": n, "limit": cfg.limit, "source_size": len(dataset)}
-    config = {"teacher": teacher.describe(), "recipe": recipe, "preprocess": _plain(teacher.preprocess),
-              "views": source.describe_views(), "dataset": dataset_attrs}
+    dataset_attrs = {
+        "options": cfg.dataset_options,
+        **dataset.describe(),
+        "modality": dataset.modality,
+        "fingerprint": dataset.fingerprint(),
+        "num_samples": n,
+        "limit": cfg.limit,
+        "source_size": len(dataset),
+    }
+    config = {
+        "teacher": teacher.describe(),
+        "recipe": recipe,
+        "preprocess": _plain(teacher.preprocess),
+        "views": source.describe_views(),
+        "dataset": dataset_attrs,
+    }
     # where the data was read is recorded for the loader, not compared: moving the data is fine
     data_root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None
-    return StoreWriter.open(cfg.out, layout, config, library_versions(), overwrite=cfg.overwrite,
-                            extra={"data_root": data_root, **source.extra_attrs()})
+    return StoreWriter.open(
+        cfg.out,
+        layout,
+        config,
+        library_versions(),
+        overwrite=cfg.overwrite,
+        extra={"data_root": data_root, **source.extra_attrs()},
+    )
 
 
 def _samples(layout: Layout, shards: list[int]) -> int:
@@ -163,8 +212,9 @@ class ShardQueue:
             self._pool.shutdown(wait=True)
 
 
-def _run_teacher(cfg: ExtractConfig, teacher, source, recipe: dict, layout: Layout, todo: list[int],
-                 queue: ShardQueue, advance) -> None:
+def _run_teacher(
+    cfg: ExtractConfig, teacher, source, recipe: dict, layout: Layout, todo: list[int], queue: ShardQueue, advance
+) -> None:
     """One pass over every pending shard (one DataLoader for images); batches never straddle shards."""
     current, shard = None, None
     with torch.inference_mode():

@@ -53,8 +53,12 @@ class TextSource:
         ids = torch.from_numpy(self.input_ids[rows, :t].astype(np.int64))
         mask = (torch.arange(t)[None] < torch.from_numpy(self.lengths[rows]).long()[:, None]).long()
         dev = next(self.teacher.parameters()).device
-        return {"inputs": {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)},
-                "positions": rows, "view_ids": np.zeros(len(rows), dtype=np.int64), "shard": shard}
+        return {
+            "inputs": {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)},
+            "positions": rows,
+            "view_ids": np.zeros(len(rows), dtype=np.int64),
+            "shard": shard,
+        }
 
     def probe_batch(self) -> dict[str, Any]:
         return self._batch(np.array([0]))
@@ -67,8 +71,12 @@ class TextSource:
                 yield self._batch(order[s : s + batch_size], k)
 
     def finish_shard(self, shard: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
-        return {**shard, "lengths": self.lengths[lo:hi], "input_ids": self.input_ids[lo:hi],
-                "index": np.arange(lo, hi, dtype=np.int64)}
+        return {
+            **shard,
+            "lengths": self.lengths[lo:hi],
+            "input_ids": self.input_ids[lo:hi],
+            "index": np.arange(lo, hi, dtype=np.int64),
+        }
 
 
 class _Views(Dataset):
@@ -96,10 +104,17 @@ class ImageSource:
         pre = teacher.preprocess
         self.dataset, self.teacher, self.workers = dataset, teacher, workers
         self.views = views
-        self.spec = ViewSpec(count=views, size=pre.size, mean=tuple(pre.mean), std=tuple(pre.std),
-                             interpolation=pre.interpolation, crop_pct=pre.crop_pct,
-                             crop_mode=getattr(pre, "crop_mode", "center"), scale=tuple(crop_scale),
-                             seed=seed)
+        self.spec = ViewSpec(
+            count=views,
+            size=pre.size,
+            mean=tuple(pre.mean),
+            std=tuple(pre.std),
+            interpolation=pre.interpolation,
+            crop_pct=pre.crop_pct,
+            crop_mode=getattr(pre, "crop_mode", "center"),
+            scale=tuple(crop_scale),
+            seed=seed,
+        )
         self._params: dict[int, np.ndarray] = {}
         self._checksums: dict[int, np.ndarray] = {}
 
@@ -126,8 +141,9 @@ class ImageSource:
         shard (an ImageNet run with several views has tens of thousands of shards)."""
         per_batch = max(1, batch_size // self.views)
         plan = [(k, list(range(s, min(s + per_batch, hi)))) for k, lo, hi in shards for s in range(lo, hi, per_batch)]
-        loader = DataLoader(_Views(self.dataset, self.spec), batch_sampler=[b for _, b in plan],
-                            num_workers=self.workers)
+        loader = DataLoader(
+            _Views(self.dataset, self.spec), batch_sampler=[b for _, b in plan], num_workers=self.workers
+        )
         v = self.views
         for (k, _), (pixels, params, idx) in zip(plan, loader, strict=True):
             b = pixels.shape[0]
@@ -135,12 +151,21 @@ class ImageSource:
             for i, p, c in zip(idx.tolist(), params.numpy(), checksums, strict=True):
                 self._params[i] = p
                 self._checksums[i] = c
-            yield {"inputs": {"pixel_values": pixels.reshape(b * v, *pixels.shape[2:]).to(self._device())},
-                   "positions": np.repeat(idx.numpy(), v), "view_ids": np.tile(np.arange(v), b), "shard": k}
+            yield {
+                "inputs": {"pixel_values": pixels.reshape(b * v, *pixels.shape[2:]).to(self._device())},
+                "positions": np.repeat(idx.numpy(), v),
+                "view_ids": np.tile(np.arange(v), b),
+                "shard": k,
+            }
 
     def finish_shard(self, shard: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
         params = np.stack([self._params.pop(i) for i in range(lo, hi)])
         checksums = np.stack([self._checksums.pop(i) for i in range(lo, hi)])
         t = shard["tokens"].shape[2] if "tokens" in shard else 0
-        return {**shard, "lengths": np.full(hi - lo, t, dtype=np.int32), "view_params": params,
-                "view_checksum": checksums, "index": np.arange(lo, hi, dtype=np.int64)}
+        return {
+            **shard,
+            "lengths": np.full(hi - lo, t, dtype=np.int32),
+            "view_params": params,
+            "view_checksum": checksums,
+            "index": np.arange(lo, hi, dtype=np.int64),
+        }

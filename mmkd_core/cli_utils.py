@@ -46,8 +46,12 @@ def parse_options(items: list[str] | None, option: str) -> dict[str, Any]:
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
+    )
 
 
 def one_line(message: str) -> str:
@@ -89,8 +93,10 @@ def _signals_as_interrupt(received: list[int], finishing: list[bool]) -> Iterato
 def _disk_full_message(e: OSError) -> str:
     path = e.filename or _path_in_traceback(e)
     where = f" writing {path}" if path else ""
-    return (f"no space left on device{where} ({os.strerror(e.errno)}); free space and run the same command "
-            "again to continue")
+    return (
+        f"no space left on device{where} ({os.strerror(e.errno)}); free space and run the same command "
+        "again to continue"
+    )
 
 
 def _path_in_traceback(e: BaseException) -> str | None:

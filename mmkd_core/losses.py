@@ -150,8 +150,13 @@ def same_target(targets: Tensor) -> Tensor:
     return same / same.sum(-1, keepdim=True)
 
 
-def itc(img: Tensor, txt: Tensor, temperature: float = 0.07, logit_scale: Tensor | None = None,
-        targets: Tensor | None = None) -> Tensor:
+def itc(
+    img: Tensor,
+    txt: Tensor,
+    temperature: float = 0.07,
+    logit_scale: Tensor | None = None,
+    targets: Tensor | None = None,
+) -> Tensor:
     """CLIP-style symmetric image–text contrastive loss between two student towers; pair i matches pair i.
 
     Args:

@@ -32,15 +32,29 @@ class RateColumn(ProgressColumn):
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int, completed: int = 0, unit: str = "samples", enabled: bool = True,
-                 extra: str = "", fields: dict | None = None) -> Iterator[Callable[..., None]]:
+def progress_bar(
+    description: str,
+    total: int,
+    completed: int = 0,
+    unit: str = "samples",
+    enabled: bool = True,
+    extra: str = "",
+    fields: dict | None = None,
+) -> Iterator[Callable[..., None]]:
     """Yields ``advance(n, **fields)``; ``fields`` (initial values given here) fill ``{task.fields[...]}``
     placeholders in ``extra``."""
     if not enabled:
         yield lambda n=1, **fields: None
         return
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
     if extra:
         columns.append(TextColumn(extra))
     with Progress(*columns, console=console, transient=False) as progress:

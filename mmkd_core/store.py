@@ -82,9 +82,7 @@ class Layout:
         if not self.shard_size:
             self.shard_size = self.chunk_size * CHUNKS_PER_SHARD
         if self.shard_size % self.chunk_size:
-            raise MmkdError(
-                f"--shard-size {self.shard_size} must be a multiple of the chunk size {self.chunk_size}"
-            )
+            raise MmkdError(f"--shard-size {self.shard_size} must be a multiple of the chunk size {self.chunk_size}")
         self.shard_size = min(self.shard_size, math.ceil(self.num_samples / self.chunk_size) * self.chunk_size)
 
     @property
@@ -103,8 +101,10 @@ class Layout:
             "tokens": self.store_tokens,
         }
         if self.dtype == "int8":
-            out["int8_outliers"] = {"tokens": quant.outliers_for(self.dim),
-                                    "pooled": quant.outliers_for(self.pooled_dim)}
+            out["int8_outliers"] = {
+                "tokens": quant.outliers_for(self.dim),
+                "pooled": quant.outliers_for(self.pooled_dim),
+            }
             out["dequantize"] = quant.INT8_RULE
         return out
 
@@ -202,15 +202,20 @@ class StoreLock:
 
     def acquire(self, store: Path) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": secrets.token_hex(8)}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "token": secrets.token_hex(8),
+        }
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             raise MmkdError(self._held_message(store)) from None
         except OSError as e:
-            raise MmkdError(f"cannot create the lock file {self.path} ({e.strerror}); choose an --out in a "
-                            "writable directory") from None
+            raise MmkdError(
+                f"cannot create the lock file {self.path} ({e.strerror}); choose an --out in a writable directory"
+            ) from None
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(info, f)
@@ -240,18 +245,26 @@ class StoreLock:
             time.sleep(0.2)
             info = _read_lock(self.path)
         if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
-            return (f"{store} is locked by {self.path}, which is unreadable; if no extraction of this store is "
-                    f"running, delete {self.path} and run again")
+            return (
+                f"{store} is locked by {self.path}, which is unreadable; if no extraction of this store is "
+                f"running, delete {self.path} and run again"
+            )
         pid, host, started = info["pid"], info.get("host"), info.get("started", "?")
         if host != socket.gethostname():
-            return (f"{store} is locked by pid {pid} on host {host} since {started} ({self.path}); if no "
-                    f"extraction of this store runs there, delete {self.path} and run again")
+            return (
+                f"{store} is locked by pid {pid} on host {host} since {started} ({self.path}); if no "
+                f"extraction of this store runs there, delete {self.path} and run again"
+            )
         if not _pid_alive(pid):
-            return (f"stale lock {self.path} from pid {pid} (started {started}), which is no longer running; "
-                    "delete it to continue (finished shards are kept)")
+            return (
+                f"stale lock {self.path} from pid {pid} (started {started}), which is no longer running; "
+                "delete it to continue (finished shards are kept)"
+            )
         me = ", this process: another StoreWriter of it is still open" if pid == os.getpid() else ""
-        return (f"{store} is being written by pid {pid} (since {started}{me}): lock {self.path}; wait for it to "
-                f"finish, or if pid {pid} is not writing this store, delete {self.path}")
+        return (
+            f"{store} is being written by pid {pid} (since {started}{me}): lock {self.path}; wait for it to "
+            f"finish, or if pid {pid} is not writing this store, delete {self.path}"
+        )
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:
@@ -298,16 +311,25 @@ def _remove_store(path: Path) -> None:
     """Delete the mmkd store at ``path`` and refuse anything else: its top-level zarr.json must carry the
     ``mmkd`` attribute and every other top-level entry must be a zarr node (a directory with a zarr.json)."""
     if path.is_symlink():
-        raise MmkdError(f"{path} is a symbolic link; --overwrite does not delete through links: pass the store's "
-                        f"own path {path.resolve()}")
+        raise MmkdError(
+            f"{path} is a symbolic link; --overwrite does not delete through links: pass the store's "
+            f"own path {path.resolve()}"
+        )
     if _mmkd_attrs(path) is None:
-        raise MmkdError(f"{path} is not an mmkd store (no zarr.json with an 'mmkd' attribute); --overwrite "
-                        "never deletes it: choose another --out")
-    foreign = sorted(e.name for e in path.iterdir() if e.name != "zarr.json"
-                     and not (e.is_dir() and not e.is_symlink() and (e / "zarr.json").is_file()))
+        raise MmkdError(
+            f"{path} is not an mmkd store (no zarr.json with an 'mmkd' attribute); --overwrite "
+            "never deletes it: choose another --out"
+        )
+    foreign = sorted(
+        e.name
+        for e in path.iterdir()
+        if e.name != "zarr.json" and not (e.is_dir() and not e.is_symlink() and (e / "zarr.json").is_file())
+    )
     if foreign:
-        raise MmkdError(f"{path} is an mmkd store but also holds {foreign[0]!r}, which is not part of a store; "
-                        "--overwrite will not delete it: move it out or choose another --out")
+        raise MmkdError(
+            f"{path} is an mmkd store but also holds {foreign[0]!r}, which is not part of a store; "
+            "--overwrite will not delete it: move it out or choose another --out"
+        )
     log.warning("--overwrite: deleting the store %s", path)
     shutil.rmtree(path)
 
@@ -333,12 +355,15 @@ def _first(bad: np.ndarray) -> tuple[int, ...] | None:
 def _check_finite(name: str, x: np.ndarray, lo: int, index: np.ndarray | None) -> None:
     pos = _first(~np.isfinite(x))
     if pos is not None:
-        raise MmkdError(f"{_where(name, pos, lo, index)}: the teacher's target is {x[pos]}; a non-finite target is "
-                        "never stored — check the weights and --autocast (float16 compute can overflow)")
+        raise MmkdError(
+            f"{_where(name, pos, lo, index)}: the teacher's target is {x[pos]}; a non-finite target is "
+            "never stored — check the weights and --autocast (float16 compute can overflow)"
+        )
 
 
-def _check_storable(name: str, x: np.ndarray, enc: dict[str, np.ndarray], dtype: str, lo: int,
-                    index: np.ndarray | None) -> None:
+def _check_storable(
+    name: str, x: np.ndarray, enc: dict[str, np.ndarray], dtype: str, lo: int, index: np.ndarray | None
+) -> None:
     """Refuse finite float32 targets that the storage dtype turns into inf (float16 above 65504, the float16
     outliers of int8, bfloat16 near float32's maximum)."""
     if dtype == "float16":
@@ -353,8 +378,10 @@ def _check_storable(name: str, x: np.ndarray, enc: dict[str, np.ndarray], dtype:
         return
     if pos is not None:
         hint = "--dtype float32" if dtype == "bfloat16" else "--dtype bfloat16 or --dtype float32"
-        raise MmkdError(f"{_where(name, pos, lo, index)}: value {float(value[pos]):.7g} is beyond the range of "
-                        f"{what} and would be stored as inf; use {hint}")
+        raise MmkdError(
+            f"{_where(name, pos, lo, index)}: value {float(value[pos]):.7g} is beyond the range of "
+            f"{what} and would be stored as inf; use {hint}"
+        )
 
 
 class StoreWriter:
@@ -366,15 +393,24 @@ class StoreWriter:
         self._lock = lock
         missing = [name for name in (*layout.arrays(), "shards_done") if name not in group]
         if missing:
-            raise MmkdError(f"{path} lacks the array {missing[0]!r} (its creation was interrupted or it was made "
-                            "by another version); pass --overwrite to start it afresh")
+            raise MmkdError(
+                f"{path} lacks the array {missing[0]!r} (its creation was interrupted or it was made "
+                "by another version); pass --overwrite to start it afresh"
+            )
         self._arrays = {name: group[name] for name in layout.arrays()}
         self._done = group["shards_done"]
         self.closed = False
 
     @classmethod
-    def open(cls, path: str | Path, layout: Layout, config: dict[str, Any], versions: dict[str, str],
-             overwrite: bool = False, extra: dict[str, Any] | None = None) -> StoreWriter:
+    def open(
+        cls,
+        path: str | Path,
+        layout: Layout,
+        config: dict[str, Any],
+        versions: dict[str, str],
+        overwrite: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> StoreWriter:
         """Lock the store, then create it, or resume it when its configuration equals ``config``.
 
         Args:
@@ -401,20 +437,30 @@ class StoreWriter:
             raise
 
     @staticmethod
-    def _open_group(path: Path, layout: Layout, config: dict[str, Any], versions: dict[str, str],
-                    overwrite: bool, extra: dict[str, Any] | None) -> zarr.Group:
+    def _open_group(
+        path: Path,
+        layout: Layout,
+        config: dict[str, Any],
+        versions: dict[str, str],
+        overwrite: bool,
+        extra: dict[str, Any] | None,
+    ) -> zarr.Group:
         full = {"format_version": FORMAT_VERSION, **config, "storage": layout.storage_attrs()}
         if path.is_symlink() and not path.exists():
             raise MmkdError(f"{path} is a symbolic link to nothing; choose another --out")
         if path.exists():
             if not path.is_dir():
-                raise MmkdError(f"{path} exists and is not a directory; mmkd will not replace it, even with "
-                                "--overwrite: choose another --out")
+                raise MmkdError(
+                    f"{path} exists and is not a directory; mmkd will not replace it, even with "
+                    "--overwrite: choose another --out"
+                )
             existing = _mmkd_attrs(path)
             if existing is None:
                 if any(path.iterdir()):
-                    raise MmkdError(f"{path} exists and is not an mmkd store (no zarr.json with an 'mmkd' "
-                                    "attribute); mmkd never deletes it, even with --overwrite: choose another --out")
+                    raise MmkdError(
+                        f"{path} exists and is not an mmkd store (no zarr.json with an 'mmkd' "
+                        "attribute); mmkd never deletes it, even with --overwrite: choose another --out"
+                    )
                 # an empty directory: nothing to lose, the store is created in it
             else:
                 stored = {k: existing.get(k) for k in CONFIG_FIELDS}
@@ -434,10 +480,12 @@ class StoreWriter:
         for name, (shape, dtype) in layout.arrays().items():
             chunks = (layout.chunk_size, *shape[1:])
             shards = (layout.shard_size, *shape[1:])
-            group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
-                               compressors=_codecs(dtype), fill_value=0)
-        group.create_array("shards_done", shape=(layout.num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
-                           compressors=None)
+            group.create_array(
+                name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, compressors=_codecs(dtype), fill_value=0
+            )
+        group.create_array(
+            "shards_done", shape=(layout.num_shards,), dtype="uint8", chunks=(1,), fill_value=0, compressors=None
+        )
         return group
 
     def done_shards(self) -> set[int]:

@@ -44,15 +44,17 @@ def select_layers(spec: str | int | Sequence[int] | None, num_layers: int) -> li
         if s.startswith("last"):
             k_text = s[4:].removeprefix(":")
             if not (k_text.isascii() and k_text.isdigit()) or not 1 <= int(k_text) <= num_layers:
-                raise MmkdError(f"--layers {spec!r}: K in last:K must be 1..{num_layers} (the teacher has "
-                                f"{num_layers} blocks)")
+                raise MmkdError(
+                    f"--layers {spec!r}: K in last:K must be 1..{num_layers} (the teacher has {num_layers} blocks)"
+                )
             k = int(k_text)
             return list(range(num_layers - k, num_layers))
         parts = [p for p in s.split(",") if p]
         if not parts or not all(p.isascii() and p.isdigit() for p in parts):
             # negative indices are refused here: "--layers -1" reads as a typo more often than as "the last"
-            raise MmkdError(f"--layers {spec!r}: use 'all', 'last:K' or 0-based block indices like '0,5,11' "
-                            f"(0..{num_layers - 1})")
+            raise MmkdError(
+                f"--layers {spec!r}: use 'all', 'last:K' or 0-based block indices like '0,5,11' (0..{num_layers - 1})"
+            )
         spec = [int(p) for p in parts]
     out = []
     for i in spec:
@@ -60,8 +62,9 @@ def select_layers(spec: str | int | Sequence[int] | None, num_layers: int) -> li
             raise MmkdError(f"--layers {given!r}: block indices must be integers")
         j = int(i) + num_layers if i < 0 else int(i)
         if not 0 <= j < num_layers:
-            raise MmkdError(f"--layers: block {i} is out of range for a teacher with {num_layers} blocks "
-                            f"(0..{num_layers - 1})")
+            raise MmkdError(
+                f"--layers: block {i} is out of range for a teacher with {num_layers} blocks (0..{num_layers - 1})"
+            )
         out.append(j)
     if not out or len(set(out)) != len(out):
         raise MmkdError(f"--layers {given!r}: give each block at most once, at least one block")
@@ -156,8 +159,9 @@ def pool_targets(
     raise MmkdError(f"--pool {pool!r}: choose one of {', '.join(POOLS)}")
 
 
-def recipe_targets(hidden_states: Sequence[torch.Tensor], mask: torch.Tensor, embed: torch.Tensor | None,
-                   recipe: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+def recipe_targets(
+    hidden_states: Sequence[torch.Tensor], mask: torch.Tensor, embed: torch.Tensor | None, recipe: dict
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Per-token and pooled targets of one teacher forward pass, as a store's ``recipe`` attribute says.
 
     Args:
@@ -171,7 +175,12 @@ def recipe_targets(hidden_states: Sequence[torch.Tensor], mask: torch.Tensor, em
     """
     targets = None
     if recipe.get("tokens", True) or recipe["pool"] in ("cls", "mean"):
-        targets = make_targets(hidden_states, mask, recipe["layers"], instance_norm_layers=recipe["instance_norm"],
-                               layer_norm_targets=recipe["layer_norm"])
+        targets = make_targets(
+            hidden_states,
+            mask,
+            recipe["layers"],
+            instance_norm_layers=recipe["instance_norm"],
+            layer_norm_targets=recipe["layer_norm"],
+        )
     pooled = pool_targets(recipe["pool"], targets, hidden_states, mask, embed)
     return (targets if recipe.get("tokens", True) else None), pooled

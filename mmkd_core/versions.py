@@ -10,8 +10,20 @@ from __future__ import annotations
 
 from importlib import metadata
 
-PACKAGES = ("mmkd", "torch", "torchvision", "transformers", "tokenizers", "safetensors", "huggingface_hub", "timm",
-            "zarr", "numcodecs", "numpy", "pillow")
+PACKAGES = (
+    "mmkd",
+    "torch",
+    "torchvision",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "huggingface_hub",
+    "timm",
+    "zarr",
+    "numcodecs",
+    "numpy",
+    "pillow",
+)
 
 
 def library_versions() -> dict[str, str]:

@@ -31,10 +31,15 @@ from PIL import Image, features
 from .errors import MmkdError
 
 NUM_PARAMS = 5
-CHECKSUM_RULE = ("blake2b digest_size=8 as little-endian uint64 of the teacher input x (3, size, size) mapped "
-                 "back to 8-bit pixels, uint8(clip(round((x * std + mean) * 255), 0, 255)), C order")
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-             "nearest": Image.Resampling.NEAREST}
+CHECKSUM_RULE = (
+    "blake2b digest_size=8 as little-endian uint64 of the teacher input x (3, size, size) mapped "
+    "back to 8-bit pixels, uint8(clip(round((x * std + mean) * 255), 0, 255)), C order"
+)
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
 
 
 @dataclass(frozen=True)
@@ -138,8 +143,9 @@ def render_pixels(image: Image.Image, params: np.ndarray, spec: ViewSpec) -> np.
     top, left, h, w, flip = (int(p) for p in params)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    out = image.resize((spec.size, spec.size), resample=_RESAMPLE[spec.interpolation],
-                       box=(left, top, left + w, top + h))
+    out = image.resize(
+        (spec.size, spec.size), resample=_RESAMPLE[spec.interpolation], box=(left, top, left + w, top + h)
+    )
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out, dtype=np.uint8)
@@ -171,8 +177,10 @@ def view_checksum(pixel_values: torch.Tensor, spec: ViewSpec) -> np.ndarray:
     below half a grey level (another BLAS, thread count or fused kernel), not to any pixel that changed.
     """
     if spec.checksum != CHECKSUM_RULE:
-        raise MmkdError(f"view checksum rule {spec.checksum!r} is not the one this mmkd computes "
-                        f"({CHECKSUM_RULE!r}): verify the store with the mmkd that wrote it")
+        raise MmkdError(
+            f"view checksum rule {spec.checksum!r} is not the one this mmkd computes "
+            f"({CHECKSUM_RULE!r}): verify the store with the mmkd that wrote it"
+        )
     x = torch.as_tensor(pixel_values).detach().to("cpu", torch.float32)
     if x.ndim < 3 or x.shape[-3] != 3:
         raise ValueError(f"view_checksum: expected (..., 3, H, W), got {tuple(x.shape)}")
@@ -194,8 +202,12 @@ def render_versions() -> dict[str, str]:
         jpeg = features.version("libjpeg_turbo")
     except ValueError:  # a Pillow that does not know the feature
         jpeg = None
-    out = {"pillow": PIL.__version__, "libjpeg": f"libjpeg-turbo {jpeg}" if jpeg else str(features.version("jpg")),
-           "numpy": np.__version__, "torch": torch.__version__}
+    out = {
+        "pillow": PIL.__version__,
+        "libjpeg": f"libjpeg-turbo {jpeg}" if jpeg else str(features.version("jpg")),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+    }
     try:
         out["torchvision"] = metadata.version("torchvision")
     except metadata.PackageNotFoundError:

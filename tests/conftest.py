@@ -19,9 +19,11 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 # vocabulary of the tiny BERT models tests build: enough for their sentences, shapes captions and probes
-WORDS = ("a the cat dog sat on mat ran far red blue green circle square triangle star cross in at top left right "
-         "center bottom and photo of is there are picture shows he she man woman doctor nurse small big runs jumps "
-         "over lazy fox").split()
+WORDS = (
+    "a the cat dog sat on mat ran far red blue green circle square triangle star cross in at top left right "
+    "center bottom and photo of is there are picture shows he she man woman doctor nurse small big runs jumps "
+    "over lazy fox"
+).split()
 
 
 def save_tiny_bert(root: Path, layers: int = 2) -> Path:
@@ -34,8 +36,16 @@ def save_tiny_bert(root: Path, layers: int = 2) -> Path:
     tokenizer = BertTokenizer(vocab=str(root / "vocab.txt"))
     tokenizer.save_pretrained(str(root))
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(str(root))
+    BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(str(root))
     return root
 
 

@@ -3,12 +3,12 @@ the proof that stored views replay exactly and stored targets are the teacher's.
 
 import timm
 import torch
-
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
-from mmkd_core.teachers import create_teacher
 from mmkd.train.config import TrainConfig
 from mmkd.train.loop import train
+
+from mmkd_core.teachers import create_teacher
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
 
@@ -18,14 +18,36 @@ def test_cached_equals_online(tmp_path):
     weights = tmp_path / "tiny_beitv2.pth"
     torch.save({"model": timm.create_model("beitv2_base_patch16_224", num_classes=0, **TINY).state_dict()}, weights)
     store = tmp_path / "views.zarr"
-    extract(ExtractConfig(teacher="beitv2", weights=str(weights), teacher_options=TINY, dataset="shapes",
-                          dataset_options={"count": 24, "resolution": 40}, views=4, dtype="float32", out=store,
-                          chunk_size=4, shard_size=8), show_progress=False)
+    extract(
+        ExtractConfig(
+            teacher="beitv2",
+            weights=str(weights),
+            teacher_options=TINY,
+            dataset="shapes",
+            dataset_options={"count": 24, "resolution": 40},
+            views=4,
+            dtype="float32",
+            out=store,
+            chunk_size=4,
+            shard_size=8,
+        ),
+        show_progress=False,
+    )
 
     def cfg(name):
-        return TrainConfig(targets=store, student="beit", init="random", depth=2, batch_size=8, steps=20, lr=1e-3,
-                           loss="token_mse=1,pooled_mse=1", run_dir=tmp_path / name, progress=False,
-                           student_options={"num_heads": 2})
+        return TrainConfig(
+            targets=store,
+            student="beit",
+            init="random",
+            depth=2,
+            batch_size=8,
+            steps=20,
+            lr=1e-3,
+            loss="token_mse=1,pooled_mse=1",
+            run_dir=tmp_path / name,
+            progress=False,
+            student_options={"num_heads": 2},
+        )
 
     cached = train(cfg("cached"))
     online = train(cfg("online"), online_teacher=create_teacher("beitv2", str(weights), **TINY))

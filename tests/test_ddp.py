@@ -20,17 +20,35 @@ from mmkd.extract.run import extract
 from safetensors.torch import load_file
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
-MM_STUDENT = ["--student-option", "width=32", "--student-option", "num_heads=2", "--student-option",
-              "text_num_heads=2", "--student-option", "img_size=32"]
+MM_STUDENT = [
+    "--student-option",
+    "width=32",
+    "--student-option",
+    "num_heads=2",
+    "--student-option",
+    "text_num_heads=2",
+    "--student-option",
+    "img_size=32",
+]
 
 
 def torchrun(*args: str, timeout: float = 300, background: bool = False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(Path(sysconfig.get_path("scripts")) / "mmkd-train"), *args, "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(Path(sysconfig.get_path("scripts")) / "mmkd-train"),
+        *args,
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if background:  # its own process group, so that a kill reaches every rank
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -46,16 +64,50 @@ def stores(tmp_path_factory, bert_dir):
     beit = root / "beit.pth"
     torch.save({"model": timm.create_model("beitv2_base_patch16_224", num_classes=0, **TINY_VIT).state_dict()}, beit)
     rng = np.random.default_rng(0)
-    (root / "s.txt").write_text("\n".join(" ".join(rng.choice(WORDS, size=rng.integers(2, 12)))
-                                          for _ in range(75)) + "\n")
+    (root / "s.txt").write_text(
+        "\n".join(" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(75)) + "\n"
+    )
     common = dict(dtype="float32", show_progress=False)
-    extract(ExtractConfig(teacher="beitv2", weights=str(beit), teacher_options=TINY_VIT, dataset="shapes",
-                          dataset_options={"count": 30, "resolution": 32}, views=2, out=root / "image.zarr",
-                          chunk_size=4, shard_size=8, dtype="float32"), show_progress=False)
-    extract(ExtractConfig(teacher="bert", weights=str(bert_dir), dataset="text", data_root=str(root / "s.txt"),
-                          out=root / "text.zarr", chunk_size=4, shard_size=8, dtype="float32"), show_progress=False)
-    extract(ExtractConfig(teacher="bert", weights=str(bert_dir), dataset="shapes", dataset_options={"count": 40},
-                          out=root / "mm.zarr", pooled_only=True, dtype="float32"), show_progress=False)
+    extract(
+        ExtractConfig(
+            teacher="beitv2",
+            weights=str(beit),
+            teacher_options=TINY_VIT,
+            dataset="shapes",
+            dataset_options={"count": 30, "resolution": 32},
+            views=2,
+            out=root / "image.zarr",
+            chunk_size=4,
+            shard_size=8,
+            dtype="float32",
+        ),
+        show_progress=False,
+    )
+    extract(
+        ExtractConfig(
+            teacher="bert",
+            weights=str(bert_dir),
+            dataset="text",
+            data_root=str(root / "s.txt"),
+            out=root / "text.zarr",
+            chunk_size=4,
+            shard_size=8,
+            dtype="float32",
+        ),
+        show_progress=False,
+    )
+    extract(
+        ExtractConfig(
+            teacher="bert",
+            weights=str(bert_dir),
+            dataset="shapes",
+            dataset_options={"count": 40},
+            out=root / "mm.zarr",
+            pooled_only=True,
+            dtype="float32",
+        ),
+        show_progress=False,
+    )
     del common
     return root
 
@@ -63,10 +115,25 @@ def stores(tmp_path_factory, bert_dir):
 @pytest.mark.parametrize("kind", ["vit", "beit", "text", "multimodal"])
 def test_every_student_kind_trains_on_two_ranks_with_its_default_loss(tmp_path, stores, kind):
     store = {"vit": "image", "beit": "image", "text": "text", "multimodal": "mm"}[kind]
-    extra = {"vit": ["--init", "random"], "beit": ["--init", "random"], "text": ["--depth", "1"],
-             "multimodal": MM_STUDENT}[kind]
-    res = torchrun("--targets", str(stores / f"{store}.zarr"), "--student", kind, "--epochs", "2", "--batch-size",
-                   "4", "--run-dir", str(tmp_path / "run"), *extra)
+    extra = {
+        "vit": ["--init", "random"],
+        "beit": ["--init", "random"],
+        "text": ["--depth", "1"],
+        "multimodal": MM_STUDENT,
+    }[kind]
+    res = torchrun(
+        "--targets",
+        str(stores / f"{store}.zarr"),
+        "--student",
+        kind,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--run-dir",
+        str(tmp_path / "run"),
+        *extra,
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -85,10 +152,24 @@ def test_store_smaller_than_ranks_times_chunk_with_nproc_from_a_users_folder(tmp
     (tmp_path / "data" / "__init__.py").write_text("raise ImportError('the user data package')\n")
     for name in ("train.py", "extract.py", "evaluate.py"):
         (tmp_path / name).write_text("raise SystemExit('the user script ran')\n")
-    cmd = [str(Path(sysconfig.get_path("scripts")) / "mmkd-train"), "--nproc", "2", "--targets",
-           str(stores / "mm.zarr"), "--epochs", "3", "--batch-size", "8", "--run-dir", "run", "--quiet", *MM_STUDENT]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        str(Path(sysconfig.get_path("scripts")) / "mmkd-train"),
+        "--nproc",
+        "2",
+        "--targets",
+        str(stores / "mm.zarr"),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--run-dir",
+        "run",
+        "--quiet",
+        *MM_STUDENT,
+    ]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["steps_per_epoch"] == 3 and cfg["steps"] == 9  # 20 samples per rank in batches of 8
@@ -99,8 +180,18 @@ def _weights(run_dir):
 
 
 def test_killed_two_rank_run_resumes_to_the_same_weights(tmp_path, stores):
-    args = ["--targets", str(stores / "text.zarr"), "--depth", "1", "--batch-size", "4", "--steps", "60",
-            "--ckpt-every", "5"]
+    args = [
+        "--targets",
+        str(stores / "text.zarr"),
+        "--depth",
+        "1",
+        "--batch-size",
+        "4",
+        "--steps",
+        "60",
+        "--ckpt-every",
+        "5",
+    ]
     full = torchrun(*args, "--run-dir", str(tmp_path / "full"))
     assert full.returncode == 0, (full.stdout + full.stderr)[-3000:]
 

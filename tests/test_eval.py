@@ -7,14 +7,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_bert
-from typer.testing import CliRunner
-
-from mmkd_core.errors import MmkdError
-from mmkd_core.metrics import DEFAULT_GENDER_TERMS, DEFAULT_PROFESSIONS
-from mmkd_core.students import create_student, save_student
-from mmkd_core.teachers.base import ImagePreprocess
-from mmkd.evaluate.encoders import Encoder, load_encoder
 from mmkd.evaluate.cli import app
+from mmkd.evaluate.encoders import Encoder, load_encoder
 from mmkd.evaluate.tasks import (
     EvalConfig,
     available_paraphrase_splits,
@@ -26,9 +20,21 @@ from mmkd.evaluate.tasks import (
     eval_zero_shot,
     run_evaluation,
 )
+from typer.testing import CliRunner
 
-SENTENCES = ["the cat sat on the mat", "a dog ran far", "the red circle", "a blue square at the top",
-             "the green star in the center", "a cat and a dog"]
+from mmkd_core.errors import MmkdError
+from mmkd_core.metrics import DEFAULT_GENDER_TERMS, DEFAULT_PROFESSIONS
+from mmkd_core.students import create_student, save_student
+from mmkd_core.teachers.base import ImagePreprocess
+
+SENTENCES = [
+    "the cat sat on the mat",
+    "a dog ran far",
+    "the red circle",
+    "a blue square at the top",
+    "the green star in the center",
+    "a cat and a dog",
+]
 PARAPHRASE_SCORES = ("s1_to_s2_r1", "s1_to_s2_r5", "s2_to_s1_r1", "s2_to_s1_r5")
 SHAPES = {"count": 12, "resolution": 16}
 
@@ -65,8 +71,9 @@ def mrpc_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def text_student_dir(tmp_path_factory, tokenizer):
     torch.manual_seed(0)
-    student = create_student("text", depth=2, hidden_size=32, num_heads=2, intermediate_size=64,
-                             vocab_size=len(tokenizer), max_position=32)
+    student = create_student(
+        "text", depth=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=len(tokenizer), max_position=32
+    )
     return save_student(student.eval(), tmp_path_factory.mktemp("text_student"), tokenizer=tokenizer)
 
 
@@ -74,8 +81,18 @@ def text_student_dir(tmp_path_factory, tokenizer):
 def mm_run_dir(tmp_path_factory, tokenizer):
     """A training run directory: the multimodal student in student/."""
     torch.manual_seed(0)
-    student = create_student("multimodal", width=32, num_heads=2, img_size=16, patch_size=8, image_depth=1,
-                             text_depth=1, shared_depth=1, vocab_size=len(tokenizer), max_position=32)
+    student = create_student(
+        "multimodal",
+        width=32,
+        num_heads=2,
+        img_size=16,
+        patch_size=8,
+        image_depth=1,
+        text_depth=1,
+        shared_depth=1,
+        vocab_size=len(tokenizer),
+        max_position=32,
+    )
     run = tmp_path_factory.mktemp("run")
     preprocess = ImagePreprocess(size=16, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0, crop_mode="squash")
     save_student(student.eval(), run / "student", tokenizer=tokenizer, preprocess=preprocess)
@@ -122,8 +139,22 @@ def test_paraphrase_missing_splits(bert_dir, tmp_path, mrpc_dir, caplog):
 
 
 def test_cli_json_has_every_number(bert_dir, mrpc_dir, tmp_path):
-    args = ["--model", "bert", "--weights", str(bert_dir), "--task", "paraphrase", "--dataset", "mrpc",
-            "--data-root", str(mrpc_dir), "--json", "--quiet", "--out", str(tmp_path)]
+    args = [
+        "--model",
+        "bert",
+        "--weights",
+        str(bert_dir),
+        "--task",
+        "paraphrase",
+        "--dataset",
+        "mrpc",
+        "--data-root",
+        str(mrpc_dir),
+        "--json",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)  # stdout is exactly one JSON object
@@ -134,8 +165,10 @@ def test_cli_json_has_every_number(bert_dir, mrpc_dir, tmp_path):
 
 def test_cli_bad_data_root_is_one_line(bert_dir, tmp_path):
     missing = tmp_path / "nowhere"
-    result = CliRunner().invoke(app, ["--model", "bert", "--weights", str(bert_dir), "--task", "paraphrase",
-                                      "--data-root", str(missing), "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        ["--model", "bert", "--weights", str(bert_dir), "--task", "paraphrase", "--data-root", str(missing), "--quiet"],
+    )
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and str(missing) in result.output.replace("\n", "")
@@ -166,8 +199,9 @@ def test_multimodal_run_dir_image_text_and_zero_shot(mm_run_dir):
 
 
 def test_run_dir_is_the_default_output(mm_run_dir):
-    report = run_evaluation(EvalConfig(model=str(mm_run_dir), tasks=["image-text"], limit=6,
-                                       dataset_options=SHAPES, show_progress=False))
+    report = run_evaluation(
+        EvalConfig(model=str(mm_run_dir), tasks=["image-text"], limit=6, dataset_options=SHAPES, show_progress=False)
+    )
     assert report.out_file == mm_run_dir / "eval-image-text.json" and report.out_file.is_file()
     scores = [v for k, v in report.results.items() if k != "mean"]
     assert report.results["mean"] == pytest.approx(np.mean(scores))
@@ -254,9 +288,13 @@ def clip_dir(tmp_path_factory):
     (root / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(vocab=str(root / "vocab.json"), merges=str(root / "merges.txt"))
     tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=48, bos_token_id=0,
-                                         eos_token_id=1, pad_token_id=1, **tiny),
-                        vision_config=dict(image_size=16, patch_size=8, **tiny), projection_dim=16)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), max_position_embeddings=48, bos_token_id=0, eos_token_id=1, pad_token_id=1, **tiny
+        ),
+        vision_config=dict(image_size=16, patch_size=8, **tiny),
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(root / "ckpt")
     tokenizer.save_pretrained(root / "ckpt")

@@ -2,17 +2,18 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from reference import reference_targets
-
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
+from reference import reference_targets
+
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import open_store
 
 
 def cfg(tmp_path, name="s.zarr", **kw):
-    base = dict(dataset="shapes", dataset_options={"count": 60}, out=tmp_path / name, chunk_size=8, shard_size=16,
-                batch_size=16)
+    base = dict(
+        dataset="shapes", dataset_options={"count": 60}, out=tmp_path / name, chunk_size=8, shard_size=16, batch_size=16
+    )
     base.update(kw)
     return ExtractConfig(**base)
 
@@ -85,8 +86,18 @@ def test_other_configuration_is_refused(tmp_path, minilm):
 
 def _int8_check(tmp_path, count, size_of):
     for dtype in ("float32", "float16", "int8"):
-        extract(cfg(tmp_path, f"{dtype}.zarr", dtype=dtype, dataset_options={"count": count}, chunk_size=0,
-                    shard_size=0, batch_size=128), show_progress=False)
+        extract(
+            cfg(
+                tmp_path,
+                f"{dtype}.zarr",
+                dtype=dtype,
+                dataset_options={"count": count},
+                chunk_size=0,
+                shard_size=0,
+                batch_size=128,
+            ),
+            show_progress=False,
+        )
     f32, i8 = open_store(tmp_path / "float32.zarr"), open_store(tmp_path / "int8.zarr")
     a, b = f32.read(0, count), i8.read(0, count)
     valid = np.arange(a["tokens"].shape[2])[None] < a["lengths"][:, None]
@@ -114,8 +125,13 @@ def test_int8_whole_store_size(tmp_path, minilm):
 
 
 def test_config_errors():
-    for kw, match in [({"dtype": "int4"}, "--dtype"), ({"autocast": "fp8"}, "--autocast"), ({"limit": 0}, "--limit"),
-                      ({"batch_size": 0}, "--batch-size"), ({"views": 0}, "--views")]:
+    for kw, match in [
+        ({"dtype": "int4"}, "--dtype"),
+        ({"autocast": "fp8"}, "--autocast"),
+        ({"limit": 0}, "--limit"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"views": 0}, "--views"),
+    ]:
         with pytest.raises(MmkdError, match=match):
             ExtractConfig(**kw)
 

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import timm
 import torch
-
 from mmkd.data import create_dataset
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
+
 from mmkd_core.store import open_store
 from mmkd_core.targets import make_targets, pool_targets
 from mmkd_core.teachers import create_teacher
@@ -24,9 +24,19 @@ def beit_file(tmp_path_factory):
 
 
 def test_views_are_stored_and_replay_exactly(tmp_path, beit_file):
-    cfg = ExtractConfig(teacher="beitv2", weights=str(beit_file), teacher_options=TINY, dataset="shapes",
-                        dataset_options={"count": 12, "resolution": 40}, views=3, dtype="float32",
-                        out=tmp_path / "img.zarr", chunk_size=2, shard_size=4, batch_size=5)
+    cfg = ExtractConfig(
+        teacher="beitv2",
+        weights=str(beit_file),
+        teacher_options=TINY,
+        dataset="shapes",
+        dataset_options={"count": 12, "resolution": 40},
+        views=3,
+        dtype="float32",
+        out=tmp_path / "img.zarr",
+        chunk_size=2,
+        shard_size=4,
+        batch_size=5,
+    )
     s = extract(cfg, show_progress=False)
     assert s.complete and s.views == 3
     r = open_store(tmp_path / "img.zarr")
@@ -46,15 +56,27 @@ def test_views_are_stored_and_replay_exactly(tmp_path, beit_file):
             out = teacher(pixel_values=x)
         ref = make_targets(out.hidden_states, out.mask, list(range(3)))
         np.testing.assert_allclose(data["tokens"][i, v], ref[0].numpy(), atol=1e-5)
-        np.testing.assert_allclose(data["pooled"][i, v], pool_targets("teacher_cls", ref, out.hidden_states,
-                                                                      out.mask)[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            data["pooled"][i, v], pool_targets("teacher_cls", ref, out.hidden_states, out.mask)[0].numpy(), atol=1e-5
+        )
 
 
 def test_workers_give_the_same_store(tmp_path, beit_file):
     def run(name, workers):
-        cfg = ExtractConfig(teacher="beitv2", weights=str(beit_file), teacher_options=TINY, dataset="shapes",
-                            dataset_options={"count": 10, "resolution": 40}, views=2, dtype="float32",
-                            out=tmp_path / name, chunk_size=2, shard_size=4, batch_size=6, workers=workers)
+        cfg = ExtractConfig(
+            teacher="beitv2",
+            weights=str(beit_file),
+            teacher_options=TINY,
+            dataset="shapes",
+            dataset_options={"count": 10, "resolution": 40},
+            views=2,
+            dtype="float32",
+            out=tmp_path / name,
+            chunk_size=2,
+            shard_size=4,
+            batch_size=6,
+            workers=workers,
+        )
         extract(cfg, show_progress=False)
         return open_store(tmp_path / name).read(0, 10)
 

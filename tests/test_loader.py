@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from mmkd.train.loader import PlanSpec, StoreBatches, epoch_plan, make_loader, num_batches
 
 from mmkd_core.store import Layout, StoreWriter
-from mmkd.train.loader import PlanSpec, StoreBatches, epoch_plan, make_loader, num_batches
 
 CONFIG = {"teacher": {"name": "t"}, "recipe": {}, "preprocess": {}, "views": {"count": 3}, "dataset": {"name": "d"}}
 
@@ -11,20 +11,36 @@ CONFIG = {"teacher": {"name": "t"}, "recipe": {}, "preprocess": {}, "views": {"c
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("s") / "s.zarr"
-    layout = Layout(num_samples=50, views=3, time_steps=5, dim=4, pooled_dim=2, input_ids=True, chunk_size=4,
-                    shard_size=8, dtype="float32")
+    layout = Layout(
+        num_samples=50,
+        views=3,
+        time_steps=5,
+        dim=4,
+        pooled_dim=2,
+        input_ids=True,
+        chunk_size=4,
+        shard_size=8,
+        dtype="float32",
+    )
     w = StoreWriter.open(path, layout, CONFIG, {})
     for k in range(layout.num_shards):
         lo, hi = layout.shard_range(k)
         idx = np.arange(lo, hi)
         lengths = (idx % 5 + 1).astype(np.int32)
         # each value encodes (sample, view, step) so the test can tell what it got
-        tokens = (idx[:, None, None, None] * 100 + np.arange(3)[None, :, None, None] * 10
-                  + np.arange(5)[None, None, :, None]) * np.ones((1, 1, 1, 4))
-        w.write_shard(k, {"tokens": tokens.astype(np.float32),
-                          "pooled": np.repeat(idx[:, None, None] * 100 + np.arange(3)[None, :, None] * 10.0, 2, -1),
-                          "lengths": lengths, "input_ids": np.tile(np.arange(5, dtype=np.int32), (len(idx), 1)),
-                          "index": idx.astype(np.int64)})
+        tokens = (
+            idx[:, None, None, None] * 100 + np.arange(3)[None, :, None, None] * 10 + np.arange(5)[None, None, :, None]
+        ) * np.ones((1, 1, 1, 4))
+        w.write_shard(
+            k,
+            {
+                "tokens": tokens.astype(np.float32),
+                "pooled": np.repeat(idx[:, None, None] * 100 + np.arange(3)[None, :, None] * 10.0, 2, -1),
+                "lengths": lengths,
+                "input_ids": np.tile(np.arange(5, dtype=np.int32), (len(idx), 1)),
+                "index": idx.astype(np.int64),
+            },
+        )
     w.finish()
     return path
 
@@ -92,8 +108,9 @@ def test_length_bucketing_keeps_coverage_and_groups_lengths(store):
     seen = np.concatenate([b for _, bs in plan for b in bs])
     assert sorted(seen.tolist()) == list(range(50))
     spread = np.mean([np.ptp(lengths[b]) for _, bs in plan for b in bs])
-    plain = np.mean([np.ptp(lengths[b]) for _, bs in epoch_plan(PlanSpec(50, 4, 5, seed=4, buffer_runs=6), 0)
-                     for b in bs])
+    plain = np.mean(
+        [np.ptp(lengths[b]) for _, bs in epoch_plan(PlanSpec(50, 4, 5, seed=4, buffer_runs=6), 0) for b in bs]
+    )
     assert spread < plain
     assert num_batches(spec) == sum(len(bs) for _, bs in plan)
     full = [b["index"].tolist() for b in StoreBatches(store, spec)]

@@ -378,8 +378,9 @@ def test_identical_targets_are_positives_not_negatives():
     twin = {0: 2, 2: 0}
 
     def without_twins(logits):
-        return torch.stack([torch.logsumexp(logits[i, [j for j in range(4) if j != twin.get(i)]], 0) - logits[i, i]
-                            for i in range(4)]).mean()
+        return torch.stack(
+            [torch.logsumexp(logits[i, [j for j in range(4) if j != twin.get(i)]], 0) - logits[i, i] for i in range(4)]
+        ).mean()
 
     logits = F.normalize(student.double(), dim=-1) @ F.normalize(t.double(), dim=-1).T
     want = 0.5 * (without_twins(logits) + without_twins(logits.T))
@@ -407,7 +408,9 @@ def test_identical_targets_within_the_promised_cosine():
     assert identical_targets(x[None].float(), others).tolist() == [[True, True, False, False]]
     ids = torch.tensor([[1, 2, 0], [1, 2, 3]])
     assert identical_targets(ids, torch.tensor([[1, 2, 0], [1, 2, 3], [1, 2, 4]])).tolist() == [
-        [True, False, False], [False, True, False]]
+        [True, False, False],
+        [False, True, False],
+    ]
 
 
 def test_contrastive_kd_bank_copies_of_batch_targets_are_not_negatives():
@@ -433,7 +436,8 @@ def test_contrastive_kd_bank_copies_of_batch_targets_are_not_negatives():
     pos = torch.tensor([0])
     alone = contrastive_kd(bank[pos], None, temperature=1.0, bank=bank, positives=pos)
     assert alone.item() == pytest.approx(
-        contrastive_kd(bank[pos], None, temperature=1.0, bank=bank[:3], positives=pos).item(), abs=1e-6)
+        contrastive_kd(bank[pos], None, temperature=1.0, bank=bank[:3], positives=pos).item(), abs=1e-6
+    )
     kept = F.cross_entropy(F.normalize(bank[pos], dim=-1) @ F.normalize(bank, dim=-1).T, pos)  # copy as negative
     assert kept.item() - alone.item() > 0.3
     # the training loop hands the bank to the registered term

@@ -5,16 +5,27 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mmkd.train.loader import PlanSpec, check_plan, epoch_plan, num_batches, plan_batches
 
 from mmkd_core.errors import MmkdError
-from mmkd.train.loader import PlanSpec, check_plan, epoch_plan, num_batches, plan_batches
 
 plans = st.builds(
     lambda n, chunk, batch, world, buffer_runs, seed, by_length: PlanSpec(
-        num_samples=n, chunk_size=chunk, batch_size=batch, seed=seed, buffer_runs=buffer_runs,
-        world_size=world, by_length=by_length),
-    n=st.integers(1, 40_000), chunk=st.integers(1, 300), batch=st.integers(1, 256), world=st.integers(1, 8),
-    buffer_runs=st.integers(1, 20), seed=st.integers(0, 2**16), by_length=st.booleans(),
+        num_samples=n,
+        chunk_size=chunk,
+        batch_size=batch,
+        seed=seed,
+        buffer_runs=buffer_runs,
+        world_size=world,
+        by_length=by_length,
+    ),
+    n=st.integers(1, 40_000),
+    chunk=st.integers(1, 300),
+    batch=st.integers(1, 256),
+    world=st.integers(1, 8),
+    buffer_runs=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+    by_length=st.booleans(),
 )
 
 
@@ -66,8 +77,9 @@ def test_resuming_at_any_batch_gives_the_same_remainder(spec, epoch, data):
     assert merged == full[start:]
 
 
-@pytest.mark.parametrize("n, chunk, batch, world", [(141, 5, 8, 1), (191, 5, 8, 1), (31210, 250, 128, 1),
-                                                    (64, 1000, 8, 2), (17, 4, 8, 2)])
+@pytest.mark.parametrize(
+    "n, chunk, batch, world", [(141, 5, 8, 1), (191, 5, 8, 1), (31210, 250, 128, 1), (64, 1000, 8, 2), (17, 4, 8, 2)]
+)
 def test_reported_settings_have_one_count_for_all_epochs(n, chunk, batch, world):
     """Settings whose per-epoch count used to change with the epoch (a hang or lost samples)."""
     spec = PlanSpec(num_samples=n, chunk_size=chunk, batch_size=batch, world_size=world)

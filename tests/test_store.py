@@ -6,8 +6,13 @@ from mmkd_core import quant
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import Layout, StoreWriter, config_diff, open_store
 
-CONFIG = {"teacher": {"name": "t", "weights_sha256": "abc"}, "recipe": {"layers": [0, 1], "pool": "mean"},
-          "preprocess": {}, "views": {"count": 2}, "dataset": {"name": "d", "fingerprint": "f"}}
+CONFIG = {
+    "teacher": {"name": "t", "weights_sha256": "abc"},
+    "recipe": {"layers": [0, 1], "pool": "mean"},
+    "preprocess": {},
+    "views": {"count": 2},
+    "dataset": {"name": "d", "fingerprint": "f"},
+}
 
 
 def fake_data(layout, lo, hi, seed=0):
@@ -15,7 +20,7 @@ def fake_data(layout, lo, hi, seed=0):
     n = hi - lo
     lengths = rng.integers(1, layout.time_steps + 1, n).astype(np.int32)
     tokens = rng.standard_normal((n, layout.views, layout.time_steps, layout.dim)).astype(np.float32)
-    tokens *= (np.arange(layout.time_steps)[None, None, :, None] < lengths[:, None, None, None])
+    tokens *= np.arange(layout.time_steps)[None, None, :, None] < lengths[:, None, None, None]
     return {
         "tokens": tokens,
         "pooled": rng.standard_normal((n, layout.views, layout.pooled_dim)).astype(np.float32),
@@ -27,8 +32,17 @@ def fake_data(layout, lo, hi, seed=0):
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 0), ("float16", 1e-3), ("bfloat16", 8e-3), ("int8", 2e-2)])
 def test_roundtrip(tmp_path, dtype, tol):
-    layout = Layout(num_samples=23, views=2, time_steps=6, dim=8, pooled_dim=5, dtype=dtype, input_ids=True,
-                    chunk_size=4, shard_size=8)
+    layout = Layout(
+        num_samples=23,
+        views=2,
+        time_steps=6,
+        dim=8,
+        pooled_dim=5,
+        dtype=dtype,
+        input_ids=True,
+        chunk_size=4,
+        shard_size=8,
+    )
     assert layout.num_shards == 3
     w = StoreWriter.open(tmp_path / "s.zarr", layout, CONFIG, {"zarr": "x"})
     written = {}
@@ -73,8 +87,9 @@ def test_bfloat16_matches_torch():
     bits = quant.encode_float(x, "bfloat16")
     ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.uint16).numpy()
     np.testing.assert_array_equal(bits, ref)
-    np.testing.assert_array_equal(quant.decode_float(bits, "bfloat16"),
-                                  torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(
+        quant.decode_float(bits, "bfloat16"), torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    )
 
 
 def test_resume_refuses_other_config(tmp_path):
@@ -179,8 +194,12 @@ def test_int8_decoding_is_literally_the_recorded_rule():
     np.testing.assert_array_equal(got, want)
     # q = 127 gives the scale back exactly for these scales (127 * s is exact in float32 for s with few bits)
     for s in (1.0, 0.75, 2.5, 1 / 64, RULE_SCALES[0], RULE_SCALES[1]):
-        out = quant.decode_int8(np.array([[0, 127]], np.int8), np.array([s], np.float32),
-                                np.zeros((1, 1), np.uint16), np.zeros((1, 1), np.float16))
+        out = quant.decode_int8(
+            np.array([[0, 127]], np.int8),
+            np.array([s], np.float32),
+            np.zeros((1, 1), np.uint16),
+            np.zeros((1, 1), np.float16),
+        )
         assert out[0, 1] == np.float32(s)
 
 

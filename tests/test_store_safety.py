@@ -19,10 +19,14 @@ import zarr
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import Layout, StoreWriter, lock_path, open_store
 
-CONFIG = {"teacher": {"name": "t", "weights_sha256": "abc"}, "recipe": {"layers": [0, 1], "pool": "mean"},
-          "preprocess": {}, "views": {"count": 2}, "dataset": {"name": "d", "fingerprint": "f"}}
-LAYOUT = dict(num_samples=20, views=2, time_steps=6, dim=8, pooled_dim=5, input_ids=True, chunk_size=4,
-              shard_size=8)
+CONFIG = {
+    "teacher": {"name": "t", "weights_sha256": "abc"},
+    "recipe": {"layers": [0, 1], "pool": "mean"},
+    "preprocess": {},
+    "views": {"count": 2},
+    "dataset": {"name": "d", "fingerprint": "f"},
+}
+LAYOUT = dict(num_samples=20, views=2, time_steps=6, dim=8, pooled_dim=5, input_ids=True, chunk_size=4, shard_size=8)
 
 
 def layout(**kw):
@@ -163,8 +167,11 @@ CHILD = textwrap.dedent("""
 
 
 def child(path, mode):
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(path), json.dumps(LAYOUT), json.dumps(CONFIG), mode],
-                            stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path), json.dumps(LAYOUT), json.dumps(CONFIG), mode],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_second_writer_is_refused_while_the_first_lives(tmp_path):
@@ -191,8 +198,9 @@ def test_stale_lock_is_reported_with_how_to_clear_it(tmp_path):
     assert proc.wait() == 0  # exited and reaped: its pid is no longer running
     lock = lock_path(out)
     held = lock.read_bytes()
-    with pytest.raises(MmkdError, match=re.escape(f"stale lock {lock} from pid {proc.pid}") + ".*no longer running"
-                       + ".*delete it"):
+    with pytest.raises(
+        MmkdError, match=re.escape(f"stale lock {lock} from pid {proc.pid}") + ".*no longer running" + ".*delete it"
+    ):
         StoreWriter.open(out, layout(), CONFIG, {})
     assert lock.read_bytes() == held  # reported, not taken over
     lock.unlink()
@@ -278,8 +286,9 @@ def test_lock_is_beside_the_store_and_invisible_to_readers(tmp_path):
 # ---- 3. values the storage dtype cannot hold are refused, naming them ----------------------------------------
 
 
-@pytest.mark.parametrize("dtype,name", [("float16", "tokens"), ("float16", "pooled"), ("int8", "tokens"),
-                                        ("int8", "pooled")])
+@pytest.mark.parametrize(
+    "dtype,name", [("float16", "tokens"), ("float16", "pooled"), ("int8", "tokens"), ("int8", "pooled")]
+)
 def test_value_beyond_float16_is_refused_before_anything_is_written(tmp_path, dtype, name):
     out = tmp_path / "s.zarr"
     lay = layout(dtype=dtype)
@@ -287,8 +296,11 @@ def test_value_beyond_float16_is_refused_before_anything_is_written(tmp_path, dt
         w.write_shard(0, fake_data(lay, 0))
         data = fake_data(lay, 1)
         data[name][1, 1, ..., 2] = 1e5  # sample 9 of the store, view 1
-        with pytest.raises(MmkdError, match=rf"'{name}', sample 9\b, view 1.*value 100000 .*float16.*inf"
-                           r".*--dtype bfloat16 or --dtype float32") as e:
+        with pytest.raises(
+            MmkdError,
+            match=rf"'{name}', sample 9\b, view 1.*value 100000 .*float16.*inf"
+            r".*--dtype bfloat16 or --dtype float32",
+        ) as e:
             w.write_shard(1, data)
         assert "\n" not in str(e.value)
         assert w.done_shards() == {0}
@@ -329,8 +341,11 @@ def test_non_finite_targets_are_refused(tmp_path, dtype, bad):
         data = fake_data(lay, 1)
         data["index"] += 100
         data["tokens"][2, 0, 4, 3] = bad
-        with pytest.raises(MmkdError, match=rf"'tokens', sample 10 \(dataset index 110\), view 0, time step 4: "
-                           rf"the teacher's target is {bad}"):
+        with pytest.raises(
+            MmkdError,
+            match=rf"'tokens', sample 10 \(dataset index 110\), view 0, time step 4: "
+            rf"the teacher's target is {bad}",
+        ):
             w.write_shard(1, data)
         assert w.done_shards() == set()
     assert_shard_untouched(out, lay, 1)

@@ -21,8 +21,17 @@ from mmkd_core.targets import make_targets
 V, T_MAX, IMG, PATCH = 50, 16, 16, 8
 TEXT = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=V, max_position=T_MAX)
 VIT = dict(depth=2, embed_dim=32, num_heads=2, img_size=IMG, patch_size=PATCH)
-MM = dict(width=32, num_heads=2, img_size=IMG, patch_size=PATCH, vocab_size=V, max_position=T_MAX, image_depth=1,
-          text_depth=1, shared_depth=2)
+MM = dict(
+    width=32,
+    num_heads=2,
+    img_size=IMG,
+    patch_size=PATCH,
+    vocab_size=V,
+    max_position=T_MAX,
+    image_depth=1,
+    text_depth=1,
+    shared_depth=2,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -31,20 +40,47 @@ def _seed():
 
 
 def tiny_bert(cls=BertModel, config_cls=BertConfig, **kw):
-    cfg = config_cls(vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=T_MAX + kw.pop("extra_positions", 0), **kw)
+    cfg = config_cls(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=T_MAX + kw.pop("extra_positions", 0),
+        **kw,
+    )
     return cls._from_config(cfg, dtype=torch.float32, attn_implementation="sdpa", add_pooling_layer=False).eval()
 
 
 def tiny_vit(**kw):
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=IMG, patch_size=PATCH,
-                             embed_dim=32, depth=4, num_heads=2, **kw).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=IMG,
+        patch_size=PATCH,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        **kw,
+    ).eval()
 
 
 def tiny_beit():
-    return timm.create_model("beitv2_base_patch16_224", pretrained=False, num_classes=0, img_size=IMG,
-                             patch_size=PATCH, embed_dim=32, depth=4, num_heads=2, use_shared_rel_pos_bias=True,
-                             use_rel_pos_bias=False, use_abs_pos_emb=False, global_pool="token").eval()
+    return timm.create_model(
+        "beitv2_base_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=IMG,
+        patch_size=PATCH,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        use_shared_rel_pos_bias=True,
+        use_rel_pos_bias=False,
+        use_abs_pos_emb=False,
+        global_pool="token",
+    ).eval()
 
 
 def text_batch(b=3, t=9):
@@ -117,10 +153,10 @@ def _assert_padding_invariant(run, ids, mask):
     full = run(ids, mask)
     for b in range(ids.shape[0]):
         n = int(mask[b].sum())
-        alone = run(ids[b:b + 1, :n], mask[b:b + 1, :n])
-        torch.testing.assert_close(full.pooled[b:b + 1], alone.pooled, atol=1e-5, rtol=0)
-        torch.testing.assert_close(full.tokens[b:b + 1, :n], alone.tokens, atol=1e-5, rtol=0)
-        torch.testing.assert_close(full.last_hidden_state[b:b + 1, :n], alone.last_hidden_state, atol=1e-5, rtol=0)
+        alone = run(ids[b : b + 1, :n], mask[b : b + 1, :n])
+        torch.testing.assert_close(full.pooled[b : b + 1], alone.pooled, atol=1e-5, rtol=0)
+        torch.testing.assert_close(full.tokens[b : b + 1, :n], alone.tokens, atol=1e-5, rtol=0)
+        torch.testing.assert_close(full.last_hidden_state[b : b + 1, :n], alone.last_hidden_state, atol=1e-5, rtol=0)
 
 
 def test_text_padding_does_not_change_outputs():
@@ -136,8 +172,11 @@ def test_text_init_copies_first_layers_and_freezes_embeddings():
     student = create_student("text", depth=2, init="teacher", init_from=teacher, freeze_embeddings=True).eval()
     assert student.config.hidden_size == 32 and student.init_info["blocks"] == [0, 1]
     for i in range(2):
-        for (k, a), b in zip(student.bert.encoder.layer[i].state_dict().items(),
-                             teacher.encoder.layer[i].state_dict().values(), strict=True):
+        for (k, a), b in zip(
+            student.bert.encoder.layer[i].state_dict().items(),
+            teacher.encoder.layer[i].state_dict().values(),
+            strict=True,
+        ):
             assert torch.equal(a, b), k
     ids, mask = text_batch()
     want = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:3]
@@ -194,8 +233,9 @@ def test_beit_init_from_a_teacher_checkpoint_by_name(tmp_path):
     student = create_student("beit", depth=2, init="pretrained", init_from="beitv2", init_weights=str(tmp_path))
     assert student.init_info["source"]["teacher"]["name"] == "beitv2"
     assert torch.equal(student.model.blocks[1].attn.qkv.weight, source.model.blocks[1].attn.qkv.weight)
-    assert torch.equal(student.model.rel_pos_bias.relative_position_bias_table,
-                       source.model.rel_pos_bias.relative_position_bias_table)
+    assert torch.equal(
+        student.model.rel_pos_bias.relative_position_bias_table, source.model.rel_pos_bias.relative_position_bias_table
+    )
 
 
 def test_vit_init_resamples_position_embedding_for_another_size():
@@ -227,15 +267,25 @@ def test_mome_routes_each_modality_to_its_expert():
 def test_multimodal_init_from_unimodal_models(image_kind):
     image_model = tiny_vit() if image_kind == "vit" else tiny_beit()
     text_model = tiny_bert()
-    mm = create_student("multimodal", image_depth=1, text_depth=2, shared_depth=2, mome=True, vl_depth=1,
-                        init="pretrained", image_init_from=image_model, text_init_from=text_model).eval()
+    mm = create_student(
+        "multimodal",
+        image_depth=1,
+        text_depth=2,
+        shared_depth=2,
+        mome=True,
+        vl_depth=1,
+        init="pretrained",
+        image_init_from=image_model,
+        text_init_from=text_model,
+    ).eval()
     assert mm.config.width == 32 and mm.config.text_num_heads == 2
     x = images()
     ids = torch.randint(1, V, (2, 7))
     # the towers reproduce their sources' first blocks (BEiT's relative position bias cannot be carried over)
     if image_kind == "vit":
-        torch.testing.assert_close(mm(pixel_values=x).hidden_states[0], teacher_hidden(image_model, x)[0],
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            mm(pixel_values=x).hidden_states[0], teacher_hidden(image_model, x)[0], atol=1e-5, rtol=0
+        )
     else:
         assert torch.equal(mm.pos_embed, torch.zeros_like(mm.pos_embed))
         assert torch.equal(mm.image_blocks[0].attn.qkv.weight, image_model.blocks[0].attn.qkv.weight)

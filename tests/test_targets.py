@@ -22,7 +22,7 @@ def test_matches_independent_reference():
     for b in range(3):
         ref = reference_targets([h[b].numpy() for h in hs], int(lengths[b]), layers)
         np.testing.assert_allclose(y[b, : lengths[b]].numpy(), ref, atol=1e-5)
-        assert torch.all(y[b, lengths[b]:] == 0)
+        assert torch.all(y[b, lengths[b] :] == 0)
 
 
 def test_golden_values():
@@ -30,14 +30,22 @@ def test_golden_values():
     x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4) ** 1.5 / 10
     hs = [x, (x.flip(1) + 1).sqrt() * torch.tensor([1.0, -1, 2, -2])]
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    golden = torch.tensor([
-        [[1.0398, -0.9957, 0.9594, -1.0034], [-1.6848, 0.7059, 0.1993, 0.7796], [-0.9622, 0.9987, -1.0370, 1.0006]],
-        [[0.9999, -0.9999, 1.0000, -1.0000], [-0.9999, 0.9999, -1.0000, 1.0000], [0.0, 0.0, 0.0, 0.0]],
-    ])
-    golden_noln = torch.tensor([
-        [[1.2820, -1.2524, 1.2379, -1.2296], [-0.1241, 0.0575, -0.0268, 0.0098], [-1.1579, 1.1949, -1.2111, 1.2198]],
-        [[0.9999, -0.9999, 1.0000, -1.0000], [-0.9999, 0.9999, -1.0000, 1.0000], [0.0, 0.0, 0.0, 0.0]],
-    ])
+    golden = torch.tensor(
+        [
+            [[1.0398, -0.9957, 0.9594, -1.0034], [-1.6848, 0.7059, 0.1993, 0.7796], [-0.9622, 0.9987, -1.0370, 1.0006]],
+            [[0.9999, -0.9999, 1.0000, -1.0000], [-0.9999, 0.9999, -1.0000, 1.0000], [0.0, 0.0, 0.0, 0.0]],
+        ]
+    )
+    golden_noln = torch.tensor(
+        [
+            [
+                [1.2820, -1.2524, 1.2379, -1.2296],
+                [-0.1241, 0.0575, -0.0268, 0.0098],
+                [-1.1579, 1.1949, -1.2111, 1.2198],
+            ],
+            [[0.9999, -0.9999, 1.0000, -1.0000], [-0.9999, 0.9999, -1.0000, 1.0000], [0.0, 0.0, 0.0, 0.0]],
+        ]
+    )
     torch.testing.assert_close(make_targets(hs, mask, [0, 1]), golden, atol=1e-4, rtol=0)
     torch.testing.assert_close(make_targets(hs, mask, [1], layer_norm_targets=False), golden_noln, atol=1e-4, rtol=0)
 
@@ -47,9 +55,9 @@ def test_golden_values_layer_norm():
     hs = [torch.randn(1, 3, 4, generator=g) for _ in range(2)]
     mask = torch.ones(1, 3, dtype=torch.bool)
     y = make_targets(hs, mask, [0, 1])
-    golden = torch.tensor([[[0.8477, 1.1304, -1.1427, -0.8354],
-                            [1.7312, -0.5682, -0.5399, -0.6231],
-                            [-1.3922, -0.5025, 1.0324, 0.8623]]])
+    golden = torch.tensor(
+        [[[0.8477, 1.1304, -1.1427, -0.8354], [1.7312, -0.5682, -0.5399, -0.6231], [-1.3922, -0.5025, 1.0324, 0.8623]]]
+    )
     torch.testing.assert_close(y, golden, atol=1e-4, rtol=0)
 
 
@@ -66,8 +74,9 @@ def test_independent_of_batch_and_padding():
     y = make_targets(batch, mask, [0, 1, 2])
     torch.testing.assert_close(y[2, :5], alone[0], atol=1e-5, rtol=0)
     p = pool_targets("mean", y, batch, mask)
-    torch.testing.assert_close(p[2], pool_targets("mean", alone, one, torch.ones(1, 5, dtype=torch.bool))[0],
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        p[2], pool_targets("mean", alone, one, torch.ones(1, 5, dtype=torch.bool))[0], atol=1e-5, rtol=0
+    )
 
 
 def test_pools():
@@ -94,8 +103,16 @@ def test_pools():
 
 @pytest.mark.parametrize(
     "spec,expected",
-    [("all", [0, 1, 2, 3, 4, 5]), (None, [0, 1, 2, 3, 4, 5]), ("last:2", [4, 5]), ("last3", [3, 4, 5]),
-     (2, [4, 5]), ("0,5", [0, 5]), ([3, -1], [3, 5]), ("5, 1", [1, 5])],
+    [
+        ("all", [0, 1, 2, 3, 4, 5]),
+        (None, [0, 1, 2, 3, 4, 5]),
+        ("last:2", [4, 5]),
+        ("last3", [3, 4, 5]),
+        (2, [4, 5]),
+        ("0,5", [0, 5]),
+        ([3, -1], [3, 5]),
+        ("5, 1", [1, 5]),
+    ],
 )
 def test_select_layers(spec, expected):
     assert select_layers(spec, 6) == expected

@@ -25,13 +25,25 @@ from mmkd_core.teachers.weights import (
 )
 
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
-SENTENCES = ["A man is eating food.", "A man is riding a horse on the beach at sunset, far away.", "hi",
-             "The quick brown fox jumps over the lazy dog."]
+SENTENCES = [
+    "A man is eating food.",
+    "A man is riding a horse on the beach at sunset, far away.",
+    "hi",
+    "The quick brown fox jumps over the lazy dog.",
+]
 
 
 def test_registry_lists_every_teacher():
-    assert set(list_teachers()) >= {"beitv2", "data2vec-vision", "data2vec-text", "bert", "minilm-l6", "clip",
-                                    "clip-vision", "clip-text"}
+    assert set(list_teachers()) >= {
+        "beitv2",
+        "data2vec-vision",
+        "data2vec-text",
+        "bert",
+        "minilm-l6",
+        "clip",
+        "clip-vision",
+        "clip-text",
+    }
     assert list_teachers("clip*") == ["clip", "clip-text", "clip-vision"]
     with pytest.raises(MmkdError, match="unknown teacher 'nope'; known: beitv2"):
         create_teacher("nope")
@@ -39,8 +51,9 @@ def test_registry_lists_every_teacher():
 
 def test_load_state_dict_file_unwraps_and_reads_safetensors(tmp_path):
     t = torch.arange(6.0).reshape(2, 3)
-    torch.save({"epoch": 3, "state_dict": {"module.a.weight": t, "module.a.step": torch.tensor(1)}},
-               tmp_path / "ddp.pth")
+    torch.save(
+        {"epoch": 3, "state_dict": {"module.a.weight": t, "module.a.step": torch.tensor(1)}}, tmp_path / "ddp.pth"
+    )
     assert set(load_state_dict_file(tmp_path / "ddp.pth")) == {"a.weight", "a.step"}
     torch.save({"model": {"a": t}, "args": argparse.Namespace(lr=1e-3)}, tmp_path / "m.pt")  # as research code does
     torch.testing.assert_close(load_state_dict_file(tmp_path / "m.pt")["a"], t)
@@ -67,7 +80,8 @@ def test_sha256_streams_files_in_order(tmp_path):
 def test_hf_weight_files_prefers_safetensors_and_resolves_shards(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     (tmp_path / "model.safetensors.index.json").write_text(
-        '{"weight_map": {"a": "model-00002.safetensors", "b": "model-00001.safetensors"}}')
+        '{"weight_map": {"a": "model-00002.safetensors", "b": "model-00001.safetensors"}}'
+    )
     assert [p.name for p in hf_weight_files(tmp_path)] == ["model-00001.safetensors", "model-00002.safetensors"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(MmkdError, match="holds no weights"):

@@ -16,8 +16,14 @@ from mmkd_core.errors import MmkdError
 from mmkd_core.teachers import create_teacher
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-PT1K_LAYOUT = dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_abs_pos_emb=False,
-                   global_pool="token", num_classes=0, init_values=0.1)
+PT1K_LAYOUT = dict(
+    use_shared_rel_pos_bias=True,
+    use_rel_pos_bias=False,
+    use_abs_pos_emb=False,
+    global_pool="token",
+    num_classes=0,
+    init_values=0.1,
+)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -96,8 +102,12 @@ def test_pt1k_release_layout_loads_and_matches(pt1k_model, pt1k_file, caplog):
     assert teacher.source == pt1k_file
     assert teacher.modality == "image" and teacher.hidden_size == 32
     pre = teacher.preprocess
-    assert (pre.size, pre.interpolation, pre.mean, pre.std) == (32, "bicubic", (0.485, 0.456, 0.406),
-                                                                (0.229, 0.224, 0.225))
+    assert (pre.size, pre.interpolation, pre.mean, pre.std) == (
+        32,
+        "bicubic",
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+    )
 
 
 def test_teacher_is_frozen_float32_eval(pt1k_file):
@@ -115,8 +125,8 @@ def test_outputs_do_not_depend_on_batch(pt1k_file):
         full = teacher(pixel_values=x).hidden_states
         assert len(full) == TINY["depth"]
         for i in (0, 3):
-            alone = teacher(pixel_values=x[i:i + 1]).hidden_states
-            pair = teacher(pixel_values=x[i:i + 2]).hidden_states
+            alone = teacher(pixel_values=x[i : i + 1]).hidden_states
+            pair = teacher(pixel_values=x[i : i + 2]).hidden_states
             for f, a, p in zip(full, alone, pair, strict=True):
                 torch.testing.assert_close(a[0], f[i], atol=1e-5, rtol=0)
                 torch.testing.assert_close(p[0], f[i], atol=1e-5, rtol=0)

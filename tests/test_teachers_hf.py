@@ -31,8 +31,12 @@ from mmkd_core.errors import MmkdError
 from mmkd_core.teachers import create_teacher
 
 WORDS = "the a cat dog sat on mat photo of and is red blue big small runs jumps over lazy fox".split()
-SENTENCES = ["The cat sat on the mat", "a dog", "the big red fox jumps over the lazy dog and the small cat",
-             "photo of a blue cat"]
+SENTENCES = [
+    "The cat sat on the mat",
+    "a dog",
+    "the big red fox jumps over the lazy dog and the small cat",
+    "photo of a blue cat",
+]
 TINY_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 
@@ -72,8 +76,9 @@ def d2v_text_dir(tmp_path_factory) -> Path:
     vocab_file, merges_file = _bpe_files(root / "tok", vocab)
     tokenizer = RobertaTokenizer(vocab=vocab_file, merges=merges_file)
     torch.manual_seed(0)
-    config = Data2VecTextConfig(vocab_size=len(vocab), max_position_embeddings=130, pad_token_id=1, bos_token_id=0,
-                                eos_token_id=2, **TINY_TEXT)
+    config = Data2VecTextConfig(
+        vocab_size=len(vocab), max_position_embeddings=130, pad_token_id=1, bos_token_id=0, eos_token_id=2, **TINY_TEXT
+    )
     Data2VecTextModel(config).save_pretrained(root / "ckpt")
     tokenizer.save_pretrained(root / "ckpt")
     return root / "ckpt"
@@ -89,8 +94,14 @@ def clip_dir(tmp_path_factory) -> Path:
     vocab_file, merges_file = _bpe_files(root / "tok", vocab)
     tokenizer = CLIPTokenizer(vocab=vocab_file, merges=merges_file)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), max_position_embeddings=48, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1, **TINY_TEXT),
+        text_config=dict(
+            vocab_size=len(vocab),
+            max_position_embeddings=48,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            **TINY_TEXT,
+        ),
         vision_config=dict(image_size=32, patch_size=8, **TINY_TEXT),
         projection_dim=16,
     )
@@ -104,16 +115,18 @@ def clip_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def d2v_vision_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("d2vv")
-    config = Data2VecVisionConfig(image_size=32, patch_size=8, use_shared_relative_position_bias=True,
-                                  layer_scale_init_value=0.1, **TINY_TEXT)
+    config = Data2VecVisionConfig(
+        image_size=32, patch_size=8, use_shared_relative_position_bias=True, layer_scale_init_value=0.1, **TINY_TEXT
+    )
     torch.manual_seed(0)
     model = Data2VecVisionModel(config, add_pooling_layer=True)
     with torch.no_grad():  # the shared rel-pos table starts at zero: make a mis-load visible
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(root / "ckpt")
-    BeitImageProcessor(size={"height": 36, "width": 36}, do_center_crop=True, crop_size={"height": 32, "width": 32},
-                       resample=3).save_pretrained(root / "ckpt")
+    BeitImageProcessor(
+        size={"height": 36, "width": 36}, do_center_crop=True, crop_size={"height": 32, "width": 32}, resample=3
+    ).save_pretrained(root / "ckpt")
     return root / "ckpt"
 
 
@@ -133,8 +146,12 @@ def _check_padding_invariance(teacher) -> None:
             alone = teacher.tokenize([text])
             n = int(alone["attention_mask"].sum())
             pad = min(7, teacher.max_length - n)
-            extra = {k: torch.cat([v, torch.full((1, pad), teacher.tokenizer.pad_token_id if k == "input_ids" else 0)],
-                                  dim=1) for k, v in alone.items()}
+            extra = {
+                k: torch.cat(
+                    [v, torch.full((1, pad), teacher.tokenizer.pad_token_id if k == "input_ids" else 0)], dim=1
+                )
+                for k, v in alone.items()
+            }
             for single in (teacher(**alone), teacher(**extra)):
                 for f, s in zip(full.hidden_states, single.hidden_states, strict=True):
                     torch.testing.assert_close(s[0, :n], f[i, :n], atol=1e-5, rtol=0)
@@ -178,14 +195,27 @@ def test_eager_attention_is_padding_invariant_too(bert_dir):
 def test_sentence_transformers_dir_gives_pooled_embed(bert_dir, tmp_path):
     st_dir = tmp_path / "st"
     shutil.copytree(bert_dir, st_dir)
-    (st_dir / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (st_dir / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+            ]
+        )
+    )
     (st_dir / "1_Pooling").mkdir()
-    (st_dir / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
-         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
+    (st_dir / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": 32,
+                "pooling_mode_cls_token": False,
+                "pooling_mode_mean_tokens": True,
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            }
+        )
+    )
     (st_dir / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 12, "do_lower_case": False}))
     teacher = create_teacher("bert", weights=str(st_dir))
     assert teacher.preprocess.max_length == 12
@@ -217,8 +247,9 @@ def test_data2vec_text_from_hub_cache(d2v_text_dir, tmp_path, monkeypatch):
     with pytest.raises(MmkdError, match="facebook/data2vec-text-base in the HF hub cache"):
         create_teacher("data2vec-text")
     # the cache location is read when the teacher is created, not when huggingface_hub was imported
-    monkeypatch.setenv("HF_HUB_CACHE", str(_fake_hub_cache(tmp_path / "hub", "facebook/data2vec-text-base",
-                                                           d2v_text_dir)))
+    monkeypatch.setenv(
+        "HF_HUB_CACHE", str(_fake_hub_cache(tmp_path / "hub", "facebook/data2vec-text-base", d2v_text_dir))
+    )
     teacher = create_teacher("data2vec-text")
     assert teacher.source == f"hf-hub:facebook/data2vec-text-base@{COMMIT}"
     assert teacher.weights_sha256 == create_teacher("data2vec-text", weights=str(d2v_text_dir)).weights_sha256

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import WORDS, save_tiny_bert
+from mmkd.extract.config import ExtractConfig
+from mmkd.extract.run import extract
+from mmkd.train.config import TrainConfig
+from mmkd.train.loop import train
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from mmkd.extract.config import ExtractConfig
-from mmkd.extract.run import extract
 from mmkd_core.errors import MmkdError
-from mmkd.train.config import TrainConfig
-from mmkd.train.loop import train
 
 TINY_STUDENT = {"num_heads": 2}
 
@@ -28,14 +28,26 @@ def text_store(tmp_path_factory, bert_dir):
     lines = [" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(96)]
     (root / "s.txt").write_text("\n".join(lines) + "\n")
     out = root / "t.zarr"
-    extract(ExtractConfig(teacher="bert", weights=str(bert_dir), dataset="text", data_root=str(root / "s.txt"),
-                          out=out, dtype="float32", chunk_size=8, shard_size=16), show_progress=False)
+    extract(
+        ExtractConfig(
+            teacher="bert",
+            weights=str(bert_dir),
+            dataset="text",
+            data_root=str(root / "s.txt"),
+            out=out,
+            dtype="float32",
+            chunk_size=8,
+            shard_size=16,
+        ),
+        show_progress=False,
+    )
     return out
 
 
 def _cfg(tmp_path, store, **kw):
-    base = dict(targets=store, depth=2, batch_size=16, steps=8, ckpt_every=4, run_dir=tmp_path / "run",
-                progress=False, lr=1e-3)
+    base = dict(
+        targets=store, depth=2, batch_size=16, steps=8, ckpt_every=4, run_dir=tmp_path / "run", progress=False, lr=1e-3
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -92,17 +104,29 @@ def test_resume_refuses_a_store_with_another_recipe(tmp_path, text_store, bert_d
     train(_cfg(tmp_path, text_store, steps=4))
     other = tmp_path / "other.zarr"
     src = json.loads((text_store / "zarr.json").read_text())["attributes"]["mmkd"]["dataset"]
-    extract(ExtractConfig(teacher="bert", weights=str(bert_dir), dataset="text",
-                          data_root=str(text_store.parent / "s.txt"), out=other, dtype="float32", layers="last:2",
-                          chunk_size=8, shard_size=16), show_progress=False)
+    extract(
+        ExtractConfig(
+            teacher="bert",
+            weights=str(bert_dir),
+            dataset="text",
+            data_root=str(text_store.parent / "s.txt"),
+            out=other,
+            dtype="float32",
+            layers="last:2",
+            chunk_size=8,
+            shard_size=16,
+        ),
+        show_progress=False,
+    )
     assert src["name"] == "text"
     with pytest.raises(MmkdError, match="recipe.layers"):
         train(_cfg(tmp_path, other, steps=8, resume=True))
 
 
 def test_random_init_and_head_prediction(tmp_path, text_store):
-    r = train(_cfg(tmp_path, text_store, init="random", token_pred="head", loss="token_mse=1,pooled_cosine=0.5",
-                   steps=4))
+    r = train(
+        _cfg(tmp_path, text_store, init="random", token_pred="head", loss="token_mse=1,pooled_cosine=0.5", steps=4)
+    )
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["student"]["init"] in ({}, None) or cfg["student"]["init"].get("init") != "pretrained"
     assert cfg["loss"] == {"token_mse": 1.0, "pooled_cosine": 0.5} and r.steps == 4
@@ -112,8 +136,22 @@ def test_cli_trains_and_reports_errors_in_one_line(tmp_path, text_store):
     from mmkd.train.cli import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["--targets", str(text_store), "--depth", "1", "--steps", "3", "--batch-size", "8",
-                              "--run-dir", str(tmp_path / "cli"), "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "--targets",
+            str(text_store),
+            "--depth",
+            "1",
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--run-dir",
+            str(tmp_path / "cli"),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "cli" / "student" / "mmkd_student.json").exists()
     assert (tmp_path / "cli" / "training.png").read_bytes()[:4] == b"\x89PNG"
@@ -133,10 +171,28 @@ def test_embedded_default_path_multimodal(tmp_path, minilm):
     res = runner.invoke(extract_app, ["--dataset-option", "count=48", "--out", str(store), "--quiet"])
     assert res.exit_code == 0, res.output
     assert "bytes per sample" in res.output
-    res = runner.invoke(train_app, ["--targets", str(store), "--steps", "3", "--batch-size", "16", "--quiet",
-                                    "--run-dir", str(tmp_path / "run"), "--student-option", "width=32",
-                                    "--student-option", "num_heads=2", "--student-option", "text_num_heads=2",
-                                    "--bank-size", "20"])
+    res = runner.invoke(
+        train_app,
+        [
+            "--targets",
+            str(store),
+            "--steps",
+            "3",
+            "--batch-size",
+            "16",
+            "--quiet",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--student-option",
+            "width=32",
+            "--student-option",
+            "num_heads=2",
+            "--student-option",
+            "text_num_heads=2",
+            "--bank-size",
+            "20",
+        ],
+    )
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["student"]["kind"] == "multimodal" and cfg["loss"] == {"contrastive_kd": 1.0, "itc": 1.0}
@@ -148,8 +204,9 @@ def test_embedded_default_path_multimodal(tmp_path, minilm):
 
 
 def test_memory_bank_holds_store_targets(text_store):
-    from mmkd_core.store import open_store
     from mmkd.train.loop import memory_bank
+
+    from mmkd_core.store import open_store
 
     reader = open_store(text_store)
     bank, index = memory_bank(reader, 20, seed=0, epoch=3)
@@ -163,8 +220,9 @@ def test_student_cut_from_teacher_starts_with_its_pooled_embedding(minilm):
     from mmkd_core.students import create_student
     from mmkd_core.targets import masked_mean
 
-    student = create_student("text", depth=3, init="pretrained", init_from=minilm, pool="mean", target_dim=384,
-                             pooled_dim=384).eval()
+    student = create_student(
+        "text", depth=3, init="pretrained", init_from=minilm, pool="mean", target_dim=384, pooled_dim=384
+    ).eval()
     enc = minilm.tokenize(["a red circle at the top left", "two words"])
     with torch.inference_mode():
         ours = student(**enc).pooled

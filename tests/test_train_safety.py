@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import WORDS, save_tiny_bert
-from safetensors.torch import load_file
-from typer.testing import CliRunner
-
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
-from mmkd_core.errors import MmkdError
 from mmkd.train.checkpoint import KEEP, latest_checkpoint, load_checkpoint, save_checkpoint
 from mmkd.train.cli import app
 from mmkd.train.config import TrainConfig
 from mmkd.train.loop import _param_groups, train
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mmkd_core.errors import MmkdError
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,23 @@ def bert_dir(tmp_path_factory):
 
 def _text_store(root: Path, bert_dir: Path, n: int, chunk: int) -> Path:
     rng = np.random.default_rng(n)
-    (root / "s.txt").write_text("\n".join(" ".join(rng.choice(WORDS, size=rng.integers(2, 12)))
-                                          for _ in range(n)) + "\n")
+    (root / "s.txt").write_text(
+        "\n".join(" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(n)) + "\n"
+    )
     out = root / "t.zarr"
-    extract(ExtractConfig(teacher="bert", weights=str(bert_dir), dataset="text", data_root=str(root / "s.txt"),
-                          out=out, dtype="float32", chunk_size=chunk, shard_size=chunk * 4), show_progress=False)
+    extract(
+        ExtractConfig(
+            teacher="bert",
+            weights=str(bert_dir),
+            dataset="text",
+            data_root=str(root / "s.txt"),
+            out=out,
+            dtype="float32",
+            chunk_size=chunk,
+            shard_size=chunk * 4,
+        ),
+        show_progress=False,
+    )
     return out
 
 
@@ -59,9 +71,25 @@ def test_reported_hangs_and_lost_batches_end_with_every_epoch_whole(tmp_path, be
     signal.signal(signal.SIGALRM, hung)
     signal.alarm(240)
     try:
-        res = CliRunner().invoke(app, ["--targets", str(store), "--depth", "1", "--batch-size", str(batch),
-                                       "--epochs", str(epochs), "--run-dir", str(tmp_path / "run"), "--quiet",
-                                       "--log-every", "1"], catch_exceptions=False)
+        res = CliRunner().invoke(
+            app,
+            [
+                "--targets",
+                str(store),
+                "--depth",
+                "1",
+                "--batch-size",
+                str(batch),
+                "--epochs",
+                str(epochs),
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--quiet",
+                "--log-every",
+                "1",
+            ],
+            catch_exceptions=False,
+        )
     finally:
         signal.alarm(0)
     assert res.exit_code == 0, res.output
@@ -72,13 +100,29 @@ def test_reported_hangs_and_lost_batches_end_with_every_epoch_whole(tmp_path, be
 
 def test_resume_without_flags_is_the_same_run_and_differing_flags_are_refused(tmp_path, store):
     runner = CliRunner()
-    args = ["--targets", str(store), "--depth", "1", "--batch-size", "8", "--lr", "3e-3", "--seed", "5", "--steps",
-            "12", "--ckpt-every", "4", "--quiet"]
+    args = [
+        "--targets",
+        str(store),
+        "--depth",
+        "1",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--seed",
+        "5",
+        "--steps",
+        "12",
+        "--ckpt-every",
+        "4",
+        "--quiet",
+    ]
     assert runner.invoke(app, [*args, "--run-dir", str(tmp_path / "full")]).exit_code == 0
     from mmkd.train import loop
 
     real = loop.save_checkpoint
     with pytest.MonkeyPatch.context() as mp:
+
         def crash_after_first(*a, **kw):
             real(*a, **kw)
             raise KeyboardInterrupt
@@ -86,14 +130,33 @@ def test_resume_without_flags_is_the_same_run_and_differing_flags_are_refused(tm
         mp.setattr(loop, "save_checkpoint", crash_after_first)
         res = runner.invoke(app, [*args, "--run-dir", str(tmp_path / "cut")])
     assert res.exit_code != 0 and "--resume --run-dir" in res.output
-    for flag, value in [("--lr", "1e-3"), ("--seed", "0"), ("--batch-size", "16"), ("--loss", "token_mse=1"),
-                        ("--steps", "20")]:
-        bad = runner.invoke(app, ["--targets", str(store), "--run-dir", str(tmp_path / "cut"), "--resume",
-                                  flag, value, "--quiet"])
+    for flag, value in [
+        ("--lr", "1e-3"),
+        ("--seed", "0"),
+        ("--batch-size", "16"),
+        ("--loss", "token_mse=1"),
+        ("--steps", "20"),
+    ]:
+        bad = runner.invoke(
+            app, ["--targets", str(store), "--run-dir", str(tmp_path / "cut"), "--resume", flag, value, "--quiet"]
+        )
         assert bad.exit_code == 2 and f"--resume: {flag} " in bad.output and "Traceback" not in bad.output
     # the same value again is fine; what only changes how the run executes may differ
-    res = runner.invoke(app, ["--targets", str(store), "--run-dir", str(tmp_path / "cut"), "--resume", "--lr", "3e-3",
-                              "--ckpt-every", "3", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "--targets",
+            str(store),
+            "--run-dir",
+            str(tmp_path / "cut"),
+            "--resume",
+            "--lr",
+            "3e-3",
+            "--ckpt-every",
+            "3",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -102,8 +165,9 @@ def test_resume_without_flags_is_the_same_run_and_differing_flags_are_refused(tm
 
 
 def test_resume_refuses_another_world_size_and_an_older_plan(tmp_path, store):
-    cfg = TrainConfig(targets=store, depth=1, batch_size=8, steps=4, ckpt_every=2, run_dir=tmp_path / "r",
-                      progress=False)
+    cfg = TrainConfig(
+        targets=store, depth=1, batch_size=8, steps=4, ckpt_every=2, run_dir=tmp_path / "r", progress=False
+    )
     train(cfg)
     record = json.loads((tmp_path / "r" / "config.json").read_text())
     (tmp_path / "r" / "config.json").write_text(json.dumps({**record, "world_size": 2}))
@@ -115,8 +179,9 @@ def test_resume_refuses_another_world_size_and_an_older_plan(tmp_path, store):
 
 
 def test_a_crafted_pickle_in_state_pt_is_refused_without_running(tmp_path, store):
-    train(TrainConfig(targets=store, depth=1, batch_size=8, steps=2, ckpt_every=2, run_dir=tmp_path / "r",
-                      progress=False))
+    train(
+        TrainConfig(targets=store, depth=1, batch_size=8, steps=2, ckpt_every=2, run_dir=tmp_path / "r", progress=False)
+    )
     ckpt = latest_checkpoint(tmp_path / "r")
     marker = tmp_path / "pwned"
 
@@ -131,8 +196,9 @@ def test_a_crafted_pickle_in_state_pt_is_refused_without_running(tmp_path, store
 
 
 def test_a_state_without_a_key_is_a_one_line_error(tmp_path, store):
-    train(TrainConfig(targets=store, depth=1, batch_size=8, steps=2, ckpt_every=2, run_dir=tmp_path / "r",
-                      progress=False))
+    train(
+        TrainConfig(targets=store, depth=1, batch_size=8, steps=2, ckpt_every=2, run_dir=tmp_path / "r", progress=False)
+    )
     ckpt = latest_checkpoint(tmp_path / "r")
     state = torch.load(ckpt / "state.pt", weights_only=True)
     del state["scheduler"]
@@ -158,12 +224,30 @@ def test_no_weight_decay_on_cls_position_and_relative_position_tables(kind):
     from mmkd_core.students import create_student
 
     if kind == "multimodal":
-        student = create_student("multimodal", init="random", pooled_dim=8, width=32, num_heads=2, text_num_heads=2,
-                                 img_size=32, patch_size=16, vocab_size=50)
+        student = create_student(
+            "multimodal",
+            init="random",
+            pooled_dim=8,
+            width=32,
+            num_heads=2,
+            text_num_heads=2,
+            img_size=32,
+            patch_size=16,
+            vocab_size=50,
+        )
         expect = {"cls_token", "pos_embed"}
     else:
-        student = create_student(kind, depth=1, init="random", target_dim=32, pooled_dim=8, img_size=32,
-                                 patch_size=16, embed_dim=32, num_heads=2)
+        student = create_student(
+            kind,
+            depth=1,
+            init="random",
+            target_dim=32,
+            pooled_dim=8,
+            img_size=32,
+            patch_size=16,
+            embed_dim=32,
+            num_heads=2,
+        )
         expect = {"model.cls_token"} | ({"model.pos_embed"} if kind == "vit" else set())
     names = {id(p): n for n, p in student.named_parameters()}
     groups = _param_groups(student, 0.05)
@@ -176,12 +260,32 @@ def test_no_weight_decay_on_cls_position_and_relative_position_tables(kind):
     assert all(p.ndim >= 2 for g in groups if g["weight_decay"] > 0 for p in g["params"])
 
 
-@pytest.mark.parametrize("task, message", [("mrcp:x", "choose retrieval"), ("mrpc", "mrpc:PATH"),
-                                           ("mrpc:/nonexistent/msr.txt", "does not exist"),
-                                           ("retrieval", "scores image-caption students")])
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        ("mrcp:x", "choose retrieval"),
+        ("mrpc", "mrpc:PATH"),
+        ("mrpc:/nonexistent/msr.txt", "does not exist"),
+        ("retrieval", "scores image-caption students"),
+    ],
+)
 def test_eval_options_fail_before_the_first_step(tmp_path, store, task, message):
-    res = CliRunner().invoke(app, ["--targets", str(store), "--depth", "1", "--steps", "2", "--eval", task,
-                                   "--run-dir", str(tmp_path / "r"), "--quiet"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "--targets",
+            str(store),
+            "--depth",
+            "1",
+            "--steps",
+            "2",
+            "--eval",
+            task,
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
     assert latest_checkpoint(tmp_path / "r") is None if (tmp_path / "r").exists() else True
     assert not (tmp_path / "r" / "metrics.jsonl").exists()

@@ -5,24 +5,35 @@ import numpy as np
 import PIL
 import pytest
 import zarr
-
 from mmkd.data import create_dataset
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
+from mmkd.train.verify_views import verify_views
+
 from mmkd_core import views
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import open_store
 from mmkd_core.views import CHECKSUM_RULE, render, render_versions, view_checksum, view_spec
-from mmkd.train.verify_views import verify_views
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 DATA = {"count": 12, "resolution": 40}
 
 
 def config(out, **kw):
-    return ExtractConfig(teacher="beitv2", random_weights=True, teacher_options=TINY, dataset="shapes",
-                         dataset_options=DATA, views=3, dtype="float16", out=out, chunk_size=2, shard_size=4,
-                         batch_size=5, **kw)
+    return ExtractConfig(
+        teacher="beitv2",
+        random_weights=True,
+        teacher_options=TINY,
+        dataset="shapes",
+        dataset_options=DATA,
+        views=3,
+        dtype="float16",
+        out=out,
+        chunk_size=2,
+        shard_size=4,
+        batch_size=5,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +61,12 @@ def test_extraction_stores_the_checksum_of_each_teacher_input(extracted, source)
     data = r.read(0, 12, ("view_params", "view_checksum", "index"))
     assert data["view_checksum"].shape == (12, 3) and data["view_checksum"].dtype == np.uint64
     spec = view_spec(r.attrs)
-    expect = np.array([[view_checksum(render(source.image(int(i)), p, spec), spec) for p in ps]
-                       for i, ps in zip(data["index"], data["view_params"], strict=True)])
+    expect = np.array(
+        [
+            [view_checksum(render(source.image(int(i)), p, spec), spec) for p in ps]
+            for i, ps in zip(data["index"], data["view_params"], strict=True)
+        ]
+    )
     np.testing.assert_array_equal(data["view_checksum"], expect)
     assert (data["view_checksum"] != 0).all()  # no row left at the fill value
     assert r.attrs["views"]["checksum"] == CHECKSUM_RULE  # the rule is compared: one rule per store

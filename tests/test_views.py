@@ -73,8 +73,9 @@ def test_checksum_is_of_the_pixels_rendered():
     assert a == views.view_checksum(render(image(), p.copy(), spec), spec)  # same view rendered twice
     assert a != views.view_checksum(render(img, q, spec), spec)  # flip toggled
     batch = render_views(img, params, spec)
-    np.testing.assert_array_equal(views.view_checksum(batch[None], spec)[0],
-                                  [views.view_checksum(x, spec) for x in batch])
+    np.testing.assert_array_equal(
+        views.view_checksum(batch[None], spec)[0], [views.view_checksum(x, spec) for x in batch]
+    )
 
 
 def test_checksum_ignores_float_noise_not_a_grey_level():

@@ -33,8 +33,17 @@ DEFAULT_LOSS = {
 # A CPU-sized multimodal student: 48 px images in 16 px patches (shapes' 3x3 cells, one patch each), 128 wide.
 # 8 px patches at 48 px were four times slower per step and reached i2t R@1 0.14 in the time that 16 px
 # patches reached 0.27; the README has the embedded default's measured R@1 and time.
-MULTIMODAL_DEFAULTS = {"img_size": 48, "patch_size": 16, "width": 128, "num_heads": 4, "text_num_heads": 4,
-                       "image_depth": 4, "text_depth": 1, "shared_depth": 1, "max_position": 64}
+MULTIMODAL_DEFAULTS = {
+    "img_size": 48,
+    "patch_size": 16,
+    "width": 128,
+    "num_heads": 4,
+    "text_num_heads": 4,
+    "image_depth": 4,
+    "text_depth": 1,
+    "shared_depth": 1,
+    "max_position": 64,
+}
 IMAGE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
@@ -67,8 +76,9 @@ def load_init_teacher(cfg: TrainConfig, attrs: dict[str, Any]):
         name, weights = teacher_source(attrs)
         teacher = create_teacher(name, weights)
         if teacher.weights_sha256 != attrs["teacher"]["weights_sha256"]:
-            raise MmkdError(f"teacher.weights_sha256: {weights or name} is not the checkpoint the store was "
-                            "extracted with")
+            raise MmkdError(
+                f"teacher.weights_sha256: {weights or name} is not the checkpoint the store was extracted with"
+            )
         return teacher
     return create_teacher(cfg.init, cfg.init_weights)
 
@@ -120,8 +130,16 @@ def build(cfg: TrainConfig, reader) -> Built:
         name, weights = teacher_source(attrs)
         arch_model = create_teacher(name, weights)
     heads = {"target_dim": attrs["teacher"]["hidden_size"], "pooled_dim": int(reader.group["pooled"].shape[-1])}
-    ctx = Context(cfg=cfg, reader=reader, attrs=attrs, kind=kind, depth=depth, init_model=init_model,
-                  arch_model=arch_model, heads=heads)
+    ctx = Context(
+        cfg=cfg,
+        reader=reader,
+        attrs=attrs,
+        kind=kind,
+        depth=depth,
+        init_model=init_model,
+        arch_model=arch_model,
+        heads=heads,
+    )
     return BUILDERS.get(kind)(ctx)
 
 
@@ -129,9 +147,13 @@ def _token_heads(ctx: Context) -> dict[str, Any]:
     """Heads of students that regress per-token targets: predict them through the store's own recipe."""
     recipe, d_teacher = ctx.attrs["recipe"], ctx.attrs["teacher"]["num_layers"]
     n_recipe = len(recipe["layers"])
-    return {**ctx.heads, "token_pred": ctx.cfg.token_pred, "instance_norm_layers": recipe["instance_norm"],
-            "layer_norm_targets": recipe["layer_norm"],
-            "recipe_layers": "all" if n_recipe >= d_teacher else f"last:{min(n_recipe, ctx.depth)}"}
+    return {
+        **ctx.heads,
+        "token_pred": ctx.cfg.token_pred,
+        "instance_norm_layers": recipe["instance_norm"],
+        "layer_norm_targets": recipe["layer_norm"],
+        "recipe_layers": "all" if n_recipe >= d_teacher else f"last:{min(n_recipe, ctx.depth)}",
+    }
 
 
 @BUILDERS.register("text")
@@ -141,10 +163,24 @@ def _build_text(ctx: Context) -> Built:
         from mmkd_core.students.text import bert_arch
 
         opts = {**bert_arch(ctx.arch_model.model), **opts}
-    student = create_student("text", depth=ctx.depth, init=ctx.init, init_from=ctx.init_model,
-                             freeze_embeddings=ctx.cfg.freeze_embeddings, pool="mean", **_token_heads(ctx), **opts)
-    return Built(student=student, kind="text", tokenizer=getattr(ctx.arch_model, "tokenizer", None), source=None,
-                 image_spec=None, preprocess=None)
+    student = create_student(
+        "text",
+        depth=ctx.depth,
+        init=ctx.init,
+        init_from=ctx.init_model,
+        freeze_embeddings=ctx.cfg.freeze_embeddings,
+        pool="mean",
+        **_token_heads(ctx),
+        **opts,
+    )
+    return Built(
+        student=student,
+        kind="text",
+        tokenizer=getattr(ctx.arch_model, "tokenizer", None),
+        source=None,
+        image_spec=None,
+        preprocess=None,
+    )
 
 
 @BUILDERS.register("vit")
@@ -156,13 +192,25 @@ def _build_image(ctx: Context) -> Built:
     grid = math.isqrt(int(ctx.reader.group["lengths"][0]) - 1)
     opts = {"img_size": size, "patch_size": size // grid, **ctx.cfg.student_options}
     v = attrs["views"]
-    preprocess = ImagePreprocess(size=size, mean=tuple(v["mean"]), std=tuple(v["std"]),
-                                 interpolation=v["interpolation"], crop_pct=v["crop_pct"],
-                                 crop_mode=v.get("crop_mode", "center"))
-    student = create_student(ctx.kind, depth=ctx.depth, init=ctx.init, init_from=ctx.init_model,
-                             **_token_heads(ctx), **opts)
-    return Built(student=student, kind=ctx.kind, tokenizer=getattr(ctx.arch_model, "tokenizer", None),
-                 source=_source(ctx.cfg, attrs), image_spec=None, preprocess=preprocess)
+    preprocess = ImagePreprocess(
+        size=size,
+        mean=tuple(v["mean"]),
+        std=tuple(v["std"]),
+        interpolation=v["interpolation"],
+        crop_pct=v["crop_pct"],
+        crop_mode=v.get("crop_mode", "center"),
+    )
+    student = create_student(
+        ctx.kind, depth=ctx.depth, init=ctx.init, init_from=ctx.init_model, **_token_heads(ctx), **opts
+    )
+    return Built(
+        student=student,
+        kind=ctx.kind,
+        tokenizer=getattr(ctx.arch_model, "tokenizer", None),
+        source=_source(ctx.cfg, attrs),
+        image_spec=None,
+        preprocess=preprocess,
+    )
 
 
 @BUILDERS.register("multimodal")
@@ -173,8 +221,11 @@ def _build_multimodal(ctx: Context) -> Built:
     source = _source(cfg, ctx.attrs)
     opts = {**MULTIMODAL_DEFAULTS, **cfg.student_options}
     if init_model is not None:  # widths come from the init model unless given
-        opts = {k: v for k, v in opts.items()
-                if k not in ("width", "num_heads", "text_num_heads") or k in cfg.student_options}
+        opts = {
+            k: v
+            for k, v in opts.items()
+            if k not in ("width", "num_heads", "text_num_heads") or k in cfg.student_options
+        }
     if cfg.depth:
         opts["image_depth"] = cfg.depth
     heads = {k: v for k, v in ctx.heads.items() if k != "target_dim"}
@@ -183,14 +234,22 @@ def _build_multimodal(ctx: Context) -> Built:
         from mmkd_core.students.multimodal import text_arch
 
         opts = {"vocab_size": text_arch(ctx.arch_model.model)["vocab_size"], **opts}
-    student = create_student("multimodal", init="random" if text_init is None else "pretrained",
-                             text_init_from=text_init, **heads, **opts)
+    student = create_student(
+        "multimodal", init="random" if text_init is None else "pretrained", text_init_from=text_init, **heads, **opts
+    )
     mean, std = IMAGE_MEAN_STD
-    preprocess = ImagePreprocess(size=student.config.img_size, mean=mean, std=std, interpolation="bicubic",
-                                 crop_pct=1.0, crop_mode="squash")
+    preprocess = ImagePreprocess(
+        size=student.config.img_size, mean=mean, std=std, interpolation="bicubic", crop_pct=1.0, crop_mode="squash"
+    )
     # derived from the same record evaluation reads back, so training and evaluation render alike
-    return Built(student=student, kind="multimodal", tokenizer=getattr(ctx.arch_model, "tokenizer", None),
-                 source=source, image_spec=view_spec(preprocess), preprocess=preprocess)
+    return Built(
+        student=student,
+        kind="multimodal",
+        tokenizer=getattr(ctx.arch_model, "tokenizer", None),
+        source=source,
+        image_spec=view_spec(preprocess),
+        preprocess=preprocess,
+    )
 
 
 def _source(cfg: TrainConfig, attrs: dict[str, Any]):
@@ -200,8 +259,10 @@ def _source(cfg: TrainConfig, attrs: dict[str, Any]):
     root = cfg.data_root or attrs.get("data_root")
     ds = create_dataset(d["name"], root=root, split=d["split"], **options)
     if ds.fingerprint() != d["fingerprint"]:
-        raise MmkdError(f"dataset.fingerprint: the {d['name']} data at {root} is not the data the store was "
-                        "extracted from; pass --data-root to the right copy")
+        raise MmkdError(
+            f"dataset.fingerprint: the {d['name']} data at {root} is not the data the store was "
+            "extracted from; pass --data-root to the right copy"
+        )
     return ds
 
 
@@ -216,8 +277,9 @@ def loss_inputs(built: Built, model: torch.nn.Module, batch: dict[str, Any], dev
         out["pooled_target"] = mv["pooled"]
     if "bank" in mv:
         out["bank"] = mv["bank"]
-    o = model(pixel_values=mv.get("pixel_values"), input_ids=mv.get("input_ids"),
-              attention_mask=mv.get("attention_mask"))
+    o = model(
+        pixel_values=mv.get("pixel_values"), input_ids=mv.get("input_ids"), attention_mask=mv.get("attention_mask")
+    )
     if built.kind == "multimodal":
         out["pooled"] = {"image": o.image.pooled, "text": o.text.pooled}
         out["caption_ids"] = mv["input_ids"]

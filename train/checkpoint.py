@@ -40,8 +40,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     # clone: safetensors refuses tensors that share memory (tied embeddings)
-    save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()},
-              str(tmp / "model.safetensors"))
+    save_file(
+        {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()},
+        str(tmp / "model.safetensors"),
+    )
     torch.save(state, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step}))
     shutil.rmtree(final, ignore_errors=True)
@@ -65,8 +67,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     except (OSError, RuntimeError, ValueError) as e:
         raise MmkdError(f"{path}: cannot load checkpoint ({str(e).splitlines()[0]})") from None
     except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain types
-        raise MmkdError(f"{path / 'state.pt'}: refused, it holds objects other than tensors and plain types "
-                        "(not a checkpoint mmkd wrote)") from None
+        raise MmkdError(
+            f"{path / 'state.pt'}: refused, it holds objects other than tensors and plain types "
+            "(not a checkpoint mmkd wrote)"
+        ) from None
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise MmkdError(f"{path / 'state.pt'}: not a complete mmkd checkpoint (missing {', '.join(missing)})")

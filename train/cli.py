@@ -27,17 +27,27 @@ def main_command(
     targets: Path = typer.Option(..., help="Store written by mmkd-extract."),
     student: str = typer.Option("auto", help="text, vit, beit, multimodal, or auto (from the store)."),
     depth: int = typer.Option(None, help="Student depth (image tower for multimodal); default half the teacher's."),
-    init: str = typer.Option(None, help="random, teacher (its first blocks), or a teacher name whose checkpoint "
-                             "(--init-weights) gives the first blocks. Default: teacher; random for multimodal."),
+    init: str = typer.Option(
+        None,
+        help="random, teacher (its first blocks), or a teacher name whose checkpoint "
+        "(--init-weights) gives the first blocks. Default: teacher; random for multimodal.",
+    ),
     init_weights: str = typer.Option(None, help="Checkpoint for --init <teacher name>."),
     freeze_embeddings: bool = typer.Option(False, help="Freeze token/position embeddings copied from the teacher."),
-    token_pred: str = typer.Option("recipe", help="Student token prediction: recipe (own layers through the "
-                                   "target recipe) or head (linear head on the last layer)."),
-    loss: str = typer.Option(None, help="Loss terms with weights, e.g. token_mse=1,pooled_mse=1 (default per "
-                             "student: text token_mse+pooled_mse, image token_mse, multimodal contrastive_kd+itc)."),
+    token_pred: str = typer.Option(
+        "recipe",
+        help="Student token prediction: recipe (own layers through the "
+        "target recipe) or head (linear head on the last layer).",
+    ),
+    loss: str = typer.Option(
+        None,
+        help="Loss terms with weights, e.g. token_mse=1,pooled_mse=1 (default per "
+        "student: text token_mse+pooled_mse, image token_mse, multimodal contrastive_kd+itc).",
+    ),
     loss_option: list[str] = typer.Option(None, help="Loss option KEY=VALUE, e.g. temperature=0.05."),
-    bank_size: int = typer.Option(0, help="Memory bank: teacher targets of this many other samples per epoch as "
-                                  "extra contrastive_kd negatives."),
+    bank_size: int = typer.Option(
+        0, help="Memory bank: teacher targets of this many other samples per epoch as extra contrastive_kd negatives."
+    ),
     student_option: list[str] = typer.Option(None, help="Student option KEY=VALUE, e.g. width=192."),
     batch_size: int = typer.Option(None, help="Samples per step (default 64; multimodal 128)."),
     lr: float = typer.Option(None, help="Peak learning rate (default 5e-4; multimodal 1e-3)."),
@@ -48,20 +58,30 @@ def main_command(
     grad_clip: float = typer.Option(1.0, help="Max gradient norm (0: off)."),
     autocast: str = typer.Option("none", help="none or bfloat16."),
     workers: int = typer.Option(0, help="DataLoader processes."),
-    nproc: int = typer.Option(1, help="Train with N DDP ranks on this machine (torchrun started for you); "
-                              "or launch `torchrun --nproc-per-node N $(which mmkd-train) ...` yourself."),
+    nproc: int = typer.Option(
+        1,
+        help="Train with N DDP ranks on this machine (torchrun started for you); "
+        "or launch `torchrun --nproc-per-node N $(which mmkd-train) ...` yourself.",
+    ),
     seed: int = typer.Option(0, help="Seed of init, data order and views."),
     run_dir: Path = typer.Option(None, help="Output directory (default runs/<store name>)."),
     resume: bool = typer.Option(False, help="Continue the run in --run-dir from its last checkpoint."),
     ckpt_every: int = typer.Option(500, help="Checkpoint every N steps."),
     log_every: int = typer.Option(10, help="Log metrics every N steps."),
-    data_root: str = typer.Option(None, help="Source data, for students that read images (default: where the "
-                                  "store was extracted from)."),
+    data_root: str = typer.Option(
+        None, help="Source data, for students that read images (default: where the store was extracted from)."
+    ),
     device: str = typer.Option("cpu", help="torch device."),
-    eval: list[str] = typer.Option(None, help="Evaluate at the end: retrieval (image-text, held-out), "
-                                   "mrpc:PATH, qqp:PATH. Default: retrieval for image-caption stores."),
-    verify_views: bool = typer.Option(False, "--verify-views", help="Re-render every stored view and compare it "
-                                      "with its checksum before training (default: a sample of 64)."),
+    eval: list[str] = typer.Option(
+        None,
+        help="Evaluate at the end: retrieval (image-text, held-out), "
+        "mrpc:PATH, qqp:PATH. Default: retrieval for image-caption stores.",
+    ),
+    verify_views: bool = typer.Option(
+        False,
+        "--verify-views",
+        help="Re-render every stored view and compare it with its checksum before training (default: a sample of 64).",
+    ),
     quiet: bool = typer.Option(False, help="No progress bar."),
     verbose: bool = typer.Option(False, help="Log what happens."),
 ) -> None:
@@ -70,13 +90,35 @@ def main_command(
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # main() launches the ranks; only a library call lands here
         raise MmkdError("--nproc: start ranks through the mmkd-train command, or call it under torchrun")
     cfg = TrainConfig(
-        targets=targets, student=student, depth=depth,
-        student_options=parse_options(student_option, "--student-option"), init=init, init_weights=init_weights,
-        freeze_embeddings=freeze_embeddings, token_pred=token_pred, loss=loss,
-        loss_options=parse_options(loss_option, "--loss-option"), bank_size=bank_size, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, warmup=warmup, epochs=epochs, steps=steps, grad_clip=grad_clip, autocast=autocast,
-        workers=workers, seed=seed, run_dir=run_dir, resume=resume, ckpt_every=ckpt_every, log_every=log_every,
-        data_root=data_root, device=device, eval=list(eval or []), progress=not quiet,
+        targets=targets,
+        student=student,
+        depth=depth,
+        student_options=parse_options(student_option, "--student-option"),
+        init=init,
+        init_weights=init_weights,
+        freeze_embeddings=freeze_embeddings,
+        token_pred=token_pred,
+        loss=loss,
+        loss_options=parse_options(loss_option, "--loss-option"),
+        bank_size=bank_size,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        epochs=epochs,
+        steps=steps,
+        grad_clip=grad_clip,
+        autocast=autocast,
+        workers=workers,
+        seed=seed,
+        run_dir=run_dir,
+        resume=resume,
+        ckpt_every=ckpt_every,
+        log_every=log_every,
+        data_root=data_root,
+        device=device,
+        eval=list(eval or []),
+        progress=not quiet,
         verify_views=verify_views,
     )
     result = train(cfg, given=_given(ctx))
@@ -97,8 +139,7 @@ FIELDS = {"student_option": "student_options", "loss_option": "loss_options", "q
 def _given(ctx: typer.Context) -> set[str]:
     """TrainConfig fields set on the command line: on --resume each must equal the run's recorded value."""
     # by name: typer may bring its own copy of click, whose ParameterSource is another enum
-    return {FIELDS.get(p, p) for p in ctx.params
-            if getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"}
+    return {FIELDS.get(p, p) for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"}
 
 
 def _nproc(argv: list[str]) -> tuple[int, list[str]]:
@@ -128,8 +169,17 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         raise SystemExit(2) from None
     if n > 1 and "WORLD_SIZE" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-               "-m", "mmkd.train.cli", *rest]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(n),
+            "-m",
+            "mmkd.train.cli",
+            *rest,
+        ]
         os.execv(sys.executable, cmd)  # torchrun takes this process's place: signals reach it and its ranks
     app()
 

@@ -20,6 +20,8 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "multimodal": {"init": "random", "batch_size": 128, "lr": 1e-3, "epochs": 12.0},
 }
 AUTOCAST = ("none", "bfloat16")
+
+
 @dataclass
 class TrainConfig:
     """Everything `mmkd-train` needs; the CLI only fills this in.

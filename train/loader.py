@@ -85,8 +85,10 @@ def check_plan(spec: PlanSpec) -> None:
         raise MmkdError(f"the store has {spec.num_samples} samples, fewer than the {spec.world_size} ranks")
     if min(spec.batch_size, spec.buffer_samples) == 1 and spec.num_samples % spec.world_size:
         # batches of one sample cannot be split to even out shares that differ by one sample
-        raise MmkdError(f"--batch-size {spec.batch_size} with {spec.world_size} ranks needs a store size divisible "
-                        f"by {spec.world_size} ({spec.num_samples} samples): use a larger batch")
+        raise MmkdError(
+            f"--batch-size {spec.batch_size} with {spec.world_size} ranks needs a store size divisible "
+            f"by {spec.world_size} ({spec.num_samples} samples): use a larger batch"
+        )
 
 
 def _pieces(starts: np.ndarray, run_len: int, num_samples: int, lo: int, hi: int) -> list[tuple[int, int]]:
@@ -103,8 +105,9 @@ def _pieces(starts: np.ndarray, run_len: int, num_samples: int, lo: int, hi: int
     return out
 
 
-def epoch_plan(spec: PlanSpec, epoch: int, lengths: np.ndarray | None = None
-               ) -> list[tuple[list[tuple[int, int]], np.ndarray]]:
+def epoch_plan(
+    spec: PlanSpec, epoch: int, lengths: np.ndarray | None = None
+) -> list[tuple[list[tuple[int, int]], np.ndarray]]:
     """This rank's batches of an epoch, grouped by buffer: ``[(runs, batches_of_indices), ...]``.
 
     The store's runs of whole chunks are shuffled and laid end to end (the short last run, if any, at the
@@ -126,8 +129,12 @@ def epoch_plan(spec: PlanSpec, epoch: int, lengths: np.ndarray | None = None
     run_len = spec.chunk_size * spec.run_chunks
     full = spec.num_samples // run_len
     # the one short run goes last, so buffers of a single rank's share are whole runs in every epoch
-    starts = np.concatenate([np.random.default_rng([spec.seed, epoch]).permutation(full) * run_len,
-                             np.arange(full * run_len, spec.num_samples, run_len)]).astype(np.int64)
+    starts = np.concatenate(
+        [
+            np.random.default_rng([spec.seed, epoch]).permutation(full) * run_len,
+            np.arange(full * run_len, spec.num_samples, run_len),
+        ]
+    ).astype(np.int64)
     lo, hi = rank_range(spec.num_samples, spec.world_size, spec.rank)
     out = []
     for b, a in enumerate(range(lo, hi, spec.buffer_samples)):
@@ -149,8 +156,14 @@ def epoch_plan(spec: PlanSpec, epoch: int, lengths: np.ndarray | None = None
     return out
 
 
-def plan_batches(spec: PlanSpec, epoch: int, lengths: np.ndarray | None = None, start_batch: int = 0,
-                 worker: int = 0, num_workers: int = 1) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
+def plan_batches(
+    spec: PlanSpec,
+    epoch: int,
+    lengths: np.ndarray | None = None,
+    start_batch: int = 0,
+    worker: int = 0,
+    num_workers: int = 1,
+) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
     """(buffer ranges, batch) for the epoch's batches from ``start_batch`` on that are this worker's
     (round-robin: worker w takes the w-th, (w + num_workers)-th, ... of them)."""
     g = 0  # plan position of the buffer's first batch
@@ -181,9 +194,19 @@ class StoreBatches(IterableDataset):
         names: Store arrays to read (default all); leaving out ``tokens``/``pooled`` reads inputs only.
     """
 
-    def __init__(self, store_path, plan: PlanSpec, source=None, epoch: int = 0, start_batch: int = 0,
-                 view: str | int = "random", in_memory: bool = False, image_spec: ViewSpec | None = None,
-                 image_cache: dict[int, np.ndarray] | None = None, names: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self,
+        store_path,
+        plan: PlanSpec,
+        source=None,
+        epoch: int = 0,
+        start_batch: int = 0,
+        view: str | int = "random",
+        in_memory: bool = False,
+        image_spec: ViewSpec | None = None,
+        image_cache: dict[int, np.ndarray] | None = None,
+        names: tuple[str, ...] | None = None,
+    ) -> None:
         super().__init__()
         self.store_path, self.plan, self.source = store_path, plan, source
         self.epoch, self.start_batch, self.view, self.in_memory = epoch, start_batch, view, in_memory
@@ -227,15 +250,17 @@ class StoreBatches(IterableDataset):
                 raise MmkdError(f"view {self.view}: the store has {v} views")
             return np.full(len(indices), int(self.view))
         # one draw per (seed, epoch, sample): independent of batching, workers and resumption
-        return np.array([np.random.default_rng([self.plan.seed, self.epoch, int(i), 1]).integers(v)
-                         for i in indices])
+        return np.array([np.random.default_rng([self.plan.seed, self.epoch, int(i), 1]).integers(v) for i in indices])
 
     def _batch(self, buffer: dict[str, np.ndarray], rows: np.ndarray, indices: np.ndarray) -> dict[str, Any]:
         views = self._views_for(indices)
         lengths = buffer["lengths"][rows].astype(np.int64)
         t = int(lengths.max())
-        out: dict[str, Any] = {"index": torch.from_numpy(buffer["index"][rows]), "view": torch.from_numpy(views),
-                               "lengths": torch.from_numpy(lengths)}
+        out: dict[str, Any] = {
+            "index": torch.from_numpy(buffer["index"][rows]),
+            "view": torch.from_numpy(views),
+            "lengths": torch.from_numpy(lengths),
+        }
         out["mask"] = torch.arange(t)[None] < out["lengths"][:, None]
         if "tokens" in buffer:
             out["tokens"] = torch.from_numpy(np.ascontiguousarray(buffer["tokens"][rows, views, :t]))
@@ -247,11 +272,13 @@ class StoreBatches(IterableDataset):
         if "view_params" in buffer and self.source is not None:
             spec = view_spec(self.reader.attrs)
             params = buffer["view_params"][rows, views]
-            out["pixel_values"] = torch.stack([render(self.source.image(int(i)), p, spec)
-                                               for i, p in zip(out["index"], params, strict=True)])
+            out["pixel_values"] = torch.stack(
+                [render(self.source.image(int(i)), p, spec) for i, p in zip(out["index"], params, strict=True)]
+            )
         elif self.image_spec is not None and self.source is not None:
-            out["pixel_values"] = normalize(np.stack([self._eval_pixels(int(i)) for i in out["index"]]),
-                                            self.image_spec)
+            out["pixel_values"] = normalize(
+                np.stack([self._eval_pixels(int(i)) for i in out["index"]]), self.image_spec
+            )
         return out
 
     def _eval_pixels(self, i: int) -> np.ndarray:
@@ -273,5 +300,11 @@ def make_loader(batches: StoreBatches, workers: int = 0) -> DataLoader:
     starts, and a resumed run would then see different dropout masks from an uninterrupted one.
     """
     generator = torch.Generator().manual_seed(batches.plan.seed * 1_000_003 + batches.epoch)
-    return DataLoader(batches, batch_size=None, num_workers=workers, persistent_workers=False,
-                      prefetch_factor=4 if workers else None, generator=generator)
+    return DataLoader(
+        batches,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        generator=generator,
+    )

@@ -137,8 +137,7 @@ class Run:
     step: int = 0
 
 
-def train(cfg: TrainConfig, online_teacher=None, in_memory: bool = False, given: set[str] | None = None
-          ) -> TrainResult:
+def train(cfg: TrainConfig, online_teacher=None, in_memory: bool = False, given: set[str] | None = None) -> TrainResult:
     """Train a student from ``cfg.targets`` into ``cfg.run_dir``; resumes exactly with ``cfg.resume``.
 
     Args:
@@ -162,10 +161,17 @@ def train(cfg: TrainConfig, online_teacher=None, in_memory: bool = False, given:
     seconds = time.perf_counter() - start
     if rank == 0:
         run.built.student.eval()
-        save_student(run.built.student, cfg.run_dir / "student", tokenizer=run.built.tokenizer,
-                     preprocess=run.built.preprocess)
-    return TrainResult(run_dir=cfg.run_dir, steps=run.step, seconds=seconds,
-                       final_loss=losses[-1] if losses else math.nan, losses=losses, rank=rank)
+        save_student(
+            run.built.student, cfg.run_dir / "student", tokenizer=run.built.tokenizer, preprocess=run.built.preprocess
+        )
+    return TrainResult(
+        run_dir=cfg.run_dir,
+        steps=run.step,
+        seconds=seconds,
+        final_loss=losses[-1] if losses else math.nan,
+        losses=losses,
+        rank=rank,
+    )
 
 
 def _complete_store(path: Path):
@@ -200,8 +206,15 @@ def _setup(cfg: TrainConfig, reader, rank: int, world: int, device: str) -> Run:
         raise MmkdError(f"--eval retrieval scores image-caption students; this store trains a {built.kind} student")
     student = built.student.to(device)
     loss_fn = build_loss(cfg.loss or DEFAULT_LOSS[built.kind], **cfg.loss_options)
-    plan = PlanSpec(num_samples=len(reader), chunk_size=reader.chunk_size, batch_size=cfg.batch_size,
-                    seed=cfg.seed, rank=rank, world_size=world, by_length=built.kind == "text")
+    plan = PlanSpec(
+        num_samples=len(reader),
+        chunk_size=reader.chunk_size,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world,
+        by_length=built.kind == "text",
+    )
     check_plan(plan)
     per_epoch = num_batches(plan)  # the same in every epoch and on every rank: DDP ranks step together
     total = cfg.steps or max(1, int(round(cfg.epochs * per_epoch)))
@@ -212,8 +225,22 @@ def _setup(cfg: TrainConfig, reader, rank: int, world: int, device: str) -> Run:
         model = torch.nn.parallel.DistributedDataParallel(student)
     opt = torch.optim.AdamW(_param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup))
-    return Run(cfg=cfg, reader=reader, built=built, model=model, loss_fn=loss_fn, opt=opt, sched=sched, plan=plan,
-               per_epoch=per_epoch, total=total, warmup=warmup, rank=rank, world=world, device=device)
+    return Run(
+        cfg=cfg,
+        reader=reader,
+        built=built,
+        model=model,
+        loss_fn=loss_fn,
+        opt=opt,
+        sched=sched,
+        plan=plan,
+        per_epoch=per_epoch,
+        total=total,
+        warmup=warmup,
+        rank=rank,
+        world=world,
+        device=device,
+    )
 
 
 def _freeze_unused(built, plan: PlanSpec, cfg: TrainConfig, loss_fn, device: str) -> None:
@@ -234,28 +261,45 @@ def _freeze_unused(built, plan: PlanSpec, cfg: TrainConfig, loss_fn, device: str
     for p, u in zip(params, used.tolist(), strict=True):
         if not u:
             p.requires_grad_(False)
-    log.info("DDP: %d of %d parameter tensors get no gradient from the loss and are frozen",
-             len(params) - int(used.sum()), len(params))
+    log.info(
+        "DDP: %d of %d parameter tensors get no gradient from the loss and are frozen",
+        len(params) - int(used.sum()),
+        len(params),
+    )
 
 
 def _record(run: Run) -> None:
     """Write the run's resolved configuration: what --resume continues and what reproduces the run."""
     cfg = run.cfg
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "config.json").write_text(json.dumps({
-        "train": cfg.to_json(), "student": {"kind": run.built.kind, **run.built.student.describe()},
-        "loss": run.loss_fn.weights, "loss_options": run.loss_fn.options, "steps": run.total, "warmup": run.warmup,
-        "steps_per_epoch": run.per_epoch, "world_size": run.world, "store": store_record(run.reader),
-        "versions": library_versions(),
-    }, indent=2, default=str))
+    (cfg.run_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "train": cfg.to_json(),
+                "student": {"kind": run.built.kind, **run.built.student.describe()},
+                "loss": run.loss_fn.weights,
+                "loss_options": run.loss_fn.options,
+                "steps": run.total,
+                "warmup": run.warmup,
+                "steps_per_epoch": run.per_epoch,
+                "world_size": run.world,
+                "store": store_record(run.reader),
+                "versions": library_versions(),
+            },
+            indent=2,
+            default=str,
+        )
+    )
 
 
 def _restore(run: Run, ckpt: Path) -> None:
     record = read_record(run.cfg.run_dir)
     if (record.get("steps"), record.get("steps_per_epoch")) != (run.total, run.per_epoch):
-        raise MmkdError(f"--resume: {run.cfg.run_dir} planned {record.get('steps')} steps of "
-                        f"{record.get('steps_per_epoch')} per epoch; this mmkd plans {run.total} of {run.per_epoch} "
-                        "for the same settings, so the run cannot continue exactly: start a new --run-dir")
+        raise MmkdError(
+            f"--resume: {run.cfg.run_dir} planned {record.get('steps')} steps of "
+            f"{record.get('steps_per_epoch')} per epoch; this mmkd plans {run.total} of {run.per_epoch} "
+            "for the same settings, so the run cannot continue exactly: start a new --run-dir"
+        )
     state = load_checkpoint(ckpt, run.built.student)
     try:
         run.opt.load_state_dict(state["optimizer"])
@@ -280,8 +324,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _rng_states(run: Run) -> list[dict[str, Any]]:
     """Every rank's RNG state (dropout differs per rank after the first step), gathered for rank 0."""
-    mine = {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     if run.world == 1:
         return [mine]
     states: list[Any] = [None] * run.world
@@ -293,23 +336,39 @@ def _loop(run: Run, online_teacher, in_memory: bool) -> list[float]:
     cfg, built = run.cfg, run.built
     metrics = open(cfg.run_dir / "metrics.jsonl", "a") if run.rank == 0 else None
     tb = _tensorboard(cfg.run_dir) if run.rank == 0 else None
-    autocast = torch.autocast(torch.device(run.device).type, dtype=torch.bfloat16) if cfg.autocast == "bfloat16" \
+    autocast = (
+        torch.autocast(torch.device(run.device).type, dtype=torch.bfloat16)
+        if cfg.autocast == "bfloat16"
         else nullcontext()
+    )
     losses: list[float] = []
     image_cache: dict = {}
     start = time.perf_counter()
     built.student.train()
     try:
-        with progress_bar(f"train {built.kind} student", total=run.total, completed=run.step, unit="steps",
-                          enabled=cfg.progress and run.rank == 0, extra="loss {task.fields[loss]}",
-                          fields={"loss": "-"}) as advance:
+        with progress_bar(
+            f"train {built.kind} student",
+            total=run.total,
+            completed=run.step,
+            unit="steps",
+            enabled=cfg.progress and run.rank == 0,
+            extra="loss {task.fields[loss]}",
+            fields={"loss": "-"},
+        ) as advance:
             while run.step < run.total:
                 epoch, start_batch = divmod(run.step, run.per_epoch)
                 end = min(run.total, (epoch + 1) * run.per_epoch)
-                batches = StoreBatches(cfg.targets, run.plan, source=built.source, epoch=epoch,
-                                       start_batch=start_batch, image_spec=built.image_spec, image_cache=image_cache,
-                                       names=INPUT_ARRAYS if online_teacher is not None else None,
-                                       in_memory=in_memory)
+                batches = StoreBatches(
+                    cfg.targets,
+                    run.plan,
+                    source=built.source,
+                    epoch=epoch,
+                    start_batch=start_batch,
+                    image_spec=built.image_spec,
+                    image_cache=image_cache,
+                    names=INPUT_ARRAYS if online_teacher is not None else None,
+                    in_memory=in_memory,
+                )
                 bank = memory_bank(run.reader, cfg.bank_size, cfg.seed, epoch) if cfg.bank_size else None
                 for batch in make_loader(batches, cfg.workers):
                     if online_teacher is not None:
@@ -326,8 +385,10 @@ def _loop(run: Run, online_teacher, in_memory: bool) -> list[float]:
                     if run.step >= end:
                         break
                 if run.step < end:  # the plan promised more batches than the loader gave: never spin on it
-                    raise RuntimeError(f"epoch {epoch}: the loader stopped at step {run.step} of {end}; "
-                                       f"the plan has {run.per_epoch} batches per epoch")
+                    raise RuntimeError(
+                        f"epoch {epoch}: the loader stopped at step {run.step} of {end}; "
+                        f"the plan has {run.per_epoch} batches per epoch"
+                    )
     except KeyboardInterrupt:
         raise MmkdError(f"interrupted at step {run.step}; continue with --resume --run-dir {cfg.run_dir}") from None
     finally:
@@ -352,8 +413,14 @@ def _step(run: Run, batch: dict[str, Any], autocast) -> tuple[float, dict[str, f
 
 
 def _log(metrics, tb, run: Run, epoch: int, value: float, terms: dict[str, float], seconds: float) -> None:
-    row = {"step": run.step, "epoch": epoch, "loss": value, **terms, "lr": run.sched.get_last_lr()[0],
-           "seconds": round(seconds, 3)}
+    row = {
+        "step": run.step,
+        "epoch": epoch,
+        "loss": value,
+        **terms,
+        "lr": run.sched.get_last_lr()[0],
+        "seconds": round(seconds, 3),
+    }
     metrics.write(json.dumps(row) + "\n")
     metrics.flush()
     if tb is not None:
@@ -365,8 +432,12 @@ def _log(metrics, tb, run: Run, epoch: int, value: float, terms: dict[str, float
 def _checkpoint(run: Run) -> None:
     rng = _rng_states(run)  # a collective: every rank takes part
     if run.rank == 0:
-        save_checkpoint(run.cfg.run_dir, run.step, run.built.student, {
-            "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "step": run.step, "rng": rng})
+        save_checkpoint(
+            run.cfg.run_dir,
+            run.step,
+            run.built.student,
+            {"optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "step": run.step, "rng": rng},
+        )
 
 
 def _tensorboard(run_dir: Path):

@@ -19,15 +19,27 @@ from mmkd_core.store import config_diff
 from .config import TrainConfig
 
 # what may differ between the first command and the one that resumes it
-FREE_FIELDS = frozenset({"targets", "run_dir", "resume", "workers", "device", "progress", "ckpt_every",
-                         "log_every", "data_root", "eval", "verify_views"})
+FREE_FIELDS = frozenset(
+    {
+        "targets",
+        "run_dir",
+        "resume",
+        "workers",
+        "device",
+        "progress",
+        "ckpt_every",
+        "log_every",
+        "data_root",
+        "eval",
+        "verify_views",
+    }
+)
 # what a resumed run must find unchanged in the store
 STORE_FIELDS = ("format_version", "teacher", "recipe", "preprocess", "views", "dataset", "storage")
 
 
 def flag(name: str) -> str:
-    return "--" + {"student_options": "student-option", "loss_options": "loss-option"}.get(
-        name, name.replace("_", "-"))
+    return "--" + {"student_options": "student-option", "loss_options": "loss-option"}.get(name, name.replace("_", "-"))
 
 
 def given_fields(cfg: TrainConfig) -> set[str]:
@@ -69,12 +81,16 @@ def resumed_config(cfg: TrainConfig, record: dict[str, Any], given: set[str] | N
     for name in sorted(((given_fields(cfg) if given is None else given) & names) - FREE_FIELDS):
         now, then = _plain(getattr(cfg, name)), _plain(getattr(recorded, name))
         if now != then:
-            raise MmkdError(f"--resume: {flag(name)} {now!r} differs from this run's {then!r} ({path}); "
-                            "drop it to continue the same run, or start a new one in another --run-dir")
+            raise MmkdError(
+                f"--resume: {flag(name)} {now!r} differs from this run's {then!r} ({path}); "
+                "drop it to continue the same run, or start a new one in another --run-dir"
+            )
     ranks = int(record.get("world_size", 1))
     if ranks != world:
-        raise MmkdError(f"--resume: {cfg.run_dir} was trained on {ranks} rank(s), not {world}; resume it with "
-                        f"{ranks} so that every rank continues its own share of the data")
+        raise MmkdError(
+            f"--resume: {cfg.run_dir} was trained on {ranks} rank(s), not {world}; resume it with "
+            f"{ranks} so that every rank continues its own share of the data"
+        )
     free = {name: getattr(cfg, name) for name in FREE_FIELDS}
     return dataclasses.replace(recorded, **free)
 

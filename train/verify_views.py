@@ -25,8 +25,9 @@ DEFAULT_SAMPLE = 64
 _warned: set[str] = set()  # stores already warned about (no checksums): once per store per process
 
 
-def verify_views(reader, source, spec: ViewSpec | None = None, sample: int | None = DEFAULT_SAMPLE,
-                 seed: int = 0) -> None:
+def verify_views(
+    reader, source, spec: ViewSpec | None = None, sample: int | None = DEFAULT_SAMPLE, seed: int = 0
+) -> None:
     """Re-render stored views from the source dataset and compare their checksums with the store's.
 
     Args:
@@ -51,8 +52,11 @@ def verify_views(reader, source, spec: ViewSpec | None = None, sample: int | Non
     if not reader.has("view_checksum"):
         if str(reader.path) not in _warned:
             _warned.add(str(reader.path))
-            log.warning("%s has no view_checksum (extracted before views were checksummed): its views cannot be "
-                        "verified against what the teacher saw; re-extract it to have them checked", reader.path)
+            log.warning(
+                "%s has no view_checksum (extracted before views were checksummed): its views cannot be "
+                "verified against what the teacher saw; re-extract it to have them checked",
+                reader.path,
+            )
         return
     if source is None:
         raise MmkdError(f"{reader.path}: verifying its views needs the source dataset it was extracted from")
@@ -109,15 +113,23 @@ def _runs(picked: dict[int, list[int]] | None, n: int, chunk: int, cap: int) -> 
 def _mismatch(reader, row: int, index: int, view: int, stored: int, now: int) -> str:
     recorded: dict[str, Any] = (reader.attrs.get("view_render") or {}).get("versions") or {}
     current = views.render_versions()
-    differ = [f"{k} {recorded.get(k, '<not recorded>')} at extraction, {current.get(k, '<absent>')} now"
-              for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
+    differ = [
+        f"{k} {recorded.get(k, '<not recorded>')} at extraction, {current.get(k, '<absent>')} now"
+        for k in sorted(set(recorded) | set(current))
+        if recorded.get(k) != current.get(k)
+    ]
     if differ:
         why = "rendering versions differ: " + "; ".join(differ)
         fix = "install the recorded versions or re-extract the store with these"
     else:
-        why = "same versions (" + ", ".join(f"{k} {current[k]}" for k in sorted(current)) + \
-              "): the source image changed (or the view's stored parameters)"
+        why = (
+            "same versions ("
+            + ", ".join(f"{k} {current[k]}" for k in sorted(current))
+            + "): the source image changed (or the view's stored parameters)"
+        )
         fix = "train on the data the store was extracted from (--data-root) or re-extract the store"
-    return (f"{reader.path}: sample {row} (dataset index {index}), view {view} does not re-render the pixels its "
-            f"teacher targets were computed from (checksum {stored:016x} at extraction, {now:016x} now); "
-            f"{why}; {fix}")
+    return (
+        f"{reader.path}: sample {row} (dataset index {index}), view {view} does not re-render the pixels its "
+        f"teacher targets were computed from (checksum {stored:016x} at extraction, {now:016x} now); "
+        f"{why}; {fix}"
+    )

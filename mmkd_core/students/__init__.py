@@ -16,10 +16,27 @@ from .text import TextStudent, TextStudentConfig
 from .vision import BeitStudent, BeitStudentConfig, TimmStudent, VitStudent, VitStudentConfig
 
 __all__ = [
-    "STUDENTS", "BeitStudent", "BeitStudentConfig", "HeadConfig", "MultimodalStudent", "MultimodalStudentConfig",
-    "PredictionHeads", "Student", "StudentOutput", "TextStudent", "TextStudentConfig", "TimmStudent", "VitStudent",
-    "VitStudentConfig", "create_student", "list_students", "load_exported_vit", "load_student", "save_student",
-    "save_text_student", "save_vit_student",
+    "STUDENTS",
+    "BeitStudent",
+    "BeitStudentConfig",
+    "HeadConfig",
+    "MultimodalStudent",
+    "MultimodalStudentConfig",
+    "PredictionHeads",
+    "Student",
+    "StudentOutput",
+    "TextStudent",
+    "TextStudentConfig",
+    "TimmStudent",
+    "VitStudent",
+    "VitStudentConfig",
+    "create_student",
+    "list_students",
+    "load_exported_vit",
+    "load_student",
+    "save_student",
+    "save_text_student",
+    "save_vit_student",
 ]
 
 

@@ -125,13 +125,20 @@ class PredictionHeads(nn.Module):
                 self.pooled_head.weight.copy_(torch.eye(width))
                 self.pooled_head.bias.zero_()
 
-    def forward(self, hidden_states: Sequence[torch.Tensor], last_hidden_state: torch.Tensor,
-                mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def forward(
+        self, hidden_states: Sequence[torch.Tensor], last_hidden_state: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Returns ``(tokens, pooled)``: (B, T, D_target) or None, and (B, E_target)."""
         if self.token_pred == "recipe":
-            tokens = self.token_head(make_targets(hidden_states, mask, self.recipe_layers,
-                                                  instance_norm_layers=self.instance_norm_layers,
-                                                  layer_norm_targets=self.layer_norm_targets))
+            tokens = self.token_head(
+                make_targets(
+                    hidden_states,
+                    mask,
+                    self.recipe_layers,
+                    instance_norm_layers=self.instance_norm_layers,
+                    layer_norm_targets=self.layer_norm_targets,
+                )
+            )
         elif self.token_pred == "head":
             tokens = self.token_head(last_hidden_state)
         else:
@@ -162,8 +169,12 @@ class Student(nn.Module):
         super().__init__()
         self.init_info: dict[str, Any] = {"init": "random"}
 
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> StudentOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> StudentOutput:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -189,8 +200,9 @@ def build_config(cls: type[C], student: str, values: dict[str, Any]) -> C:
     return cls(**values)
 
 
-def fill_from_source(student: str, values: dict[str, Any], source_values: dict[str, Any],
-                     may_differ: Sequence[str] = ()) -> dict[str, Any]:
+def fill_from_source(
+    student: str, values: dict[str, Any], source_values: dict[str, Any], may_differ: Sequence[str] = ()
+) -> dict[str, Any]:
     """Config values with those of the init source filled in where the caller gave none.
 
     Raises:
@@ -201,8 +213,10 @@ def fill_from_source(student: str, values: dict[str, Any], source_values: dict[s
         if key not in out:
             out[key] = value
         elif out[key] != value and key not in may_differ:
-            raise MmkdError(f"student {student!r}: {key}={out[key]!r} but the init model has {value!r}; "
-                            f"leave {key} out to take it from the init model")
+            raise MmkdError(
+                f"student {student!r}: {key}={out[key]!r} but the init model has {value!r}; "
+                f"leave {key} out to take it from the init model"
+            )
     return out
 
 
@@ -275,8 +289,11 @@ def copy_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> 
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:
-        parts = [f"{label} {keys[:4]}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("shape differs for", shapes)) if keys]
+        parts = [
+            f"{label} {keys[:4]}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs for", shapes))
+            if keys
+        ]
         raise MmkdError(f"cannot initialise {what}: " + "; ".join(parts))
     with torch.no_grad():
         for key, value in state.items():

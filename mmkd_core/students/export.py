@@ -63,8 +63,15 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _write_meta(student: Student, directory: Path, fmt: str, files: dict[str, str], preprocess: Any = None) -> None:
-    meta = {"format_version": FORMAT_VERSION, "student": student.name, "format": fmt, "files": files,
-            "config": asdict(student.config), "init": student.init_info, "versions": _versions()}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "student": student.name,
+        "format": fmt,
+        "files": files,
+        "config": asdict(student.config),
+        "init": student.init_info,
+        "versions": _versions(),
+    }
     if preprocess is not None:
         meta["preprocess"] = asdict(preprocess) if is_dataclass(preprocess) else dict(preprocess)
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -114,9 +121,14 @@ def _data_config(preprocess: Any, in_chans: int) -> dict[str, Any] | None:
     """timm data config from an ImagePreprocess (or a dict already in timm's terms)."""
     if preprocess is None or isinstance(preprocess, dict):
         return preprocess
-    return {"input_size": (in_chans, preprocess.size, preprocess.size), "interpolation": preprocess.interpolation,
-            "mean": tuple(preprocess.mean), "std": tuple(preprocess.std), "crop_pct": preprocess.crop_pct,
-            "crop_mode": preprocess.crop_mode}
+    return {
+        "input_size": (in_chans, preprocess.size, preprocess.size),
+        "interpolation": preprocess.interpolation,
+        "mean": tuple(preprocess.mean),
+        "std": tuple(preprocess.std),
+        "crop_pct": preprocess.crop_pct,
+        "crop_mode": preprocess.crop_mode,
+    }
 
 
 def save_vit_student(student: TimmStudent, directory: str | Path, preprocess: Any = None) -> Path:
@@ -140,8 +152,13 @@ def save_vit_student(student: TimmStudent, directory: str | Path, preprocess: An
     directory.mkdir(parents=True, exist_ok=True)
     # the arch's own pretrained tag/licence describe weights this student never had
     model_config = {"pretrained_cfg": {"tag": "mmkd_student", "license": None}}
-    save_for_hf(student.model, str(directory), model_config=model_config, safe_serialization=True,
-                data_config=_data_config(preprocess, student.config.in_chans))
+    save_for_hf(
+        student.model,
+        str(directory),
+        model_config=model_config,
+        safe_serialization=True,
+        data_config=_data_config(preprocess, student.config.in_chans),
+    )
     _save_tensors(student.heads.state_dict(), directory / HEADS_FILE)
     _write_meta(student, directory, "timm", {"model": TIMM_WEIGHTS, "config": "config.json", "heads": HEADS_FILE})
     return directory
@@ -191,8 +208,7 @@ def load_student(directory: str | Path) -> Student:
         raise MmkdError(f"{directory} is not a saved student: {META_FILE} is missing")
     meta = json.loads(meta_file.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise MmkdError(f"{meta_file}: format_version {meta.get('format_version')!r}; this mmkd reads "
-                        f"{FORMAT_VERSION}")
+        raise MmkdError(f"{meta_file}: format_version {meta.get('format_version')!r}; this mmkd reads {FORMAT_VERSION}")
     if meta.get("student") not in _CLASSES:
         raise MmkdError(f"{meta_file}: unknown student {meta.get('student')!r}")
     cls, config_cls = _CLASSES[meta["student"]]

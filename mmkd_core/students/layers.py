@@ -71,8 +71,16 @@ class Block(nn.Module):
         init_values: Layer-scale init (pre-norm only); None = no layer scale.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, *, pre_norm: bool = True, eps: float = 1e-6,
-                 init_values: float | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden: int,
+        *,
+        pre_norm: bool = True,
+        eps: float = 1e-6,
+        init_values: float | None = None,
+    ) -> None:
         super().__init__()
         self.pre_norm = pre_norm
         self.norm1 = nn.LayerNorm(dim, eps=eps)
@@ -120,8 +128,15 @@ class MoMEBlock(nn.Module):
         init_values: Layer-scale init; None = no layer scale.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: dict[str, int], *, eps: float = 1e-6,
-                 init_values: float | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden: dict[str, int],
+        *,
+        eps: float = 1e-6,
+        init_values: float | None = None,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)

@@ -87,21 +87,24 @@ class MultimodalStudentConfig(HeadConfig):
     def __post_init__(self) -> None:
         self.check_heads()
         if self.text_pool is not None and self.text_pool not in STUDENT_POOLS:
-            raise MmkdError(f"multimodal student text_pool {self.text_pool!r}: choose one of "
-                            f"{', '.join(STUDENT_POOLS)}")
+            raise MmkdError(
+                f"multimodal student text_pool {self.text_pool!r}: choose one of {', '.join(STUDENT_POOLS)}"
+            )
         if self.shared_depth < 1 or self.image_depth < 0 or self.text_depth < 0:
             raise MmkdError("multimodal student: shared_depth must be >= 1, image_depth and text_depth >= 0")
         if self.vl_depth and not self.mome:
             raise MmkdError("multimodal student: vl_depth needs mome=True (VL experts live in MoME blocks)")
         if not 0 <= self.vl_depth <= self.shared_depth:
-            raise MmkdError(f"multimodal student vl_depth={self.vl_depth}: must be 0..shared_depth "
-                            f"({self.shared_depth})")
+            raise MmkdError(
+                f"multimodal student vl_depth={self.vl_depth}: must be 0..shared_depth ({self.shared_depth})"
+            )
         for heads in (self.num_heads, self.text_heads):
             if self.width % heads:
                 raise MmkdError(f"multimodal student width={self.width} is not divisible by {heads} heads")
         if self.img_size % self.patch_size:
-            raise MmkdError(f"multimodal student img_size={self.img_size} is not a multiple of "
-                            f"patch_size={self.patch_size}")
+            raise MmkdError(
+                f"multimodal student img_size={self.img_size} is not a multiple of patch_size={self.patch_size}"
+            )
 
     @property
     def text_heads(self) -> int:
@@ -148,13 +151,15 @@ class MultimodalStudent(Student):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, w))
         self.image_blocks = nn.ModuleList(
             Block(w, c.num_heads, c.image_hidden, eps=IMAGE_EPS, init_values=c.init_values)
-            for _ in range(c.image_depth))
+            for _ in range(c.image_depth)
+        )
         self.word_embeddings = nn.Embedding(c.vocab_size, w)
         # BERT's token-type embedding is folded in here: this student always uses type 0
         self.position_embeddings = nn.Embedding(c.max_position, w)
         self.text_embed_norm = nn.LayerNorm(w, eps=c.text_eps)
         self.text_blocks = nn.ModuleList(
-            Block(w, c.text_heads, c.text_hidden, pre_norm=False, eps=c.text_eps) for _ in range(c.text_depth))
+            Block(w, c.text_heads, c.text_hidden, pre_norm=False, eps=c.text_eps) for _ in range(c.text_depth)
+        )
         blocks: list[nn.Module] = []
         for i in range(c.shared_depth):
             if not c.mome:
@@ -172,8 +177,9 @@ class MultimodalStudent(Student):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
-    def _shared(self, x: torch.Tensor, modality: str, attn_mask: torch.Tensor | None,
-                hidden: list[torch.Tensor]) -> torch.Tensor:
+    def _shared(
+        self, x: torch.Tensor, modality: str, attn_mask: torch.Tensor | None, hidden: list[torch.Tensor]
+    ) -> torch.Tensor:
         for blk in self.shared_blocks:
             x = blk(x, modality, attn_mask) if isinstance(blk, MoMEBlock) else blk(x, attn_mask)
             hidden.append(x)
@@ -190,16 +196,18 @@ class MultimodalStudent(Student):
         last = self.image_norm(self._shared(x, "image", None, hidden))
         mask = torch.ones(last.shape[:2], dtype=torch.bool, device=last.device)
         tokens, pooled = self.image_heads(hidden, last, mask)
-        return StudentOutput(hidden_states=hidden, mask=mask, last_hidden_state=last, tokens=tokens,
-                             pooled=pooled, modality="image")
+        return StudentOutput(
+            hidden_states=hidden, mask=mask, last_hidden_state=last, tokens=tokens, pooled=pooled, modality="image"
+        )
 
     def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> StudentOutput:
         """The text tower + shared blocks on right-padded (B, T) ids; padding never changes a sample's
         outputs (keys at padding are masked; pooling is masked)."""
         length = input_ids.shape[1]
         if length > self.config.max_position:
-            raise MmkdError(f"multimodal student: text of {length} tokens is longer than max_position="
-                            f"{self.config.max_position}")
+            raise MmkdError(
+                f"multimodal student: text of {length} tokens is longer than max_position={self.config.max_position}"
+            )
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         x = self.text_embed_norm(self.word_embeddings(input_ids) + self.position_embeddings.weight[:length])
         # without padding SDPA can take its unmasked (faster) path
@@ -210,11 +218,16 @@ class MultimodalStudent(Student):
             hidden.append(x)
         last = self.text_norm(self._shared(x, "text", attn_mask, hidden))
         tokens, pooled = self.text_heads(hidden, last, mask)
-        return StudentOutput(hidden_states=hidden, mask=mask, last_hidden_state=last, tokens=tokens,
-                             pooled=pooled, modality="text")
+        return StudentOutput(
+            hidden_states=hidden, mask=mask, last_hidden_state=last, tokens=tokens, pooled=pooled, modality="text"
+        )
 
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> StudentOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> StudentOutput:
         """Encode images, text or both (each on its own).
 
         Returns:
@@ -254,10 +267,12 @@ def _image_model(source: Any) -> nn.Module:
 
     model = unwrap_source(source)
     if not isinstance(model, VisionTransformer | Beit):
-        raise MmkdError(f"multimodal student: image init model {type(model).__name__} is not a timm "
-                        "VisionTransformer or Beit")
-    if isinstance(model, VisionTransformer) and (model.cls_token is None or not isinstance(model.norm_pre,
-                                                                                            nn.Identity)):
+        raise MmkdError(
+            f"multimodal student: image init model {type(model).__name__} is not a timm VisionTransformer or Beit"
+        )
+    if isinstance(model, VisionTransformer) and (
+        model.cls_token is None or not isinstance(model.norm_pre, nn.Identity)
+    ):
         raise MmkdError("multimodal student: the image init model needs a CLS token and no pre-norm")
     return model
 
@@ -266,9 +281,15 @@ def image_arch(model: nn.Module) -> dict[str, Any]:
     """Config values read off a timm image model."""
     blk = model.blocks[0]
     scaled = getattr(blk, "gamma_1", None) is not None or hasattr(getattr(blk, "ls1", None), "gamma")
-    return {"width": model.embed_dim, "num_heads": blk.attn.num_heads, "patch_size": model.patch_embed.patch_size[0],
-            "in_chans": model.patch_embed.proj.in_channels, "mlp_ratio": blk.mlp.fc1.out_features / model.embed_dim,
-            "init_values": 0.1 if scaled else None, "img_size": model.patch_embed.img_size[0]}
+    return {
+        "width": model.embed_dim,
+        "num_heads": blk.attn.num_heads,
+        "patch_size": model.patch_embed.patch_size[0],
+        "in_chans": model.patch_embed.proj.in_channels,
+        "mlp_ratio": blk.mlp.fc1.out_features / model.embed_dim,
+        "init_values": 0.1 if scaled else None,
+        "img_size": model.patch_embed.img_size[0],
+    }
 
 
 def text_arch(model: nn.Module) -> dict[str, Any]:
@@ -276,9 +297,14 @@ def text_arch(model: nn.Module) -> dict[str, Any]:
     cfg = model.config
     if cfg.hidden_act != "gelu":
         raise MmkdError(f"multimodal student: text init model uses {cfg.hidden_act!r}; text blocks use exact gelu")
-    return {"width": cfg.hidden_size, "text_num_heads": cfg.num_attention_heads,
-            "text_mlp_ratio": cfg.intermediate_size / cfg.hidden_size, "vocab_size": cfg.vocab_size,
-            "max_position": cfg.max_position_embeddings - position_offset(model), "text_eps": cfg.layer_norm_eps}
+    return {
+        "width": cfg.hidden_size,
+        "text_num_heads": cfg.num_attention_heads,
+        "text_mlp_ratio": cfg.intermediate_size / cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "max_position": cfg.max_position_embeddings - position_offset(model),
+        "text_eps": cfg.layer_norm_eps,
+    }
 
 
 def image_block_state(blk: nn.Module) -> dict[str, torch.Tensor]:
@@ -305,13 +331,18 @@ def bert_layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
     """A BERT layer as a post-norm ``Block`` state dict (q, k, v stacked into qkv)."""
     a = layer.attention
     return {
-        "norm1.weight": a.output.LayerNorm.weight, "norm1.bias": a.output.LayerNorm.bias,
+        "norm1.weight": a.output.LayerNorm.weight,
+        "norm1.bias": a.output.LayerNorm.bias,
         "attn.qkv.weight": torch.cat([a.self.query.weight, a.self.key.weight, a.self.value.weight]),
         "attn.qkv.bias": torch.cat([a.self.query.bias, a.self.key.bias, a.self.value.bias]),
-        "attn.proj.weight": a.output.dense.weight, "attn.proj.bias": a.output.dense.bias,
-        "norm2.weight": layer.output.LayerNorm.weight, "norm2.bias": layer.output.LayerNorm.bias,
-        "mlp.fc1.weight": layer.intermediate.dense.weight, "mlp.fc1.bias": layer.intermediate.dense.bias,
-        "mlp.fc2.weight": layer.output.dense.weight, "mlp.fc2.bias": layer.output.dense.bias,
+        "attn.proj.weight": a.output.dense.weight,
+        "attn.proj.bias": a.output.dense.bias,
+        "norm2.weight": layer.output.LayerNorm.weight,
+        "norm2.bias": layer.output.LayerNorm.bias,
+        "mlp.fc1.weight": layer.intermediate.dense.weight,
+        "mlp.fc1.bias": layer.intermediate.dense.bias,
+        "mlp.fc2.weight": layer.output.dense.weight,
+        "mlp.fc2.bias": layer.output.dense.bias,
     }
 
 
@@ -324,8 +355,9 @@ def _expert_state(block: dict[str, torch.Tensor], norm: str, with_scale: bool) -
     return out
 
 
-def init_multimodal(student: MultimodalStudent, image_from: Any = None, text_from: Any = None,
-                    vl_from: str = "image") -> dict[str, Any]:
+def init_multimodal(
+    student: MultimodalStudent, image_from: Any = None, text_from: Any = None, vl_from: str = "image"
+) -> dict[str, Any]:
     """Initialise ``student`` from unimodal models.
 
     Image model (timm ViT or BEiT): patch embedding, CLS token, position embedding (resampled to the
@@ -370,15 +402,18 @@ def _init_image_tower(student: MultimodalStudent, img: nn.Module) -> None:
     with torch.no_grad():
         student.cls_token.copy_(img.cls_token)
         if img.pos_embed is None:
-            logger.warning("multimodal student: the image init model has no absolute position embedding; "
-                           "pos_embed starts at zero (relative position bias is not carried over)")
+            logger.warning(
+                "multimodal student: the image init model has no absolute position embedding; "
+                "pos_embed starts at zero (relative position bias is not carried over)"
+            )
             student.pos_embed.zero_()
         else:
             pos = img.pos_embed
             if getattr(img, "no_embed_class", False):
                 pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
-            student.pos_embed.copy_(resample_abs_pos_embed(pos, new_size=list(student.patch_embed.grid_size),
-                                                           num_prefix_tokens=1))
+            student.pos_embed.copy_(
+                resample_abs_pos_embed(pos, new_size=list(student.patch_embed.grid_size), num_prefix_tokens=1)
+            )
         if isinstance(img.norm, nn.LayerNorm):
             student.image_norm.load_state_dict(img.norm.state_dict())
     for i in range(c.image_depth):
@@ -388,22 +423,24 @@ def _init_image_tower(student: MultimodalStudent, img: nn.Module) -> None:
 def _init_text_tower(student: MultimodalStudent, txt: nn.Module, vl_from: str) -> None:
     """Word and position embeddings (token type 0 folded in), embedding norm and text blocks from ``txt``."""
     c = student.config
-    text_shared = (c.shared_depth if c.vl_depth and vl_from == "text" else c.shared_depth - c.vl_depth)
+    text_shared = c.shared_depth if c.vl_depth and vl_from == "text" else c.shared_depth - c.vl_depth
     need = c.text_depth + (text_shared if c.mome else 0)
     if len(txt.encoder.layer) < need:
         raise MmkdError(f"multimodal student: text init model has {len(txt.encoder.layer)} layers; needs {need}")
     emb, off = txt.embeddings, position_offset(txt)
     with torch.no_grad():
         student.word_embeddings.weight.copy_(emb.word_embeddings.weight)
-        student.position_embeddings.weight.copy_(emb.position_embeddings.weight[off:off + c.max_position]
-                                                 + emb.token_type_embeddings.weight[0])
+        student.position_embeddings.weight.copy_(
+            emb.position_embeddings.weight[off : off + c.max_position] + emb.token_type_embeddings.weight[0]
+        )
         student.text_embed_norm.load_state_dict(emb.LayerNorm.state_dict())
     for i in range(c.text_depth):
         copy_state(student.text_blocks[i], bert_layer_state(txt.encoder.layer[i]), f"text block {i}")
 
 
-def _init_shared_block(student: MultimodalStudent, s: int, blk: nn.Module, img: nn.Module | None,
-                       txt: nn.Module | None, vl_from: str) -> None:
+def _init_shared_block(
+    student: MultimodalStudent, s: int, blk: nn.Module, img: nn.Module | None, txt: nn.Module | None, vl_from: str
+) -> None:
     """Shared block ``s``: the image model's next block; with MoME its attention and image expert from it,
     the text expert from the text model's next layer, the VL expert from ``vl_from``."""
     c = student.config
@@ -414,8 +451,9 @@ def _init_shared_block(student: MultimodalStudent, s: int, blk: nn.Module, img: 
         return
     if image_state is not None:
         shared = {k: v for k, v in image_state.items() if k.startswith(("norm1.", "attn.", "ls1."))}
-        copy_state(nn.ModuleDict({"norm1": blk.norm1, "attn": blk.attn, "ls1": blk.ls1}), shared,
-                   f"shared block {s} attention")
+        copy_state(
+            nn.ModuleDict({"norm1": blk.norm1, "attn": blk.attn, "ls1": blk.ls1}), shared, f"shared block {s} attention"
+        )
     scaled = c.init_values is not None
     for name, expert in blk.experts.items():
         origin = vl_from if name == "vl" else name
@@ -427,9 +465,16 @@ def _init_shared_block(student: MultimodalStudent, s: int, blk: nn.Module, img: 
 
 
 @STUDENTS.register("multimodal", "mome")
-def create_multimodal_student(*, init: str = "random", image_init_from: Any = None, text_init_from: Any = None,
-                              image_init_weights: str | None = None, text_init_weights: str | None = None,
-                              vl_from: str = "image", **config: Any) -> MultimodalStudent:
+def create_multimodal_student(
+    *,
+    init: str = "random",
+    image_init_from: Any = None,
+    text_init_from: Any = None,
+    image_init_weights: str | None = None,
+    text_init_weights: str | None = None,
+    vl_from: str = "image",
+    **config: Any,
+) -> MultimodalStudent:
     """A two-tower student with shared (optionally mixture-of-modality-experts) blocks.
 
     Args:
@@ -453,11 +498,13 @@ def create_multimodal_student(*, init: str = "random", image_init_from: Any = No
     text_init_from = resolve_source(text_init_from, text_init_weights)
     if pretrained:
         if image_init_from is not None:
-            config = fill_from_source("multimodal", config, image_arch(_image_model(image_init_from)),
-                                      may_differ=("img_size",))
+            config = fill_from_source(
+                "multimodal", config, image_arch(_image_model(image_init_from)), may_differ=("img_size",)
+            )
         if text_init_from is not None:
-            config = fill_from_source("multimodal", config, text_arch(bert_like(text_init_from)),
-                                      may_differ=("max_position",))
+            config = fill_from_source(
+                "multimodal", config, text_arch(bert_like(text_init_from)), may_differ=("max_position",)
+            )
     student = MultimodalStudent(build_config(MultimodalStudentConfig, "multimodal", config))
     if pretrained:
         student.init_info = init_multimodal(student, image_init_from, text_init_from, vl_from)

@@ -68,18 +68,27 @@ class TextStudentConfig(HeadConfig):
         if self.depth < 1:
             raise MmkdError(f"text student depth={self.depth}: give at least 1 layer")
         if self.hidden_size % self.num_heads:
-            raise MmkdError(f"text student hidden_size={self.hidden_size} is not divisible by "
-                            f"num_heads={self.num_heads}")
+            raise MmkdError(
+                f"text student hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
 
     def bert_config(self) -> Any:
         """The transformers ``BertConfig`` of this student."""
         from transformers import BertConfig
 
-        return BertConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.depth,
-                          num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size,
-                          max_position_embeddings=self.max_position, type_vocab_size=self.type_vocab_size,
-                          layer_norm_eps=self.layer_norm_eps, hidden_act=self.hidden_act,
-                          hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout)
+        return BertConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.depth,
+            num_attention_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=self.max_position,
+            type_vocab_size=self.type_vocab_size,
+            layer_norm_eps=self.layer_norm_eps,
+            hidden_act=self.hidden_act,
+            hidden_dropout_prob=self.dropout,
+            attention_probs_dropout_prob=self.dropout,
+        )
 
 
 class TextStudent(Student):
@@ -100,8 +109,9 @@ class TextStudent(Student):
         self.config = config
         self.width = config.hidden_size
         self.num_layers = config.depth
-        self.bert = BertModel._from_config(config.bert_config(), dtype=torch.float32, attn_implementation="sdpa",
-                                           add_pooling_layer=False)
+        self.bert = BertModel._from_config(
+            config.bert_config(), dtype=torch.float32, attn_implementation="sdpa", add_pooling_layer=False
+        )
         self.heads = PredictionHeads(config.hidden_size, config.depth, config)
         if config.freeze_embeddings:
             for table in self.frozen_tables():
@@ -112,8 +122,12 @@ class TextStudent(Student):
         emb = self.bert.embeddings
         return [emb.word_embeddings, emb.position_embeddings]
 
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> StudentOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> StudentOutput:
         """Encode right-padded token ids.
 
         Args:
@@ -129,17 +143,29 @@ class TextStudent(Student):
         hidden = list(out.hidden_states[1:])  # [0] is the embedding output
         mask = attention_mask.bool()
         tokens, pooled = self.heads(hidden, out.last_hidden_state, mask)
-        return StudentOutput(hidden_states=hidden, mask=mask, last_hidden_state=out.last_hidden_state,
-                             tokens=tokens, pooled=pooled, modality="text")
+        return StudentOutput(
+            hidden_states=hidden,
+            mask=mask,
+            last_hidden_state=out.last_hidden_state,
+            tokens=tokens,
+            pooled=pooled,
+            modality="text",
+        )
 
 
 def bert_like(source: Any, what: str = "text student") -> nn.Module:
     """The BERT-layout encoder in ``source`` (``embeddings.word_embeddings`` + ``encoder.layer``)."""
     model = unwrap_source(source)
-    if not (hasattr(model, "embeddings") and hasattr(model.embeddings, "word_embeddings")
-            and hasattr(model, "encoder") and hasattr(model.encoder, "layer")):
-        raise MmkdError(f"{what}: init model {type(model).__name__} is not BERT-like (needs embeddings."
-                        "word_embeddings and encoder.layer, as BERT, RoBERTa, data2vec-text, MiniLM have)")
+    if not (
+        hasattr(model, "embeddings")
+        and hasattr(model.embeddings, "word_embeddings")
+        and hasattr(model, "encoder")
+        and hasattr(model.encoder, "layer")
+    ):
+        raise MmkdError(
+            f"{what}: init model {type(model).__name__} is not BERT-like (needs embeddings."
+            "word_embeddings and encoder.layer, as BERT, RoBERTa, data2vec-text, MiniLM have)"
+        )
     return model
 
 
@@ -182,21 +208,31 @@ def init_text_from_bert(student: TextStudent, source: Any, blocks: Sequence[int]
     length = dst.position_embeddings.weight.shape[0]
     if src.position_embeddings.weight.shape[0] < offset + length:
         raise MmkdError(f"text student max_position={length} is longer than the init model's position table")
-    copy_state(dst, {
-        "word_embeddings.weight": src.word_embeddings.weight,
-        "position_embeddings.weight": src.position_embeddings.weight[offset:offset + length],
-        "token_type_embeddings.weight": src.token_type_embeddings.weight,
-        "LayerNorm.weight": src.LayerNorm.weight,
-        "LayerNorm.bias": src.LayerNorm.bias,
-    }, "text student embeddings")
+    copy_state(
+        dst,
+        {
+            "word_embeddings.weight": src.word_embeddings.weight,
+            "position_embeddings.weight": src.position_embeddings.weight[offset : offset + length],
+            "token_type_embeddings.weight": src.token_type_embeddings.weight,
+            "LayerNorm.weight": src.LayerNorm.weight,
+            "LayerNorm.bias": src.LayerNorm.bias,
+        },
+        "text student embeddings",
+    )
     for i, j in enumerate(layers):
         copy_state(student.bert.encoder.layer[i], model.encoder.layer[j].state_dict(), f"text student layer {i}")
     return layers
 
 
 @STUDENTS.register("text", "bert")
-def create_text_student(*, init: str = "random", init_from: Any = None, init_weights: str | None = None,
-                        init_blocks: Sequence[int] | None = None, **config: Any) -> TextStudent:
+def create_text_student(
+    *,
+    init: str = "random",
+    init_from: Any = None,
+    init_weights: str | None = None,
+    init_blocks: Sequence[int] | None = None,
+    **config: Any,
+) -> TextStudent:
     """A BERT-style text student.
 
     Args:
@@ -219,8 +255,10 @@ def create_text_student(*, init: str = "random", init_from: Any = None, init_wei
         model = bert_like(init_from)
         config = fill_from_source("text", config, bert_arch(model), may_differ=("max_position",))
     elif config.get("freeze_embeddings"):
-        raise MmkdError("text student: freeze_embeddings=True freezes tables copied from a teacher; "
-                        "it needs init='pretrained' with init_from")
+        raise MmkdError(
+            "text student: freeze_embeddings=True freezes tables copied from a teacher; "
+            "it needs init='pretrained' with init_from"
+        )
     student = TextStudent(build_config(TextStudentConfig, "text", config))
     if pretrained:
         layers = init_text_from_bert(student, init_from, init_blocks)

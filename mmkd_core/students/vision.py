@@ -78,10 +78,21 @@ class VitStudentConfig(HeadConfig):
 
     def model_args(self) -> dict[str, Any]:
         """Arguments of ``timm.create_model(self.arch, pretrained=False, **args)``."""
-        args = dict(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
-                    num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
-                    init_values=self.init_values, in_chans=self.in_chans, drop_path_rate=self.drop_path_rate,
-                    num_classes=0, global_pool="token", class_token=True)
+        args = dict(
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            qkv_bias=self.qkv_bias,
+            init_values=self.init_values,
+            in_chans=self.in_chans,
+            drop_path_rate=self.drop_path_rate,
+            num_classes=0,
+            global_pool="token",
+            class_token=True,
+        )
         args.update(self.timm_args)
         return args
 
@@ -106,8 +117,11 @@ class BeitStudentConfig(VitStudentConfig):
     def model_args(self) -> dict[str, Any]:
         args = super().model_args()
         del args["class_token"]  # Beit always has one
-        args.update(use_abs_pos_emb=self.use_abs_pos_emb, use_rel_pos_bias=self.use_rel_pos_bias,
-                    use_shared_rel_pos_bias=self.use_shared_rel_pos_bias)
+        args.update(
+            use_abs_pos_emb=self.use_abs_pos_emb,
+            use_rel_pos_bias=self.use_rel_pos_bias,
+            use_shared_rel_pos_bias=self.use_shared_rel_pos_bias,
+        )
         args.update(self.timm_args)
         return args
 
@@ -132,12 +146,17 @@ class TimmStudent(Student):
         try:
             self.model = timm.create_model(config.arch, pretrained=False, **config.model_args())
         except (TypeError, ValueError, AssertionError) as e:
-            raise MmkdError(f"{self.name} student: timm cannot build {config.arch} with {config.model_args()}: "
-                            f"{e}") from None
+            raise MmkdError(
+                f"{self.name} student: timm cannot build {config.arch} with {config.model_args()}: {e}"
+            ) from None
         self.heads = PredictionHeads(config.embed_dim, config.depth, config)
 
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> StudentOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> StudentOutput:
         """Encode images.
 
         Args:
@@ -148,13 +167,15 @@ class TimmStudent(Student):
         if pixel_values is None or input_ids is not None:
             raise MmkdError(f"the {self.name} student reads images only: call it with pixel_values")
         # timm drops the prefix (CLS) tokens from intermediates unless asked; put CLS back at step 0
-        last, pairs = self.model.forward_intermediates(pixel_values, indices=self.num_layers,
-                                                       return_prefix_tokens=True, norm=False, output_fmt="NLC")
+        last, pairs = self.model.forward_intermediates(
+            pixel_values, indices=self.num_layers, return_prefix_tokens=True, norm=False, output_fmt="NLC"
+        )
         hidden = [torch.cat([prefix, tokens], dim=1) for tokens, prefix in pairs]
         mask = torch.ones(last.shape[:2], dtype=torch.bool, device=last.device)
         tokens, pooled = self.heads(hidden, last, mask)
-        return StudentOutput(hidden_states=hidden, mask=mask, last_hidden_state=last, tokens=tokens,
-                             pooled=pooled, modality="image")
+        return StudentOutput(
+            hidden_states=hidden, mask=mask, last_hidden_state=last, tokens=tokens, pooled=pooled, modality="image"
+        )
 
 
 class VitStudent(TimmStudent):
@@ -173,8 +194,12 @@ def _patch_args(model: nn.Module) -> dict[str, Any]:
     pe = model.patch_embed
     if pe.patch_size[0] != pe.patch_size[1] or pe.img_size is None or pe.img_size[0] != pe.img_size[1]:
         raise MmkdError("image student: the init model has non-square patches or images")
-    return {"patch_size": pe.patch_size[0], "img_size": pe.img_size[0], "in_chans": pe.proj.in_channels,
-            "embed_dim": model.embed_dim}
+    return {
+        "patch_size": pe.patch_size[0],
+        "img_size": pe.img_size[0],
+        "in_chans": pe.proj.in_channels,
+        "embed_dim": model.embed_dim,
+    }
 
 
 def vit_arch(model: nn.Module) -> dict[str, Any]:
@@ -188,8 +213,12 @@ def vit_arch(model: nn.Module) -> dict[str, Any]:
     blk = model.blocks[0]
     args = _patch_args(model)
     # only None-ness of init_values matters: the copied gammas overwrite it
-    args.update(num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
-                qkv_bias=blk.attn.qkv.bias is not None, init_values=1e-5 if hasattr(blk.ls1, "gamma") else None)
+    args.update(
+        num_heads=blk.attn.num_heads,
+        mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
+        qkv_bias=blk.attn.qkv.bias is not None,
+        init_values=1e-5 if hasattr(blk.ls1, "gamma") else None,
+    )
     extra = {}
     if not isinstance(model.norm_pre, nn.Identity):
         extra["pre_norm"] = True
@@ -207,11 +236,16 @@ def beit_arch(model: nn.Module) -> dict[str, Any]:
         raise MmkdError(f"beit student: init model {type(model).__name__} is not a timm Beit")
     blk = model.blocks[0]
     args = _patch_args(model)
-    args.update(num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
-                qkv_bias=blk.attn.q_bias is not None, init_values=0.1 if blk.gamma_1 is not None else None,
-                use_abs_pos_emb=model.pos_embed is not None,
-                use_rel_pos_bias=blk.attn.relative_position_bias_table is not None,
-                use_shared_rel_pos_bias=model.rel_pos_bias is not None, timm_args={})
+    args.update(
+        num_heads=blk.attn.num_heads,
+        mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
+        qkv_bias=blk.attn.q_bias is not None,
+        init_values=0.1 if blk.gamma_1 is not None else None,
+        use_abs_pos_emb=model.pos_embed is not None,
+        use_rel_pos_bias=blk.attn.relative_position_bias_table is not None,
+        use_shared_rel_pos_bias=model.rel_pos_bias is not None,
+        timm_args={},
+    )
     return args
 
 
@@ -245,17 +279,21 @@ def init_from_timm(student: TimmStudent, source: Any, blocks: Sequence[int] | No
         value = src[skey]
         if key == "pos_embed" and value.shape != own.shape:
             prefix = 0 if getattr(model, "no_embed_class", False) else 1
-            value = resample_abs_pos_embed(value, new_size=list(student.model.patch_embed.grid_size),
-                                           num_prefix_tokens=prefix)
+            value = resample_abs_pos_embed(
+                value, new_size=list(student.model.patch_embed.grid_size), num_prefix_tokens=prefix
+            )
         if value.shape != own.shape:
-            raise MmkdError(f"{student.name} student: {key} has shape {tuple(own.shape)} but the init model's "
-                            f"{skey} has {tuple(value.shape)}" + (" (use the init model's img_size)"
-                                                                   if "relative_position" in key else ""))
+            raise MmkdError(
+                f"{student.name} student: {key} has shape {tuple(own.shape)} but the init model's "
+                f"{skey} has {tuple(value.shape)}"
+                + (" (use the init model's img_size)" if "relative_position" in key else "")
+            )
         state[key] = value
     hard = [k for k in missing if k not in _OPTIONAL_KEYS]
     if hard:
-        raise MmkdError(f"{student.name} student: the init model lacks {hard[:4]}; it is not of the student's "
-                        "architecture")
+        raise MmkdError(
+            f"{student.name} student: the init model lacks {hard[:4]}; it is not of the student's architecture"
+        )
     if missing:
         logger.warning("%s student: init model has no %s; kept its fresh init", student.name, missing)
     with torch.no_grad():
@@ -264,8 +302,16 @@ def init_from_timm(student: TimmStudent, source: Any, blocks: Sequence[int] | No
     return layers
 
 
-def _create(cls: type[TimmStudent], config_cls: type[VitStudentConfig], arch_of: Any, init: str, init_from: Any,
-            init_weights: str | None, init_blocks: Sequence[int] | None, config: dict[str, Any]) -> TimmStudent:
+def _create(
+    cls: type[TimmStudent],
+    config_cls: type[VitStudentConfig],
+    arch_of: Any,
+    init: str,
+    init_from: Any,
+    init_weights: str | None,
+    init_blocks: Sequence[int] | None,
+    config: dict[str, Any],
+) -> TimmStudent:
     name = cls.name
     pretrained = check_init(name, init, init_from)
     init_from = resolve_source(init_from, init_weights)
@@ -277,15 +323,20 @@ def _create(cls: type[TimmStudent], config_cls: type[VitStudentConfig], arch_of:
     student = cls(build_config(config_cls, name, config))
     if pretrained:
         layers = init_from_timm(student, init_from, init_blocks)
-        student.init_info = {"init": "pretrained", "source": describe_source(init_from),
-                             "blocks": layers}
+        student.init_info = {"init": "pretrained", "source": describe_source(init_from), "blocks": layers}
         logger.info("%s student: copied blocks %s", name, layers)
     return student
 
 
 @STUDENTS.register("vit")
-def create_vit_student(*, init: str = "random", init_from: Any = None, init_weights: str | None = None,
-                       init_blocks: Sequence[int] | None = None, **config: Any) -> VitStudent:
+def create_vit_student(
+    *,
+    init: str = "random",
+    init_from: Any = None,
+    init_weights: str | None = None,
+    init_blocks: Sequence[int] | None = None,
+    **config: Any,
+) -> VitStudent:
     """A timm ``VisionTransformer`` student.
 
     Args:
@@ -301,8 +352,14 @@ def create_vit_student(*, init: str = "random", init_from: Any = None, init_weig
 
 
 @STUDENTS.register("beit", "beitv2")
-def create_beit_student(*, init: str = "random", init_from: Any = None, init_weights: str | None = None,
-                        init_blocks: Sequence[int] | None = None, **config: Any) -> BeitStudent:
+def create_beit_student(
+    *,
+    init: str = "random",
+    init_from: Any = None,
+    init_weights: str | None = None,
+    init_blocks: Sequence[int] | None = None,
+    **config: Any,
+) -> BeitStudent:
     """A timm ``Beit`` student; from a BEiT v2 teacher it copies the shared relative position table too.
 
     Args:

@@ -13,14 +13,22 @@ import torch
 from . import beit, clip, hf_text, hf_vision  # noqa: F401  (register the teachers)
 from .base import TEACHERS, ImagePreprocess, Teacher, TeacherOutput, TextPreprocess
 
-__all__ = ["TEACHERS", "ImagePreprocess", "Teacher", "TeacherOutput", "TextPreprocess", "create_teacher",
-           "list_teachers"]
+__all__ = [
+    "TEACHERS",
+    "ImagePreprocess",
+    "Teacher",
+    "TeacherOutput",
+    "TextPreprocess",
+    "create_teacher",
+    "list_teachers",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def create_teacher(name: str, weights: str | None = None, *, random_init: bool = False, device: str = "cpu",
-                   **options: Any) -> Teacher:
+def create_teacher(
+    name: str, weights: str | None = None, *, random_init: bool = False, device: str = "cpu", **options: Any
+) -> Teacher:
     """Build a frozen teacher: eval mode, ``requires_grad`` off, float32, on ``device``.
 
     Args:

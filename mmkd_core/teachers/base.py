@@ -93,8 +93,12 @@ class Teacher(nn.Module):
         the longest text, truncated at ``preprocess.max_length``."""
         raise NotImplementedError
 
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> TeacherOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> TeacherOutput:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

@@ -64,13 +64,23 @@ class BeitTeacher(Teacher):
         self.source = source
         self.weights_sha256 = sha256
 
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> TeacherOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> TeacherOutput:
         if pixel_values is None:
             raise MmkdError("beitv2 is an image teacher: call it with pixel_values")
         # timm splits off the CLS token unless asked for it; put it back at time step 0
-        pairs = self.model.forward_intermediates(pixel_values, indices=self.num_layers, return_prefix_tokens=True,
-                                                 norm=False, output_fmt="NLC", intermediates_only=True)
+        pairs = self.model.forward_intermediates(
+            pixel_values,
+            indices=self.num_layers,
+            return_prefix_tokens=True,
+            norm=False,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
         hidden = [torch.cat([prefix, tokens], dim=1) for tokens, prefix in pairs]
         mask = torch.ones(hidden[0].shape[:2], dtype=torch.bool, device=hidden[0].device)
         return TeacherOutput(hidden_states=hidden, mask=mask)
@@ -85,8 +95,10 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[Path], d
             config = json.loads(config_file.read_text())
             if "architecture" not in config:
                 kind = config.get("model_type", "unknown")
-                raise MmkdError(f"{config_file} is not a timm config (model_type {kind!r}); beitv2 reads timm "
-                                "checkpoints or the original BEiT v2 .pth: point --weights at one")
+                raise MmkdError(
+                    f"{config_file} is not a timm config (model_type {kind!r}); beitv2 reads timm "
+                    "checkpoints or the original BEiT v2 .pth: point --weights at one"
+                )
             files = hf_weight_files(path)
         else:
             files = sorted(p for p in path.iterdir() if p.suffix in _CHECKPOINT_SUFFIXES)
@@ -109,8 +121,9 @@ def _build(model_name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
     except (RuntimeError, TypeError, ValueError, AssertionError) as e:
         raise MmkdError(f"beitv2: cannot build timm model {model_name!r} with {kwargs}: {e}") from None
     if not isinstance(model, Beit):
-        raise MmkdError(f"beitv2: model_name {model_name!r} is a {type(model).__name__}, not a timm Beit; "
-                        "pick a beit/beitv2 model")
+        raise MmkdError(
+            f"beitv2: model_name {model_name!r} is a {type(model).__name__}, not a timm Beit; pick a beit/beitv2 model"
+        )
     return model
 
 
@@ -141,15 +154,19 @@ def _check_position_index(model: torch.nn.Module, state: dict[str, torch.Tensor]
         except AttributeError:
             continue
         if own is not None and (own.shape != value.shape or not torch.equal(own, value.to(own.dtype))):
-            raise MmkdError(f"{file}: {key} differs from the index timm builds for this model; "
-                            "set img_size/patch_size to the checkpoint's")
+            raise MmkdError(
+                f"{file}: {key} differs from the index timm builds for this model; "
+                "set img_size/patch_size to the checkpoint's"
+            )
 
 
 def _check_depth(model: torch.nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
     indices = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
     if indices and max(indices) + 1 > len(model.blocks):
-        raise MmkdError(f"{file} has {max(indices) + 1} blocks but the model has depth {len(model.blocks)}; "
-                        "set depth (or model_name) to match the checkpoint")
+        raise MmkdError(
+            f"{file} has {max(indices) + 1} blocks but the model has depth {len(model.blocks)}; "
+            "set depth (or model_name) to match the checkpoint"
+        )
 
 
 @TEACHERS.register("beitv2", "beit")
@@ -176,14 +193,17 @@ def create_beitv2(weights: str | None = None, *, random_init: bool = False, **op
         hub_config: dict[str, Any] = {}
         if location is not None:
             if not (location.path / "config.json").is_file():
-                raise MmkdError("beitv2: random_init=True reads only a timm config.json from weights; "
-                                f"{location.path} has none (drop weights or point it at a timm hub directory)")
+                raise MmkdError(
+                    "beitv2: random_init=True reads only a timm config.json from weights; "
+                    f"{location.path} has none (drop weights or point it at a timm hub directory)"
+                )
             hub_config = json.loads((location.path / "config.json").read_text())
         model_name = model_name or hub_config.get("architecture", DEFAULT_MODEL)
         kwargs = {**hub_config.get("model_args", {}), "global_pool": "token", "num_classes": 0, **options}
         model = _build(model_name, kwargs)
-        return BeitTeacher(model, _preprocess(model, model_name, hub_config.get("pretrained_cfg", {})),
-                           "random", "random")
+        return BeitTeacher(
+            model, _preprocess(model, model_name, hub_config.get("pretrained_cfg", {})), "random", "random"
+        )
     if location is None:
         raise missing_weights_error("beitv2", "beitv2_base_patch16_224_pt1k.pth or a timm checkpoint", default_repo)
 
@@ -196,5 +216,6 @@ def create_beitv2(weights: str | None = None, *, random_init: bool = False, **op
     _check_depth(model, state, file)
     report: LoadReport = load_state_dict_into(model, state, file=file, drop=DROP)
     logger.info("beitv2: loaded %s (%s) from %s; %d keys dropped", model_name, kwargs, file, len(report.dropped))
-    return BeitTeacher(model, _preprocess(model, model_name, hub_config.get("pretrained_cfg", {})),
-                       location.source, sha256_of(files))
+    return BeitTeacher(
+        model, _preprocess(model, model_name, hub_config.get("pretrained_cfg", {})), location.source, sha256_of(files)
+    )

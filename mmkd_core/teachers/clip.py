@@ -23,8 +23,12 @@ from .weights import locate_weights, missing_weights_error
 
 DEFAULT_REPO = "openai/clip-vit-base-patch32"
 # CLIPImageProcessor's defaults: shortest edge 224, centre crop 224, bicubic, OpenAI mean/std
-DEFAULT_PREPROCESS = ImagePreprocess(mean=(0.48145466, 0.4578275, 0.40821073),
-                                     std=(0.26862954, 0.26130258, 0.27577711), interpolation="bicubic", crop_pct=1.0)
+DEFAULT_PREPROCESS = ImagePreprocess(
+    mean=(0.48145466, 0.4578275, 0.40821073),
+    std=(0.26862954, 0.26130258, 0.27577711),
+    interpolation="bicubic",
+    crop_pct=1.0,
+)
 _TOWERS = {"vision": ("vision_model", "visual_projection"), "text": ("text_model", "text_projection")}
 
 
@@ -35,8 +39,17 @@ class ClipTeacher(Teacher):
     embed = ``text_projection(final_layer_norm(EOS token))``.
     """
 
-    def __init__(self, tower: str, model: Any, tokenizer: Any, path: Path | None, preprocess: Any, source: str,
-                 sha256: str, max_length: int | None = None) -> None:
+    def __init__(
+        self,
+        tower: str,
+        model: Any,
+        tokenizer: Any,
+        path: Path | None,
+        preprocess: Any,
+        source: str,
+        sha256: str,
+        max_length: int | None = None,
+    ) -> None:
         super().__init__()
         module, projection = _TOWERS[tower]
         self.name = f"clip-{tower}"
@@ -61,8 +74,12 @@ class ClipTeacher(Teacher):
             raise MmkdError(f"{self.name} is an image teacher: it has no tokenizer")
         return tokenize(self.tokenizer, texts, self.max_length)
 
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> TeacherOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> TeacherOutput:
         if self.modality == "image":
             if pixel_values is None:
                 raise MmkdError(f"{self.name} is an image teacher: call it with pixel_values")
@@ -90,14 +107,22 @@ def _create_clip(tower: str, weights: str | None, random_init: bool, options: di
     location = locate_weights(weights, DEFAULT_REPO)
     if location is None and not (random_init and tower == "vision"):
         if random_init:
-            raise MmkdError("clip-text: random_init=True still needs a tokenizer: pass weights=DIR (only its "
-                            "config and tokenizer are read)")
+            raise MmkdError(
+                "clip-text: random_init=True still needs a tokenizer: pass weights=DIR (only its "
+                "config and tokenizer are read)"
+            )
         raise missing_weights_error(f"clip-{tower}", "a CLIP checkpoint directory", DEFAULT_REPO)
     path = checkpoint_dir(location, f"clip-{tower}") if location is not None else None
     config = load_config(path, CLIPConfig, options, f"clip-{tower}", "clip")
     other = _TOWERS["text" if tower == "vision" else "vision"]
-    model, sha = load_model(CLIPModel, config, None if random_init else path, teacher=f"clip-{tower}", attn=attn,
-                            ignore_missing=(f"{other[0]}.*", f"{other[1]}.*", "logit_scale"))
+    model, sha = load_model(
+        CLIPModel,
+        config,
+        None if random_init else path,
+        teacher=f"clip-{tower}",
+        attn=attn,
+        ignore_missing=(f"{other[0]}.*", f"{other[1]}.*", "logit_scale"),
+    )
     source = "random" if random_init else location.source
     if tower == "vision":
         preprocess = image_preprocess(path, config.vision_config.image_size, DEFAULT_PREPROCESS)

@@ -20,23 +20,44 @@ logger = logging.getLogger(__name__)
 # eager and sdpa both keep a sample's outputs independent of padding and batch (tests check); sdpa is faster
 DEFAULT_ATTN = "sdpa"
 # parts of transformers checkpoints a teacher never runs (pretraining heads, poolers, stale buffers)
-DROP = ("pooler.*", "*.pooler.*", "cls.*", "lm_head.*", "vocab_transform.*", "vocab_layer_norm.*",
-        "vocab_projector.*", "*mask_token", "*.position_ids")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")
+DROP = (
+    "pooler.*",
+    "*.pooler.*",
+    "cls.*",
+    "lm_head.*",
+    "vocab_transform.*",
+    "vocab_layer_norm.*",
+    "vocab_projector.*",
+    "*mask_token",
+    "*.position_ids",
+)
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "added_tokens.json",
+)
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 def checkpoint_dir(location: WeightsLocation, teacher: str) -> Path:
     """The directory of a transformers checkpoint (``config.json`` + weights)."""
     if not (location.path.is_dir() and (location.path / "config.json").is_file()):
-        raise MmkdError(f"{location.path}: {teacher} reads a transformers checkpoint directory (config.json + "
-                        "model.safetensors or pytorch_model.bin, as save_pretrained writes); point --weights at one")
+        raise MmkdError(
+            f"{location.path}: {teacher} reads a transformers checkpoint directory (config.json + "
+            "model.safetensors or pytorch_model.bin, as save_pretrained writes); point --weights at one"
+        )
     return location.path
 
 
-def load_config(path: Path | None, config_cls: type, overrides: dict[str, Any], teacher: str,
-                model_type: str | None = None) -> Any:
+def load_config(
+    path: Path | None, config_cls: type, overrides: dict[str, Any], teacher: str, model_type: str | None = None
+) -> Any:
     """A model config from ``path`` (class defaults when None) with ``overrides`` applied.
 
     Args:
@@ -57,8 +78,10 @@ def load_config(path: Path | None, config_cls: type, overrides: dict[str, Any], 
         except (OSError, ValueError, KeyError) as e:
             raise MmkdError(f"{path / 'config.json'}: not a usable config for {teacher}: {_first_line(e)}") from None
     if model_type is not None and config.model_type != model_type:
-        raise MmkdError(f"{path}: holds a {config.model_type!r} checkpoint but {teacher} needs {model_type!r}; "
-                        "point --weights at the right checkpoint (or pick the teacher for that model)")
+        raise MmkdError(
+            f"{path}: holds a {config.model_type!r} checkpoint but {teacher} needs {model_type!r}; "
+            "point --weights at the right checkpoint (or pick the teacher for that model)"
+        )
     _apply(config, overrides, teacher)
     return config
 
@@ -68,8 +91,9 @@ def _apply(config: Any, overrides: dict[str, Any], teacher: str) -> None:
 
     for key, value in overrides.items():
         if not hasattr(config, key):
-            raise MmkdError(f"{teacher}: unknown option {key!r} (neither a teacher option nor a "
-                            f"{type(config).__name__} attribute)")
+            raise MmkdError(
+                f"{teacher}: unknown option {key!r} (neither a teacher option nor a {type(config).__name__} attribute)"
+            )
         current = getattr(config, key)
         if isinstance(value, dict) and isinstance(current, PretrainedConfig):
             _apply(current, value, teacher)
@@ -77,8 +101,16 @@ def _apply(config: Any, overrides: dict[str, Any], teacher: str) -> None:
             setattr(config, key, value)
 
 
-def load_model(model_cls: type, config: Any, path: Path | None, *, teacher: str, attn: str = DEFAULT_ATTN,
-               init_kwargs: dict[str, Any] | None = None, ignore_missing: Iterable[str] = ()) -> tuple[Any, str]:
+def load_model(
+    model_cls: type,
+    config: Any,
+    path: Path | None,
+    *,
+    teacher: str,
+    attn: str = DEFAULT_ATTN,
+    init_kwargs: dict[str, Any] | None = None,
+    ignore_missing: Iterable[str] = (),
+) -> tuple[Any, str]:
     """Build ``model_cls`` from ``config``: random when ``path`` is None, else with the weights in ``path``.
 
     Returns:
@@ -96,14 +128,23 @@ def load_model(model_cls: type, config: Any, path: Path | None, *, teacher: str,
         with quiet_transformers_load():
             # mismatches are collected, not raised, so the error can name them
             model, info = model_cls.from_pretrained(
-                str(path), config=config, dtype=torch.float32, local_files_only=True, output_loading_info=True,
-                ignore_mismatched_sizes=True, attn_implementation=attn, **init_kwargs)
+                str(path),
+                config=config,
+                dtype=torch.float32,
+                local_files_only=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                attn_implementation=attn,
+                **init_kwargs,
+            )
     except (OSError, ValueError, RuntimeError) as e:
         raise MmkdError(f"{file}: cannot load it into {model_cls.__name__}: {_first_line(e)}") from None
     if info.get("mismatched_keys"):
         key, in_file, in_model = sorted(info["mismatched_keys"])[0]
-        raise MmkdError(f"{file}: {key} has shape {tuple(in_file)} but the model expects {tuple(in_model)} "
-                        f"({len(info['mismatched_keys'])} such keys); drop the config overrides that cause it")
+        raise MmkdError(
+            f"{file}: {key} has shape {tuple(in_file)} but the model expects {tuple(in_model)} "
+            f"({len(info['mismatched_keys'])} such keys); drop the config overrides that cause it"
+        )
     report_keys(info["missing_keys"], info["unexpected_keys"], file=file, drop=DROP, ignore_missing=ignore_missing)
     return model, sha256_of(files)
 
@@ -133,8 +174,10 @@ def load_tokenizer(path: Path, teacher: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MmkdError(f"{path}: no usable tokenizer for {teacher} ({_first_line(e)}); save the tokenizer "
-                        "next to the weights (tokenizer.save_pretrained)") from None
+        raise MmkdError(
+            f"{path}: no usable tokenizer for {teacher} ({_first_line(e)}); save the tokenizer "
+            "next to the weights (tokenizer.save_pretrained)"
+        ) from None
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -150,8 +193,12 @@ def text_preprocess(tokenizer: Any, path: Path, max_length: int, **extra: Any) -
         tokenizer=type(tokenizer).__name__,
         max_length=max_length,
         lowercase=lowercase,
-        extra={"vocab_size": len(tokenizer), "files_sha256": sha256_of(files) if files else None,
-               "padding_side": "right", **extra},
+        extra={
+            "vocab_size": len(tokenizer),
+            "files_sha256": sha256_of(files) if files else None,
+            "padding_side": "right",
+            **extra,
+        },
     )
 
 
@@ -169,8 +216,14 @@ def image_preprocess(path: Path | None, size: int, default: ImagePreprocess) -> 
     """
     file = path / "preprocessor_config.json" if path is not None else None
     if file is None or not file.is_file():
-        return ImagePreprocess(size=size, mean=default.mean, std=default.std, interpolation=default.interpolation,
-                               crop_pct=default.crop_pct, crop_mode=default.crop_mode)
+        return ImagePreprocess(
+            size=size,
+            mean=default.mean,
+            std=default.std,
+            interpolation=default.interpolation,
+            crop_pct=default.crop_pct,
+            crop_mode=default.crop_mode,
+        )
     cfg = json.loads(file.read_text())
 
     def edge(value: Any) -> int | None:

