@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from mmkd.data import create_dataset
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
 from mmkd.extract.sources import TextSource
-
 from mmkd_core.store import open_store
 from mmkd_core.teachers import create_teacher
 

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import torch
+
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
 from mmkd.train.config import TrainConfig
 from mmkd.train.loader import PlanSpec, StoreBatches
 from mmkd.train.loop import train
-
 from mmkd_core.store import open_store
 from mmkd_core.teachers import create_teacher
 

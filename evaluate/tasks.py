@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from mmkd.data import DATASETS, SourceDataset, create_dataset
 from mmkd.data import PARAPHRASE_FORMATS as FORMATS
-
 from mmkd_core.errors import MmkdError
 from mmkd_core.metrics import (
     DEFAULT_TEMPLATES,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mmkd.data import create_dataset
 
+from mmkd.data import create_dataset
 from mmkd_core.errors import MmkdError
 from mmkd_core.progress import progress_bar
 from mmkd_core.store import Layout, StoreWriter, open_store

@@ -19,7 +19,6 @@ from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
 from mmkd.train.config import TrainConfig
 from mmkd.train.loop import train
-
 from mmkd_core.students import create_student, save_student
 from mmkd_core.teachers import create_teacher
 

@@ -3,11 +3,11 @@ the proof that stored views replay exactly and stored targets are the teacher's.
 
 import timm
 import torch
+
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
 from mmkd.train.config import TrainConfig
 from mmkd.train.loop import train
-
 from mmkd_core.teachers import create_teacher
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}

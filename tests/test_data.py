@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from mmkd.data import DATASETS, create_dataset, list_datasets
 
+from mmkd.data import DATASETS, create_dataset, list_datasets
 from mmkd_core.errors import MmkdError
 
 NAMES = ["captions", "cifar10", "cifar100", "fashion-mnist", "imagefolder", "mnist", "mrpc", "qqp", "shapes"]

@@ -5,9 +5,9 @@ import pickle
 from pathlib import Path
 
 import pytest
-from mmkd.data import create_dataset
 from PIL import Image
 
+from mmkd.data import create_dataset
 from mmkd_core.errors import MmkdError
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mmkd.data import create_dataset
-from mmkd.data.idx import FASHION_DEBIAN_DIR
 from PIL import Image
 
+from mmkd.data import create_dataset
+from mmkd.data.idx import FASHION_DEBIAN_DIR
 from mmkd_core.errors import MmkdError
 
 # --- imagefolder -----------------------------------------------------------------------------------------

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_data_images import _idx, _mnist
+
 from mmkd.data import create_dataset
 from mmkd.data.idx import FASHION_DEBIAN_DIR
 from mmkd.data.labelled import class_text
-from test_data_images import _idx, _mnist
-
 from mmkd_core.errors import MmkdError
 
 

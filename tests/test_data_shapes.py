@@ -5,9 +5,9 @@ import re
 
 import numpy as np
 import pytest
+
 from mmkd.data import create_dataset
 from mmkd.data.shapes import CELLS, CELLS_ALT, COLOURS, SHAPES, ShapesDataset, caption
-
 from mmkd_core.errors import MmkdError
 
 

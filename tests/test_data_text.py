@@ -4,8 +4,8 @@ import pickle
 from pathlib import Path
 
 import pytest
-from mmkd.data import create_dataset
 
+from mmkd.data import create_dataset
 from mmkd_core.errors import MmkdError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

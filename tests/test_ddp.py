@@ -15,9 +15,10 @@ import pytest
 import timm
 import torch
 from conftest import WORDS, save_tiny_bert
+from safetensors.torch import load_file
+
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
-from safetensors.torch import load_file
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 MM_STUDENT = [

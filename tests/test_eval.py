@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_bert
+from typer.testing import CliRunner
+
 from mmkd.evaluate.cli import app
 from mmkd.evaluate.encoders import Encoder, load_encoder
 from mmkd.evaluate.tasks import (
@@ -20,8 +22,6 @@ from mmkd.evaluate.tasks import (
     eval_zero_shot,
     run_evaluation,
 )
-from typer.testing import CliRunner
-
 from mmkd_core.errors import MmkdError
 from mmkd_core.metrics import DEFAULT_GENDER_TERMS, DEFAULT_PROFESSIONS
 from mmkd_core.students import create_student, save_student

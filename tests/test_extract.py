@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from mmkd.extract.config import ExtractConfig
-from mmkd.extract.run import extract
 from reference import reference_targets
 
+from mmkd.extract.config import ExtractConfig
+from mmkd.extract.run import extract
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import open_store
 

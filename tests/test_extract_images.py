@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import timm
 import torch
+
 from mmkd.data import create_dataset
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
-
 from mmkd_core.store import open_store
 from mmkd_core.targets import make_targets, pool_targets
 from mmkd_core.teachers import create_teacher

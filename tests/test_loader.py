@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from mmkd.train.loader import PlanSpec, StoreBatches, epoch_plan, make_loader, num_batches
 
+from mmkd.train.loader import PlanSpec, StoreBatches, epoch_plan, make_loader, num_batches
 from mmkd_core.store import Layout, StoreWriter
 
 CONFIG = {"teacher": {"name": "t"}, "recipe": {}, "preprocess": {}, "views": {"count": 3}, "dataset": {"name": "d"}}

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mmkd.train.loader import PlanSpec, check_plan, epoch_plan, num_batches, plan_batches
 
+from mmkd.train.loader import PlanSpec, check_plan, epoch_plan, num_batches, plan_batches
 from mmkd_core.errors import MmkdError
 
 plans = st.builds(

@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from conftest import save_tiny_bert
+
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
 from mmkd.train.config import TrainConfig

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import WORDS, save_tiny_bert
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
 from mmkd.train.config import TrainConfig
 from mmkd.train.loop import train
-from safetensors.torch import load_file
-from typer.testing import CliRunner
-
 from mmkd_core.errors import MmkdError
 
 TINY_STUDENT = {"num_heads": 2}
@@ -205,7 +205,6 @@ def test_embedded_default_path_multimodal(tmp_path, minilm):
 
 def test_memory_bank_holds_store_targets(text_store):
     from mmkd.train.loop import memory_bank
-
     from mmkd_core.store import open_store
 
     reader = open_store(text_store)

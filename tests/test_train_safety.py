@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import WORDS, save_tiny_bert
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
 from mmkd.train.checkpoint import KEEP, latest_checkpoint, load_checkpoint, save_checkpoint
 from mmkd.train.cli import app
 from mmkd.train.config import TrainConfig
 from mmkd.train.loop import _param_groups, train
-from safetensors.torch import load_file
-from typer.testing import CliRunner
-
 from mmkd_core.errors import MmkdError
 
 

@@ -5,11 +5,11 @@ import numpy as np
 import PIL
 import pytest
 import zarr
+
 from mmkd.data import create_dataset
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
 from mmkd.train.verify_views import verify_views
-
 from mmkd_core import views
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import open_store

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from mmkd.data import create_dataset
 
+from mmkd.data import create_dataset
 from mmkd_core.errors import MmkdError
 from mmkd_core.registry import Registry
 from mmkd_core.students import create_student

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from mmkd.evaluate import check_run_task
-
 from mmkd_core.errors import MmkdError
 
 STUDENT_KINDS = ("auto", "text", "vit", "beit", "multimodal")

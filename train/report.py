@@ -8,9 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mmkd.evaluate import default_run_tasks, evaluate_run
 from rich.table import Table
 
+from mmkd.evaluate import default_run_tasks, evaluate_run
 from mmkd_core.progress import console
 from mmkd_core.store import open_store
 
