@@ -34,12 +34,15 @@ def default_run_tasks(student_kind: str, store_attrs: dict[str, Any]) -> list[st
     return ["retrieval"] if student_kind == "multimodal" and store_attrs["dataset"]["name"] == "shapes" else []
 
 
-def evaluate_run(run_dir: str | Path, store_attrs: dict[str, Any], tasks: list[str]) -> dict[str, float]:
+def evaluate_run(
+    run_dir: str | Path, store_attrs: dict[str, Any], tasks: list[str], show_progress: bool = False
+) -> dict[str, float]:
     """Score the run's exported student. Tasks: ``retrieval`` (held-out shapes scenes with two objects each,
     drawn as the store's scenes were), ``mrpc:PATH`` / ``qqp:PATH`` (zero-shot paraphrase retrieval)."""
     for task in tasks:
         check_run_task(task)
     encoder = load_encoder(str(run_dir))
+    encoder.show_progress = show_progress
     results: dict[str, float] = {}
     for task in tasks:
         name, _, root = task.partition(":")

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmkd.evaluate import default_run_tasks
 from mmkd_core.errors import MmkdError
 from mmkd_core.losses import build_loss
 from mmkd_core.progress import progress_bar
@@ -272,10 +274,19 @@ def _record(run: Run) -> None:
     """Write the run's resolved configuration: what --resume continues and what reproduces the run."""
     cfg = run.cfg
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    # what ran, in full: the loss and evaluation the defaults chose, paths that work from any folder
+    recorded = {
+        **cfg.to_json(),
+        "loss": cfg.loss or DEFAULT_LOSS[run.built.kind],
+        "eval": cfg.eval or default_run_tasks(run.built.kind, run.reader.attrs),
+        "targets": str(Path(cfg.targets).resolve()),
+        "run_dir": str(cfg.run_dir.resolve()),
+    }
     (cfg.run_dir / "config.json").write_text(
         json.dumps(
             {
-                "train": cfg.to_json(),
+                "argv": sys.argv,
+                "train": recorded,
                 "student": {"kind": run.built.kind, **run.built.student.describe()},
                 "loss": run.loss_fn.weights,
                 "loss_options": run.loss_fn.options,
@@ -335,7 +346,7 @@ def _rng_states(run: Run) -> list[dict[str, Any]]:
 def _loop(run: Run, online_teacher, in_memory: bool) -> list[float]:
     cfg, built = run.cfg, run.built
     metrics = open(cfg.run_dir / "metrics.jsonl", "a") if run.rank == 0 else None
-    tb = _tensorboard(cfg.run_dir) if run.rank == 0 else None
+    tb = tensorboard_writer(cfg.run_dir) if run.rank == 0 else None
     autocast = (
         torch.autocast(torch.device(run.device).type, dtype=torch.bfloat16)
         if cfg.autocast == "bfloat16"
@@ -440,10 +451,18 @@ def _checkpoint(run: Run) -> None:
         )
 
 
-def _tensorboard(run_dir: Path):
+_tb_warned: list[bool] = []
+
+
+def tensorboard_writer(run_dir: Path):
+    """A SummaryWriter into ``run_dir/tb``, or None (once, a warning) when tensorboard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional; metrics.jsonl always has the numbers
-        log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+        if not _tb_warned:
+            _tb_warned.append(True)
+            log.warning(
+                "tensorboard is not installed (pip install 'mmkd[tensorboard]'): metrics go to metrics.jsonl only"
+            )
         return None
     return SummaryWriter(str(run_dir / "tb"))

@@ -15,7 +15,7 @@ from mmkd_core.progress import console
 from mmkd_core.store import open_store
 
 from .config import TrainConfig
-from .loop import TrainResult
+from .loop import TrainResult, tensorboard_writer
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,12 @@ def plot_curves(run_dir: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
+    lr = [(r["step"], r["lr"]) for r in rows if "lr" in r]
+    if lr:  # the schedule beside the loss: warmup and decay explain most of a curve's shape
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lr, strict=True), color="grey", linestyle="--", label="lr")
+        ax2.set_ylabel("learning rate")
+        ax2.legend(loc="upper center")
     ax.legend()
     ax.set_title(run_dir.name)
     fig.tight_layout()
@@ -68,9 +74,14 @@ def final_report(cfg: TrainConfig, result: TrainResult) -> dict[str, Any]:
     attrs = open_store(cfg.targets).attrs
     kind = json.loads((result.run_dir / "config.json").read_text())["student"]["kind"]
     tasks = cfg.eval or default_run_tasks(kind, attrs)
-    results = evaluate_run(result.run_dir, attrs, tasks) if tasks else {}
+    results = evaluate_run(result.run_dir, attrs, tasks, show_progress=cfg.progress) if tasks else {}
     if results:
         (result.run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+        tb = tensorboard_writer(result.run_dir)
+        if tb is not None:
+            for k, v in results.items():
+                tb.add_scalar(f"eval/{k}", v, result.steps)
+            tb.close()
         plot_results(results, result.run_dir / "eval.png")
         table = Table(title="evaluation" + (" (1,000 held-out two-object scenes)" if "retrieval" in tasks else ""))
         table.add_column("metric")
