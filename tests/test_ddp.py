@@ -173,7 +173,8 @@ def test_store_smaller_than_ranks_times_chunk_with_nproc_from_a_users_folder(tmp
     )
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert cfg["steps_per_epoch"] == 3 and cfg["steps"] == 9  # 20 samples per rank in batches of 8
+    # 20 samples per rank in full batches of 8 (contrastive losses drop the short one)
+    assert cfg["steps_per_epoch"] == 2 and cfg["steps"] == 6
 
 
 def _weights(run_dir):

@@ -28,6 +28,24 @@ plans = st.builds(
     by_length=st.booleans(),
 )
 
+dropping = st.builds(
+    lambda n, chunk, batch, world, buffer_runs, seed: PlanSpec(
+        num_samples=n,
+        chunk_size=chunk,
+        batch_size=batch,
+        seed=seed,
+        buffer_runs=buffer_runs,
+        world_size=world,
+        drop_last=True,
+    ),
+    n=st.integers(1, 20_000),
+    chunk=st.integers(1, 300),
+    batch=st.integers(1, 256),
+    world=st.integers(1, 8),
+    buffer_runs=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+)
+
 
 def _lengths(n: int) -> np.ndarray:
     return (np.arange(n) * 7919) % 61 + 1
@@ -93,3 +111,21 @@ def test_plans_that_cannot_be_balanced_are_refused():
         check_plan(PlanSpec(num_samples=3, chunk_size=1, batch_size=2, world_size=4))
     with pytest.raises(MmkdError, match="--batch-size 1"):
         check_plan(PlanSpec(num_samples=5, chunk_size=1, batch_size=1, world_size=2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(spec=dropping, epoch=st.integers(0, 50))
+def test_drop_last_gives_full_batches_the_same_count_and_no_sample_twice(spec, epoch):
+    if not _usable(spec):
+        assert num_batches(spec) == 0
+        return
+    seen = []
+    for r in range(spec.world_size):
+        batches = [b for _, bs in epoch_plan(PlanSpec(**{**spec.__dict__, "rank": r}), epoch) for b in bs]
+        assert len(batches) == num_batches(spec) and all(len(b) == spec.batch_size for b in batches)
+        seen.append(np.concatenate(batches))
+    everything = np.concatenate(seen)
+    assert len(np.unique(everything)) == len(everything)
+    # what is left out is less than a batch per buffer and rank, plus one batch for the longer shares
+    buffers = -(-(spec.num_samples // spec.world_size) // spec.buffer_samples)
+    assert spec.num_samples - len(everything) < spec.world_size * (buffers + 1) * spec.batch_size + spec.world_size

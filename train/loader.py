@@ -43,6 +43,8 @@ class PlanSpec:
         by_length: Within each buffer, batch samples of similar length together (then shuffle the batches):
             text batches are padded to their longest sample, so random batches of short and long sentences
             spend most of their compute on padding.
+        drop_last: Yield full batches only (contrastive losses: a short batch has fewer negatives, and its
+            loss shows as a spike every epoch); the few samples left over change with the epoch's order.
     """
 
     num_samples: int
@@ -54,6 +56,7 @@ class PlanSpec:
     rank: int = 0
     world_size: int = 1
     by_length: bool = False
+    drop_last: bool = False
 
     @property
     def buffer_samples(self) -> int:
@@ -72,6 +75,9 @@ def num_batches(spec: PlanSpec) -> int:
     The largest rank share is cut into buffers of ``buffer_samples`` samples and each buffer into batches;
     a share one sample shorter that would come out one batch short splits its largest batch in two.
     """
+    if spec.drop_last:  # full batches only: the smallest share sets the count
+        n, b, k = spec.num_samples // spec.world_size, spec.buffer_samples, spec.batch_size
+        return (n // b) * (b // k) + (n % b) // k
     return _count(-(-spec.num_samples // spec.world_size), spec.buffer_samples, spec.batch_size)
 
 
@@ -83,7 +89,12 @@ def check_plan(spec: PlanSpec) -> None:
     """Refuse plans in which the ranks cannot take the same number of steps with every sample once."""
     if spec.num_samples < spec.world_size:
         raise MmkdError(f"the store has {spec.num_samples} samples, fewer than the {spec.world_size} ranks")
-    if min(spec.batch_size, spec.buffer_samples) == 1 and spec.num_samples % spec.world_size:
+    if spec.drop_last and num_batches(spec) == 0:
+        raise MmkdError(
+            f"--batch-size {spec.batch_size}: no full batch in a share of {spec.num_samples // spec.world_size} "
+            "samples (contrastive losses train on full batches only); use a smaller batch"
+        )
+    if not spec.drop_last and min(spec.batch_size, spec.buffer_samples) == 1 and spec.num_samples % spec.world_size:
         # batches of one sample cannot be split to even out shares that differ by one sample
         raise MmkdError(
             f"--batch-size {spec.batch_size} with {spec.world_size} ranks needs a store size divisible "
@@ -145,10 +156,18 @@ def epoch_plan(
         if spec.by_length:
             idx = idx[np.argsort(lengths[idx], kind="stable")]
         batches = [idx[i : i + spec.batch_size] for i in range(0, len(idx), spec.batch_size)]
+        if spec.drop_last and batches and len(batches[-1]) < spec.batch_size:
+            batches.pop()
         if spec.by_length:
             batches = [batches[j] for j in rng.permutation(len(batches))]
         out.append((runs, batches))
-    if sum(len(bs) for _, bs in out) < num_batches(spec):  # a share one sample short: split its largest batch
+    if spec.drop_last:  # a longer share may hold one full batch more than the count: leave its last out
+        extra = sum(len(bs) for _, bs in out) - num_batches(spec)
+        for _, bs in reversed(out):
+            take = min(extra, len(bs))
+            del bs[len(bs) - take :]
+            extra -= take
+    elif sum(len(bs) for _, bs in out) < num_batches(spec):  # a share one sample short: split its largest batch
         bs = out[-1][1]
         j = int(np.argmax([len(x) for x in bs]))
         half = (len(bs[j]) + 1) // 2

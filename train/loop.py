@@ -34,6 +34,7 @@ from .verify_views import DEFAULT_SAMPLE, verify_views
 
 log = logging.getLogger(__name__)
 
+CONTRASTIVE = {"contrastive_kd", "itc"}
 INPUT_ARRAYS = ("lengths", "input_ids", "view_params", "index")
 
 
@@ -216,6 +217,8 @@ def _setup(cfg: TrainConfig, reader, rank: int, world: int, device: str) -> Run:
         rank=rank,
         world_size=world,
         by_length=built.kind == "text",
+        # a contrastive loss on a short batch has fewer negatives: it shows as a spike every epoch
+        drop_last=bool(CONTRASTIVE & set(loss_fn.weights)),
     )
     check_plan(plan)
     per_epoch = num_batches(plan)  # the same in every epoch and on every rank: DDP ranks step together
