@@ -25,6 +25,10 @@ from .errors import MmkdError
 
 DTYPES = ("float16", "float32", "bfloat16", "int8")
 
+# How a bfloat16 store's uint16 arrays decode (recorded in stores, on the arrays and in ``storage``):
+# the stored 16 bits are the upper half of a float32. ``decode_float`` evaluates exactly this.
+BFLOAT16_RULE = "float32 bits = uint16 << 16"
+
 INT8_RULE = (
     "for A in (tokens, pooled): x = A * A_scale[..., None] / 127; then x[..., A_outlier_idx[..., k]] = "
     "A_outlier_val[..., k] for every k (per-vector absmax over the non-outlier channels; the K "
@@ -60,7 +64,7 @@ def encode_float(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def decode_float(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored array -> float32."""
+    """Stored array -> float32 (bfloat16: literally ``BFLOAT16_RULE``)."""
     if dtype == "bfloat16":
         return (x.astype(np.uint32) << 16).view(np.float32)
     return x.astype(np.float32, copy=False)

@@ -6,6 +6,12 @@ Layout (the public contract, see DESIGN.md): ``tokens`` (N, V, T, D), ``pooled``
 uint8 — one chunk per shard, so writers of different shards never touch the same file. Group
 attribute ``mmkd`` holds the provenance and ``complete``.
 
+Every array carries zarr v3 ``dimension_names`` (``DIMS``), so the store is ordinary array data:
+``xarray.open_zarr(path, consolidated=False)`` opens it as one Dataset, and ``StoreReader.to_dask`` /
+``to_xarray`` give the same arrays lazily with the targets decoded. Target arrays say in their attributes
+how they decode (bfloat16: ``quant.BFLOAT16_RULE``; int8: the rule in ``mmkd.storage.dequantize``).
+Readers never require ``dimension_names``: stores written before them read as before.
+
 A shard is the unit of work: it is checked whole, written, then marked done. Resume skips done shards.
 
 One writer at a time: ``StoreWriter`` holds the lock file ``<store>.lock`` beside the store directory (see
@@ -14,6 +20,7 @@ One writer at a time: ``StoreWriter`` holds the lock file ``<store>.lock`` besid
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -24,7 +31,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -33,6 +40,9 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from . import quant
 from .errors import MmkdError
 
+if TYPE_CHECKING:
+    import xarray as xr
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -40,6 +50,58 @@ FORMAT_VERSION = 1
 CONFIG_FIELDS = ("format_version", "teacher", "recipe", "preprocess", "views", "dataset", "storage")
 TARGET_CHUNK_BYTES = 4 << 20
 CHUNKS_PER_SHARD = 16
+# keys of ``storage`` that describe the dtype's decoding and were added after format 1 was first written: a
+# store recorded without them is compared (on resume) as if they were absent from the expected record too
+LATER_STORAGE_KEYS = ("decode",)
+
+TARGETS = ("tokens", "pooled")
+# zarr v3 dimension_names of each array. One name per axis length: xarray aligns the arrays of one Dataset
+# by name, so a name means the same length everywhere. pooled's width E may differ from tokens' D, and the
+# int8 outlier count K follows the width, so pooled has its own channel and outlier names.
+DIMS: dict[str, tuple[str, ...]] = {
+    "tokens": ("sample", "view", "time", "channel"),
+    "pooled": ("sample", "view", "pooled_channel"),
+    "lengths": ("sample",),
+    "input_ids": ("sample", "time"),
+    "view_params": ("sample", "view", "param"),
+    "view_checksum": ("sample", "view"),
+    "index": ("sample",),
+    "shards_done": ("shard",),
+}
+OUTLIER_DIMS = {"tokens": "outlier", "pooled": "pooled_outlier"}
+INT8_POINTER = "by the rule in the group attribute mmkd.storage.dequantize, with A = {target}"
+
+
+def dimension_names(name: str) -> tuple[str, ...] | None:
+    """The dimension names the store gives array ``name`` (int8 parts included); None for unknown names."""
+    if name in DIMS:
+        return DIMS[name]
+    for target in TARGETS:
+        dims = DIMS[target]
+        if name == f"{target}_scale":
+            return dims[:-1]
+        if name in (f"{target}_outlier_idx", f"{target}_outlier_val"):
+            return (*dims[:-1], OUTLIER_DIMS[target])
+    return None
+
+
+def array_attrs(dtype: str, name: str) -> dict[str, Any]:
+    """Attributes of array ``name`` in a store of logical ``dtype``: how a target array decodes to float32."""
+    if name in TARGETS:
+        if dtype == "bfloat16":
+            return {"mmkd_logical_dtype": "bfloat16", "decode": quant.BFLOAT16_RULE}
+        if dtype == "int8":
+            return {
+                "mmkd_logical_dtype": "int8",
+                "dequantize": INT8_POINTER.format(target=name),
+                "mmkd_parts": [name + part for part in quant.INT8_PARTS[1:]],
+            }
+        return {"mmkd_logical_dtype": dtype}
+    if dtype == "int8":
+        for target in TARGETS:
+            if name in (target + part for part in quant.INT8_PARTS[1:]):
+                return {"mmkd_part_of": target, "dequantize": INT8_POINTER.format(target=target)}
+    return {}
 
 
 @dataclass
@@ -106,6 +168,8 @@ class Layout:
                 "pooled": quant.outliers_for(self.pooled_dim),
             }
             out["dequantize"] = quant.INT8_RULE
+        if self.dtype == "bfloat16":
+            out["decode"] = quant.BFLOAT16_RULE
         return out
 
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -155,6 +219,14 @@ def config_diff(stored: dict[str, Any], expected: dict[str, Any], prefix: str = 
         elif _norm(a) != _norm(b):
             return name
     return None
+
+
+def _as_recorded(full: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
+    """``full`` without the LATER_STORAGE_KEYS that ``stored`` was written without (an older store resumes)."""
+    st, sst = full.get("storage"), stored.get("storage")
+    if not isinstance(st, dict) or not isinstance(sst, dict):
+        return full
+    return {**full, "storage": {k: v for k, v in st.items() if k in sst or k not in LATER_STORAGE_KEYS}}
 
 
 def _norm(v: Any) -> Any:
@@ -464,7 +536,7 @@ class StoreWriter:
                 # an empty directory: nothing to lose, the store is created in it
             else:
                 stored = {k: existing.get(k) for k in CONFIG_FIELDS}
-                diff = config_diff(stored, full)
+                diff = config_diff(stored, _as_recorded(full, stored))
                 if diff is None and not overwrite:
                     log.info("resuming %s", path)
                     return zarr.open_group(str(path), mode="r+")
@@ -481,10 +553,24 @@ class StoreWriter:
             chunks = (layout.chunk_size, *shape[1:])
             shards = (layout.shard_size, *shape[1:])
             group.create_array(
-                name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, compressors=_codecs(dtype), fill_value=0
+                name,
+                shape=shape,
+                dtype=dtype,
+                chunks=chunks,
+                shards=shards,
+                compressors=_codecs(dtype),
+                fill_value=0,
+                dimension_names=dimension_names(name),
+                attributes=array_attrs(layout.dtype, name),
             )
         group.create_array(
-            "shards_done", shape=(layout.num_shards,), dtype="uint8", chunks=(1,), fill_value=0, compressors=None
+            "shards_done",
+            shape=(layout.num_shards,),
+            dtype="uint8",
+            chunks=(1,),
+            fill_value=0,
+            compressors=None,
+            dimension_names=DIMS["shards_done"],
         )
         return group
 
@@ -660,6 +746,144 @@ class StoreReader:
     def nbytes_stored(self) -> int:
         """Bytes on disk."""
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def array_names(self) -> list[str]:
+        """The store's arrays, in the order of the format's table (then any others, sorted)."""
+        present = sorted(self.group.array_keys())
+        table = [t + part for t in TARGETS for part in quant.INT8_PARTS] + [n for n in DIMS if n not in TARGETS]
+        order = [n for n in table if n in present]
+        return order + [n for n in present if n not in order]
+
+    def dims(self, name: str) -> tuple[str, ...]:
+        """Dimension names of array ``name``: as stored, else the format's (stores written before they were)."""
+        arr = self.group[name]
+        stored = getattr(arr.metadata, "dimension_names", None)
+        if stored and all(stored) and len(stored) == arr.ndim:
+            return tuple(stored)
+        known = dimension_names(name)
+        if known is not None and len(known) == arr.ndim:
+            return known
+        return tuple(f"{name}_dim_{i}" for i in range(arr.ndim))
+
+    def _encoded_parts(self) -> set[str]:
+        if self.storage["dtype"] != "int8":
+            return set()
+        return {t + p for t in TARGETS if t in self.group for p in quant.INT8_PARTS[1:]}
+
+    def to_dask(self) -> dict[str, Any]:
+        """Every array of the store as a lazy dask array chunked as the store is (samples per chunk along the
+        sample axis, whole along the others). ``tokens``/``pooled`` are the float32 targets, decoded lazily
+        chunk by chunk exactly as ``read`` decodes them; int8's scale and outlier arrays are consumed by that
+        and not listed. Nothing is read until computed; the arrays pickle to dask workers."""
+        import dask.array as da
+        from dask.base import tokenize
+
+        g = self.group
+        # dask keys name the data: a store rewritten in place (new zarr.json) or grown by shards gets new keys
+        done = g["shards_done"][:].tobytes() if "shards_done" in g else b""
+        stamp = (str(self.path.resolve()), (self.path / "zarr.json").stat().st_mtime_ns, done)
+        raw: dict[str, Any] = {}
+        for name in self.array_names():
+            arr = g[name]
+            source = _ZarrSource(self.path, name, arr.shape, arr.dtype)
+            key = f"mmkd-{name}-" + tokenize(stamp, name, arr.shape, str(arr.dtype), arr.chunks)
+            meta = np.empty((0,) * arr.ndim, arr.dtype)
+            raw[name] = da.from_array(source, chunks=arr.chunks, name=key, asarray=True, fancy=False, meta=meta)
+        parts = self._encoded_parts()
+        out: dict[str, Any] = {}
+        for name, x in raw.items():
+            if name in parts:
+                continue
+            out[name] = self._dask_target(name, raw) if name in TARGETS else x
+        return out
+
+    def _dask_target(self, name: str, raw: dict[str, Any]) -> Any:
+        import dask.array as da
+
+        dtype = self.storage["dtype"]
+        q = raw[name]
+        meta = np.empty((0,) * q.ndim, np.float32)
+        if dtype != "int8":
+            return q.map_blocks(functools.partial(quant.decode_float, dtype=dtype), dtype=np.float32, meta=meta)
+        ix = "abcdefghij"[: q.ndim]
+        scale, idx, val = (raw[name + p] for p in quant.INT8_PARTS[1:])
+        return da.blockwise(
+            quant.decode_int8,
+            ix,
+            q,
+            ix,
+            scale,
+            ix[:-1],
+            idx,
+            ix[:-1] + "k",
+            val,
+            ix[:-1] + "k",
+            dtype=np.float32,
+            concatenate=True,
+            meta=meta,
+        )
+
+    def to_xarray(self) -> xr.Dataset:
+        """The store as a lazy ``xarray.Dataset``: the arrays of ``to_dask`` (targets decoded to float32) on the
+        store's dimension names, the provenance in ``attrs["mmkd"]``. Needs ``pip install 'mmkd[xarray]'``."""
+        try:
+            import xarray as xr
+        except ImportError:
+            raise MmkdError(
+                "StoreReader.to_xarray needs xarray, which is not installed: pip install 'mmkd[xarray]'"
+            ) from None
+        variables = {}
+        for name, x in self.to_dask().items():
+            if name in TARGETS:
+                attrs = {"mmkd_logical_dtype": self.storage["dtype"], "mmkd_decoded": "float32, as StoreReader.read"}
+            else:
+                attrs = dict(self.group[name].attrs)
+            variables[name] = (self.dims(name), x, attrs)
+        return xr.Dataset(variables, attrs={"mmkd": json.loads(json.dumps(self.attrs))})
+
+    def __repr__(self) -> str:
+        try:
+            samples, views = len(self), self.views
+            head = f"{samples} sample{'s' * (samples != 1)}, {views} view{'s' * (views != 1)}, {self.storage['dtype']}"
+            if self.storage["dtype"] != quant.storage_dtype(self.storage["dtype"]):
+                head += f" (stored as {quant.storage_dtype(self.storage['dtype'])})"
+            if self.complete:
+                head += ", complete"
+            else:
+                done = self.group["shards_done"][:] if "shards_done" in self.group else None
+                head += ", incomplete" + (f" ({int(done.sum())}/{done.size} shards done)" if done is not None else "")
+            teacher = (self.attrs.get("teacher") or {}).get("name")
+            dataset = self.attrs.get("dataset") or {}
+            source = ", ".join(
+                f"{k} {v}" for k, v in (("teacher", teacher), ("dataset", dataset.get("name"))) if v is not None
+            )
+            names = self.array_names()
+            width = max((len(name) for name in names), default=0)
+            rows = [
+                f"  {name:<{width}}  {self.group[name].shape} {self.group[name].dtype}  ({', '.join(self.dims(name))})"
+                for name in names
+            ]
+        except Exception as e:  # noqa: BLE001 — a repr never raises
+            return f"<StoreReader {self.path}: unreadable ({type(e).__name__}: {e})>"
+        lines = [f"<StoreReader {self.path}: {head}" + (f"; {source}" if source else "")]
+        return "\n".join([*lines, *rows]) + ">"
+
+
+class _ZarrSource:
+    """One array of a store, opened on first read: what dask reads from, picklable to workers."""
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.name, self.shape, self.dtype = path, name, tuple(shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self._array: zarr.Array | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}
+
+    def __getitem__(self, key) -> np.ndarray:
+        if self._array is None:
+            self._array = zarr.open_group(str(self.path), mode="r")[self.name]
+        return self._array[key]
 
 
 def open_store(path: str | Path) -> StoreReader:
