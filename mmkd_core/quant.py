@@ -57,9 +57,10 @@ def encode_float(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float16":
         return x.astype(np.float16)
     if dtype == "bfloat16":
-        bits = x.view(np.uint32)
-        rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-        return ((bits + rounding) >> 16).astype(np.uint16)
+        # torch's own cast: round to nearest even, and a NaN stays a NaN (a hand-written shift made it -0.0)
+        import torch
+
+        return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     raise MmkdError(f"dtype {dtype!r} is not a float encoding")
 
 

@@ -211,3 +211,22 @@ def test_versions_record_the_libraries_that_decide_inputs():
     v = library_versions()
     for name in ("tokenizers", "safetensors", "huggingface_hub", "torchvision", "transformers", "torch", "zarr"):
         assert v[name] == metadata.version(name), name
+
+
+def test_bfloat16_encoding_is_torchs_cast_and_keeps_nan():
+    import torch
+
+    from mmkd_core.quant import decode_float, encode_float
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [
+            rng.normal(size=4096).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 4096),
+            np.array([0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, np.inf, -np.inf], np.float32),
+        ]
+    )
+    bits = encode_float(x, "bfloat16")
+    expected = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(decode_float(bits, "bfloat16"), expected)
+    assert decode_float(bits[-4:-2], "bfloat16").tolist() == [1.0, 1.0 + 2**-6]  # ties round to even
+    assert np.isnan(decode_float(encode_float(np.array([np.nan], np.float32), "bfloat16"), "bfloat16")).all()
