@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from mmkd_core.errors import MmkdError
 from mmkd_core.progress import progress_bar
 from mmkd_core.students import Student, load_student
-from mmkd_core.students.export import META_FILE
+from mmkd_core.students.export import META_FILE, StudentTokenizer, saved_image_preprocess, saved_max_length
 from mmkd_core.targets import masked_mean
 from mmkd_core.teachers import TEACHERS, ImagePreprocess, Teacher, create_teacher
 from mmkd_core.views import ViewSpec, eval_params, render, view_spec
@@ -196,8 +196,10 @@ class StudentEncoder(Encoder):
         self.modalities = frozenset({"text", "image"} if kind == "multimodal" else {kind})
         self.tokenizer = tokenizer
         if "text" in self.modalities and tokenizer is not None:
-            limits = [student.config.max_position, getattr(tokenizer, "model_max_length", None)]
-            self.max_length = min(int(n) for n in limits if n)
+            # the length the export records (sentence-transformers reads the same number), so the texts the
+            # student sees here are those SentenceTransformer(directory) and load_multimodal feed it
+            self._tokenize_fn = StudentTokenizer(tokenizer, saved_max_length(directory, student, tokenizer))
+            self.max_length = self._tokenize_fn.max_length
         if "image" in self.modalities:
             self.image_spec = view_spec(preprocess)
 
@@ -208,8 +210,7 @@ class StudentEncoder(Encoder):
                 f"{self.directory}: no tokenizer saved beside the student (save_student(..., "
                 "tokenizer=...)); pass the teacher's tokenizer directory with --tokenizer"
             )
-        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+        return self._tokenize_fn(texts)
 
     def _embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if hasattr(self.student, "encode_text"):
@@ -285,14 +286,13 @@ def student_preprocess(student: Student, directory: Path) -> ImagePreprocess | N
             crop_pct=float(cfg.get("crop_pct", default.crop_pct)),
             crop_mode=cfg.get("crop_mode", default.crop_mode),
         )
-    meta = json.loads((directory / "mmkd_student.json").read_text())
-    if "preprocess" not in meta:
+    preprocess = saved_image_preprocess(directory)
+    if preprocess is None:
         raise MmkdError(
             f"{directory}: the saved student records no image preprocessing; pass --preprocess "
             "size=...,mean=...,std=..."
         )
-    p = meta["preprocess"]
-    return ImagePreprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
+    return preprocess
 
 
 def _student_dir(path: Path) -> tuple[Path, Path | None] | None:

@@ -339,8 +339,12 @@ def test_image_export_loads_with_timm(tmp_path, kind):
 
     plain.load_state_dict(load_file(tmp_path / "model.safetensors"))
     torch.testing.assert_close(plain.forward_features(x), ours.last_hidden_state, atol=1e-5, rtol=0)
+    # the classifier head is the pooled projection: timm's forward is the student's embedding
+    torch.testing.assert_close(plain(x), ours.pooled, atol=1e-5, rtol=0)
+    torch.testing.assert_close(timm_model(x), ours.pooled, atol=1e-5, rtol=0)
     again = load_student(tmp_path)(pixel_values=x)
     torch.testing.assert_close(again.tokens, ours.tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again.pooled, ours.pooled, atol=1e-5, rtol=0)
 
 
 def test_multimodal_save_and_load(tmp_path):

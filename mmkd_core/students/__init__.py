@@ -2,6 +2,12 @@
 
 ``create_student(name, **config)`` is the one entry point; ``list_students()`` names what it knows. Every
 student's ``forward(pixel_values=None, input_ids=None, attention_mask=None)`` returns a StudentOutput.
+
+Saved students (``save_student``) load in their own ecosystem: a text student with
+``SentenceTransformer(DIR)`` (or ``AutoModel`` for the encoder), a vit/beit student with
+``timm.create_model("local-dir:DIR", pretrained=True)``, a multimodal student with
+``load_multimodal(DIR) -> (model, image_transform, tokenizer)``; ``load_student(DIR)`` rebuilds any of them
+with all its prediction heads.
 """
 
 from __future__ import annotations
@@ -10,7 +16,16 @@ from typing import Any
 
 from . import multimodal, text, vision  # noqa: F401  (register the students)
 from .base import STUDENTS, HeadConfig, PredictionHeads, Student, StudentOutput
-from .export import load_exported_vit, load_student, save_student, save_text_student, save_vit_student
+from .export import (
+    ImageTransform,
+    StudentTokenizer,
+    load_exported_vit,
+    load_multimodal,
+    load_student,
+    save_student,
+    save_text_student,
+    save_vit_student,
+)
 from .multimodal import MultimodalStudent, MultimodalStudentConfig
 from .text import TextStudent, TextStudentConfig
 from .vision import BeitStudent, BeitStudentConfig, TimmStudent, VitStudent, VitStudentConfig
@@ -20,11 +35,13 @@ __all__ = [
     "BeitStudent",
     "BeitStudentConfig",
     "HeadConfig",
+    "ImageTransform",
     "MultimodalStudent",
     "MultimodalStudentConfig",
     "PredictionHeads",
     "Student",
     "StudentOutput",
+    "StudentTokenizer",
     "TextStudent",
     "TextStudentConfig",
     "TimmStudent",
@@ -33,6 +50,7 @@ __all__ = [
     "create_student",
     "list_students",
     "load_exported_vit",
+    "load_multimodal",
     "load_student",
     "save_student",
     "save_text_student",

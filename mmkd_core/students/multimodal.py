@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MmkdError
@@ -240,13 +241,28 @@ class MultimodalStudent(Student):
         text = self.forward_text(input_ids, attention_mask) if input_ids is not None else None
         return dataclasses.replace(image or text, image=image, text=text)
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, pooled_dim) image embeddings, not normalised."""
-        return self.forward_image(pixel_values).pooled
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(B, pooled_dim) image embeddings (the pooled prediction, in the teacher's space).
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, pooled_dim) text embeddings, not normalised."""
-        return self.forward_text(input_ids, attention_mask).pooled
+        Args:
+            pixel_values: (B, C, H, W), preprocessed as ``load_multimodal``'s image transform does.
+            normalize: L2-normalise each row (what ``mmkd-eval`` compares by cosine similarity).
+        """
+        emb = self.forward_image(pixel_values).pooled
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = False
+    ) -> torch.Tensor:
+        """(B, pooled_dim) text embeddings (the pooled prediction, in the teacher's space).
+
+        Args:
+            input_ids: (B, T) right-padded token ids, as ``load_multimodal``'s tokenizer returns them.
+            attention_mask: (B, T), 1 at real tokens; None = no padding.
+            normalize: L2-normalise each row (what ``mmkd-eval`` compares by cosine similarity).
+        """
+        emb = self.forward_text(input_ids, attention_mask).pooled
+        return F.normalize(emb, dim=-1) if normalize else emb
 
 
 def _init_weights(m: nn.Module) -> None:
