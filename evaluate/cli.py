@@ -5,21 +5,53 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from mmkd_core.cli_utils import guarded, parse_options, setup_logging
+from mmkd.data import DATASETS
+from mmkd_core.cli_utils import Command, choice, choices, did_you_mean, guarded, parse_options, setup_logging
+from mmkd_core.errors import MmkdError
 from mmkd_core.progress import console
+from mmkd_core.teachers import TEACHERS
 
 from .tasks import TASKS, EvalConfig, EvalReport, finite_or_none, run_evaluation
 
+# the registries' names as the options' choices: --help, completion and errors list the same names
+Task = choices(TASKS)
+Dataset = choices(DATASETS.names())
+Teacher = choices(TEACHERS.names())
+
+EXAMPLES = """Examples:
+
+  mmkd-eval --model minilm-l6 --task paraphrase --dataset mrpc --data-root glue/MRPC --json
+  mmkd-eval --model runs/wordnet --task paraphrase --dataset mrpc --data-root glue/MRPC
+  mmkd-eval --model runs/minilm-l6-shapes-train --task image-text --dataset shapes --dataset-option count=1000
+  mmkd-eval --model runs/fmnist --task zero-shot --dataset fashion-mnist --split test
+  mmkd-eval --model runs/wordnet --task bias --teacher minilm-l6"""
+
 app = typer.Typer(
-    add_completion=False,
     help="Evaluate a teacher or a trained student: paraphrase retrieval, "
     "image-text retrieval, zero-shot classification, linear probe, bias probe.",
 )
+
+
+def _model(option: str) -> Callable[[str], str]:
+    """A parser for an option that names a teacher or a directory: a near miss of a teacher's name that is
+    no path is refused here, naming the teacher meant."""
+
+    def parse(value: str) -> str:
+        if value in TEACHERS or Path(value).expanduser().exists():
+            return value
+        names = TEACHERS.names()
+        raise MmkdError(
+            f"{option} {value!r}: not a registered teacher{did_you_mean(value, names)} ({', '.join(names)}) "
+            "and no such directory"
+        )
+
+    return parse
 
 
 def _items(values: list[str] | None) -> list[str] | None:
@@ -44,20 +76,29 @@ def _table(report: EvalReport, title: str) -> Table:
     return table
 
 
-@app.command()
+@app.command(cls=Command, epilog=EXAMPLES)
 @guarded
 def main_command(
-    model: str = typer.Option(
+    model: Teacher = typer.Option(
         ...,
-        help="Teacher name (minilm-l6, bert, clip, beitv2, ...), a training run "
-        "directory (with student/) or a saved student directory.",
+        parser=_model("--model"),
+        metavar="NAME|DIR",
+        help=f"Teacher name ({', '.join(TEACHERS.names())}), a training run directory (with student/) or a "
+        "saved student directory.",
     ),
     weights: str = typer.Option(None, help="Teacher checkpoint file or directory."),
-    task: list[str] = typer.Option(
-        None, help=f"Task(s), repeatable or comma list: {', '.join(TASKS)} (default: by what the model embeds)."
+    task: list[Task] = typer.Option(
+        None,
+        parser=choice("--task", "task", TASKS, comma=True),
+        metavar="TASK",
+        help=f"Task(s), repeatable or comma list: {', '.join(TASKS)} (default: by what the model embeds).",
     ),
-    dataset: list[str] = typer.Option(
-        None, help="Dataset(s), repeatable or comma list (default: mrpc for paraphrase, shapes otherwise)."
+    dataset: list[Dataset] = typer.Option(
+        None,
+        parser=choice("--dataset", "dataset", DATASETS, comma=True),
+        metavar="NAME",
+        help=f"Dataset(s), repeatable or comma list: {', '.join(DATASETS.names())} (default: mrpc for "
+        "paraphrase, shapes otherwise).",
     ),
     data_root: list[str] = typer.Option(
         None, help="Data file or directory: one for all datasets, or one per dataset in order."
@@ -71,7 +112,12 @@ def main_command(
     train_split: str = typer.Option("train", help="Split the linear probe is fitted on."),
     limit: int = typer.Option(None, help="Use at most N pairs / images / samples per split."),
     batch_size: int = typer.Option(64, help="Inputs per forward pass."),
-    teacher: str = typer.Option(None, help="Reference model of the bias probe (teacher name or directory)."),
+    teacher: Teacher = typer.Option(
+        None,
+        parser=_model("--teacher"),
+        metavar="NAME|DIR",
+        help="Reference model of the bias probe (teacher name or directory).",
+    ),
     teacher_weights: str = typer.Option(None, help="Checkpoint of --teacher."),
     template: list[str] = typer.Option(None, help="Zero-shot prompt template with {} (repeatable)."),
     dataset_option: list[str] = typer.Option(None, help="Dataset option KEY=VALUE, e.g. count=1000 (repeatable)."),

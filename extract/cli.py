@@ -3,16 +3,44 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 
-from mmkd_core.cli_utils import guarded, parse_options, setup_logging
+from mmkd.data import DATASETS
+from mmkd_core.cli_utils import Command, choice, choices, config_option, guarded, parse_options, setup_logging
 from mmkd_core.progress import console
+from mmkd_core.quant import DTYPES
+from mmkd_core.targets import POOLS
+from mmkd_core.teachers import TEACHERS  # registers the teachers (imports torch: about 1.5 s of --help)
 
-from .config import ExtractConfig
+from .config import AUTOCAST, ExtractConfig
 
-app = typer.Typer(add_completion=False, help="Run a frozen teacher once over a dataset and store its targets.")
+# the registries' names as the options' choices: --help, completion and errors list the same names
+Teacher = choices(TEACHERS.names())
+Dataset = choices(DATASETS.names())
+Pool = choices(POOLS)
+Dtype = choices(DTYPES)
+Autocast = choices(AUTOCAST)
+
+EXAMPLES = """Examples:
+
+  mmkd-extract                                    # minilm-l6 over 10,000 shapes captions
+  mmkd-extract --teacher minilm-l6 --dataset text --data-root sentences.txt --dtype int8
+  mmkd-extract --teacher beitv2 --weights beitv2_base_patch16_224_pt1k.pth \\
+               --dataset imagenet --data-root /data/imagenet --views 4 --workers 2
+  mmkd-extract --config extract.yaml --limit 1000  # options from a file; the command line overrides it
+
+Run an interrupted command again to continue where it stopped."""
+
+app = typer.Typer(help="Run a frozen teacher once over a dataset and store its targets.")
+
+
+def _from_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """ExtractConfig's field names in a config file read as the options they come from."""
+    names = {"teacher_options": "teacher_option", "dataset_options": "dataset_option"}
+    return {names.get(str(k).replace("-", "_"), k): v for k, v in data.items()}
 
 
 def _human(n: float) -> str:
@@ -23,35 +51,57 @@ def _human(n: float) -> str:
     return str(n)
 
 
-@app.command()
+@app.command(cls=Command, epilog=EXAMPLES)
 @guarded
 def main_command(
-    teacher: str = typer.Option(
-        "minilm-l6", help="Teacher: beitv2, data2vec-vision, data2vec-text, bert, minilm-l6, clip."
+    config: Path = config_option(_from_fields),
+    teacher: Teacher = typer.Option(
+        "minilm-l6",
+        parser=choice("--teacher", "teacher", TEACHERS),
+        metavar="NAME",
+        help=f"Teacher: {', '.join(TEACHERS.names())} (clip: --teacher-option tower=vision or tower=text).",
     ),
-    weights: str = typer.Option(None, help="Checkpoint file or directory (default: the teacher's own source)."),
-    dataset: str = typer.Option(
+    weights: str = typer.Option(
+        None,
+        help="Checkpoint file or directory, or a repo id in the local Hugging Face cache (default: the "
+        "teacher's own source).",
+    ),
+    dataset: Dataset = typer.Option(
         "shapes",
-        help="Dataset: shapes, text, mrpc, qqp, imagefolder/imagenet, cifar10, "
-        "cifar100, mnist, fashion-mnist, captions.",
+        parser=choice("--dataset", "dataset", DATASETS),
+        metavar="NAME",
+        help=f"Dataset: {', '.join(DATASETS.names())} (imagenet is imagefolder).",
     ),
     data_root: str = typer.Option(None, help="Dataset file or directory."),
     split: str = typer.Option("train", help="Dataset split."),
     out: Path = typer.Option(None, help="Store path (default: <teacher>-<dataset>-<split>.zarr here)."),
     views: int = typer.Option(1, help="Views per image; view 0 is the eval transform. Text has one."),
     layers: str = typer.Option("all", help="Teacher blocks to average: all, last:K, or indices like 0,5,11."),
-    pool: str = typer.Option(
+    pool: Pool = typer.Option(
         None,
-        help="Pooled target: cls, mean, teacher_cls, teacher_mean, teacher_embed "
-        "(default: teacher_mean for text, teacher_cls for images).",
+        parser=choice("--pool", "pooled target", POOLS),
+        metavar="NAME",
+        help="Pooled target: cls or mean of the targets; teacher_cls or teacher_mean of the raw last block; "
+        "teacher_embed, the model's own output embedding (default: teacher_mean for text, teacher_cls for images).",
     ),
     layer_norm: bool = typer.Option(True, help="Layer-normalise the averaged targets."),
     instance_norm: bool = typer.Option(True, help="Instance-normalise each layer before averaging."),
     pooled_only: bool = typer.Option(False, help="Store only pooled targets."),
-    dtype: str = typer.Option("float16", help="Storage: float16, float32, bfloat16, int8."),
+    dtype: Dtype = typer.Option(
+        "float16",
+        parser=choice("--dtype", "storage dtype", DTYPES),
+        metavar="NAME",
+        help=f"Storage dtype: {', '.join(DTYPES)} (bfloat16: its bits as uint16; int8: a per-token scale, "
+        "outlier channels kept).",
+    ),
     batch_size: int = typer.Option(64, help="Teacher inputs per forward pass (each view counts)."),
     device: str = typer.Option("cpu", help="torch device."),
-    autocast: str = typer.Option("none", help="Teacher compute dtype: none, bfloat16, float16."),
+    autocast: Autocast = typer.Option(
+        "none",
+        parser=choice("--autocast", "compute dtype", AUTOCAST),
+        metavar="NAME",
+        help=f"Teacher compute dtype: {', '.join(AUTOCAST)}.",
+    ),
     limit: int = typer.Option(None, help="Use only the first N samples."),
     overwrite: bool = typer.Option(False, help="Replace an existing store with another configuration."),
     workers: int = typer.Option(0, help="Image decoding processes."),
@@ -93,7 +143,7 @@ def main_command(
         chunk_size=chunk_size,
         shard_size=shard_size,
     )
-    from .run import extract  # imported here: option mistakes are reported before torch and the teachers load
+    from .run import extract  # imported here: --help need not load zarr, dask and the dataset adapters' readers
 
     s = extract(cfg, show_progress=not quiet)
     table = Table(title=f"store {s.path}" + ("" if s.complete else " (incomplete)"), show_header=False)

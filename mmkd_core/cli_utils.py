@@ -1,8 +1,11 @@
-"""Helpers shared by the thin CLIs: option parsing and the one-line error exit."""
+"""Helpers shared by the thin CLIs: option parsing, choices from the registries, ``--config`` files, and the
+one-line error exit."""
 
 from __future__ import annotations
 
 import contextlib
+import difflib
+import enum
 import errno
 import functools
 import json
@@ -11,12 +14,14 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.logging import RichHandler
 from rich.markup import escape
+from typer.core import TyperCommand
 
 from .errors import MmkdError
 from .progress import console
@@ -43,6 +48,144 @@ def parse_options(items: list[str] | None, option: str) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+# ------------------------------------------------------------------------------------ choices and near misses
+
+
+def did_you_mean(value: str, known: Iterable[str]) -> str:
+    """``", did you mean 'stl10'?"`` when ``value`` is a near miss of one of ``known`` (difflib), else ``""``."""
+    close = difflib.get_close_matches(value, list(known), n=1, cutoff=0.6)
+    return f", did you mean {close[0]!r}?" if close else ""
+
+
+def choices(names: Iterable[str]) -> Any:
+    """An enum of ``names``, the annotation of an option that takes one of them (``list[...]`` of it when the
+    option repeats): typer lists them in --help and completes them. Pair it with :func:`choice` as the
+    option's ``parser``, which decides what is accepted (aliases too), words the error and passes the plain
+    string on."""
+    return enum.Enum("Choices", [(n, n) for n in names])
+
+
+def choice(option: str, kind: str, *known: Any, comma: bool = False) -> Callable[[str], str]:
+    """A typer ``parser`` that returns the value unchanged when one of ``known`` holds it, else raises a
+    one-line MmkdError naming the option, the nearest name and the choices.
+
+    Args:
+        option: The option's flag, for the message (``--dataset``).
+        kind: What the names are, for the message (``dataset``).
+        *known: Tuples of names, or registries (``names()`` and ``in``, which also knows the aliases).
+        comma: The value is a comma list (``--task a,b``): each item is checked.
+    """
+
+    def names() -> list[str]:
+        return [n for k in known for n in (k.names() if hasattr(k, "names") else k)]
+
+    def parse(value: str) -> str:
+        for item in value.split(",") if comma else [value]:
+            item = item.strip()
+            if comma and not item:
+                continue
+            if not any(item in k for k in known):
+                all_names = names()
+                raise MmkdError(
+                    f"{option} {item!r}: unknown {kind}{did_you_mean(item, all_names)} (known: {', '.join(all_names)})"
+                )
+        return value
+
+    return parse
+
+
+# ------------------------------------------------------------------------------------------- --config FILE
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON file (``.json``: JSON; otherwise YAML, of which JSON is a subset)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MmkdError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MmkdError(f"--config {path}: cannot be read ({e})") from None
+    if Path(path).suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MmkdError(f"--config {path}: not valid JSON ({e})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:  # pyyaml is a dependency; a broken environment still gets told what to do
+            raise MmkdError(
+                f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), or give a .json file"
+            ) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem else str(e)
+            raise MmkdError(f"--config {path}: not valid YAML ({' '.join(where.split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MmkdError(f"--config {path}: expected a mapping of option names to values, found {type(data).__name__}")
+    return data
+
+
+def config_values(ctx: typer.Context, path: Path, data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config file's mapping as the command's ``default_map``: keys are option names (``batch-size`` or
+    ``batch_size``); a repeatable option takes a list, or a mapping for ``KEY=VALUE`` options."""
+    params = {p.name: p for p in ctx.command.params if p.expose_value and p.name != "config"}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        param = params.get(name)
+        if param is None:
+            raise MmkdError(
+                f"--config {path}: unknown key {key!r}{did_you_mean(name, params)} "
+                f"(keys are {ctx.info_name}'s option names)"
+            )
+        if value is None:  # null: the option's default
+            continue
+        if param.multiple:
+            if isinstance(value, Mapping):  # {"width": 192} -> ["width=192"], as parse_options reads it back
+                value = [f"{k}={json.dumps(v)}" for k, v in value.items()]
+            elif not isinstance(value, list):
+                value = [value]
+            value = [v if isinstance(v, str) else json.dumps(v) for v in value]
+        elif isinstance(value, list | Mapping):
+            raise MmkdError(f"--config {path}: {key!r} takes one value, not {type(value).__name__} {value!r}")
+        out[name] = value
+    return out
+
+
+def config_option(translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Any:
+    """The ``--config FILE`` option: the file's values become the command's defaults, so options given on
+    the command line override them. Eager: it is read before the options it sets.
+
+    Args:
+        translate: Rewrites the file's mapping first (a stage reading its own recorded configuration).
+    """
+
+    def load(ctx: typer.Context, param: Any, value: Path | None) -> Path | None:
+        if value is None or ctx.resilient_parsing:
+            return value
+        data = read_config(value)
+        if translate is not None:
+            data = translate(data)
+        ctx.default_map = {**(ctx.default_map or {}), **config_values(ctx, value, data)}
+        ctx.meta["mmkd.config"] = value
+        return value
+
+    return typer.Option(
+        None,
+        "--config",
+        metavar="FILE",
+        is_eager=True,
+        callback=load,
+        help="YAML or JSON file of option values, keyed by option name (batch_size: 32); options on the "
+        "command line override it.",
+    )
 
 
 def setup_logging(verbose: bool) -> None:
@@ -157,3 +300,30 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise _fail(f"{e.filename}: {e.strerror or e}", 1) from None
 
     return wrapper
+
+
+class Command(TyperCommand):
+    """The stages' command class (``@app.command(cls=Command)``): a flag is shown as ``--x/--no-x`` with no
+    value type beside it, and a mistake found while the command line or its ``--config`` file is read (a
+    bad value, a name no registry knows, an unknown option) ends as one ``error:`` line, exit code 2, like
+    the errors the command raises itself."""
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""  # typer would show <bool> beside --x/--no-x and --help
+        return params
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except MmkdError as e:
+            raise _fail(str(e), 2) from None
+        except typer.TyperException as e:  # click's usage errors (typer carries its own click)
+            message = e.format_message()
+            param, ctx = getattr(e, "param", None), getattr(e, "ctx", None)
+            if param is not None and ctx is not None and "mmkd.config" in ctx.meta:
+                if getattr(ctx.get_parameter_source(param.name), "name", None) == "DEFAULT_MAP":
+                    message += f" (from --config {ctx.meta['mmkd.config']})"
+            raise _fail(f"{message} (see {info_name} --help)", getattr(e, "exit_code", 2)) from None

@@ -5,44 +5,125 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 
-from mmkd_core.cli_utils import guarded, parse_options, setup_logging
+from mmkd.evaluate import RUN_TASKS
+from mmkd_core.cli_utils import (
+    Command,
+    choice,
+    choices,
+    config_option,
+    did_you_mean,
+    guarded,
+    parse_options,
+    read_config,
+    setup_logging,
+)
 from mmkd_core.errors import MmkdError
+from mmkd_core.losses import LOSSES, parse_loss_spec
 from mmkd_core.progress import console
+from mmkd_core.teachers import TEACHERS
 
-from .config import TrainConfig
+from .config import AUTOCAST, STUDENT_KINDS, TrainConfig
 from .loop import train
 from .report import final_report
 
-app = typer.Typer(add_completion=False, help="Train a student from a target store; the teacher is never run.")
+INITS = ("teacher", "random")
+TOKEN_PREDS = ("recipe", "head")
+# the registries' names as the options' choices: --help, completion and errors list the same names
+Student = choices(STUDENT_KINDS)
+Init = choices((*INITS, *TEACHERS.names()))
+TokenPred = choices(TOKEN_PREDS)
+Autocast = choices(AUTOCAST)
+
+EXAMPLES = """Examples:
+
+  mmkd-train --targets minilm-l6-shapes-train.zarr             # the embedded default: a multimodal student
+  mmkd-train --targets wordnet.zarr --depth 3 --loss token_mse=1,pooled_mse=1 --eval mrpc:glue/MRPC
+  mmkd-train --targets imagenet.zarr --student beit --depth 6 --data-root /data/imagenet --workers 2
+  mmkd-train --targets wordnet.zarr --run-dir runs/wordnet --resume   # continue an interrupted run exactly
+  mmkd-train --config runs/wordnet/config.json --run-dir runs/again   # a recorded run, repeated
+  mmkd-train --nproc 2 --targets wordnet.zarr                       # DDP: 2 ranks on this machine"""
+
+app = typer.Typer(help="Train a student from a target store; the teacher is never run.")
 
 
-@app.command()
+def _loss(value: str) -> str:
+    """--loss: every term a registered loss (a near miss is named)."""
+    for name in parse_loss_spec(value):
+        if name not in LOSSES:
+            known = LOSSES.names()
+            raise MmkdError(f"--loss: unknown term {name!r}{did_you_mean(name, known)} (known: {', '.join(known)})")
+    return value
+
+
+def _eval_task(value: str) -> str:
+    """--eval: the task's name checked here, for the near miss; TrainConfig checks the rest (paths)."""
+    name = value.partition(":")[0]
+    if name not in RUN_TASKS:
+        raise MmkdError(
+            f"--eval {value!r}: unknown task{did_you_mean(name, RUN_TASKS)} (choose retrieval, mrpc:PATH or qqp:PATH)"
+        )
+    return value
+
+
+# TrainConfig fields (a recorded run's config.json) that are CLI options of another name
+FROM_FIELDS = {"student_options": "student_option", "loss_options": "loss_option"}
+
+
+def _from_record(data: dict[str, Any]) -> dict[str, Any]:
+    """A config file's keys as options: a recorded run's ``config.json`` gives its ``train`` section (what it
+    was run with, resolved) and its number of ranks; TrainConfig's field names read as their options."""
+    if isinstance(data.get("train"), dict):
+        data = {**data["train"], "nproc": data.get("world_size")}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name == "progress":  # the field behind --quiet
+            out["quiet"] = None if value is None else not value
+        else:
+            out[FROM_FIELDS.get(name, key)] = value
+    return out
+
+
+@app.command(cls=Command, epilog=EXAMPLES)
 @guarded
 def main_command(
     ctx: typer.Context,
+    config: Path = config_option(_from_record),
     targets: Path = typer.Option(..., help="Store written by mmkd-extract."),
-    student: str = typer.Option("auto", help="text, vit, beit, multimodal, or auto (from the store)."),
+    student: Student = typer.Option(
+        "auto",
+        parser=choice("--student", "student kind", STUDENT_KINDS),
+        metavar="NAME",
+        help=f"Student kind: {', '.join(STUDENT_KINDS)} (auto: from the store).",
+    ),
     depth: int = typer.Option(None, help="Student depth (image tower for multimodal); default half the teacher's."),
-    init: str = typer.Option(
+    init: Init = typer.Option(
         None,
-        help="random, teacher (its first blocks), or a teacher name whose checkpoint "
-        "(--init-weights) gives the first blocks. Default: teacher; random for multimodal.",
+        parser=choice("--init", "init", INITS, TEACHERS),
+        metavar="NAME",
+        help="teacher (its first blocks), random, or a teacher name whose checkpoint (--init-weights) gives the "
+        f"first blocks: {', '.join(TEACHERS.names())}. Default: teacher; random for multimodal.",
     ),
     init_weights: str = typer.Option(None, help="Checkpoint for --init <teacher name>."),
     freeze_embeddings: bool = typer.Option(False, help="Freeze token/position embeddings copied from the teacher."),
-    token_pred: str = typer.Option(
+    token_pred: TokenPred = typer.Option(
         "recipe",
-        help="Student token prediction: recipe (own layers through the "
-        "target recipe) or head (linear head on the last layer).",
+        parser=choice("--token-pred", "token prediction", TOKEN_PREDS),
+        metavar="NAME",
+        help="Student token prediction: recipe (own layers through the target recipe) or head (linear head on "
+        "the last layer).",
     ),
     loss: str = typer.Option(
         None,
-        help="Loss terms with weights, e.g. token_mse=1,pooled_mse=1 (default per "
-        "student: text token_mse+pooled_mse, image token_mse, multimodal contrastive_kd+itc).",
+        parser=_loss,
+        metavar="TERM=W,...",
+        help=f"Loss terms with weights, e.g. token_mse=1,pooled_mse=1; terms: {', '.join(LOSSES.names())} "
+        "(default per student: text token_mse+pooled_mse, image token_mse, multimodal contrastive_kd+itc).",
     ),
     loss_option: list[str] = typer.Option(None, help="Loss option KEY=VALUE, e.g. temperature=0.05."),
     bank_size: int = typer.Option(
@@ -56,7 +137,12 @@ def main_command(
     epochs: float = typer.Option(None, help="Passes over the store (default 1; multimodal 12)."),
     steps: int = typer.Option(None, help="Total steps (overrides --epochs)."),
     grad_clip: float = typer.Option(1.0, help="Max gradient norm (0: off)."),
-    autocast: str = typer.Option("none", help="none or bfloat16."),
+    autocast: Autocast = typer.Option(
+        "none",
+        parser=choice("--autocast", "compute dtype", AUTOCAST),
+        metavar="NAME",
+        help=f"Student compute dtype: {', '.join(AUTOCAST)}.",
+    ),
     workers: int = typer.Option(0, help="DataLoader processes."),
     nproc: int = typer.Option(
         1,
@@ -74,12 +160,13 @@ def main_command(
     device: str = typer.Option("cpu", help="torch device."),
     eval: list[str] = typer.Option(
         None,
-        help="Evaluate at the end: retrieval (image-text, held-out), "
-        "mrpc:PATH, qqp:PATH. Default: retrieval for image-caption stores.",
+        parser=_eval_task,
+        metavar="TASK",
+        help="Evaluate at the end: retrieval (image-text, held-out), mrpc:PATH, qqp:PATH (repeatable). "
+        "Default: retrieval for image-caption stores.",
     ),
     verify_views: bool = typer.Option(
         False,
-        "--verify-views",
         help="Re-render every stored view and compare it with its checksum before training (default: a sample of 64).",
     ),
     quiet: bool = typer.Option(False, help="No progress bar."),
@@ -137,26 +224,38 @@ FIELDS = {"student_option": "student_options", "loss_option": "loss_options", "q
 
 
 def _given(ctx: typer.Context) -> set[str]:
-    """TrainConfig fields set on the command line: on --resume each must equal the run's recorded value."""
+    """TrainConfig fields set on the command line or in its --config file (the file fills the command's
+    default map): on --resume each must equal the run's recorded value."""
     # by name: typer may bring its own copy of click, whose ParameterSource is another enum
-    return {FIELDS.get(p, p) for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"}
+    given = ("COMMANDLINE", "DEFAULT_MAP")
+    return {FIELDS.get(p, p) for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", None) in given}
 
 
 def _nproc(argv: list[str]) -> tuple[int, list[str]]:
-    """``--nproc N`` taken out of the arguments: (N, the rest)."""
-    n, rest, i = 1, [], 0
+    """``--nproc N`` taken out of the arguments: (N, the rest). Without it, N comes from the --config file
+    (a recorded run's number of ranks), else 1."""
+    n, rest, i, config = None, [], 0, None
     while i < len(argv):
         a = argv[i]
-        if a == "--nproc" and i + 1 < len(argv):
-            n, i = argv[i + 1], i + 2
+        if a in ("--nproc", "--config") and i + 1 < len(argv):
+            if a == "--nproc":
+                n = argv[i + 1]
+            else:
+                config = argv[i + 1]
+                rest += argv[i : i + 2]
+            i += 2
             continue
         if a.startswith("--nproc="):
             n = a.partition("=")[2]
         else:
             rest.append(a)
+            if a.startswith("--config="):
+                config = a.partition("=")[2]
         i += 1
+    if n is None and config is not None:
+        n = _from_record(read_config(Path(config))).get("nproc")
     try:
-        return int(n), rest
+        return int(1 if n is None else n), rest
     except ValueError:
         raise MmkdError(f"--nproc {n!r}: expected a number of ranks") from None
 
