@@ -20,6 +20,7 @@ _EXPORTS = {
     "create_student": "mmkd_core.students",
     "list_students": "mmkd_core.students",
     "load_student": "mmkd_core.students",
+    "load_multimodal": "mmkd_core.students",
     "save_student": "mmkd_core.students",
     "create_dataset": "mmkd.data",
     "list_datasets": "mmkd.data",

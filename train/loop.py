@@ -165,7 +165,11 @@ def train(cfg: TrainConfig, online_teacher=None, in_memory: bool = False, given:
     if rank == 0:
         run.built.student.eval()
         save_student(
-            run.built.student, cfg.run_dir / "student", tokenizer=run.built.tokenizer, preprocess=run.built.preprocess
+            run.built.student,
+            cfg.run_dir / "student",
+            tokenizer=run.built.tokenizer,
+            preprocess=run.built.preprocess,
+            max_seq_length=(reader.attrs.get("preprocess") or {}).get("max_length"),
         )
     return TrainResult(
         run_dir=cfg.run_dir,
