@@ -397,7 +397,10 @@ def eval_bias(
         try:
             logger.info("bias plot: %s", plot_bias(teacher_table, table, str(path / BIAS_PLOT)))
         except ImportError:
-            logger.warning("bias probe: matplotlib is not installed (pip install 'mmkd[plots]'); no plot written")
+            logger.warning(
+                "bias probe: matplotlib cannot be imported (a dependency of mmkd: pip install matplotlib); "
+                "no plot written"
+            )
     return out
 
 
