@@ -128,20 +128,18 @@ def _build(model_name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
 
 
 def _preprocess(model: torch.nn.Module, model_name: str, hub_cfg: dict[str, Any]) -> ImagePreprocess:
-    import timm
+    """The eval preprocessing timm resolves for the model (a hub directory's own config first); the input
+    size is the model's, which architecture options may have changed."""
+    from timm.data import resolve_data_config
 
-    cfg = dict(hub_cfg)
-    if not cfg:
-        default = timm.models.get_pretrained_cfg(model_name)
-        cfg = default.to_dict() if default is not None else {}
-    base = ImagePreprocess()
+    data = resolve_data_config({}, pretrained_cfg=dict(hub_cfg) or None, model=model)
     return ImagePreprocess(
         size=int(model.patch_embed.img_size[0]),
-        mean=tuple(cfg.get("mean", base.mean)),
-        std=tuple(cfg.get("std", base.std)),
-        interpolation=cfg.get("interpolation", base.interpolation),
-        crop_pct=float(cfg.get("crop_pct", base.crop_pct)),
-        crop_mode=cfg.get("crop_mode", base.crop_mode),
+        mean=tuple(float(v) for v in data["mean"]),
+        std=tuple(float(v) for v in data["std"]),
+        interpolation=data["interpolation"],
+        crop_pct=float(data["crop_pct"]),
+        crop_mode=data["crop_mode"],
     )
 
 
