@@ -102,7 +102,12 @@ def eval_params(width: int, height: int, crop_pct: float, crop_mode: str = "cent
 
 
 def random_params(width: int, height: int, spec: ViewSpec, rng: np.random.Generator) -> np.ndarray:
-    """A random resized crop (torchvision's rule: 10 tries, then a clamped centre crop) and flip."""
+    """A random resized crop (torchvision's rule: 10 tries, then a clamped centre crop) and flip.
+
+    Written out rather than taken from ``torchvision.transforms.RandomResizedCrop.get_params``: that draws
+    from torch's global generator, and a stored view must be drawn from (seed, sample, view) alone so that
+    extraction, resumption and the loader's replay agree whatever else consumed random numbers.
+    """
     area = width * height
     log_ratio = (math.log(spec.ratio[0]), math.log(spec.ratio[1]))
     box = None
