@@ -262,10 +262,10 @@ class StoreLock:
     """An exclusive lock on one store, held by one StoreWriter from ``open`` to ``close``.
 
     The lock file is created atomically (``O_CREAT | O_EXCL``) and holds JSON ``{pid, host, started,
-    token}``. A lock left by a process that died (same host, pid gone) is reported as stale, not taken
-    over: a pid that looks dead may still be a live writer in another pid namespace (a container) or on
-    another machine sharing the file system, and a wrong takeover corrupts shards silently, while deleting a
-    stale lock costs one command.
+    token}``. A lock left by a process that died on this host (a kill -9, a crash) is taken over with a
+    warning that names it, so that re-running the killed command continues it, as the store promises; the
+    takeover renames the stale file first, so two re-runs racing for it cannot both win. A lock from
+    another host, or from a live process, is refused: its pid cannot be judged from here.
     """
 
     def __init__(self, path: Path) -> None:
@@ -281,7 +281,7 @@ class StoreLock:
             "token": secrets.token_hex(8),
         }
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = self._create(store)
         except FileExistsError:
             raise MmkdError(self._held_message(store)) from None
         except OSError as e:
@@ -297,6 +297,39 @@ class StoreLock:
             self.path.unlink(missing_ok=True)
             raise
         self.token = info["token"]
+
+    def _create(self, store: Path) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            return os.open(self.path, flags, 0o644)
+        except FileExistsError:
+            info = self._stale()
+            if info is None:
+                raise
+        aside = self.path.with_name(f"{self.path.name}.stale-{secrets.token_hex(4)}")
+        try:
+            os.rename(self.path, aside)  # atomic: of two racing re-runs only one moves the stale lock
+        except FileNotFoundError:
+            raise FileExistsError(self.path) from None
+        aside.unlink(missing_ok=True)
+        log.warning(
+            "took over the stale lock %s of pid %s (started %s), which is no longer running; %s continues "
+            "from its finished shards",
+            self.path,
+            info["pid"],
+            info.get("started", "?"),
+            store,
+        )
+        return os.open(self.path, flags, 0o644)
+
+    def _stale(self) -> dict[str, Any] | None:
+        """The lock's record if it was left by a process of this host that no longer runs, else None."""
+        try:
+            info = _read_lock(self.path)
+        except FileNotFoundError:
+            return None
+        ok = isinstance(info, dict) and isinstance(info.get("pid"), int) and info.get("host") == socket.gethostname()
+        return info if ok and not _pid_alive(info["pid"]) else None
 
     def release(self) -> None:
         if self.token is None:
