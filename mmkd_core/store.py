@@ -571,8 +571,14 @@ class StoreWriter:
                 stored = {k: existing.get(k) for k in CONFIG_FIELDS}
                 diff = config_diff(stored, _as_recorded(full, stored))
                 if diff is None and not overwrite:
-                    log.info("resuming %s", path)
-                    return zarr.open_group(str(path), mode="r+")
+                    group = zarr.open_group(str(path), mode="r+")
+                    if "shards_done" in group:
+                        log.info("resuming %s", path)
+                        return group
+                    # shards_done is created last: without it the creation was cut short and no work exists
+                    log.warning(
+                        "%s: its creation was interrupted before any shard was written; creating it again", path
+                    )
                 if diff is not None and not overwrite:
                     raise MmkdError(
                         f"{path} holds a store with another configuration ({_describe_diff(stored, full, diff)}); "

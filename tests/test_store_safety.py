@@ -152,6 +152,17 @@ def test_store_whose_creation_was_cut_short_can_be_overwritten(tmp_path):
     assert len(open_store(out)) == 20
 
 
+def test_creation_killed_before_any_shard_is_created_again_by_the_same_command(tmp_path):
+    """kill -9 while the arrays are created: re-running the same command (no --overwrite) must work."""
+    out = tmp_path / "s.zarr"
+    StoreWriter.open(out, layout(), CONFIG, {}).close()
+    for name in ("shards_done", "index"):  # created last: as if the process died before them
+        shutil.rmtree(out / name)
+    with StoreWriter.open(out, layout(), CONFIG, {}) as w:
+        assert w.done_shards() == set() and "index" in w.group
+    assert len(open_store(out)) == 20
+
+
 # ---- 2. one writer at a time ---------------------------------------------------------------------------------
 
 CHILD = textwrap.dedent("""

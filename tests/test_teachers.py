@@ -160,3 +160,21 @@ def test_minilm_matches_sentence_transformers(minilm):
     with torch.inference_mode():
         embed = minilm(**minilm.tokenize(SENTENCES)).embed
     assert torch.nn.functional.cosine_similarity(embed, expected).min() > 0.99999
+
+
+def test_random_teachers_are_seeded_and_named_by_their_weights():
+    """An interrupted --random-weights extraction re-run must meet the same teacher, and a store must never
+    be finished by other random weights under the same record."""
+    import torch
+
+    from mmkd_core.teachers import create_teacher
+
+    tiny = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+    torch.manual_seed(123)
+    a = create_teacher("data2vec-vision", random_init=True, num_hidden_layers=2, **tiny)
+    torch.manual_seed(456)
+    b = create_teacher("data2vec-vision", random_init=True, num_hidden_layers=2, **tiny)
+    assert a.weights_sha256 == b.weights_sha256 and a.weights_sha256.startswith("random:")
+    c = create_teacher("data2vec-vision", random_init=True, num_hidden_layers=3, **tiny)
+    assert c.weights_sha256 != a.weights_sha256
+    assert torch.initial_seed() == 456  # the caller's generator is left alone

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -26,6 +27,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def _state_sha256(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def create_teacher(
     name: str, weights: str | None = None, *, random_init: bool = False, device: str = "cpu", **options: Any
 ) -> Teacher:
@@ -35,16 +44,24 @@ def create_teacher(
         name: A registered teacher (see :func:`list_teachers`).
         weights: Checkpoint file or directory, or a repo id in the local HF hub cache. None: the teacher's
             default (its repo in the hub cache, or the package that carries its weights).
-        random_init: Random weights; only for tests. Logged as a warning; provenance says "random".
+        random_init: Random weights (seeded); only for tests. Logged as a warning; provenance says
+            ``source: random`` and ``weights_sha256: random:<sha256 of the weights>``.
         device: Torch device.
         **options: Teacher-specific options (see each teacher's factory docstring).
 
     Raises:
         MmkdError: Unknown teacher or option, missing or mismatching weights.
     """
-    teacher = TEACHERS.get(name)(weights, random_init=random_init, **options)
     if random_init:
+        # seeded, so that re-running an interrupted extraction meets the same teacher; the record names
+        # these weights (not just "random"), so a store is never finished by other random weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            teacher = TEACHERS.get(name)(weights, random_init=random_init, **options)
+        teacher.weights_sha256 = "random:" + _state_sha256(teacher)
         logger.warning("teacher %s has RANDOM weights (random_init=True): its targets mean nothing", teacher.name)
+    else:
+        teacher = TEACHERS.get(name)(weights, random_init=random_init, **options)
     teacher.to(device=device, dtype=torch.float32)
     teacher.requires_grad_(False)
     return teacher.eval()

