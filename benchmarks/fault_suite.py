@@ -107,11 +107,13 @@ def run(cmd: list[str], cwd: Path, timeout: float = 600, extra_env: dict[str, st
 
 def run_faulted(cmd: list[str], cwd: Path, marker: Callable[[], bool], *, delay: float = 0.0,
                 sig: int | None = None, group: bool = False, trigger: Callable[[], bool] | None = None,
-                trigger_timeout: float = 30.0, timeout: float = 600) -> Outcome:
+                trigger_timeout: float = 30.0, timeout: float = 600, done: Callable[[], bool] | None = None
+                ) -> Outcome:
     """Start ``cmd``; once ``marker()`` holds (the work has begun), wait ``delay`` seconds — or, with
     ``trigger``, until ``trigger()`` holds — then send ``sig`` (to the process group with ``group``, as
     a terminal's Ctrl-C or the OOM killer's kill -9 of a whole job would; else to the process, as
-    ``kill PID``). ``sig=None`` only measures: ``window`` is the time from the marker to the exit."""
+    ``kill PID``). ``sig=None`` only measures: ``window`` is the time from the marker to ``done()`` (the
+    result is written; the interpreter's teardown after it takes a second or two), else to the exit."""
     out_f, err_f = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     start = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=out_f, stderr=err_f, text=True, start_new_session=True)
@@ -120,6 +122,11 @@ def run_faulted(cmd: list[str], cwd: Path, marker: Callable[[], bool], *, delay:
         while p.poll() is None and not marker():
             time.sleep(0.003)
         t_marker = time.perf_counter()
+        t_done = None
+        if sig is None and done is not None:
+            while p.poll() is None and not done():
+                time.sleep(0.003)
+            t_done = time.perf_counter() if p.poll() is None else None
         if sig is not None and p.poll() is None:
             if trigger is not None:
                 while p.poll() is None and not trigger() and time.perf_counter() - t_marker < trigger_timeout:
@@ -146,7 +153,7 @@ def run_faulted(cmd: list[str], cwd: Path, marker: Callable[[], bool], *, delay:
     out_f.seek(0)
     err_f.seek(0)
     return Outcome(cmd, p.returncode, out_f.read(), err_f.read(), end - start, signalled,
-                   end - (t_marker or end))
+                   (t_done or end) - (t_marker or end))
 
 
 def one_error_line(o: Outcome, *needles: str) -> str | None:
@@ -236,6 +243,19 @@ def weights_diff(ref_run: Path, run: Path) -> str | None:
             if a[t].dtype != b[t].dtype or a[t].shape != b[t].shape or a[t].tobytes() != b[t].tobytes():
                 return f"{key}: tensor {t} differs (max abs {np.abs(a[t].astype(np.float64) - b[t]).max():.3g})"
     return None
+
+
+def marked_complete(store: Path) -> Callable[[], bool]:
+    """A cheap poll: the store's zarr.json says it is complete."""
+    pattern = re.compile(r'"complete":\s*true')
+
+    def check() -> bool:
+        try:
+            return bool(pattern.search((store / "zarr.json").read_text()))
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    return check
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -345,11 +365,12 @@ class Workspace:
                 shutil.rmtree(path, ignore_errors=True)
                 extra = ("--init", "random", "--steps", "4") if name == "image-train" else ()
                 cmd = self.train_cmd(store, path, *extra)
-                o = run_faulted(cmd, d, marker=lambda: (path / "config.json").exists())
+                o = run_faulted(cmd, d, marker=lambda: (path / "config.json").exists(),
+                                done=(path / "student" / "model.safetensors").exists)
             else:
                 shutil.rmtree(path, ignore_errors=True)
                 cmd = self.text_cmd(path) if name == "text" else self.image_cmd(path)
-                o = run_faulted(cmd, d, marker=path.exists)
+                o = run_faulted(cmd, d, marker=path.exists, done=marked_complete(path))
             if o.rc != 0:
                 raise RuntimeError(f"reference {name} failed: {shell(cmd)}\n{o.text[-2000:]}")
             self.refs[name] = o
@@ -398,7 +419,7 @@ def trial_kill_extract(ws: Workspace, kind: str, rng: random.Random) -> tuple[st
     d = ws.trial_dir(f"kill-extract-{kind}")
     out = d / "s.zarr"
     cmd = ws.text_cmd(out) if kind == "text" else ws.image_cmd(out)
-    delay = rng.uniform(0, ws.window(kind))
+    delay = rng.uniform(0, 1.1 * ws.window(kind))  # a tenth past the result: its exit
     o = run_faulted(cmd, d, marker=out.exists, delay=delay, sig=signal.SIGKILL, group=True)
     state = store_state(out)
     if not o.signalled:
@@ -479,7 +500,7 @@ def trial_kill_train(ws: Workspace, rng: random.Random, in_checkpoint: bool) -> 
         caught = seen["n"] > skip and seen["was"]
         when = f"in checkpoint write #{skip + 1}" if caught else f"after waiting for checkpoint write #{skip + 1}"
     else:
-        delay = rng.uniform(0, ws.window("train"))
+        delay = rng.uniform(0, 1.1 * ws.window("train"))
         o = run_faulted(cmd, d, marker, delay=delay, sig=signal.SIGKILL, group=True)
         when = f"at +{delay:.2f}s"
     ckpt = latest_checkpoint(run_dir)
@@ -507,7 +528,7 @@ def trial_signal(ws: Workspace, command: str, sig: int, rng: random.Random) -> t
         run_dir = d / "run"
         cmd, window = ws.train_cmd(store, run_dir), ws.window("train")
         marker = lambda: (run_dir / "config.json").exists()  # noqa: E731
-    delay = rng.uniform(0, window * 0.9)
+    delay = rng.uniform(0, window)
     o = run_faulted(cmd, d, marker, delay=delay, sig=sig, group=sig == signal.SIGINT)
     note = None
     finished = (store_state(out) == "complete") if command == "extract" else \
@@ -1145,7 +1166,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     for name, ref in ws.refs.items():
-        notes.append(f"reference {name}: {ref.seconds:.1f} s, {ref.window:.2f} s of it after the work began")
+        notes.append(f"reference {name}: {ref.seconds:.1f} s, of it {ref.window:.2f} s from the start of the work "
+                     "to its result (the window faults are drawn from)")
     title = (f"fault suite: {trials} trial(s) per random fault, {time.perf_counter() - started:.0f} s"
              + (" (quick)" if args.quick else ""))
     print_table(rows, title)

@@ -259,6 +259,29 @@ def _path_in_traceback(e: BaseException) -> str | None:
     return found
 
 
+def _settle_io(timeout: float = 10.0) -> None:
+    """After an interrupt: let zarr's I/O thread finish what the interrupted call had started. Left pending,
+    its coroutines are torn down with the event loop at exit, each printing a traceback ("Event loop is
+    closed"). Their writes are whole files, and a shard counts only once marked done, so letting them land
+    changes nothing a re-run relies on."""
+    import asyncio
+    import sys
+
+    sync = sys.modules.get("zarr.core.sync")
+    loop = getattr(sync, "loop", [None])[0] if sync is not None else None
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def drain() -> None:
+        me = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout + 1)
+
+
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator for typer commands: user mistakes and interruptions end as one line on stderr.
 
@@ -285,10 +308,16 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
                 return fn(*args, **kwargs)
             except MmkdError as e:
                 finishing.append(True)
-                raise _fail(str(e), interrupted_code() if received else 2) from None
+                if not received:
+                    raise _fail(str(e), 2) from None
+                exit_ = _fail(str(e), interrupted_code())
+                _settle_io()
+                raise exit_ from None
             except KeyboardInterrupt:
                 finishing.append(True)
-                raise _fail(f"interrupted; {CONTINUE_HINT}", interrupted_code()) from None
+                exit_ = _fail(f"interrupted; {CONTINUE_HINT}", interrupted_code())
+                _settle_io()
+                raise exit_ from None
             except OSError as e:
                 if e.errno in _DISK_FULL:
                     finishing.append(True)
