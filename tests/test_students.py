@@ -357,3 +357,21 @@ def test_multimodal_save_and_load(tmp_path):
     torch.testing.assert_close(again.encode_image(x), mm.encode_image(x), atol=0, rtol=0)
     with pytest.raises(MmkdError, match="not a saved student"):
         load_student(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("init_values", [None, 0.1])
+def test_multimodal_pre_norm_blocks_are_timms_and_load_the_same_keys(init_values):
+    """The image tower and shared blocks are timm's ViT Block: same keys (students saved before still load)
+    and the same function as the project's pre-norm block, padding mask included."""
+    from mmkd_core.students.layers import Block
+    from mmkd_core.students.multimodal import key_padding_mask, vit_block
+
+    torch.manual_seed(0)
+    ours = Block(32, 4, 96, eps=1e-6, init_values=init_values).eval()
+    if init_values is not None:
+        ours.ls1.gamma.data.normal_()
+    theirs = vit_block(32, 4, 96, eps=1e-6, init_values=init_values).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(3, 7, 32)
+    mask = key_padding_mask(torch.arange(7)[None] < torch.tensor([[7], [4], [2]]))
+    torch.testing.assert_close(theirs(x, attn_mask=mask), ours(x, mask), atol=1e-6, rtol=1e-5)

@@ -38,6 +38,25 @@ logger = logging.getLogger(__name__)
 IMAGE_EPS = 1e-6  # timm ViT/BEiT
 
 
+def vit_block(dim: int, num_heads: int, hidden: int, *, eps: float, init_values: float | None) -> nn.Module:
+    """A pre-norm block: timm's own ViT ``Block`` (the keys of ``layers.Block``, plus drop-path)."""
+    from functools import partial
+
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    block = TimmBlock(
+        dim,
+        num_heads,
+        mlp_ratio=hidden / dim,
+        qkv_bias=True,
+        init_values=init_values,
+        norm_layer=partial(nn.LayerNorm, eps=eps),
+    )
+    if block.mlp.fc1.out_features != hidden:
+        raise MmkdError(f"multimodal student: feed-forward width {hidden} is not a multiple timm can build of {dim}")
+    return block
+
+
 @dataclass
 class MultimodalStudentConfig(HeadConfig):
     """Architecture of the multimodal student plus its heads (see HeadConfig; each modality has its own
@@ -151,7 +170,7 @@ class MultimodalStudent(Student):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, w))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, w))
         self.image_blocks = nn.ModuleList(
-            Block(w, c.num_heads, c.image_hidden, eps=IMAGE_EPS, init_values=c.init_values)
+            vit_block(w, c.num_heads, c.image_hidden, eps=IMAGE_EPS, init_values=c.init_values)
             for _ in range(c.image_depth)
         )
         self.word_embeddings = nn.Embedding(c.vocab_size, w)
@@ -164,7 +183,7 @@ class MultimodalStudent(Student):
         blocks: list[nn.Module] = []
         for i in range(c.shared_depth):
             if not c.mome:
-                blocks.append(Block(w, c.num_heads, c.image_hidden, eps=IMAGE_EPS, init_values=c.init_values))
+                blocks.append(vit_block(w, c.num_heads, c.image_hidden, eps=IMAGE_EPS, init_values=c.init_values))
                 continue
             vl = i >= c.shared_depth - c.vl_depth
             hidden = {"vl": c.image_hidden} if vl else {"image": c.image_hidden, "text": c.text_hidden}
