@@ -53,8 +53,10 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY_BEIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 # the tiny BERT's vocabulary (tests/conftest.py) minus the special tokens: every sentence tokenizes fully
-WORDS = ("a the cat dog sat on mat ran far red blue green circle square triangle star cross in at top left "
-         "right center bottom and photo of is there are picture shows small big runs jumps over lazy fox").split()
+WORDS = (
+    "a the cat dog sat on mat ran far red blue green circle square triangle star cross in at top left "
+    "right center bottom and photo of is there are picture shows small big runs jumps over lazy fox"
+).split()
 CKPT_NAME = re.compile(r"step_\d+")
 NOTES_PER_ROW = 3
 
@@ -100,15 +102,25 @@ def shell(cmd: list[str]) -> str:
 
 def run(cmd: list[str], cwd: Path, timeout: float = 600, extra_env: dict[str, str] | None = None) -> Outcome:
     start = time.perf_counter()
-    p = subprocess.run(cmd, cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
-                       timeout=timeout)
+    p = subprocess.run(
+        cmd, cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout
+    )
     return Outcome(cmd, p.returncode, p.stdout, p.stderr, time.perf_counter() - start)
 
 
-def run_faulted(cmd: list[str], cwd: Path, marker: Callable[[], bool], *, delay: float = 0.0,
-                sig: int | None = None, group: bool = False, trigger: Callable[[], bool] | None = None,
-                trigger_timeout: float = 30.0, timeout: float = 600, done: Callable[[], bool] | None = None
-                ) -> Outcome:
+def run_faulted(
+    cmd: list[str],
+    cwd: Path,
+    marker: Callable[[], bool],
+    *,
+    delay: float = 0.0,
+    sig: int | None = None,
+    group: bool = False,
+    trigger: Callable[[], bool] | None = None,
+    trigger_timeout: float = 30.0,
+    timeout: float = 600,
+    done: Callable[[], bool] | None = None,
+) -> Outcome:
     """Start ``cmd``; once ``marker()`` holds (the work has begun), wait ``delay`` seconds — or, with
     ``trigger``, until ``trigger()`` holds — then send ``sig`` (to the process group with ``group``, as
     a terminal's Ctrl-C or the OOM killer's kill -9 of a whole job would; else to the process, as
@@ -152,8 +164,9 @@ def run_faulted(cmd: list[str], cwd: Path, marker: Callable[[], bool], *, delay:
     end = time.perf_counter()
     out_f.seek(0)
     err_f.seek(0)
-    return Outcome(cmd, p.returncode, out_f.read(), err_f.read(), end - start, signalled,
-                   (t_done or end) - (t_marker or end))
+    return Outcome(
+        cmd, p.returncode, out_f.read(), err_f.read(), end - start, signalled, (t_done or end) - (t_marker or end)
+    )
 
 
 def one_error_line(o: Outcome, *needles: str) -> str | None:
@@ -323,36 +336,105 @@ class Workspace:
 
     # the commands
     def text_cmd(self, out: Path, *extra: str, weights: Path | None = None, data: Path | None = None) -> list[str]:
-        return [script("mmkd-extract"), "--teacher", "bert", "--weights", str(weights or self.bert),
-                "--dataset", "text", "--data-root", str(data or self.text), "--out", str(out),
-                "--chunk-size", "4", "--shard-size", "8", "--batch-size", "8", "--quiet", *extra]
+        return [
+            script("mmkd-extract"),
+            "--teacher",
+            "bert",
+            "--weights",
+            str(weights or self.bert),
+            "--dataset",
+            "text",
+            "--data-root",
+            str(data or self.text),
+            "--out",
+            str(out),
+            "--chunk-size",
+            "4",
+            "--shard-size",
+            "8",
+            "--batch-size",
+            "8",
+            "--quiet",
+            *extra,
+        ]
 
     def beit_args(self, random_weights: bool = False) -> list[str]:
         opts = [a for k, v in TINY_BEIT.items() for a in ("--teacher-option", f"{k}={v}")]
         weights = ["--random-weights"] if random_weights else ["--weights", str(self.beit)]
         return ["--teacher", "beitv2", *weights, *opts]
 
-    def image_cmd(self, out: Path, *extra: str, count: int | None = None, random_weights: bool = False
-                  ) -> list[str]:
+    def image_cmd(self, out: Path, *extra: str, count: int | None = None, random_weights: bool = False) -> list[str]:
         count = count or (24 if self.quick else 48)
-        return [script("mmkd-extract"), *self.beit_args(random_weights), "--dataset", "shapes",
-                "--dataset-option", f"count={count}", "--dataset-option", "resolution=40", "--views", "3",
-                "--out", str(out), "--chunk-size", "2", "--shard-size", "4", "--batch-size", "6", "--quiet", *extra]
+        return [
+            script("mmkd-extract"),
+            *self.beit_args(random_weights),
+            "--dataset",
+            "shapes",
+            "--dataset-option",
+            f"count={count}",
+            "--dataset-option",
+            "resolution=40",
+            "--views",
+            "3",
+            "--out",
+            str(out),
+            "--chunk-size",
+            "2",
+            "--shard-size",
+            "4",
+            "--batch-size",
+            "6",
+            "--quiet",
+            *extra,
+        ]
 
     def folder_cmd(self, root: Path, out: Path, *extra: str, dataset: str = "imagefolder") -> list[str]:
-        return [script("mmkd-extract"), *self.beit_args(), "--dataset", dataset,
-                "--data-root", str(root), "--out", str(out), "--chunk-size", "2", "--shard-size", "4",
-                "--batch-size", "6", "--quiet", *extra]
+        return [
+            script("mmkd-extract"),
+            *self.beit_args(),
+            "--dataset",
+            dataset,
+            "--data-root",
+            str(root),
+            "--out",
+            str(out),
+            "--chunk-size",
+            "2",
+            "--shard-size",
+            "4",
+            "--batch-size",
+            "6",
+            "--quiet",
+            *extra,
+        ]
 
     def train_cmd(self, store: Path, run_dir: Path, *extra: str, steps: int | None = None) -> list[str]:
-        return [script("mmkd-train"), "--targets", str(store), "--run-dir", str(run_dir),
-                "--steps", str(steps or self.train_steps), "--ckpt-every", "2", "--batch-size", "8",
-                "--log-every", "2", "--quiet", *extra]
+        return [
+            script("mmkd-train"),
+            "--targets",
+            str(store),
+            "--run-dir",
+            str(run_dir),
+            "--steps",
+            str(steps or self.train_steps),
+            "--ckpt-every",
+            "2",
+            "--batch-size",
+            "8",
+            "--log-every",
+            "2",
+            "--quiet",
+            *extra,
+        ]
 
     def ref_path(self, name: str) -> Path:
         d = self.root / "ref"
-        return {"text": d / "text.zarr", "image": d / "image.zarr", "train": d / "train-run",
-                "image-train": d / "image-train-run"}[name]
+        return {
+            "text": d / "text.zarr",
+            "image": d / "image.zarr",
+            "train": d / "train-run",
+            "image-train": d / "image-train-run",
+        }[name]
 
     # the references, built once on first use
     def ref(self, name: str) -> Path:
@@ -365,8 +447,12 @@ class Workspace:
                 shutil.rmtree(path, ignore_errors=True)
                 extra = ("--init", "random", "--steps", "4") if name == "image-train" else ()
                 cmd = self.train_cmd(store, path, *extra)
-                o = run_faulted(cmd, d, marker=lambda: (path / "config.json").exists(),
-                                done=(path / "student" / "model.safetensors").exists)
+                o = run_faulted(
+                    cmd,
+                    d,
+                    marker=lambda: (path / "config.json").exists(),
+                    done=(path / "student" / "model.safetensors").exists,
+                )
             else:
                 shutil.rmtree(path, ignore_errors=True)
                 cmd = self.text_cmd(path) if name == "text" else self.image_cmd(path)
@@ -461,8 +547,9 @@ def trial_creation(ws: Workspace, sig: int) -> tuple[str | None, str | None]:
     return (f"{when}; after the re-run {problem}", None) if problem else (None, lock_note)
 
 
-def continue_train(ws: Workspace, cmd: list[str], cwd: Path, run_dir: Path, said: str = ""
-                   ) -> tuple[Outcome, str | None]:
+def continue_train(
+    ws: Workspace, cmd: list[str], cwd: Path, run_dir: Path, said: str = ""
+) -> tuple[Outcome, str | None]:
     """What a user does after an interrupted mmkd-train: --resume when a checkpoint exists (or the message
     says so), else the same command again."""
     if latest_checkpoint(run_dir) is not None or "--resume" in said:
@@ -531,8 +618,11 @@ def trial_signal(ws: Workspace, command: str, sig: int, rng: random.Random) -> t
     delay = rng.uniform(0, window)
     o = run_faulted(cmd, d, marker, delay=delay, sig=sig, group=sig == signal.SIGINT)
     note = None
-    finished = (store_state(out) == "complete") if command == "extract" else \
-        (run_dir / "student" / "model.safetensors").exists()
+    finished = (
+        (store_state(out) == "complete")
+        if command == "extract"
+        else (run_dir / "student" / "model.safetensors").exists()
+    )
     if not o.signalled:
         note = f"finished before the signal at +{delay:.2f}s"
     elif o.rc == 0:
@@ -540,8 +630,10 @@ def trial_signal(ws: Workspace, command: str, sig: int, rng: random.Random) -> t
     elif o.rc == -sig and not o.error_lines() and finished:
         # torch and transformers take a second or two to tear down after the command has returned; a signal
         # then meets Python's default action, after the result was written and printed
-        note = "a signal during interpreter exit, after the command had finished and printed its result, ended " \
-               "the process by its default action"
+        note = (
+            "a signal during interpreter exit, after the command had finished and printed its result, ended "
+            "the process by its default action"
+        )
     else:
         hint = "run the same command again" if command == "extract" else ("--resume", "run the same command again")
         problem = one_error_line(o)
@@ -600,8 +692,9 @@ class DiskFull:
         self.mnt.mkdir(parents=True, exist_ok=True)
         self.mode = "shim"
         if mode != "shim" and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount"):
-            p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(self.mnt)],
-                               capture_output=True, text=True)
+            p = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(self.mnt)], capture_output=True, text=True
+            )
             if p.returncode == 0:
                 self.mode = "tmpfs"
         self.shim_dir = base / "shim"
@@ -732,8 +825,11 @@ def _idx(shape: tuple[int, ...], magic: bytes | None = None, cut: int = 0) -> by
     import struct
 
     head = magic or bytes([0, 0, 8, len(shape)])
-    body = np.random.default_rng(0).integers(0, 10 if len(shape) == 1 else 255, int(np.prod(shape)),
-                                             dtype=np.uint8).tobytes()
+    body = (
+        np.random.default_rng(0)
+        .integers(0, 10 if len(shape) == 1 else 255, int(np.prod(shape)), dtype=np.uint8)
+        .tobytes()
+    )
     data = head + struct.pack(f">{len(shape)}I", *shape) + body
     return data[: len(data) - cut] if cut else data
 
@@ -755,7 +851,7 @@ def make_incomplete(ref: Path, out: Path) -> Path:
     attrs["complete"] = False
     g.attrs["mmkd"] = attrs
     done = g["shards_done"]
-    done[done.shape[0] // 2:] = 0
+    done[done.shape[0] // 2 :] = 0
     return out
 
 
@@ -825,28 +921,71 @@ def bad_input_cases(ws: Workspace) -> list[Case]:
         case(text("text file of blank lines", data=b / "blank.txt"), "blank.txt"),
         case(text("text file with a non-UTF-8 line", data=b / "latin1.txt"), "latin1.txt:3"),
         case(text("text directory with two .txt files", data=b / "two"), "two"),
-        case(Case("zero-byte image (imagefolder)", ws.folder_cmd(b / "zero", out("zero")), (), out("zero")),
-             "03.png"),
-        case(Case("truncated image (imagefolder)", ws.folder_cmd(b / "trunc", out("trunc")), (), out("trunc")),
-             "03.png"),
-        case(Case("truncated image, --workers 2", ws.folder_cmd(b / "trunc", out("trunc2"), "--workers", "2"), (),
-                  out("trunc2")), "03.png"),
-        case(Case("captions naming a missing image",
-                  ws.folder_cmd(cap / "missing.tsv", out("capmiss"), dataset="captions"), (), out("capmiss")),
-             "missing.tsv:2", "gone.png"),
-        case(Case("captions with a zero-byte image",
-                  ws.folder_cmd(cap / "zero.tsv", out("capzero"), dataset="captions"), (), out("capzero")),
-             "zero.png"),
-        case(Case("captions file with a non-UTF-8 line",
-                  ws.folder_cmd(cap / "latin1.tsv", out("caplatin"), dataset="captions"), (), out("caplatin")),
-             "latin1.tsv:2"),
-        case(Case("bad idx header (mnist)", ws.folder_cmd(b / "idx-magic", out("idxm"), dataset="mnist"), (),
-                  out("idxm")), "train-images-idx3-ubyte"),
-        case(Case("truncated idx file (fashion-mnist)",
-                  ws.folder_cmd(b / "idx-trunc", out("idxt"), dataset="fashion-mnist"), (), out("idxt")),
-             "train-images-idx3-ubyte"),
-        case(Case("idx labels fewer than images", ws.folder_cmd(b / "idx-count", out("idxc"), dataset="mnist"), (),
-                  out("idxc")), "train-labels-idx1-ubyte"),
+        case(Case("zero-byte image (imagefolder)", ws.folder_cmd(b / "zero", out("zero")), (), out("zero")), "03.png"),
+        case(
+            Case("truncated image (imagefolder)", ws.folder_cmd(b / "trunc", out("trunc")), (), out("trunc")), "03.png"
+        ),
+        case(
+            Case(
+                "truncated image, --workers 2",
+                ws.folder_cmd(b / "trunc", out("trunc2"), "--workers", "2"),
+                (),
+                out("trunc2"),
+            ),
+            "03.png",
+        ),
+        case(
+            Case(
+                "captions naming a missing image",
+                ws.folder_cmd(cap / "missing.tsv", out("capmiss"), dataset="captions"),
+                (),
+                out("capmiss"),
+            ),
+            "missing.tsv:2",
+            "gone.png",
+        ),
+        case(
+            Case(
+                "captions with a zero-byte image",
+                ws.folder_cmd(cap / "zero.tsv", out("capzero"), dataset="captions"),
+                (),
+                out("capzero"),
+            ),
+            "zero.png",
+        ),
+        case(
+            Case(
+                "captions file with a non-UTF-8 line",
+                ws.folder_cmd(cap / "latin1.tsv", out("caplatin"), dataset="captions"),
+                (),
+                out("caplatin"),
+            ),
+            "latin1.tsv:2",
+        ),
+        case(
+            Case(
+                "bad idx header (mnist)", ws.folder_cmd(b / "idx-magic", out("idxm"), dataset="mnist"), (), out("idxm")
+            ),
+            "train-images-idx3-ubyte",
+        ),
+        case(
+            Case(
+                "truncated idx file (fashion-mnist)",
+                ws.folder_cmd(b / "idx-trunc", out("idxt"), dataset="fashion-mnist"),
+                (),
+                out("idxt"),
+            ),
+            "train-images-idx3-ubyte",
+        ),
+        case(
+            Case(
+                "idx labels fewer than images",
+                ws.folder_cmd(b / "idx-count", out("idxc"), dataset="mnist"),
+                (),
+                out("idxc"),
+            ),
+            "train-labels-idx1-ubyte",
+        ),
         case(text("--layers 12 (2-block teacher)", "--layers", "12"), "--layers", "12"),
         case(text("--layers -1", "--layers", "-1"), "--layers", "-1"),
         case(text("--layers last:0", "--layers", "last:0"), "--layers", "last:0"),
@@ -858,25 +997,87 @@ def bad_input_cases(ws: Workspace) -> list[Case]:
         case(text("--shard-size not a multiple of --chunk-size", "--shard-size", "6"), "--shard-size"),
         case(Case("--out is a file", ws.text_cmd(b / "out-is-a-file"), ()), "--out"),
         case(text("--weights that do not exist", "--weights", str(b / "nope")), "nope"),
-        case(Case("--weights a corrupt checkpoint",
-                  [script("mmkd-extract"), "--teacher", "beitv2", "--weights", str(b / "bad.pth"),
-                   *[a for k, v in TINY_BEIT.items() for a in ("--teacher-option", f"{k}={v}")],
-                   "--out", str(out("badw")), "--quiet"], (), out("badw")), "bad.pth"),
+        case(
+            Case(
+                "--weights a corrupt checkpoint",
+                [
+                    script("mmkd-extract"),
+                    "--teacher",
+                    "beitv2",
+                    "--weights",
+                    str(b / "bad.pth"),
+                    *[a for k, v in TINY_BEIT.items() for a in ("--teacher-option", f"{k}={v}")],
+                    "--out",
+                    str(out("badw")),
+                    "--quiet",
+                ],
+                (),
+                out("badw"),
+            ),
+            "bad.pth",
+        ),
         case(text("--dataset unknown", "--dataset", "nosuch"), "nosuch"),
-        case(Case("mmkd-train --targets: a directory that is not a store",
-                  ws.train_cmd(b / "notastore", b / "run-notastore"), (), run_dir=b / "run-notastore"), "notastore"),
-        case(Case("mmkd-train --targets: a plain file",
-                  ws.train_cmd(b / "plain.txt", b / "run-plain"), (), run_dir=b / "run-plain"), "plain.txt"),
-        case(Case("mmkd-train --targets: missing", ws.train_cmd(b / "missing.zarr", b / "run-missing"), (),
-                  run_dir=b / "run-missing"), "missing.zarr"),
-        case(Case("mmkd-train --targets: an incomplete store", ws.train_cmd(incomplete, b / "run-incomplete"), (),
-                  run_dir=b / "run-incomplete"), "incomplete.zarr"),
-        case(Case("mmkd-train --batch-size 0", ws.train_cmd(store, b / "run-bs0", "--batch-size", "0"), (),
-                  run_dir=b / "run-bs0"), "--batch-size"),
-        case(Case("mmkd-train --steps 0", ws.train_cmd(store, b / "run-steps0", "--steps", "0"), (),
-                  run_dir=b / "run-steps0"), "--steps"),
-        Case("CMYK/RGBA/L/LA/P/1/I;16 images are converted and work", ws.folder_cmd(b / "modes", out("modes")), (),
-             out("modes"), succeed=True),
+        case(
+            Case(
+                "mmkd-train --targets: a directory that is not a store",
+                ws.train_cmd(b / "notastore", b / "run-notastore"),
+                (),
+                run_dir=b / "run-notastore",
+            ),
+            "notastore",
+        ),
+        case(
+            Case(
+                "mmkd-train --targets: a plain file",
+                ws.train_cmd(b / "plain.txt", b / "run-plain"),
+                (),
+                run_dir=b / "run-plain",
+            ),
+            "plain.txt",
+        ),
+        case(
+            Case(
+                "mmkd-train --targets: missing",
+                ws.train_cmd(b / "missing.zarr", b / "run-missing"),
+                (),
+                run_dir=b / "run-missing",
+            ),
+            "missing.zarr",
+        ),
+        case(
+            Case(
+                "mmkd-train --targets: an incomplete store",
+                ws.train_cmd(incomplete, b / "run-incomplete"),
+                (),
+                run_dir=b / "run-incomplete",
+            ),
+            "incomplete.zarr",
+        ),
+        case(
+            Case(
+                "mmkd-train --batch-size 0",
+                ws.train_cmd(store, b / "run-bs0", "--batch-size", "0"),
+                (),
+                run_dir=b / "run-bs0",
+            ),
+            "--batch-size",
+        ),
+        case(
+            Case(
+                "mmkd-train --steps 0",
+                ws.train_cmd(store, b / "run-steps0", "--steps", "0"),
+                (),
+                run_dir=b / "run-steps0",
+            ),
+            "--steps",
+        ),
+        Case(
+            "CMYK/RGBA/L/LA/P/1/I;16 images are converted and work",
+            ws.folder_cmd(b / "modes", out("modes")),
+            (),
+            out("modes"),
+            succeed=True,
+        ),
     ]
     return cases
 
@@ -985,8 +1186,9 @@ def stale_trials(ws: Workspace, ch: Change) -> list[tuple[str | None, str | None
     extra = ("--init", "random", "--steps", "4") if ch.kind == "image" else ()
     o3 = run([*ws.train_cmd(changed, run_dir, *extra), "--resume"], d)
     problem = one_error_line(o3, ch.field)
-    results.append((f"resumed training: {problem}" if problem else None,
-                    f"resume: {o3.error_lines()[0]}" if not problem else None))
+    results.append(
+        (f"resumed training: {problem}" if problem else None, f"resume: {o3.error_lines()[0]}" if not problem else None)
+    )
     return results
 
 
@@ -1007,8 +1209,9 @@ def random_weights_trial(ws: Workspace) -> list[tuple[str | None, str | None]]:
         problem = one_error_line(o2, "weights")
         return [(f"re-run refused, but: {problem}" if problem else None, f"re-run: {o2.error_lines()[0]}")]
     problem = store_diff(full, part)
-    return [(f"the re-run finished the store with another random teacher, silently: {problem}" if problem else None,
-             None)]
+    return [
+        (f"the re-run finished the store with another random teacher, silently: {problem}" if problem else None, None)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -1038,15 +1241,20 @@ def print_table(rows: list[Row], title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--trials", type=int, default=None, help="trials of each random fault (default 10; --quick 1)")
     ap.add_argument("--quick", action="store_true", help="one trial per random fault, smaller data")
     ap.add_argument("--only", default=None, help="run only rows whose name contains this (case-insensitive)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the fault moments")
     ap.add_argument("--jobs", type=int, default=2, help="bad-input and stale checks run this many at a time")
-    ap.add_argument("--disk", choices=("auto", "tmpfs", "shim"), default="auto",
-                    help="how to fill the disk: a tmpfs (needs root; auto falls back to the shim) or a write shim")
+    ap.add_argument(
+        "--disk",
+        choices=("auto", "tmpfs", "shim"),
+        default="auto",
+        help="how to fill the disk: a tmpfs (needs root; auto falls back to the shim) or a write shim",
+    )
     ap.add_argument("--verbose", action="store_true", help="print every trial's outcome as it ends")
     ap.add_argument("--keep", type=Path, default=None, help="keep every trial's files in this directory")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows (with notes) to this file")
@@ -1102,16 +1310,26 @@ def main(argv: list[str] | None = None) -> int:
 
     def kill_rows() -> None:
         trial_row("kill -9 mmkd-extract (text) -> re-run", trials, lambda: trial_kill_extract(ws, "text", rng))
-        trial_row("kill -9 mmkd-extract (images, 3 views) -> re-run", trials,
-                  lambda: trial_kill_extract(ws, "image", rng))
+        trial_row(
+            "kill -9 mmkd-extract (images, 3 views) -> re-run", trials, lambda: trial_kill_extract(ws, "image", rng)
+        )
         n_ckpt = max(1, trials // 2)
         creation = iter([signal.SIGKILL, signal.SIGTERM])
-        trial_row("kill -9 / SIGTERM while the store's arrays are created -> re-run", 2,
-                  lambda: trial_creation(ws, next(creation)))
-        trial_row("kill -9 mmkd-train at a random moment -> --resume", trials - n_ckpt if trials > 1 else 1,
-                  lambda: trial_kill_train(ws, rng, in_checkpoint=False))
-        trial_row("kill -9 mmkd-train inside a checkpoint write -> --resume", n_ckpt,
-                  lambda: trial_kill_train(ws, rng, in_checkpoint=True))
+        trial_row(
+            "kill -9 / SIGTERM while the store's arrays are created -> re-run",
+            2,
+            lambda: trial_creation(ws, next(creation)),
+        )
+        trial_row(
+            "kill -9 mmkd-train at a random moment -> --resume",
+            trials - n_ckpt if trials > 1 else 1,
+            lambda: trial_kill_train(ws, rng, in_checkpoint=False),
+        )
+        trial_row(
+            "kill -9 mmkd-train inside a checkpoint write -> --resume",
+            n_ckpt,
+            lambda: trial_kill_train(ws, rng, in_checkpoint=True),
+        )
 
     def disk_rows() -> None:
         if not wanted("disk full during mmkd-extract"):
@@ -1119,21 +1337,30 @@ def main(argv: list[str] | None = None) -> int:
         disk = DiskFull(root / "disk", args.disk)
         try:
             need = measure_need(ws, disk)
-            how = ("ballast on a 16 MiB tmpfs" if disk.mode == "tmpfs"
-                   else "ENOSPC from zarr's writes past a byte budget")
-            notes.append(f"disk full: {disk.mode} ({how}); a store needs {need:,} bytes there; free space per "
-                         f"trial: 0, room for a few metadata files, then drawn from 0..{need:,}")
+            how = (
+                "ballast on a 16 MiB tmpfs" if disk.mode == "tmpfs" else "ENOSPC from zarr's writes past a byte budget"
+            )
+            notes.append(
+                f"disk full: {disk.mode} ({how}); a store needs {need:,} bytes there; free space per "
+                f"trial: 0, room for a few metadata files, then drawn from 0..{need:,}"
+            )
             budgets = iter(disk_budgets(trials, need, disk.mode, rng))
-            trial_row(f"disk full during mmkd-extract ({disk.mode}) -> free space -> re-run", trials,
-                      lambda: trial_disk_full(ws, disk, next(budgets)))
+            trial_row(
+                f"disk full during mmkd-extract ({disk.mode}) -> free space -> re-run",
+                trials,
+                lambda: trial_disk_full(ws, disk, next(budgets)),
+            )
         finally:
             disk.close()
 
     def signal_rows() -> None:
         for command in ("extract", "train"):
             for sig, how in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C (SIGINT)")):
-                trial_row(f"{how} during mmkd-{command} -> continue as told", trials,
-                          lambda c=command, s=sig: trial_signal(ws, c, s, rng))
+                trial_row(
+                    f"{how} during mmkd-{command} -> continue as told",
+                    trials,
+                    lambda c=command, s=sig: trial_signal(ws, c, s, rng),
+                )
 
     def bad_input_rows() -> None:
         cases = [c for c in bad_input_cases(ws) if wanted(f"bad input: {c.name}")]
@@ -1150,26 +1377,36 @@ def main(argv: list[str] | None = None) -> int:
         # changes that edit shared files (weights, the text) run alone, the others side by side
         for ch in (ch for ch in changes if ch.prepare is not None):
             parallel_rows([(f"stale store: {ch.name}", lambda ch=ch: stale_trials(ws, ch))])
-        parallel_rows([(f"stale store: {ch.name}", lambda ch=ch: stale_trials(ws, ch))
-                       for ch in changes if ch.prepare is None]
-                      + [(RANDOM_WEIGHTS_ROW, lambda: random_weights_trial(ws))])
+        parallel_rows(
+            [(f"stale store: {ch.name}", lambda ch=ch: stale_trials(ws, ch)) for ch in changes if ch.prepare is None]
+            + [(RANDOM_WEIGHTS_ROW, lambda: random_weights_trial(ws))]
+        )
 
     try:
         for section in (kill_rows, disk_rows, signal_rows, bad_input_rows, stale_rows):
             try:
                 section()
             except Exception as e:  # noqa: BLE001 - a section that cannot run is a row that lost its answer
-                rows.append(Row(f"{section.__name__.removesuffix('_rows').replace('_', ' ')}: could not run", 1, 0,
-                                [f"{type(e).__name__}: {str(e)[-1500:]}"]))
+                rows.append(
+                    Row(
+                        f"{section.__name__.removesuffix('_rows').replace('_', ' ')}: could not run",
+                        1,
+                        0,
+                        [f"{type(e).__name__}: {str(e)[-1500:]}"],
+                    )
+                )
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
 
     for name, ref in ws.refs.items():
-        notes.append(f"reference {name}: {ref.seconds:.1f} s, of it {ref.window:.2f} s from the start of the work "
-                     "to its result (the window faults are drawn from)")
-    title = (f"fault suite: {trials} trial(s) per random fault, {time.perf_counter() - started:.0f} s"
-             + (" (quick)" if args.quick else ""))
+        notes.append(
+            f"reference {name}: {ref.seconds:.1f} s, of it {ref.window:.2f} s from the start of the work "
+            "to its result (the window faults are drawn from)"
+        )
+    title = f"fault suite: {trials} trial(s) per random fault, {time.perf_counter() - started:.0f} s" + (
+        " (quick)" if args.quick else ""
+    )
     print_table(rows, title)
     for r in rows:
         shown = list(dict.fromkeys(r.notes))
@@ -1180,8 +1417,11 @@ def main(argv: list[str] | None = None) -> int:
     for n in notes:
         print(f"- {n}")
     if args.json:
-        args.json.write_text(json.dumps([{"fault": r.fault, "trials": r.trials, "whole": r.whole, "notes": r.notes}
-                                         for r in rows], indent=2))
+        args.json.write_text(
+            json.dumps(
+                [{"fault": r.fault, "trials": r.trials, "whole": r.whole, "notes": r.notes} for r in rows], indent=2
+            )
+        )
     lost = [r for r in rows if r.whole != r.trials]
     return 1 if lost else 0
 

@@ -60,8 +60,9 @@ def _error_line(result) -> str:
 def _extract(tmp_path, *args):
     from mmkd.extract.cli import app
 
-    return CliRunner().invoke(app, ["--out", str(tmp_path / "s.zarr"), "--quiet", "--chunk-size", "2",
-                                    "--shard-size", "4", *args])
+    return CliRunner().invoke(
+        app, ["--out", str(tmp_path / "s.zarr"), "--quiet", "--chunk-size", "2", "--shard-size", "4", *args]
+    )
 
 
 def _text_args(bert, root):
@@ -80,12 +81,15 @@ def _nothing_valid(path: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- bad inputs
 
 
-@pytest.mark.parametrize("name,content,needle", [
-    ("missing.txt", None, "missing.txt"),
-    ("empty.txt", b"", "empty.txt"),
-    ("blank.txt", b"\n  \n", "blank.txt"),
-    ("latin1.txt", b"a cat\nthe dog\na caf\xe9\n", "latin1.txt:3"),
-])
+@pytest.mark.parametrize(
+    "name,content,needle",
+    [
+        ("missing.txt", None, "missing.txt"),
+        ("empty.txt", b"", "empty.txt"),
+        ("blank.txt", b"\n  \n", "blank.txt"),
+        ("latin1.txt", b"a cat\nthe dog\na caf\xe9\n", "latin1.txt:3"),
+    ],
+)
 def test_bad_text_files(tmp_path, bert, name, content, needle):
     path = tmp_path / name
     if content is not None:
@@ -96,8 +100,9 @@ def test_bad_text_files(tmp_path, bert, name, content, needle):
     assert _nothing_valid(tmp_path / "s.zarr")
 
 
-@pytest.mark.parametrize("layers,needle", [("12", "block 12"), ("-1", "'-1'"), ("last:0", "last:0"),
-                                           ("garbage", "garbage"), ("0,0", "0,0")])
+@pytest.mark.parametrize(
+    "layers,needle", [("12", "block 12"), ("-1", "'-1'"), ("last:0", "last:0"), ("garbage", "garbage"), ("0,0", "0,0")]
+)
 def test_bad_layers(tmp_path, bert, layers, needle):
     (tmp_path / "t.txt").write_text("a cat sat\nthe dog ran\n")
     result = _extract(tmp_path, *_text_args(bert, tmp_path / "t.txt"), "--layers", layers)
@@ -106,8 +111,10 @@ def test_bad_layers(tmp_path, bert, layers, needle):
     assert not (tmp_path / "s.zarr").exists()
 
 
-@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--limit", "0"), ("--views", "0"),
-                                        ("--shard-size", "3"), ("--chunk-size", "-1")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--batch-size", "0"), ("--limit", "0"), ("--views", "0"), ("--shard-size", "3"), ("--chunk-size", "-1")],
+)
 def test_bad_extract_flags(tmp_path, bert, flag, value):
     (tmp_path / "t.txt").write_text("a cat sat\n")
     result = _extract(tmp_path, *_text_args(bert, tmp_path / "t.txt"), flag, value)
@@ -124,8 +131,9 @@ def test_bad_images_name_the_file(tmp_path, beit, kind, workers):
     good = fs._png_bytes()
     data = b"" if kind == "zero" else good[: len(good) // 2]
     root = _folder(tmp_path / "imgs", {"b/03.png": data})
-    result = _extract(tmp_path, *_beit_args(beit), "--dataset", "imagefolder", "--data-root", str(root),
-                      "--workers", str(workers))
+    result = _extract(
+        tmp_path, *_beit_args(beit), "--dataset", "imagefolder", "--data-root", str(root), "--workers", str(workers)
+    )
     assert result.exit_code == 2
     assert "03.png" in _error_line(result)  # also through a DataLoader worker: its own message, one line
     assert _nothing_valid(tmp_path / "s.zarr")
@@ -158,8 +166,12 @@ def test_captions_naming_a_missing_image(tmp_path, beit):
 
 @pytest.mark.parametrize("kind", ["magic", "truncated", "count"])
 def test_bad_idx_files(tmp_path, beit, kind):
-    root = fs.make_idx(tmp_path / "mnist", magic=b"\x00\x00\x08\x02" if kind == "magic" else None,
-                       cut=100 if kind == "truncated" else 0, n_labels=11 if kind == "count" else 12)
+    root = fs.make_idx(
+        tmp_path / "mnist",
+        magic=b"\x00\x00\x08\x02" if kind == "magic" else None,
+        cut=100 if kind == "truncated" else 0,
+        n_labels=11 if kind == "count" else 12,
+    )
     result = _extract(tmp_path, *_beit_args(beit), "--dataset", "mnist", "--data-root", str(root))
     assert result.exit_code == 2 and "idx" in _error_line(result) and str(root) in _error_line(result)
     assert not (tmp_path / "s.zarr").exists()
@@ -172,13 +184,24 @@ def test_train_refuses_what_is_not_a_finished_store(tmp_path, bert):
 
     (tmp_path / "notastore").mkdir()
     (tmp_path / "t.txt").write_text("".join(f"a cat sat on the mat {i}\n" for i in range(12)))
-    extract(ExtractConfig(teacher="bert", weights=str(bert), dataset="text", data_root=str(tmp_path / "t.txt"),
-                          out=tmp_path / "full.zarr", chunk_size=2, shard_size=4), show_progress=False)
+    extract(
+        ExtractConfig(
+            teacher="bert",
+            weights=str(bert),
+            dataset="text",
+            data_root=str(tmp_path / "t.txt"),
+            out=tmp_path / "full.zarr",
+            chunk_size=2,
+            shard_size=4,
+        ),
+        show_progress=False,
+    )
     fs.make_incomplete(tmp_path / "full.zarr", tmp_path / "half.zarr")
     for target, needle in [("notastore", "notastore"), ("missing.zarr", "missing.zarr"), ("half.zarr", "incomplete")]:
         run_dir = tmp_path / f"run-{target}"
-        result = CliRunner().invoke(app, ["--targets", str(tmp_path / target), "--run-dir", str(run_dir), "--steps",
-                                          "2", "--quiet"])
+        result = CliRunner().invoke(
+            app, ["--targets", str(tmp_path / target), "--run-dir", str(run_dir), "--steps", "2", "--quiet"]
+        )
         assert result.exit_code == 2 and needle in _error_line(result)
         assert not (run_dir / "student").exists()
 
@@ -234,8 +257,10 @@ def test_disk_full_names_the_path():
 
 
 def test_worker_wrapped_error_becomes_its_own_line():
-    wrapped = ("Caught MmkdError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-               '  File "x.py", line 1, in f\n    g()\nmmkd_core.errors.MmkdError: cannot read image a.png: truncated\n')
+    wrapped = (
+        "Caught MmkdError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    g()\nmmkd_core.errors.MmkdError: cannot read image a.png: truncated\n'
+    )
     assert one_line(wrapped) == "cannot read image a.png: truncated"
     assert one_line("two\nlines") == "two lines"
 
@@ -245,19 +270,22 @@ def test_worker_wrapped_error_becomes_its_own_line():
 
 def _shards_done(out: Path, k: int):
     """True once k shards are marked done: the fault lands mid-store, whatever the machine's speed."""
+
     def check() -> bool:
         try:
             return sum(1 for _ in os.scandir(out / "shards_done" / "c")) >= k
         except FileNotFoundError:
             return False
+
     return check
 
 
 def test_sigterm_during_extraction_says_how_to_continue(ws):
     d = ws.trial_dir("sigterm")
     out = d / "s.zarr"
-    o = fs.run_faulted(ws.text_cmd(out, "--batch-size", "1"), d, marker=out.exists, sig=signal.SIGTERM,
-                       trigger=_shards_done(out, 3))
+    o = fs.run_faulted(
+        ws.text_cmd(out, "--batch-size", "1"), d, marker=out.exists, sig=signal.SIGTERM, trigger=_shards_done(out, 3)
+    )
     assert o.signalled
     assert fs.one_error_line(o, "run the same command again") is None, o.text[-2000:]
     assert o.rc == 143
@@ -285,8 +313,12 @@ def test_kill_9_during_extraction_then_rerun_equals_uninterrupted(ws):
 @pytest.mark.slow
 def test_fault_suite_every_row_whole(tmp_path):
     rows_file = tmp_path / "rows.json"
-    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fault_suite.py"), "--trials", "10", "--json",
-                        str(rows_file)], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    p = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "fault_suite.py"), "--trials", "10", "--json", str(rows_file)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     rows = json.loads(rows_file.read_text())
     lost = [r for r in rows if r["whole"] != r["trials"]]
     assert rows and not lost, p.stdout[-6000:]
