@@ -289,3 +289,35 @@ def test_eval_options_fail_before_the_first_step(tmp_path, store, task, message)
     assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
     assert latest_checkpoint(tmp_path / "r") is None if (tmp_path / "r").exists() else True
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over_with_clean_metrics(tmp_path, store, monkeypatch):
+    from mmkd.train import loop
+
+    real = loop._step
+    calls = []
+
+    def stop_at_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    cfg = TrainConfig(
+        targets=store,
+        depth=1,
+        batch_size=8,
+        steps=4,
+        ckpt_every=100,
+        log_every=1,
+        run_dir=tmp_path / "r",
+        progress=False,
+    )
+    monkeypatch.setattr(loop, "_step", stop_at_third)
+    with pytest.raises(MmkdError, match="interrupted at step 2"):
+        train(cfg)
+    monkeypatch.setattr(loop, "_step", real)
+    assert latest_checkpoint(tmp_path / "r") is None
+    train(cfg)  # nothing to resume: the same command starts over
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

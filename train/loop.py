@@ -281,6 +281,8 @@ def _record(run: Run) -> None:
     """Write the run's resolved configuration: what --resume continues and what reproduces the run."""
     cfg = run.cfg
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    if (cfg.run_dir / "config.json").exists():  # a run of ours stopped before its first checkpoint starts over
+        _truncate_metrics(cfg.run_dir / "metrics.jsonl", 0)
     # what ran, in full: the loss and evaluation the defaults chose, paths that work from any folder
     recorded = {
         **cfg.to_json(),
