@@ -174,7 +174,9 @@ def one_error_line(o: Outcome, *needles: str) -> str | None:
     if o.rc == 0:
         return "exit code 0"
     if "Traceback" in o.text:
-        return f"traceback in the output: {o.text.strip().splitlines()[-1][:160]}"
+        lines = o.text[o.text.index("Traceback"):].strip().splitlines()
+        where = [ln.strip() for ln in lines if ln.strip().startswith("File ")][-2:]
+        return f"traceback in the output: {lines[-1][:160]} (at {' <- '.join(reversed(where))[:300]})"
     lines = o.error_lines()
     if len(lines) != 1:
         return f"{len(lines)} error lines (rc={o.rc}): {o.text.strip()[-300:]!r}"

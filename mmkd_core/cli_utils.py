@@ -222,8 +222,16 @@ def _signals_as_interrupt(received: list[int], finishing: list[bool]) -> Iterato
 
     def handler(signum, frame):
         received.append(signum)
-        if not finishing:
-            raise KeyboardInterrupt
+        if finishing:
+            return
+        if frame is not None and frame.f_code.co_name == "__del__":
+            # raised inside a finaliser, KeyboardInterrupt is printed as "Exception ignored" and dropped: deliver
+            # the signal again once the finaliser has returned
+            t = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+            t.daemon = True
+            t.start()
+            return
+        raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

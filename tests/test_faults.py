@@ -245,6 +245,23 @@ def test_the_stage_message_is_kept_with_exit_code_130():
     assert "--resume --run-dir runs/x" in _error_line(result)
 
 
+def test_a_signal_inside_a_finaliser_still_interrupts():
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # handled while __del__ runs: raising there would be dropped
+            time.sleep(0.01)
+
+    def body():
+        Finalised()
+        time.sleep(5)
+        raise AssertionError("the signal was lost")
+
+    result = CliRunner().invoke(_guarded_app(body), [])
+    assert result.exit_code == 130, result.output
+    assert "Exception ignored" not in result.output
+    assert "run the same command again" in _error_line(result)
+
+
 def test_disk_full_names_the_path():
     def body():
         path = "/data/s.zarr/tokens/c/3/0/0/0"  # noqa: F841 - found in the failing frame, as zarr's _put has it
