@@ -174,7 +174,7 @@ def one_error_line(o: Outcome, *needles: str) -> str | None:
     if o.rc == 0:
         return "exit code 0"
     if "Traceback" in o.text:
-        lines = o.text[o.text.index("Traceback"):].strip().splitlines()
+        lines = o.text[o.text.index("Traceback") :].strip().splitlines()
         where = [ln.strip() for ln in lines if ln.strip().startswith("File ")][-2:]
         return f"traceback in the output: {lines[-1][:160]} (at {' <- '.join(reversed(where))[:300]})"
     lines = o.error_lines()
