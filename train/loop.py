@@ -410,6 +410,10 @@ def _loop(run: Run, online_teacher, in_memory: bool) -> list[float]:
                         f"the plan has {run.per_epoch} batches per epoch"
                     )
     except KeyboardInterrupt:
+        if latest_checkpoint(cfg.run_dir) is None:  # nothing saved yet: the same command starts over
+            raise MmkdError(
+                f"interrupted at step {run.step}, before the first checkpoint; run the same command again"
+            ) from None
         raise MmkdError(f"interrupted at step {run.step}; continue with --resume --run-dir {cfg.run_dir}") from None
     finally:
         if metrics is not None:
