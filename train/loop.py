@@ -65,6 +65,16 @@ def _dist(device: str) -> tuple[int, int, str]:
     return torch.distributed.get_rank(), world, device
 
 
+def _leave_group() -> None:
+    """Wait for rank 0's export, then close the process group on every rank.
+
+    A rank that exits with the group still open can abort in gloo's teardown ("terminate called without an
+    active exception"), and the launcher then kills rank 0 in the middle of its export.
+    """
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def lr_lambda(total: int, warmup: int):
     """Linear warmup to 1, then cosine to 0."""
 
@@ -171,6 +181,8 @@ def train(cfg: TrainConfig, online_teacher=None, in_memory: bool = False, given:
             preprocess=run.built.preprocess,
             max_seq_length=(reader.attrs.get("preprocess") or {}).get("max_length"),
         )
+    if world > 1:
+        _leave_group()
     return TrainResult(
         run_dir=cfg.run_dir,
         steps=run.step,
