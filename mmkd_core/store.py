@@ -120,6 +120,9 @@ class Layout:
         view_params: P, parameters per view (0: none).
         chunk_size: Samples per chunk (0: chosen for ~4 MiB chunks).
         shard_size: Samples per shard (0: 16 chunks).
+        extras: Further per-sample arrays stored as given (no target encoding), each
+            ``(name, trailing shape, zarr dtype, dimension names)``; the dimension names include ``sample``
+            first. A pair store's captions use one (``image``); so do joint teachers' per-modality outputs.
     """
 
     num_samples: int
@@ -133,6 +136,7 @@ class Layout:
     view_params: int = 0
     chunk_size: int = 0
     shard_size: int = 0
+    extras: tuple[tuple[str, tuple[int, ...], str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         quant.storage_dtype(self.dtype)
@@ -162,6 +166,8 @@ class Layout:
             "shard_samples": self.shard_size,
             "tokens": self.store_tokens,
         }
+        if self.extras:
+            out["extras"] = [name for name, *_ in self.extras]
         if self.dtype == "int8":
             out["int8_outliers"] = {
                 "tokens": quant.outliers_for(self.dim),
@@ -194,7 +200,18 @@ class Layout:
             out["view_params"] = ((n, v, self.view_params), "float32")
             out["view_checksum"] = ((n, v), "uint64")  # of each view's teacher input (views.CHECKSUM_RULE)
         out["index"] = ((n,), "int64")
+        for name, trailing, dtype, dims in self.extras:
+            if name in out or name in DIMS or len(dims) != 1 + len(trailing) or dims[0] != "sample":
+                raise ValueError(f"extra array {name!r}: a new name with dimension names ('sample', ...) per axis")
+            out[name] = ((n, *trailing), dtype)
         return out
+
+    def dimension_names(self, name: str) -> tuple[str, ...] | None:
+        """The dimension names of array ``name`` in this layout."""
+        for extra, _, _, dims in self.extras:
+            if extra == name:
+                return tuple(dims)
+        return dimension_names(name)
 
 
 def _codecs(dtype: str):
@@ -599,7 +616,7 @@ class StoreWriter:
                 shards=shards,
                 compressors=_codecs(dtype),
                 fill_value=0,
-                dimension_names=dimension_names(name),
+                dimension_names=layout.dimension_names(name),
                 attributes=array_attrs(layout.dtype, name),
             )
         group.create_array(
@@ -738,6 +755,11 @@ class StoreReader:
     def has(self, name: str) -> bool:
         return name in self.group
 
+    @property
+    def extra_names(self) -> tuple[str, ...]:
+        """The store's further per-sample arrays (``Layout.extras``), read by default with the others."""
+        return tuple(self.storage.get("extras") or ())
+
     def check(self, expected: dict[str, Any]) -> None:
         """Raise MmkdError naming the first field of ``expected`` (a partial provenance dict, e.g.
         ``{"teacher": ..., "recipe": ...}``) that differs from this store's."""
@@ -755,7 +777,7 @@ class StoreReader:
             names: Arrays to read where present (``tokens`` means the dequantised targets); default all.
         """
         g = self.group
-        names = names or ("tokens", "pooled", "lengths", "input_ids", "view_params", "index")
+        names = names or ("tokens", "pooled", "lengths", "input_ids", "view_params", "index", *self.extra_names)
         names = tuple(n for n in names if n in g)
         out: dict[str, np.ndarray] = {}
         for name in names:

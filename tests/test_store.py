@@ -230,3 +230,27 @@ def test_bfloat16_encoding_is_torchs_cast_and_keeps_nan():
     np.testing.assert_array_equal(decode_float(bits, "bfloat16"), expected)
     assert decode_float(bits[-4:-2], "bfloat16").tolist() == [1.0, 1.0 + 2**-6]  # ties round to even
     assert np.isnan(decode_float(encode_float(np.array([np.nan], np.float32), "bfloat16"), "bfloat16")).all()
+
+
+def test_extra_arrays_are_written_read_and_named(tmp_path):
+    extras = (("image", (), "int64", ("caption",)),)
+    with pytest.raises(ValueError, match="dimension names"):
+        Layout(num_samples=5, views=1, time_steps=3, dim=4, pooled_dim=4, extras=extras).arrays()
+    extras = (("image", (), "int64", ("sample",)), ("alone", (1, 4), "float32", ("sample", "view", "pooled_channel")))
+    layout = Layout(num_samples=5, views=1, time_steps=3, dim=4, pooled_dim=4, chunk_size=2, extras=extras)
+    w = StoreWriter.open(tmp_path / "s.zarr", layout, CONFIG, {})
+    rng = np.random.default_rng(0)
+    alone = rng.standard_normal((5, 1, 4)).astype(np.float32)
+    for k in range(layout.num_shards):
+        lo, hi = layout.shard_range(k)
+        data = fake_data(layout, lo, hi)
+        with pytest.raises(ValueError, match="no 'image' array"):
+            w.write_shard(k, data)
+        w.write_shard(k, {**data, "image": np.arange(lo, hi) * 10, "alone": alone[lo:hi]})
+    assert w.finish()
+    r = open_store(tmp_path / "s.zarr")
+    assert r.extra_names == ("image", "alone")
+    got = r.read(1, 4)
+    np.testing.assert_array_equal(got["image"], [10, 20, 30])
+    np.testing.assert_array_equal(got["alone"], alone[1:4])  # stored as given: float32, not the targets' float16
+    assert r.dims("alone") == ("sample", "view", "pooled_channel")
