@@ -65,11 +65,7 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
     )
     _check_modalities(cfg, teacher, dataset)
     n = min(len(dataset), cfg.limit or len(dataset))
-    source = (
-        TextSource(dataset, teacher, n)
-        if teacher.modality == "text"
-        else ImageSource(dataset, teacher, n, cfg.views, cfg.seed, cfg.crop_scale, cfg.workers)
-    )
+    source = _source(cfg, dataset, teacher, n)
     recipe = _recipe(cfg, teacher)
     layout = _layout(cfg, teacher, source, recipe, n)
     writer = _open_writer(cfg, dataset, teacher, source, recipe, layout, n)
@@ -117,6 +113,19 @@ def _check_modalities(cfg: ExtractConfig, teacher, dataset) -> None:
         raise MmkdError(f"--views {cfg.views}: text has one view")
 
 
+def _source(cfg: ExtractConfig, dataset, teacher, n: int):
+    """What feeds the teacher: tokenized text or rendered image views.
+
+    A source may define ``targets(teacher, batch, recipe, autocast)`` to compute a batch's outputs itself
+    (a teacher that needs several passes per batch) and ``extras()`` (``Layout.extras``): arrays whose
+    second axis is ``view`` are scattered from its outputs like ``pooled``; others come from
+    ``finish_shard``.
+    """
+    if teacher.modality == "text":
+        return TextSource(dataset, teacher, n)
+    return ImageSource(dataset, teacher, n, cfg.views, cfg.seed, cfg.crop_scale, cfg.workers)
+
+
 def _recipe(cfg: ExtractConfig, teacher) -> dict:
     pool = cfg.pool or ("teacher_mean" if teacher.modality == "text" else "teacher_cls")
     return {
@@ -132,7 +141,7 @@ def _recipe(cfg: ExtractConfig, teacher) -> dict:
 def _layout(cfg: ExtractConfig, teacher, source, recipe: dict, n: int) -> Layout:
     # one forward pass on the first sample gives T (images), D and the pooled width E
     with torch.inference_mode():
-        probe = _targets(teacher, source.probe_batch(), recipe, cfg)
+        probe = _targets(teacher, source, source.probe_batch(), recipe, cfg)
     return Layout(
         num_samples=n,
         views=source.views,
@@ -145,6 +154,7 @@ def _layout(cfg: ExtractConfig, teacher, source, recipe: dict, n: int) -> Layout
         view_params=source.view_params,
         chunk_size=cfg.chunk_size,
         shard_size=cfg.shard_size,
+        extras=tuple(source.extras()) if hasattr(source, "extras") else (),
     )
 
 
@@ -224,7 +234,7 @@ def _run_teacher(
                     queue.put(current, shard)
                 current = batch["shard"]
                 shard = _empty_shard(layout, *layout.shard_range(current))
-            out = _targets(teacher, batch, recipe, cfg)
+            out = _targets(teacher, source, batch, recipe, cfg)
             _place(shard, batch, out, layout.shard_range(current)[0])
             advance(len(batch["positions"]) // source.views)
     if current is not None:
@@ -236,7 +246,9 @@ def _plain(obj) -> dict:
     return asdict(obj) if hasattr(obj, "__dataclass_fields__") else dict(obj)
 
 
-def _targets(teacher, batch: dict, recipe: dict, cfg: ExtractConfig) -> dict[str, torch.Tensor]:
+def _targets(teacher, source, batch: dict, recipe: dict, cfg: ExtractConfig) -> dict[str, torch.Tensor]:
+    if hasattr(source, "targets"):
+        return source.targets(teacher, batch, recipe, lambda: _autocast(cfg))
     with _autocast(cfg):  # the teacher only: the target statistics are taken in float32 outside autocast
         out = teacher(**batch["inputs"])
     tokens, pooled = recipe_targets(out.hidden_states, out.mask, out.embed, recipe)
@@ -248,6 +260,9 @@ def _empty_shard(layout: Layout, lo: int, hi: int) -> dict[str, np.ndarray]:
     shard = {"pooled": np.zeros((m, layout.views, layout.pooled_dim), np.float32)}
     if layout.store_tokens:
         shard["tokens"] = np.zeros((m, layout.views, layout.time_steps, layout.dim), np.float32)
+    for name, trailing, dtype, dims in layout.extras:
+        if dims[1:2] == ("view",):
+            shard[name] = np.zeros((m, *trailing), dtype)
     return shard
 
 
@@ -256,6 +271,9 @@ def _place(shard: dict[str, np.ndarray], batch: dict, out: dict[str, torch.Tenso
     rows = batch["positions"] - lo
     views = batch["view_ids"]
     shard["pooled"][rows, views] = out["pooled"].float().cpu().numpy()
+    for name, value in out.items():
+        if name not in ("tokens", "pooled", "mask") and name in shard:
+            shard[name][rows, views] = value.float().cpu().numpy()
     if out["tokens"] is not None:
         t = out["tokens"].shape[1]
         shard["tokens"][rows, views, :t] = out["tokens"].float().cpu().numpy()
