@@ -109,6 +109,8 @@ def _check_modalities(cfg: ExtractConfig, teacher, dataset) -> None:
         raise MmkdError(f"--teacher {cfg.teacher} reads text but dataset {cfg.dataset!r} has none")
     if teacher.modality == "image" and dataset.modality not in ("image", "image_text"):
         raise MmkdError(f"--teacher {cfg.teacher} reads images but dataset {cfg.dataset!r} has none")
+    if teacher.modality == "image_text" and dataset.modality != "image_text":
+        raise MmkdError(f"--teacher {cfg.teacher} reads image-text pairs but dataset {cfg.dataset!r} has none")
     if teacher.modality == "text" and cfg.views != 1:
         raise MmkdError(f"--views {cfg.views}: text has one view")
 
@@ -123,6 +125,10 @@ def _source(cfg: ExtractConfig, dataset, teacher, n: int):
     """
     if teacher.modality == "text":
         return TextSource(dataset, teacher, n)
+    if teacher.modality == "image_text":  # a joint teacher (FLAVA, ViLT): one sample per pair
+        from .joint import JointSource
+
+        return JointSource(dataset, teacher, n, cfg.views, cfg.seed, cfg.crop_scale, cfg.workers)
     return ImageSource(dataset, teacher, n, cfg.views, cfg.seed, cfg.crop_scale, cfg.workers)
 
 
@@ -150,7 +156,7 @@ def _layout(cfg: ExtractConfig, teacher, source, recipe: dict, n: int) -> Layout
         pooled_dim=probe["pooled"].shape[-1],
         dtype=cfg.dtype,
         store_tokens=not cfg.pooled_only,
-        input_ids=teacher.modality == "text",
+        input_ids=teacher.modality in ("text", "image_text"),
         view_params=source.view_params,
         chunk_size=cfg.chunk_size,
         shard_size=cfg.shard_size,

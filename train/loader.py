@@ -285,6 +285,11 @@ class StoreBatches(IterableDataset):
             out["tokens"] = torch.from_numpy(np.ascontiguousarray(buffer["tokens"][rows, views, :t]))
         if "pooled" in buffer:
             out["pooled"] = torch.from_numpy(np.ascontiguousarray(buffer["pooled"][rows, views]))
+        for name in self.reader.extra_names:  # per view like the targets when the array has a view axis
+            if name in buffer:
+                per_view = self.reader.dims(name)[1:2] == ("view",)
+                x = buffer[name][rows, views] if per_view else buffer[name][rows]
+                out[name] = torch.from_numpy(np.ascontiguousarray(x))
         if "input_ids" in buffer:
             out["input_ids"] = torch.from_numpy(buffer["input_ids"][rows, :t].astype(np.int64))
             out["attention_mask"] = out["mask"].long()
