@@ -3,6 +3,16 @@
 # The adapter modules are imported for their registrations.
 from . import captions, cifar, idx, imagefolder, labelled, paraphrase, shapes, stl10, text  # noqa: F401
 from .base import DATASETS, MODALITIES, SourceDataset, create_dataset, list_datasets
+from .pairs import PairImages, caption_images
 from .paraphrase import FORMATS as PARAPHRASE_FORMATS
 
-__all__ = ["DATASETS", "MODALITIES", "PARAPHRASE_FORMATS", "SourceDataset", "create_dataset", "list_datasets"]
+__all__ = [
+    "DATASETS",
+    "MODALITIES",
+    "PARAPHRASE_FORMATS",
+    "PairImages",
+    "SourceDataset",
+    "caption_images",
+    "create_dataset",
+    "list_datasets",
+]

@@ -86,7 +86,18 @@ def main_command(
     ),
     layer_norm: bool = typer.Option(True, help="Layer-normalise the averaged targets."),
     instance_norm: bool = typer.Option(True, help="Instance-normalise each layer before averaging."),
-    pooled_only: bool = typer.Option(False, help="Store only pooled targets."),
+    pooled_only: bool = typer.Option(
+        None,
+        "--pooled-only/--no-pooled-only",
+        help="Store only pooled targets, or per-token targets too (default: pooled only for image–caption pair "
+        "stores of an image teacher, tokens too otherwise).",
+        show_default=False,
+    ),
+    text_tokenizer: str = typer.Option(
+        None,
+        help="Pair stores (an image teacher over image–caption data): the tokenizer of the captions the "
+        "student's text tower reads, a text teacher (e.g. minilm-l6) or a checkpoint directory.",
+    ),
     dtype: Dtype = typer.Option(
         "float16",
         parser=choice("--dtype", "storage dtype", DTYPES),
@@ -132,6 +143,7 @@ def main_command(
         instance_norm=instance_norm,
         layer_norm=layer_norm,
         pooled_only=pooled_only,
+        text_tokenizer=text_tokenizer,
         dtype=dtype,
         batch_size=batch_size,
         device=device,

@@ -31,7 +31,10 @@ class ExtractConfig:
         pool: Pooled target; None picks teacher_mean for text teachers and teacher_cls for image teachers.
         instance_norm: Instance-normalise each layer before averaging.
         layer_norm: Layer-normalise the averaged targets.
-        pooled_only: Store only pooled targets (multimodal stores).
+        pooled_only: Store only pooled targets; None: pooled only for pair stores (an image teacher over
+            image–caption data), per-token targets too otherwise.
+        text_tokenizer: Pair stores: the tokenizer the student's text tower reads the captions with (a
+            registered text teacher or a checkpoint directory); a two-tower teacher uses its own.
         dtype: float16, float32, bfloat16 or int8.
         batch_size: Teacher inputs per forward pass (images count each view).
         device: torch device.
@@ -59,7 +62,8 @@ class ExtractConfig:
     pool: str | None = None
     instance_norm: bool = True
     layer_norm: bool = True
-    pooled_only: bool = False
+    pooled_only: bool | None = None
+    text_tokenizer: str | None = None
     dtype: str = "float16"
     batch_size: int = 64
     device: str = "cpu"

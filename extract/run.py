@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmkd.data import create_dataset
+from mmkd.data import PairImages, create_dataset
 from mmkd_core.errors import MmkdError
 from mmkd_core.progress import progress_bar
 from mmkd_core.store import Layout, StoreWriter, open_store
@@ -21,6 +21,7 @@ from mmkd_core.teachers import create_teacher
 from mmkd_core.versions import library_versions
 
 from .config import ExtractConfig
+from .pairs import PairCaptions, caption_writer, is_pair_store
 from .sources import ImageSource, TextSource
 
 log = logging.getLogger(__name__)
@@ -58,38 +59,37 @@ def _autocast(cfg: ExtractConfig):
 
 
 def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
-    """Run the teacher over the dataset and write (or finish writing) the store ``cfg.out``."""
+    """Run the teacher over the dataset and write (or finish writing) the store ``cfg.out``.
+
+    An image teacher over image–caption pairs writes a pair store (see ``pairs``): its samples are the
+    distinct images, the teacher runs once per image and view, and its captions are a store inside it.
+    """
     dataset = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split, **cfg.dataset_options)
     teacher = create_teacher(
         cfg.teacher, cfg.weights, random_init=cfg.random_weights, device=cfg.device, **cfg.teacher_options
     )
     _check_modalities(cfg, teacher, dataset)
-    n = min(len(dataset), cfg.limit or len(dataset))
-    source = _source(cfg, dataset, teacher, n)
-    recipe = _recipe(cfg, teacher)
-    layout = _layout(cfg, teacher, source, recipe, n)
-    writer = _open_writer(cfg, dataset, teacher, source, recipe, layout, n)
+    pairs = is_pair_store(teacher, dataset, cfg.text_tokenizer)
+    if cfg.text_tokenizer and not pairs:
+        raise MmkdError("--text-tokenizer: only an image teacher over image–caption data stores captions")
+    # an image teacher runs once per image: a dataset with several captions per image gives its images
+    samples = (
+        PairImages(dataset) if pairs or (teacher.modality == "image" and hasattr(dataset, "image_id")) else dataset
+    )
+    n = min(len(samples), cfg.limit or len(samples))
+    captions = PairCaptions(dataset, samples, n, teacher, cfg.text_tokenizer) if pairs else None
+    source = _source(cfg, samples, teacher, n)
+    recipe = _recipe(cfg, teacher, pairs)
+    layout, probe = _layout(cfg, teacher, source, recipe, n)
+    writer = _open_writer(cfg, samples, teacher, source, recipe, layout, n, captions)
     todo = [k for k in range(layout.num_shards) if k not in writer.done_shards()]
     start = time.perf_counter()
-    # the writer is closed (its lock released) on leaving this block, after the shard in flight has landed
-    with (
-        writer,
-        ShardQueue(writer, source) as queue,
-        progress_bar(
-            f"extract {cfg.teacher} → {cfg.out.name}",
-            total=n,
-            completed=n - _samples(layout, todo),
-            enabled=show_progress,
-        ) as advance,
-    ):
-        try:
-            _run_teacher(cfg, teacher, source, recipe, layout, todo, queue, advance)
-        except KeyboardInterrupt:
-            queue.drain()  # let the shard in flight land; it is marked done only once written
-            raise MmkdError(
-                f"interrupted: {len(writer.done_shards())} of {layout.num_shards} shards of {cfg.out} are written; "
-                "run the same command again to continue"
-            ) from None
+    with writer:  # closed (its lock released) on leaving, after the shard in flight has landed
+        if captions is not None:
+            _write_captions(cfg, captions, recipe, show_progress)
+        _fill(
+            cfg, writer, teacher, source, recipe, todo, probe, f"extract {cfg.teacher} → {cfg.out.name}", show_progress
+        )
         complete = writer.finish()
     return ExtractSummary(
         path=str(cfg.out),
@@ -102,6 +102,61 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
         bytes_on_disk=open_store(cfg.out).nbytes_stored(),
         complete=complete,
     )
+
+
+def _fill(cfg: ExtractConfig, writer: StoreWriter, teacher, source, recipe, todo, probe, label, show_progress) -> None:
+    """Compute and write the shards ``todo`` of one store."""
+    layout = writer.layout
+    with (
+        ShardQueue(writer, source) as queue,
+        progress_bar(
+            label,
+            total=layout.num_samples,
+            completed=layout.num_samples - _samples(layout, todo),
+            enabled=show_progress,
+        ) as advance,
+    ):
+        try:
+            _run_teacher(cfg, teacher, source, recipe, layout, todo, queue, advance, probe)
+        except KeyboardInterrupt:
+            queue.drain()  # let the shard in flight land; it is marked done only once written
+            raise MmkdError(
+                f"interrupted: {len(writer.done_shards())} of {layout.num_shards} shards of {writer.path} are "
+                "written; run the same command again to continue"
+            ) from None
+
+
+def _write_captions(cfg: ExtractConfig, captions: PairCaptions, recipe: dict, show_progress: bool) -> None:
+    """The pair store's caption store: token ids, image rows and (two-tower teachers) text embeddings."""
+    text = captions.teacher
+    cap_recipe = {**recipe, "tokens": False}
+    batch = captions.source.probe_batch()
+    with torch.inference_mode():
+        probe = {**_targets(text, captions.source, batch, cap_recipe, cfg), "batch": batch}
+    m = len(captions)
+    layout = Layout(
+        num_samples=m,
+        views=1,
+        time_steps=captions.source.time_steps(probe),
+        dim=max(1, int(probe["pooled"].shape[-1])),
+        pooled_dim=int(probe["pooled"].shape[-1]),
+        dtype=cfg.dtype,
+        store_tokens=False,
+        input_ids=True,
+        extras=tuple(captions.source.extras()),
+    )
+    config = {
+        "teacher": text.describe(),
+        "recipe": cap_recipe,
+        "preprocess": _plain(text.preprocess),
+        "views": {"count": 1},
+        "dataset": {"captions_of": cfg.dataset, "num_samples": m},
+    }
+    writer = caption_writer(cfg.out, layout, config, library_versions())
+    todo = [k for k in range(layout.num_shards) if k not in writer.done_shards()]
+    with writer:
+        _fill(cfg, writer, text, captions.source, cap_recipe, todo, probe, f"captions → {cfg.out.name}", show_progress)
+        writer.finish()
 
 
 def _check_modalities(cfg: ExtractConfig, teacher, dataset) -> None:
@@ -132,39 +187,50 @@ def _source(cfg: ExtractConfig, dataset, teacher, n: int):
     return ImageSource(dataset, teacher, n, cfg.views, cfg.seed, cfg.crop_scale, cfg.workers)
 
 
-def _recipe(cfg: ExtractConfig, teacher) -> dict:
-    pool = cfg.pool or ("teacher_mean" if teacher.modality == "text" else "teacher_cls")
+def _recipe(cfg: ExtractConfig, teacher, pairs: bool = False) -> dict:
+    if getattr(teacher, "text_tower", None) is not None:
+        pool = cfg.pool or "teacher_embed"  # a two-tower teacher's own image and text embeddings
+    else:
+        pool = cfg.pool or ("teacher_mean" if teacher.modality == "text" else "teacher_cls")
+    # a pair store's student regresses the whole sample's representation: pooled only unless asked
+    pooled_only = cfg.pooled_only if cfg.pooled_only is not None else pairs
     return {
         "layers": select_layers(cfg.layers, teacher.num_layers),
         "instance_norm": cfg.instance_norm,
         "layer_norm": cfg.layer_norm,
         "pool": pool,
-        "tokens": not cfg.pooled_only,
+        "tokens": not pooled_only,
         "autocast": cfg.autocast,
     }
 
 
-def _layout(cfg: ExtractConfig, teacher, source, recipe: dict, n: int) -> Layout:
-    # one forward pass on the first sample gives T (images), D and the pooled width E
+def _layout(cfg: ExtractConfig, teacher, source, recipe: dict, n: int) -> tuple[Layout, dict]:
+    """The store's layout, and the probe: one forward pass on the first sample gives T (images), D and the
+    pooled width E; its result is kept (with the batch's positions) and written, not computed again."""
+    batch = source.probe_batch()
     with torch.inference_mode():
-        probe = _targets(teacher, source, source.probe_batch(), recipe, cfg)
-    return Layout(
+        probe = _targets(teacher, source, batch, recipe, cfg)
+    probe = {**probe, "batch": batch}
+    layout = Layout(
         num_samples=n,
         views=source.views,
         time_steps=source.time_steps(probe),
         dim=teacher.hidden_size,
         pooled_dim=probe["pooled"].shape[-1],
         dtype=cfg.dtype,
-        store_tokens=not cfg.pooled_only,
+        store_tokens=recipe["tokens"],
         input_ids=teacher.modality in ("text", "image_text"),
         view_params=source.view_params,
         chunk_size=cfg.chunk_size,
         shard_size=cfg.shard_size,
         extras=tuple(source.extras()) if hasattr(source, "extras") else (),
     )
+    return layout, probe
 
 
-def _open_writer(cfg: ExtractConfig, dataset, teacher, source, recipe: dict, layout: Layout, n: int) -> StoreWriter:
+def _open_writer(
+    cfg: ExtractConfig, dataset, teacher, source, recipe: dict, layout: Layout, n: int, captions=None
+) -> StoreWriter:
     dataset_attrs = {
         "options": cfg.dataset_options,
         **dataset.describe(),
@@ -173,6 +239,7 @@ def _open_writer(cfg: ExtractConfig, dataset, teacher, source, recipe: dict, lay
         "num_samples": n,
         "limit": cfg.limit,
         "source_size": len(dataset),
+        **(captions.describe() if captions is not None else {}),
     }
     config = {
         "teacher": teacher.describe(),
@@ -229,9 +296,21 @@ class ShardQueue:
 
 
 def _run_teacher(
-    cfg: ExtractConfig, teacher, source, recipe: dict, layout: Layout, todo: list[int], queue: ShardQueue, advance
+    cfg: ExtractConfig,
+    teacher,
+    source,
+    recipe: dict,
+    layout: Layout,
+    todo: list[int],
+    queue: ShardQueue,
+    advance,
+    probe: dict | None = None,
 ) -> None:
-    """One pass over every pending shard (one DataLoader for images); batches never straddle shards."""
+    """One pass over every pending shard (one DataLoader for images); batches never straddle shards.
+
+    The probe's input (the first sample's first view) is not run again: its kept result is placed, so the
+    teacher sees every input exactly once.
+    """
     current, shard = None, None
     with torch.inference_mode():
         for batch in source.batches([(k, *layout.shard_range(k)) for k in todo], cfg.batch_size):
@@ -240,12 +319,30 @@ def _run_teacher(
                     queue.put(current, shard)
                 current = batch["shard"]
                 shard = _empty_shard(layout, *layout.shard_range(current))
-            out = _targets(teacher, source, batch, recipe, cfg)
-            _place(shard, batch, out, layout.shard_range(current)[0])
+            lo = layout.shard_range(current)[0]
+            rest = _without_probe(batch, probe)
+            if rest is not batch:
+                _place(shard, probe["batch"], probe, lo)
+                probe = None  # used up
+            if len(rest["positions"]):
+                _place(shard, rest, _targets(teacher, source, rest, recipe, cfg), lo)
             advance(len(batch["positions"]) // source.views)
     if current is not None:
         queue.put(current, shard)
     queue.drain()
+
+
+def _without_probe(batch: dict, probe: dict | None) -> dict:
+    """``batch`` without the probe's input, or ``batch`` itself when it does not hold that input."""
+    if probe is None or "positions" not in probe["batch"]:
+        return batch
+    p = probe["batch"]
+    hit = (batch["positions"] == p["positions"][0]) & (batch["view_ids"] == p["view_ids"][0])
+    if not hit.any():
+        return batch
+    keep = ~hit
+    inputs = {k: v[torch.from_numpy(keep).to(v.device)] for k, v in batch["inputs"].items()}
+    return {**batch, "inputs": inputs, "positions": batch["positions"][keep], "view_ids": batch["view_ids"][keep]}
 
 
 def _plain(obj) -> dict:

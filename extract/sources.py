@@ -52,7 +52,7 @@ class TextSource:
         t = int(self.lengths[rows].max())
         ids = torch.from_numpy(self.input_ids[rows, :t].astype(np.int64))
         mask = (torch.arange(t)[None] < torch.from_numpy(self.lengths[rows]).long()[:, None]).long()
-        dev = next(self.teacher.parameters()).device
+        dev = _device(self.teacher)
         return {
             "inputs": {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)},
             "positions": rows,
@@ -77,6 +77,12 @@ class TextSource:
             "input_ids": self.input_ids[lo:hi],
             "index": np.arange(lo, hi, dtype=np.int64),
         }
+
+
+def _device(teacher) -> torch.device:
+    """Where the teacher's inputs go (the CPU for a tokenizer that is never run)."""
+    param = next(teacher.parameters(), None) if hasattr(teacher, "parameters") else None
+    return param.device if param is not None else torch.device("cpu")
 
 
 class _Views(Dataset):
@@ -130,11 +136,15 @@ class ImageSource:
         return int(probe["mask"].shape[1])
 
     def _device(self):
-        return next(self.teacher.parameters()).device
+        return _device(self.teacher)
 
     def probe_batch(self) -> dict[str, Any]:
         pixels, _, _ = _Views(self.dataset, self.spec)[0]
-        return {"inputs": {"pixel_values": pixels[:1].to(self._device())}}
+        return {
+            "inputs": {"pixel_values": pixels[:1].to(self._device())},
+            "positions": np.array([0]),
+            "view_ids": np.array([0]),
+        }
 
     def batches(self, shards: list[tuple[int, int, int]], batch_size: int) -> Iterator[dict[str, Any]]:
         """Batches of each (shard, lo, hi) in turn, from one DataLoader: workers start once per run, not per

@@ -532,6 +532,7 @@ class StoreWriter:
         versions: dict[str, str],
         overwrite: bool = False,
         extra: dict[str, Any] | None = None,
+        locked: bool = True,
     ) -> StoreWriter:
         """Lock the store, then create it, or resume it when its configuration equals ``config``.
 
@@ -544,12 +545,16 @@ class StoreWriter:
                 zarr group whose zarr.json carries the ``mmkd`` attribute) is ever deleted; any other
                 existing path except an empty directory is refused, with or without it.
             extra: Further attributes recorded but not compared (e.g. where the source data was read).
+            locked: Take the store's lock. False only for a store inside another whose writer holds the
+                lock (a pair store's captions).
 
         Raises:
             MmkdError: another writer holds the lock (or left a stale one), the path is not a store, or the
                 configuration differs without ``overwrite``.
         """
         path = Path(path)
+        if not locked:
+            return cls(path, layout, cls._open_group(path, layout, config, versions, overwrite, extra))
         lock = StoreLock(lock_path(path))
         lock.acquire(path)
         try:

@@ -1,4 +1,5 @@
-"""CLIP teachers: one tower of a transformers ``CLIPModel`` (a teacher has one modality)."""
+"""CLIP teachers: one tower of a transformers ``CLIPModel``, or both (``tower=both``: the image tower with the
+text tower beside it, for two-tower pair stores)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,14 @@ class ClipTeacher(Teacher):
             preprocess = text_preprocess(tokenizer, path, self.max_length)
         self.preprocess = preprocess
 
+    text_tower: ClipTeacher | None = None  # with tower=both: the text tower of the same checkpoint
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        if self.text_tower is not None:
+            out["towers"] = {"image": self.name, "text": self.text_tower.name}
+        return out
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         if self.tokenizer is None:
             raise MmkdError(f"{self.name} is an image teacher: it has no tokenizer")
@@ -100,12 +109,17 @@ class ClipTeacher(Teacher):
 def _create_clip(tower: str, weights: str | None, random_init: bool, options: dict[str, Any]) -> ClipTeacher:
     from transformers import CLIPConfig, CLIPModel
 
-    if tower not in _TOWERS:
-        raise MmkdError(f"clip: option tower must be 'vision' or 'text', not {tower!r}")
+    if tower not in (*_TOWERS, "both"):
+        raise MmkdError(f"clip: option tower must be 'vision', 'text' or 'both', not {tower!r}")
     max_length = options.pop("max_length", None)
     attn = options.pop("attn_implementation", DEFAULT_ATTN)
     location = locate_weights(weights, DEFAULT_REPO)
     if location is None and not (random_init and tower == "vision"):
+        if tower == "both" and random_init:
+            raise MmkdError(
+                "clip tower=both: random_init=True still needs a tokenizer: pass weights=DIR (only its "
+                "config and tokenizer are read)"
+            )
         if random_init:
             raise MmkdError(
                 "clip-text: random_init=True still needs a tokenizer: pass weights=DIR (only its "
@@ -114,16 +128,23 @@ def _create_clip(tower: str, weights: str | None, random_init: bool, options: di
         raise missing_weights_error(f"clip-{tower}", "a CLIP checkpoint directory", DEFAULT_REPO)
     path = checkpoint_dir(location, f"clip-{tower}") if location is not None else None
     config = load_config(path, CLIPConfig, options, f"clip-{tower}", "clip")
-    other = _TOWERS["text" if tower == "vision" else "vision"]
+    other = () if tower == "both" else _TOWERS["text" if tower == "vision" else "vision"]
     model, sha = load_model(
         CLIPModel,
         config,
         None if random_init else path,
         teacher=f"clip-{tower}",
         attn=attn,
-        ignore_missing=(f"{other[0]}.*", f"{other[1]}.*", "logit_scale"),
+        ignore_missing=(*(f"{part}.*" for part in other), "logit_scale"),
     )
     source = "random" if random_init else location.source
+    if tower == "both":
+        image = ClipTeacher("vision", model, None, path, None, source, sha)
+        image.preprocess = image_preprocess(path, config.vision_config.image_size, DEFAULT_PREPROCESS)
+        image.name = "clip"
+        tokenizer = load_tokenizer(path, "clip-text")
+        image.text_tower = ClipTeacher("text", model, tokenizer, path, None, source, sha, max_length)
+        return image
     if tower == "vision":
         preprocess = image_preprocess(path, config.vision_config.image_size, DEFAULT_PREPROCESS)
         return ClipTeacher(tower, model, None, path, preprocess, source, sha)
@@ -137,12 +158,13 @@ def create_clip(weights: str | None = None, *, random_init: bool = False, **opti
     Args:
         weights: CLIP checkpoint directory (with tokenizer / preprocessor_config.json) or repo id.
         random_init: Random weights (tests only); a ``weights`` directory then gives config and tokenizer.
-        **options: ``tower`` ("vision" or "text", required), ``max_length`` (text; default 77 from the
-            position table), ``attn_implementation`` (default sdpa); others override CLIPConfig attributes
-            (``vision_config={...}``, ``text_config={...}``, ``projection_dim``).
+        **options: ``tower`` ("vision", "text" or "both", required; "both" is the image tower with the text
+            tower as ``text_tower``, sharing one checkpoint, for two-tower pair stores), ``max_length`` (text;
+            default 77 from the position table), ``attn_implementation`` (default sdpa); others override
+            CLIPConfig attributes (``vision_config={...}``, ``text_config={...}``, ``projection_dim``).
     """
     if "tower" not in options:
-        raise MmkdError("clip: set option tower='vision' or tower='text' (or use clip-vision / clip-text)")
+        raise MmkdError("clip: set option tower='vision', 'text' or 'both' (or use clip-vision / clip-text)")
     return _create_clip(options.pop("tower"), weights, random_init, options)
 
 
