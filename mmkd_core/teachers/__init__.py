@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import beit, clip, hf_text, hf_vision  # noqa: F401  (register the teachers)
+from . import beit, clip, flava, hf_text, hf_vision  # noqa: F401  (register the teachers)
 from .base import TEACHERS, ImagePreprocess, Teacher, TeacherOutput, TextPreprocess
 
 __all__ = [

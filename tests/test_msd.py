@@ -1,0 +1,110 @@
+"""MSD end to end: a joint-input teacher (FLAVA), its store of per-modality outputs, and training on it."""
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmkd_core.errors import MmkdError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import WORDS  # noqa: E402
+
+SCRIPTS = Path(sysconfig.get_path("scripts"))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "MMKD_PROGRESS_SECONDS": "0"}
+
+
+def save_tiny_flava(root: Path) -> Path:
+    """A tiny random FLAVA (image, text and multimodal encoders 32 wide, 2 layers, 32 px images in 16 px
+    patches) with its BERT tokenizer and image processor, saved with save_pretrained as users' are."""
+    from transformers import BertTokenizer, FlavaConfig, FlavaImageProcessor, FlavaModel
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizer(vocab=str(root / "vocab.txt"))
+    tokenizer.save_pretrained(str(root))
+    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    config = FlavaConfig(
+        image_config={**small, "image_size": 32, "patch_size": 16},
+        text_config={**small, "vocab_size": len(tokenizer), "max_position_embeddings": 64},
+        multimodal_config=small,
+        hidden_size=32,
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    FlavaModel(config).save_pretrained(str(root))
+    FlavaImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        str(root)
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def flava_dir(tmp_path_factory) -> Path:
+    return save_tiny_flava(tmp_path_factory.mktemp("flava") / "flava")
+
+
+@pytest.fixture(scope="module")
+def flava(flava_dir):
+    from mmkd_core.teachers import create_teacher
+
+    return create_teacher("flava", str(flava_dir))
+
+
+def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SCRIPTS / script), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+# ---- the teacher -------------------------------------------------------------------------------------
+
+
+def test_flava_teacher_loads_from_its_directory_and_records_how_it_removes_a_modality(flava, flava_dir):
+    d = flava.describe()
+    assert flava.modality == "image_text" and d["source"] == str(flava_dir.resolve())
+    assert len(d["weights_sha256"]) == 64 and (d["num_layers"], d["hidden_size"]) == (2, 32)
+    assert set(d["removal"]) == {"image", "text"} and "blank" in d["removal"]["image"]
+    pre = flava.preprocess
+    assert (pre.size, pre.crop_mode, pre.text.tokenizer) == (32, "squash", "BertTokenizer")
+    assert flava.empty_text_ids.tolist() == [[2, 3]]  # [CLS] [SEP]: the empty caption
+    assert "empty_text_ids" not in flava.state_dict()  # the weights hash stays the weights'
+
+
+def test_flava_outputs_are_the_multimodal_encoders_and_removal_is_one_method_per_modality(flava):
+    enc = flava.tokenize(["a red circle", "a blue square at the top left"])
+    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = flava(px, **enc)
+        # multimodal CLS + image CLS + 4 patches + caption tokens; padding is not a valid step
+        assert [h.shape for h in out.hidden_states] == [(2, 6 + enc["input_ids"].shape[1], 32)] * 2
+        assert out.mask.sum(1).tolist() == [6 + n for n in enc["attention_mask"].sum(1).tolist()]
+        # a sample's output does not depend on the padding around it
+        alone = flava(px[:1], **flava.tokenize(["a red circle"]))
+        torch.testing.assert_close(alone.hidden_states[-1][0], out.hidden_states[-1][0, : alone.mask.shape[1]])
+        both = flava.forward_removed(px, **enc)
+        direct = {
+            "joint": out,
+            "without_image": flava(flava.without_image(px), **enc),
+            "without_text": flava(px, **flava.without_text(**enc)),
+        }
+    assert flava.without_image(px).abs().sum() == 0
+    for key, want in direct.items():
+        torch.testing.assert_close(both[key].hidden_states[-1], want.hidden_states[-1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(both[key].mask, want.mask)
+    with pytest.raises(MmkdError, match="joint teacher"):
+        flava(px)
+
+
+def test_flava_without_weights_is_an_error_unless_random_is_asked_for(flava_dir, tmp_path, monkeypatch):
+    from mmkd_core.teachers import create_teacher
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(MmkdError, match="flava.*--weights"):
+        create_teacher("flava")
+    with pytest.raises(MmkdError, match="tokenizer"):
+        create_teacher("flava", random_init=True)
+    random = create_teacher("flava", str(flava_dir), random_init=True)
+    assert random.describe()["source"] == "random" and random.weights_sha256.startswith("random:")
