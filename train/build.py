@@ -47,14 +47,20 @@ MULTIMODAL_DEFAULTS = {
 IMAGE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
+# image teachers whose blocks a timm Beit student reproduces (the rest map onto a VisionTransformer)
+BEIT_LIKE = ("beitv2", "beit", "data2vec-vision")
+
+
 def student_kind(cfg: TrainConfig, attrs: dict[str, Any]) -> str:
-    """The student kind for this store: cfg.student, or chosen from the teacher and the data."""
+    """The student kind for this store: cfg.student, or chosen from the teacher and the data — and, for image
+    stores, from the model whose blocks seed the student (``--init NAME``, else the store's teacher)."""
     if cfg.student != "auto":
         return cfg.student
     teacher_modality = attrs["teacher"].get("modality")
     if teacher_modality == "text":
         return "multimodal" if attrs["dataset"].get("modality") == "image_text" else "text"
-    return "beit" if attrs["teacher"]["name"].startswith("beit") else "vit"
+    seed = cfg.init if cfg.init not in (None, "teacher", "random") else attrs["teacher"]["name"]
+    return "beit" if seed in BEIT_LIKE else "vit"
 
 
 def teacher_source(attrs: dict[str, Any]) -> tuple[str, str | None]:
@@ -70,8 +76,33 @@ def teacher_source(attrs: dict[str, Any]) -> tuple[str, str | None]:
     return t["name"], src
 
 
-def load_init_teacher(cfg: TrainConfig, attrs: dict[str, Any]):
-    """The model whose first blocks initialise the student (never run: only its weights are copied)."""
+# why a teacher's blocks cannot seed a BERT-layout text tower (text and multimodal students)
+_NOT_BERT = {"clip-text": "a causal, pre-norm CLIP text tower with quick_gelu"}
+
+
+def _check_init_fits(kind: str, model: Any, flag: str) -> None:
+    """Refuse, in one line naming an init that works, a seed whose blocks the student's would not reproduce."""
+    if kind in ("text", "multimodal") and getattr(model, "modality", "") == "text":
+        from mmkd_core.students.text import bert_like
+
+        try:
+            bert_like(model)
+        except MmkdError:
+            what = _NOT_BERT.get(model.name, f"{type(model.model).__name__}, not BERT-like")
+            raise MmkdError(
+                f"{flag}: the blocks of {model.name} ({what}) are not what the {kind} student's BERT blocks "
+                "compute; use --init random"
+            ) from None
+
+
+def load_init_teacher(cfg: TrainConfig, attrs: dict[str, Any], kind: str | None = None):
+    """The model whose first blocks initialise the student (never run: only its weights are copied).
+
+    Raises:
+        MmkdError: The store's teacher cannot be reloaded, or its blocks (or those of ``--init NAME``) would
+            not compute in a ``kind`` student what they computed in the model (one line naming an init that
+            works).
+    """
     if cfg.init == "teacher":
         name, weights = teacher_source(attrs)
         teacher = create_teacher(name, weights)
@@ -79,8 +110,31 @@ def load_init_teacher(cfg: TrainConfig, attrs: dict[str, Any]):
             raise MmkdError(
                 f"teacher.weights_sha256: {weights or name} is not the checkpoint the store was extracted with"
             )
-        return teacher
-    return create_teacher(cfg.init, cfg.init_weights)
+        flag = "--init teacher"
+    else:
+        teacher = create_teacher(cfg.init, cfg.init_weights)
+        flag = f"--init {cfg.init}"
+    if kind is not None:
+        _check_init_fits(kind, teacher, flag)
+    return teacher
+
+
+def random_text_arch(model: Any) -> dict[str, Any]:
+    """Text-student widths and vocabulary a randomly initialised student takes from the store's teacher: all
+    of ``bert_arch`` for a BERT-like one, else what any transformers text encoder's config has."""
+    from mmkd_core.students.text import bert_arch, bert_like
+
+    try:
+        return bert_arch(bert_like(model))
+    except MmkdError:
+        c = model.config
+        return {
+            "hidden_size": c.hidden_size,
+            "num_heads": c.num_attention_heads,
+            "intermediate_size": c.intermediate_size,
+            "vocab_size": c.vocab_size,
+            "max_position": c.max_position_embeddings,
+        }
 
 
 @dataclass
@@ -123,7 +177,7 @@ def build(cfg: TrainConfig, reader) -> Built:
     kind = student_kind(cfg, attrs)
     d_teacher = attrs["teacher"]["num_layers"]
     depth = cfg.depth or max(1, d_teacher // 2)
-    init_model = None if cfg.init == "random" else load_init_teacher(cfg, attrs)
+    init_model = None if cfg.init == "random" else load_init_teacher(cfg, attrs, kind)
     arch_model = init_model
     if cfg.init == "random" and attrs["teacher"]["modality"] == "text" and attrs["teacher"]["source"] != "random":
         # a random student still takes the teacher's vocabulary and widths, and its tokenizer
@@ -160,9 +214,7 @@ def _token_heads(ctx: Context) -> dict[str, Any]:
 def _build_text(ctx: Context) -> Built:
     opts: dict[str, Any] = dict(ctx.cfg.student_options)
     if ctx.cfg.init == "random" and ctx.arch_model is not None:
-        from mmkd_core.students.text import bert_arch
-
-        opts = {**bert_arch(ctx.arch_model.model), **opts}
+        opts = {**random_text_arch(ctx.arch_model.model), **opts}
     student = create_student(
         "text",
         depth=ctx.depth,

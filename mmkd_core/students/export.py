@@ -284,11 +284,15 @@ def timm_architecture(student: TimmStudent) -> str:
     timm can only build registered names and every one names a size, so this is the builder of the named
     size nearest the student's width (``vit_tiny_patch8_224`` for a narrow ViT with 8 px patches,
     ``vit_small_patch16_224`` for a 384-wide one); ``model_args`` override every value it fixes (depth,
-    width, heads, patch and image size), and ``pretrained_cfg.description`` states what the model is.
+    width, heads, patch and image size), and ``pretrained_cfg.description`` states what the model is. A
+    student built under another entrypoint than its kind's default (a CLIP-flavoured ViT: the norm eps and
+    activation come from the entrypoint) names that one.
     """
     import timm
 
     c = student.config
+    if c.arch != type(c).__dataclass_fields__["arch"].default:
+        return c.arch
     beit = isinstance(student, BeitStudent)
     sizes = _BEIT_SIZES if beit else _VIT_SIZES
     family = "beitv2" if beit else "vit"

@@ -1,6 +1,8 @@
 """Image students on timm models: ``vit`` (a ``VisionTransformer``) and ``beit`` (a ``Beit``, which alone can
 hold BEiT's relative position bias). Both are built with ``timm.create_model`` so the export is a plain timm
-checkpoint, and both can start from the first blocks of a timm model of the same family."""
+checkpoint, and both can start from the first blocks of a timm model of the same family — or of a transformers
+model timm has an equivalent of (CLIP's vision tower -> a CLIP-flavoured ``VisionTransformer``; BEiT and
+data2vec-vision -> ``Beit``), whose weights :func:`timm_equivalent` converts first."""
 
 from __future__ import annotations
 
@@ -41,6 +43,10 @@ class VitStudentConfig(HeadConfig):
     """Architecture of a timm ``VisionTransformer`` student (CLS token, token pooling, no classifier).
 
     Attributes:
+        arch: The timm entrypoint the student is built with. Every size argument is overridden; what it fixes
+            beyond them is the norm layer and activation: ``vit_base_patch16_224`` (timm's LayerNorm, eps 1e-6,
+            GELU), ``vit_base_patch16_clip_quickgelu_224`` / ``vit_base_patch16_clip_224`` (eps 1e-5, pre-norm,
+            QuickGELU / GELU: CLIP's vision tower).
         depth: Number of blocks.
         img_size: Input size in pixels (square).
         patch_size: Patch size in pixels.
@@ -54,7 +60,8 @@ class VitStudentConfig(HeadConfig):
         timm_args: Further ``timm.create_model`` arguments (JSON values), e.g. ``{"pre_norm": True}``.
     """
 
-    arch: ClassVar[str] = "vit_base_patch16_224"  # a registered name; every argument it fixes is overridden
+    family: ClassVar[str] = "vit_"  # what every entrypoint ``arch`` may name starts with
+    arch: str = "vit_base_patch16_224"
     depth: int = 6
     img_size: int = 224
     patch_size: int = 16
@@ -69,6 +76,8 @@ class VitStudentConfig(HeadConfig):
 
     def __post_init__(self) -> None:
         self.check_heads()
+        if not self.arch.startswith(self.family):
+            raise MmkdError(f"image student arch={self.arch!r}: name a timm entrypoint starting with {self.family!r}")
         if self.depth < 1:
             raise MmkdError(f"image student depth={self.depth}: give at least 1 block")
         if self.embed_dim % self.num_heads:
@@ -103,12 +112,14 @@ class BeitStudentConfig(VitStudentConfig):
     relative position table shared by all blocks, no absolute position embedding, layer scale).
 
     Attributes:
+        arch: The timm entrypoint (a beit one); every argument it fixes is overridden.
         use_abs_pos_emb: Absolute position embedding.
         use_rel_pos_bias: A relative position table per block.
         use_shared_rel_pos_bias: One relative position table shared by all blocks.
     """
 
-    arch: ClassVar[str] = "beitv2_base_patch16_224"
+    family: ClassVar[str] = "beit"
+    arch: str = "beitv2_base_patch16_224"
     init_values: float | None = 0.1
     use_abs_pos_emb: bool = False
     use_rel_pos_bias: bool = False
@@ -202,8 +213,17 @@ def _patch_args(model: nn.Module) -> dict[str, Any]:
     }
 
 
+# (layer-norm eps, activation) of a timm VisionTransformer -> the entrypoint that builds that pair from JSON args
+_VIT_ENTRYPOINTS = {
+    (1e-6, "GELU"): "vit_base_patch16_224",
+    (1e-5, "QuickGELU"): "vit_base_patch16_clip_quickgelu_224",
+    (1e-5, "GELU"): "vit_base_patch16_clip_224",
+}
+
+
 def vit_arch(model: nn.Module) -> dict[str, Any]:
-    """VitStudentConfig values read off a timm ``VisionTransformer``."""
+    """VitStudentConfig values read off a timm ``VisionTransformer`` (the entrypoint too: it fixes the norm
+    eps and the activation, which the student must share to compute what the copied blocks compute)."""
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
@@ -211,9 +231,16 @@ def vit_arch(model: nn.Module) -> dict[str, Any]:
     if model.cls_token is None:
         raise MmkdError("vit student: the init model has no CLS token; the student needs one at step 0")
     blk = model.blocks[0]
+    flavour = (float(getattr(blk.norm1, "eps", 0.0)), type(blk.mlp.act).__name__)
+    if flavour not in _VIT_ENTRYPOINTS:
+        raise MmkdError(
+            f"vit student: the init model's layer norm eps {flavour[0]} with {flavour[1]} is no timm entrypoint "
+            f"the student can be built from (known: {', '.join(map(str, _VIT_ENTRYPOINTS))}); use init='random'"
+        )
     args = _patch_args(model)
     # only None-ness of init_values matters: the copied gammas overwrite it
     args.update(
+        arch=_VIT_ENTRYPOINTS[flavour],
         num_heads=blk.attn.num_heads,
         mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
         qkv_bias=blk.attn.qkv.bias is not None,
@@ -302,6 +329,171 @@ def init_from_timm(student: TimmStudent, source: Any, blocks: Sequence[int] | No
     return layers
 
 
+# ---------------------------------------------------------------------------------------------------------
+# transformers models with a timm equivalent: their weights converted key by key, checked by the tests
+# against the transformers forward
+
+
+def timm_equivalent(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is a timm model, else the timm model that computes what it computes:
+
+    - CLIP's vision tower (``CLIPVisionModel``: pre-norm ViT, ``pre_layrnorm``, eps 1e-5, QuickGELU or GELU)
+      -> timm's CLIP ``VisionTransformer`` (``vit_base_patch16_clip[_quickgelu]_224`` entrypoint, sizes
+      overridden); its ``post_layernorm`` becomes the final ``norm``.
+    - BEiT / data2vec-vision (``BeitModel``, ``Data2VecVisionModel``) -> timm ``Beit``. transformers' port uses
+      layer-norm eps 1e-12 where the original BEiT and data2vec code (and timm) use 1e-6: block outputs agree
+      to about 1e-6, which the tests check. Without a final layer norm (``use_mean_pooling``) the student's
+      ``norm`` keeps its fresh init.
+
+    Raises:
+        MmkdError: A transformers configuration timm has no equivalent of (another activation, CLIP eps).
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ("clip_vision_model", "clip"):
+        return _timm_from_clip_vision(model)
+    if model_type in ("data2vec-vision", "beit"):
+        return _timm_from_hf_beit(model)
+    return model
+
+
+def _build_timm(arch: str, what: str, **kwargs: Any) -> nn.Module:
+    import timm
+
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten; the caller's stream must not move
+        try:
+            return timm.create_model(arch, pretrained=False, num_classes=0, global_pool="token", **kwargs)
+        except (TypeError, ValueError, AssertionError) as e:
+            raise MmkdError(f"{what}: timm cannot build {arch} with {kwargs}: {e}") from None
+
+
+def _load_converted(model: nn.Module, state: dict[str, torch.Tensor], what: str, optional: Sequence[str] = ()) -> None:
+    """Load converted weights strictly (only keys in ``optional`` may stay at their init)."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in optional]
+    if missing or result.unexpected_keys:
+        raise MmkdError(
+            f"{what}: converted weights do not fit: missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}"
+        )
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if any(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def _timm_from_clip_vision(model: nn.Module) -> nn.Module:
+    cfg = getattr(model.config, "vision_config", model.config)
+    what = "vit student from CLIP's vision tower"
+    act = {"quick_gelu": "vit_base_patch16_clip_quickgelu_224", "gelu": "vit_base_patch16_clip_224"}
+    if cfg.hidden_act not in act or cfg.layer_norm_eps != 1e-5:
+        raise MmkdError(
+            f"{what}: hidden_act {cfg.hidden_act!r} with layer_norm_eps {cfg.layer_norm_eps} has no timm "
+            "equivalent (quick_gelu or gelu with eps 1e-5 have); use init='random'"
+        )
+    out = _build_timm(
+        act[cfg.hidden_act],
+        what,
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.num_channels,
+        embed_dim=cfg.hidden_size,
+        depth=cfg.num_hidden_layers,
+        num_heads=cfg.num_attention_heads,
+        mlp_ratio=cfg.intermediate_size / cfg.hidden_size,
+    )
+    src = _strip(model.state_dict(), "vision_model.")
+    state = {
+        "cls_token": src["embeddings.class_embedding"].reshape(1, 1, -1),
+        "patch_embed.proj.weight": src["embeddings.patch_embedding.weight"],
+        "pos_embed": src["embeddings.position_embedding.weight"].unsqueeze(0),
+        "norm_pre.weight": src["pre_layrnorm.weight"],
+        "norm_pre.bias": src["pre_layrnorm.bias"],
+        "norm.weight": src["post_layernorm.weight"],
+        "norm.bias": src["post_layernorm.bias"],
+    }
+    for i in range(cfg.num_hidden_layers):
+        p, q = f"encoder.layers.{i}.", f"blocks.{i}."
+        attn = [f"{p}self_attn.{n}_proj" for n in ("q", "k", "v")]
+        state[q + "attn.qkv.weight"] = torch.cat([src[a + ".weight"] for a in attn])
+        state[q + "attn.qkv.bias"] = torch.cat([src[a + ".bias"] for a in attn])
+        for theirs, ours in (
+            ("layer_norm1", "norm1"),
+            ("self_attn.out_proj", "attn.proj"),
+            ("layer_norm2", "norm2"),
+            ("mlp.fc1", "mlp.fc1"),
+            ("mlp.fc2", "mlp.fc2"),
+        ):
+            for leaf in ("weight", "bias"):
+                state[f"{q}{ours}.{leaf}"] = src[f"{p}{theirs}.{leaf}"]
+    _load_converted(out, state, what)
+    return out
+
+
+def _timm_from_hf_beit(model: nn.Module) -> nn.Module:
+    cfg = model.config
+    what = f"beit student from {type(model).__name__}"
+    if cfg.hidden_act != "gelu":
+        raise MmkdError(f"{what}: hidden_act {cfg.hidden_act!r}: timm's Beit uses exact gelu; use init='random'")
+    src = model.state_dict()
+    shared = "encoder.relative_position_bias.relative_position_bias_table" in src
+    per_block = "encoder.layer.0.attention.attention.relative_position_bias.relative_position_bias_table" in src
+    scale = "encoder.layer.0.lambda_1" in src
+    out = _build_timm(
+        "beitv2_base_patch16_224",
+        what,
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.num_channels,
+        embed_dim=cfg.hidden_size,
+        depth=cfg.num_hidden_layers,
+        num_heads=cfg.num_attention_heads,
+        mlp_ratio=cfg.intermediate_size / cfg.hidden_size,
+        init_values=0.1 if scale else None,
+        use_abs_pos_emb="embeddings.position_embeddings" in src,
+        use_rel_pos_bias=per_block,
+        use_shared_rel_pos_bias=shared,
+    )
+    state = {
+        "cls_token": src["embeddings.cls_token"],
+        "patch_embed.proj.weight": src["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": src["embeddings.patch_embeddings.projection.bias"],
+    }
+    if "embeddings.position_embeddings" in src:
+        state["pos_embed"] = src["embeddings.position_embeddings"]
+    if shared:
+        state["rel_pos_bias.relative_position_bias_table"] = src[
+            "encoder.relative_position_bias.relative_position_bias_table"
+        ]
+    if "layernorm.weight" in src:
+        state["norm.weight"], state["norm.bias"] = src["layernorm.weight"], src["layernorm.bias"]
+    else:
+        logger.info("%s: the init model has no final layer norm (use_mean_pooling); the student's starts fresh", what)
+    for i in range(cfg.num_hidden_layers):
+        p, q = f"encoder.layer.{i}.", f"blocks.{i}."
+        a = p + "attention.attention."
+        state[q + "attn.qkv.weight"] = torch.cat([src[a + n + ".weight"] for n in ("query", "key", "value")])
+        state[q + "attn.q_bias"] = src[a + "query.bias"]
+        state[q + "attn.v_bias"] = src[a + "value.bias"]
+        if per_block:
+            state[q + "attn.relative_position_bias_table"] = src[
+                a + "relative_position_bias.relative_position_bias_table"
+            ]
+        if scale:
+            state[q + "gamma_1"], state[q + "gamma_2"] = src[p + "lambda_1"], src[p + "lambda_2"]
+        for theirs, ours in (
+            ("layernorm_before", "norm1"),
+            ("attention.output.dense", "attn.proj"),
+            ("layernorm_after", "norm2"),
+            ("intermediate.dense", "mlp.fc1"),
+            ("output.dense", "mlp.fc2"),
+        ):
+            for leaf in ("weight", "bias"):
+                state[f"{q}{ours}.{leaf}"] = src[f"{p}{theirs}.{leaf}"]
+    _load_converted(out, state, what, optional=("norm.weight", "norm.bias"))
+    return out
+
+
 def _create(
     cls: type[TimmStudent],
     config_cls: type[VitStudentConfig],
@@ -316,13 +508,14 @@ def _create(
     pretrained = check_init(name, init, init_from)
     init_from = resolve_source(init_from, init_weights)
     if pretrained:
-        source_args = arch_of(unwrap_source(init_from))
+        model = timm_equivalent(unwrap_source(init_from))
+        source_args = arch_of(model)
         # the source's extra timm arguments are needed for its keys to fit; the caller's are added on top
         config = dict(config, timm_args={**source_args.pop("timm_args"), **config.get("timm_args", {})})
         config = fill_from_source(name, config, source_args, may_differ=("img_size",) if name == "vit" else ())
     student = cls(build_config(config_cls, name, config))
     if pretrained:
-        layers = init_from_timm(student, init_from, init_blocks)
+        layers = init_from_timm(student, model, init_blocks)
         student.init_info = {"init": "pretrained", "source": describe_source(init_from), "blocks": layers}
         logger.info("%s student: copied blocks %s", name, layers)
     return student
