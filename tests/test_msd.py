@@ -6,6 +6,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,3 +109,64 @@ def test_flava_without_weights_is_an_error_unless_random_is_asked_for(flava_dir,
         create_teacher("flava", random_init=True)
     random = create_teacher("flava", str(flava_dir), random_init=True)
     assert random.describe()["source"] == "random" and random.weights_sha256.startswith("random:")
+
+
+# ---- extraction --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def joint_store(flava_dir, tmp_path_factory) -> Path:
+    """Through the console script, as a user runs it: 24 shapes pairs, 2 views, float32 targets."""
+    root = tmp_path_factory.mktemp("joint")
+    args = ["--teacher", "flava", "--weights", str(flava_dir), "--dataset", "shapes", "--dataset-option", "count=24"]
+    args += ["--views", "2", "--pooled-only", "--dtype", "float32", "--batch-size", "16", "--out", "joint.zarr"]
+    res = run("mmkd-extract", *args, "--quiet", cwd=root)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return root / "joint.zarr"
+
+
+def test_joint_store_holds_the_teachers_outputs_with_each_modality_removed(joint_store, flava):
+    from mmkd.data import create_dataset
+    from mmkd_core.store import open_store
+    from mmkd_core.targets import recipe_targets
+    from mmkd_core.views import render, view_spec
+
+    reader = open_store(joint_store)
+    attrs = reader.attrs
+    assert attrs["teacher"] == flava.describe()  # the removal convention is part of the provenance
+    assert attrs["recipe"]["pool"] == "teacher_cls" and attrs["recipe"]["tokens"] is False
+    assert reader.dims("saliency") == ("sample", "view", "modality") and attrs["msd"]["saliency"] == ["image", "text"]
+    data = reader.read(0, len(reader))
+    assert data["pooled_without_text"].dtype == data["saliency"].dtype == np.float32
+    ds = create_dataset("shapes", count=24)
+    spec = view_spec(attrs)
+    rows = np.arange(len(reader))
+    enc = flava.tokenize([ds.text(int(i)) for i in rows])
+    assert data["lengths"].tolist() == enc["attention_mask"].sum(1).tolist()
+    np.testing.assert_array_equal(data["input_ids"][:, : enc["input_ids"].shape[1]], enc["input_ids"].numpy())
+    for v in range(2):  # view 0 is the eval transform; view 1 a random crop, replayed from its parameters
+        px = torch.stack([render(ds.image(int(i)), data["view_params"][i, v], spec) for i in rows])
+        with torch.inference_mode():
+            outs = {
+                "pooled": flava(px, **enc),
+                "pooled_without_text": flava(px, **flava.without_text(**enc)),
+                "pooled_without_image": flava(flava.without_image(px), **enc),
+            }
+        want = {k: recipe_targets(o.hidden_states, o.mask, o.embed, attrs["recipe"])[1] for k, o in outs.items()}
+        for name, w in want.items():
+            np.testing.assert_allclose(data[name][:, v], w.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+        cos = torch.nn.functional.cosine_similarity
+        saliency = [1 - cos(want["pooled"], want[k], dim=-1) for k in ("pooled_without_image", "pooled_without_text")]
+        np.testing.assert_allclose(data["saliency"][:, v], torch.stack(saliency, -1).numpy(), rtol=1e-5, atol=1e-6)
+    # removing a modality changes the output, by different amounts in different pairs
+    assert data["saliency"].min() > 0 and data["saliency"][..., 0].std() > 0.01
+
+
+def test_joint_store_refuses_token_targets(flava_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from mmkd.extract.cli import app
+
+    args = ["--teacher", "flava", "--weights", str(flava_dir), "--dataset-option", "count=4", "--out"]
+    res = CliRunner().invoke(app, [*args, str(tmp_path / "t.zarr"), "--quiet"])
+    assert res.exit_code == 2 and "--pooled-only" in res.output and "Traceback" not in res.output
