@@ -255,6 +255,13 @@ def msd_weights(
 _MSD_BASES: dict[str, Callable[..., Tensor]] = {f.__name__: f for f in (pooled_mse, pooled_cosine, mse_cosine)}
 
 
+def _msd_base(base: str | Callable[..., Tensor]) -> Callable[..., Tensor]:
+    fn = _MSD_BASES.get(base) if isinstance(base, str) else base
+    if fn is None:
+        raise MmkdError(f"--msd-base {base!r}: choose one of {', '.join(_MSD_BASES)}")
+    return fn
+
+
 def msd_loss(
     student_by_modality: Mapping[str, Tensor],
     teacher_by_modality: Mapping[str, Tensor],
@@ -272,9 +279,7 @@ def msd_loss(
     """
     if set(student_by_modality) != set(teacher_by_modality) or set(weights) != set(student_by_modality):
         raise MmkdError("msd: student outputs, teacher outputs and weights must name the same modalities")
-    fn = _MSD_BASES.get(base) if isinstance(base, str) else base
-    if fn is None:
-        raise MmkdError(f"--msd-base {base!r}: choose one of {', '.join(_MSD_BASES)}")
+    fn = _msd_base(base)
     per_sample = sum(
         weights[m].detach().float() * fn(student_by_modality[m], teacher_by_modality[m], reduction="none")
         for m in student_by_modality
@@ -293,9 +298,10 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "symmetric": False,  # contrastive_kd
     "margin": 0.2,  # triplet
     "cos_weight": 1.0,  # mse_cosine, and msd with msd_base=mse_cosine
-    "msd_mode": "sample",
-    "msd_fixed": None,
+    "msd_mode": "sample",  # msd weights: sample, dataset or fixed (see msd_weights)
+    "msd_fixed": None,  # msd_mode=fixed: modality -> weight, e.g. {"image": 0.5, "text": 0.5}
     "msd_base": "pooled_mse",
+    "msd_joint": 1.0,  # weight of msd's joint term L(s_joint, t) (0: the modality terms alone)
 }
 
 
@@ -321,16 +327,44 @@ def _itc_term(b: Mapping[str, Any], o: Mapping[str, Any]) -> Tensor:
     return itc(pooled["image"], pooled["text"], o["itc_temperature"], b.get("logit_scale"), b.get("caption_ids"))
 
 
+# what the msd term needs and where it comes from, for the one-line error when it is missing
+MSD_MISSING = (
+    "--loss msd: the batch lacks teacher_by_modality (the teacher's output given each modality alone); "
+    "only a joint teacher's store has it: mmkd-extract --teacher flava --pooled-only over image-caption data"
+)
+
+
+def _msd_batch_weights(b: Mapping[str, Any], o: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Weights by ``msd_mode``: from the batch's per-sample saliency (``msd_saliency``, else computed from
+    ``teacher_without``); ``dataset`` uses ``msd_dataset_saliency`` (the whole store's mean) when given."""
+    saliency = b.get("msd_saliency")
+    if saliency is None:
+        t_full, t_without = _get(b, "msd", "pooled_target", "teacher_without")
+        saliency = msd_saliency(t_full, t_without)
+    overall = b.get("msd_dataset_saliency")
+    if o["msd_mode"] == "dataset" and overall is not None:
+        n = len(next(iter(saliency.values())))
+        saliency = {m: torch.as_tensor(overall[m], dtype=torch.float32).reshape(-1).expand(n) for m in saliency}
+    return msd_weights(saliency, o["msd_mode"], o["msd_fixed"])
+
+
 def _msd_term(b: Mapping[str, Any], o: Mapping[str, Any]) -> Tensor:
+    """MSD's L(s_joint, t) + Σ_m w_m L(s_m, t_m), as the MSD paper adds its modality terms to the joint KD
+    term; the joint term only when the batch has the student's ``joint`` output (joint teachers' stores)."""
+    if b.get("teacher_by_modality") is None:
+        raise MmkdError(MSD_MISSING)
     pooled, teacher = _get(b, "msd", "pooled", "teacher_by_modality")
     weights = b.get("msd_weights")
     if weights is None:
-        t_full, t_without = _get(b, "msd", "pooled_target", "teacher_without")
-        weights = msd_weights(msd_saliency(t_full, t_without), o["msd_mode"], o["msd_fixed"])
-    base = o["msd_base"]
-    if base == "mse_cosine":  # the same cos_weight as the mse_cosine term
+        weights = _msd_batch_weights(b, o)
+    base = _msd_base(o["msd_base"])
+    if o["msd_base"] == "mse_cosine":  # the same cos_weight as the mse_cosine term
         base = lambda p, t, reduction: mse_cosine(p, t, cos_weight=o["cos_weight"], reduction=reduction)  # noqa: E731
-    return msd_loss(pooled, teacher, weights, base)
+    loss = msd_loss(pooled, teacher, weights, base)
+    if b.get("joint") is not None and o["msd_joint"]:
+        joint, target = _get(b, "msd", "joint", "pooled_target")
+        loss = loss + float(o["msd_joint"]) * base(joint, target, reduction="none").mean()
+    return loss
 
 
 def _pooled(name: str, fn: Callable[[Tensor, Tensor, Mapping[str, Any], Mapping[str, Any]], Tensor]) -> Callable:
@@ -366,7 +400,11 @@ class CombinedLoss:
     - optional ``bank`` (M, E) negatives for contrastive_kd, ``logit_scale`` for itc, ``caption_ids``
       (B, T) integer ids of each pair's caption for itc (pairs with the same caption are matches).
     - msd: ``teacher_by_modality`` (m -> (B, E), teacher given m alone) and either ``msd_weights``
-      (m -> (B,)) or ``teacher_without`` (m -> (B, E), teacher with m removed) to compute them.
+      (m -> (B,)), or ``msd_saliency`` (m -> (B,), as a joint store holds it) or ``teacher_without``
+      (m -> (B, E), teacher with m removed) to compute them by ``msd_mode``; ``msd_dataset_saliency``
+      (m -> scalar, the whole store's mean) for ``msd_mode=dataset`` (else the batch's mean); optional
+      ``joint`` (B, E), the student's output on the joint input, regressed on ``pooled_target`` with weight
+      ``msd_joint`` (train/msd.py supplies all of these for a joint teacher's store).
 
     Args:
         weights: Term name (or alias) -> positive weight.

@@ -13,7 +13,7 @@ import torch
 from mmkd_core.errors import MmkdError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import WORDS  # noqa: E402
+from conftest import WORDS, save_tiny_bert  # noqa: E402
 
 SCRIPTS = Path(sysconfig.get_path("scripts"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "MMKD_PROGRESS_SECONDS": "0"}
@@ -170,3 +170,119 @@ def test_joint_store_refuses_token_targets(flava_dir, tmp_path):
     args = ["--teacher", "flava", "--weights", str(flava_dir), "--dataset-option", "count=4", "--out"]
     res = CliRunner().invoke(app, [*args, str(tmp_path / "t.zarr"), "--quiet"])
     assert res.exit_code == 2 and "--pooled-only" in res.output and "Traceback" not in res.output
+
+
+# ---- training ----------------------------------------------------------------------------------------
+
+TINY = ["width=32", "num_heads=2", "text_num_heads=2", "image_depth=1"]
+
+
+def _cfg(store: Path, run_dir: Path, **loss_options):
+    from mmkd.train.config import TrainConfig
+
+    return TrainConfig(
+        targets=store,
+        loss="msd=1",
+        loss_options=loss_options,
+        student_options={k: int(v) for k, v in (o.split("=") for o in TINY)},
+        steps=4,
+        batch_size=8,
+        run_dir=run_dir,
+        progress=False,
+    )
+
+
+def test_mmkd_train_msd_end_to_end(joint_store, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mmkd.train.cli import app
+
+    args = ["--targets", str(joint_store), "--loss", "msd=1", "--steps", "4", "--batch-size", "8"]
+    for option in TINY:
+        args += ["--student-option", option]
+    res = CliRunner().invoke(app, [*args, "--run-dir", str(tmp_path / "run"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(np.isfinite(r["msd"]) for r in rows)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["student"]["kind"] == "multimodal" and cfg["loss_options"]["msd_mode"] == "sample"
+    assert cfg["student"]["config"]["img_size"] == 32  # it reads the stored views at the teacher's size
+    assert (tmp_path / "run" / "student" / "tokenizer_config.json").exists()  # the teacher's tokenizer, exported
+    assert "i2t_r1" in res.output  # and the exported student was evaluated (held-out shapes retrieval)
+
+
+@pytest.mark.parametrize(
+    "options", [{"msd_mode": "dataset"}, {"msd_mode": "fixed", "msd_fixed": {"image": 3, "text": 1}}]
+)
+def test_msd_trains_with_each_weighting(joint_store, tmp_path, options):
+    from mmkd.train.loop import train
+
+    result = train(_cfg(joint_store, tmp_path / "run", **options))
+    assert result.steps == 4 and all(np.isfinite(result.losses))
+
+
+def test_msd_weights_per_sample_by_the_whole_store_or_fixed(joint_store, tmp_path):
+    """The msd value of one real batch, computed by hand from the stored arrays for each rule."""
+    from mmkd.train.build import build, loss_inputs
+    from mmkd.train.loader import PlanSpec, StoreBatches
+    from mmkd_core.losses import build_loss
+    from mmkd_core.store import open_store
+
+    reader = open_store(joint_store)
+    cfg = _cfg(joint_store, tmp_path / "run").resolved("multimodal")
+    built = build(cfg, reader)
+    student = built.student.eval()
+    plan = PlanSpec(num_samples=len(reader), chunk_size=reader.chunk_size, batch_size=8, seed=3)
+    batch = next(iter(StoreBatches(joint_store, plan, source=built.source)))
+    with torch.no_grad():
+        b = loss_inputs(built, student, batch, "cpu")
+    data = reader.read(0, len(reader))
+    i, v = batch["index"].numpy(), batch["view"].numpy()
+    # the student's image-only output is taught the teacher's output given the image alone, and so on
+    torch.testing.assert_close(b["teacher_by_modality"]["image"], torch.from_numpy(data["pooled_without_text"][i, v]))
+    torch.testing.assert_close(b["teacher_by_modality"]["text"], torch.from_numpy(data["pooled_without_image"][i, v]))
+    with torch.no_grad():
+        joint = student.forward_joint(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).pooled
+    torch.testing.assert_close(b["joint"], joint)
+
+    def mse(s, t):
+        return ((s - torch.as_tensor(t)) ** 2).mean(-1)
+
+    l_joint = mse(joint, data["pooled"][i, v]).mean()
+    l_image = mse(b["pooled"]["image"], data["pooled_without_text"][i, v])
+    l_text = mse(b["pooled"]["text"], data["pooled_without_image"][i, v])
+    sal = torch.from_numpy(data["saliency"][i, v]).double()
+    whole = torch.from_numpy(data["saliency"].reshape(-1, 2)).double().mean(0)  # every sample and view
+    want = {}
+    for mode, s in (("sample", sal), ("dataset", whole.expand_as(sal)), ("batch", sal.mean(0).expand_as(sal))):
+        w = s / s.sum(-1, keepdim=True)
+        want[mode] = float(l_joint + (w[:, 0] * l_image + w[:, 1] * l_text).mean())
+    want["fixed"] = float(l_joint + (0.75 * l_image + 0.25 * l_text).mean())
+    fixed = {"image": 3, "text": 1}
+    got = {m: build_loss("msd", msd_mode=m, msd_fixed=fixed)(b)[1]["msd"] for m in ("sample", "dataset", "fixed")}
+    for mode in got:
+        assert got[mode] == pytest.approx(want[mode], rel=1e-5), mode
+    # the rules differ on this batch, so a wrong rule fails above
+    assert abs(want["sample"] - want["dataset"]) > 1e-4 * want["sample"]
+    assert abs(want["dataset"] - want["batch"]) > 1e-4 * want["dataset"]
+    # msd_joint=0: the modality terms alone
+    assert build_loss("msd", msd_joint=0)(b)[1]["msd"] == pytest.approx(want["sample"] - float(l_joint), rel=1e-5)
+
+
+def test_msd_without_per_modality_outputs_names_the_store_that_has_them(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmkd.extract.cli import app as extract
+    from mmkd.train.cli import app as train
+
+    bert = save_tiny_bert(tmp_path / "bert")
+    store = tmp_path / "text.zarr"
+    args = ["--teacher", "bert", "--weights", str(bert), "--dataset-option", "count=16", "--pooled-only"]
+    res = CliRunner().invoke(extract, [*args, "--out", str(store), "--quiet"])
+    assert res.exit_code == 0, res.output
+    args = ["--targets", str(store), "--loss", "msd=1", "--steps", "1", "--batch-size", "8"]
+    res = CliRunner().invoke(train, [*args, "--run-dir", str(tmp_path / "run"), "--quiet"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "teacher_by_modality" in res.output and "--teacher flava" in res.output

@@ -57,6 +57,8 @@ def student_kind(cfg: TrainConfig, attrs: dict[str, Any]) -> str:
     if cfg.student != "auto":
         return cfg.student
     teacher_modality = attrs["teacher"].get("modality")
+    if teacher_modality == "image_text":  # a joint teacher (FLAVA) over image–caption pairs
+        return "multimodal"
     if teacher_modality == "text":
         return "multimodal" if attrs["dataset"].get("modality") == "image_text" else "text"
     seed = cfg.init if cfg.init not in (None, "teacher", "random") else attrs["teacher"]["name"]
@@ -268,6 +270,10 @@ def _build_image(ctx: Context) -> Built:
 @BUILDERS.register("multimodal")
 def _build_multimodal(ctx: Context) -> Built:
     cfg, init_model = ctx.cfg, ctx.init_model
+    if ctx.attrs["teacher"].get("modality") == "image_text":  # a joint teacher's store, for MSD
+        from .msd import build_joint_student
+
+        return build_joint_student(ctx)
     if not ctx.reader.has("input_ids"):
         raise MmkdError(f"{ctx.reader.path}: a multimodal student needs caption targets from a text teacher")
     source = _source(cfg, ctx.attrs)
@@ -337,4 +343,6 @@ def loss_inputs(built: Built, model: torch.nn.Module, batch: dict[str, Any], dev
         out["caption_ids"] = mv["input_ids"]
     else:
         out["tokens"], out["pooled"] = o.tokens, o.pooled
+    if hasattr(built, "msd_inputs"):  # a joint teacher's store: the joint and per-modality outputs of MSD
+        out.update(built.msd_inputs(model, mv))
     return out

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MmkdError
+from ..targets import masked_mean
 from .base import (
     STUDENT_POOLS,
     STUDENTS,
@@ -259,6 +260,56 @@ class MultimodalStudent(Student):
         image = self.forward_image(pixel_values) if pixel_values is not None else None
         text = self.forward_text(input_ids, attention_mask) if input_ids is not None else None
         return dataclasses.replace(image or text, image=image, text=text)
+
+    def forward_joint(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> StudentOutput:
+        """Image and caption together (a joint teacher's input, for MSD): the image tower's tokens and the text
+        tower's tokens, concatenated, go through the shared blocks (the caption's padding masked as a key),
+        then ``image_norm`` and the image heads' pooling and pooled head (the image CLS by default), so the
+        joint output lives where the image-only output does. No parameters of its own.
+
+        Returns:
+            ``hidden_states``: the shared blocks' outputs over the joint sequence (image CLS, patches, caption
+            tokens); ``mask`` its valid steps; ``tokens`` None; ``pooled`` the joint embedding;
+            ``modality`` ``"image_text"``.
+        """
+        if not len(self.shared_blocks):
+            raise MmkdError("multimodal student: forward_joint needs a shared block to fuse image and text")
+        if input_ids.shape[1] > self.config.max_position:
+            raise MmkdError(
+                f"multimodal student: text of {input_ids.shape[1]} tokens is longer than "
+                f"max_position={self.config.max_position}"
+            )
+        x = self.patch_embed(pixel_values)
+        image = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for blk in self.image_blocks:
+            image = blk(image)
+        text_mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        positions = self.position_embeddings.weight[: input_ids.shape[1]]
+        text = self.text_embed_norm(self.word_embeddings(input_ids) + positions)
+        text_attn = None if bool(text_mask.all()) else key_padding_mask(text_mask)
+        for blk in self.text_blocks:
+            text = blk(text, text_attn)
+        p = image.shape[1]
+        mask = torch.cat([torch.ones(image.shape[:2], dtype=torch.bool, device=image.device), text_mask], dim=1)
+        attn_mask = None if bool(mask.all()) else key_padding_mask(mask)
+        x = torch.cat([image, text], dim=1)
+        hidden: list[torch.Tensor] = []
+        for blk in self.shared_blocks:
+            if isinstance(blk, MoMEBlock):  # shared attention over both; each token to its modality's expert
+                x = x + blk.ls1(blk.attn(blk.norm1(x), attn_mask))
+                x = torch.cat([blk.experts[blk.route("image")](x[:, :p]), blk.experts[blk.route("text")](x[:, p:])], 1)
+            else:
+                x = blk(x, attn_mask)
+            hidden.append(x)
+        last = self.image_norm(x)
+        heads = self.image_heads
+        summary = last[:, 0] if heads.pool == "cls" else masked_mean(last, mask)
+        pooled = heads.pooled_head(summary.to(last.dtype))
+        return StudentOutput(
+            hidden_states=hidden, mask=mask, last_hidden_state=last, tokens=None, pooled=pooled, modality="image_text"
+        )
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, pooled_dim) image embeddings (the pooled prediction, in the teacher's space).

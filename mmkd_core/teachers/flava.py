@@ -228,12 +228,3 @@ def create_flava(weights: str | None = None, *, random_init: bool = False, **opt
             preprocess = dataclasses.replace(preprocess, crop_mode="squash")
     source = "random" if random_init else location.source
     return FlavaTeacher(model, load_tokenizer(path, "flava"), path, preprocess, source, sha, max_length)
-
-
-def flava_tokenizer(weights: str | None) -> tuple[Any, Path]:
-    """The tokenizer of a FLAVA checkpoint (directory or cached repo id) and its directory, without loading
-    the model."""
-    location = locate_weights(weights, DEFAULT_REPO)
-    if location is None:
-        raise missing_weights_error("flava", "a FLAVA checkpoint directory with its tokenizer", DEFAULT_REPO)
-    return load_tokenizer(checkpoint_dir(location, "flava"), "flava"), location.path
