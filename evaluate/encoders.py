@@ -270,11 +270,11 @@ def _preprocess_override(base: ImagePreprocess, override: dict[str, Any] | None)
 
 def student_preprocess(student: Student, directory: Path) -> ImagePreprocess | None:
     """The image preprocessing a saved student records: a vit/beit student's timm ``pretrained_cfg``
-    (``save_student(preprocess=...)`` writes it there); for multimodal students, which record none,
-    what ``save_student(preprocess=...)`` recorded in ``mmkd_student.json``."""
+    (``save_student(preprocess=...)`` writes it there); for multimodal and data2vec2 students, which have no
+    timm config, what ``save_student(preprocess=...)`` recorded in ``mmkd_student.json``."""
     if student.modality == "text":
         return None
-    if student.modality == "image":
+    if student.modality == "image" and (directory / "config.json").is_file():
         cfg = json.loads((directory / "config.json").read_text()).get("pretrained_cfg", {})
         size = int(cfg.get("input_size", [3, student.config.img_size, 0])[1])
         default = ImagePreprocess()

@@ -13,7 +13,7 @@ import torch
 from mmkd.data import create_dataset
 from mmkd_core.errors import MmkdError
 from mmkd_core.registry import Registry
-from mmkd_core.students import create_student
+from mmkd_core.students import create_student, load_data2vec2
 from mmkd_core.teachers import create_teacher
 from mmkd_core.teachers.base import ImagePreprocess
 from mmkd_core.views import ViewSpec, view_spec
@@ -27,6 +27,7 @@ DEFAULT_LOSS = {
     "text": "token_mse=1,pooled_mse=1",
     "vit": "token_mse=1",
     "beit": "token_mse=1",
+    "data2vec2": "token_mse=1",
     # distillation of the teacher's caption embedding into both towers, plus image–text contrast between them
     "multimodal": "contrastive_kd=1,itc=1",
 }
@@ -49,6 +50,8 @@ IMAGE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 # image teachers whose blocks a timm Beit student reproduces (the rest map onto a VisionTransformer)
 BEIT_LIKE = ("beitv2", "beit", "data2vec-vision")
+# --init names that are checkpoint files of a model no teacher wraps -> (student kind they seed, reader)
+INIT_CHECKPOINTS: dict[str, tuple[str, Callable[[str], Any]]] = {"data2vec2": ("data2vec2", load_data2vec2)}
 
 
 def student_kind(cfg: TrainConfig, attrs: dict[str, Any]) -> str:
@@ -56,6 +59,8 @@ def student_kind(cfg: TrainConfig, attrs: dict[str, Any]) -> str:
     stores, from the model whose blocks seed the student (``--init NAME``, else the store's teacher)."""
     if cfg.student != "auto":
         return cfg.student
+    if cfg.init in INIT_CHECKPOINTS:  # the checkpoint's blocks decide the kind: no other computes them
+        return INIT_CHECKPOINTS[cfg.init][0]
     teacher_modality = attrs["teacher"].get("modality")
     if teacher_modality == "image_text":  # a joint teacher (FLAVA) over image–caption pairs
         return "multimodal"
@@ -100,11 +105,29 @@ def _check_init_fits(kind: str, model: Any, flag: str) -> None:
 def load_init_teacher(cfg: TrainConfig, attrs: dict[str, Any], kind: str | None = None):
     """The model whose first blocks initialise the student (never run: only its weights are copied).
 
+    ``--init data2vec2`` reads fairseq's checkpoint (``--init-weights``) into ``load_data2vec2``'s
+    ``(state, info)`` pair instead.
+
     Raises:
         MmkdError: The store's teacher cannot be reloaded, or its blocks (or those of ``--init NAME``) would
             not compute in a ``kind`` student what they computed in the model (one line naming an init that
             works).
     """
+    if cfg.init in INIT_CHECKPOINTS:
+        seeds, read = INIT_CHECKPOINTS[cfg.init]
+        if kind is not None and kind != seeds:
+            raise MmkdError(
+                f"--init {cfg.init} copies post-norm blocks, which a {kind} student's pre-norm blocks would not "
+                f"compute; leave --student out (or --student {seeds})"
+            )
+        if not cfg.init_weights:
+            raise MmkdError(f"--init {cfg.init} needs --init-weights FILE (fairseq's base_imagenet.pt)")
+        return read(cfg.init_weights)
+    if kind in INIT_CHECKPOINTS and cfg.init != "random":
+        raise MmkdError(
+            f"--init {cfg.init}: a {kind} student starts from a data2vec 2.0 checkpoint or at random; use "
+            f"--init {kind} --init-weights FILE or --init random"
+        )
     if cfg.init == "teacher":
         name, weights = teacher_source(attrs)
         teacher = create_teacher(name, weights)
@@ -261,6 +284,46 @@ def _build_image(ctx: Context) -> Built:
         student=student,
         kind=ctx.kind,
         tokenizer=getattr(ctx.arch_model, "tokenizer", None),
+        source=_source(ctx.cfg, attrs),
+        image_spec=None,
+        preprocess=preprocess,
+    )
+
+
+@BUILDERS.register("data2vec2")
+def _build_data2vec2(ctx: Context) -> Built:
+    """A post-norm data2vec 2.0 student on the store's views; its patches must be the teacher's, so that its
+    time steps are the targets' (BEiT v2 at 224 px: 196 patches of 16 px + CLS)."""
+    attrs = ctx.attrs
+    if attrs["teacher"].get("modality") != "image" or "views" not in attrs:
+        raise MmkdError(
+            f"{ctx.reader.path}: a data2vec2 student reads images; this store holds a text teacher's targets"
+        )
+    v = attrs["views"]
+    size = int(v["size"])
+    grid = math.isqrt(int(ctx.reader.group["lengths"][0]) - 1)
+    opts = {"img_size": size, "patch_size": size // grid, **ctx.cfg.student_options}
+    if ctx.init_model is not None and ctx.init_model[1]["patch_size"] != opts["patch_size"]:
+        info = ctx.init_model[1]
+        raise MmkdError(
+            f"--init-weights {info['path']}: its patches are {info['patch_size']} px but the store's teacher saw "
+            f"{size} px views in {opts['patch_size']} px patches; the student's time steps would not be the targets'"
+        )
+    preprocess = ImagePreprocess(
+        size=size,
+        mean=tuple(v["mean"]),
+        std=tuple(v["std"]),
+        interpolation=v["interpolation"],
+        crop_pct=v["crop_pct"],
+        crop_mode=v.get("crop_mode", "center"),
+    )
+    student = create_student(
+        "data2vec2", depth=ctx.depth, init=ctx.init, init_from=ctx.init_model, **_token_heads(ctx), **opts
+    )
+    return Built(
+        student=student,
+        kind="data2vec2",
+        tokenizer=None,
         source=_source(ctx.cfg, attrs),
         image_spec=None,
         preprocess=preprocess,

@@ -31,7 +31,7 @@ from .config import AUTOCAST, STUDENT_KINDS, TrainConfig
 from .loop import train
 from .report import final_report
 
-INITS = ("teacher", "random")
+INITS = ("teacher", "random", "data2vec2")
 TOKEN_PREDS = ("recipe", "head")
 # the registries' names as the options' choices: --help, completion and errors list the same names
 Student = choices(STUDENT_KINDS)
@@ -106,10 +106,11 @@ def main_command(
         None,
         parser=choice("--init", "init", INITS, TEACHERS),
         metavar="NAME",
-        help="teacher (its first blocks), random, or a teacher name whose checkpoint (--init-weights) gives the "
-        f"first blocks: {', '.join(TEACHERS.names())}. Default: teacher; random for multimodal.",
+        help="teacher (its first blocks), random, data2vec2 (fairseq's data2vec 2.0 image checkpoint in "
+        "--init-weights: a post-norm data2vec2 student), or a teacher name whose checkpoint (--init-weights) "
+        f"gives the first blocks: {', '.join(TEACHERS.names())}. Default: teacher; random for multimodal.",
     ),
-    init_weights: str = typer.Option(None, help="Checkpoint for --init <teacher name>."),
+    init_weights: str = typer.Option(None, help="Checkpoint for --init <teacher name> or --init data2vec2."),
     freeze_embeddings: bool = typer.Option(False, help="Freeze token/position embeddings copied from the teacher."),
     token_pred: TokenPred = typer.Option(
         "recipe",

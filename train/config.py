@@ -9,13 +9,15 @@ from typing import Any
 from mmkd.evaluate import check_run_task
 from mmkd_core.errors import MmkdError
 
-STUDENT_KINDS = ("auto", "text", "vit", "beit", "multimodal")
+STUDENT_KINDS = ("auto", "text", "vit", "beit", "data2vec2", "multimodal")
 # Defaults that depend on the student. The multimodal ones train the embedded default (a 128-wide student on
 # 10,000 shapes captions) in about five minutes on two CPU cores; README has its numbers.
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "text": {"init": "teacher", "batch_size": 64, "lr": 5e-4, "epochs": 1.0},
     "vit": {"init": "teacher", "batch_size": 64, "lr": 5e-4, "epochs": 1.0},
     "beit": {"init": "teacher", "batch_size": 64, "lr": 5e-4, "epochs": 1.0},
+    # no teacher has its post-norm blocks: by default it asks for the checkpoint (--init-weights)
+    "data2vec2": {"init": "data2vec2", "batch_size": 64, "lr": 5e-4, "epochs": 1.0},
     "multimodal": {"init": "random", "batch_size": 128, "lr": 1e-3, "epochs": 12.0},
 }
 AUTOCAST = ("none", "bfloat16")
@@ -27,12 +29,14 @@ class TrainConfig:
 
     Attributes:
         targets: The store written by mmkd-extract.
-        student: text, vit, beit, multimodal, or auto (chosen from the store: text teacher over text ->
-            text; over image–caption data -> multimodal; image teacher -> vit).
+        student: text, vit, beit, data2vec2, multimodal, or auto (chosen from the store: text teacher over
+            text -> text; over image–caption data -> multimodal; image teacher -> vit, beit for BEiT-like
+            teachers or inits; ``init="data2vec2"`` -> data2vec2).
         depth: Student depth (the image tower's for multimodal students); None: half the teacher's.
         student_options: Extra student config (width, heads, ...).
-        init: random, teacher (the store's teacher's first blocks) or a teacher registry name whose
-            checkpoint (``init_weights``) gives the first blocks; None: teacher, except random for
+        init: random, teacher (the store's teacher's first blocks), data2vec2 (fairseq's data2vec 2.0
+            image checkpoint in ``init_weights``: a post-norm data2vec2 student) or a teacher registry name
+            whose checkpoint (``init_weights``) gives the first blocks; None: teacher, except random for
             multimodal students (the caption teacher is wider than a CPU-sized student).
         init_weights: Checkpoint of ``init`` when it names another model.
         freeze_embeddings: Freeze token and position embeddings copied from the teacher (text).

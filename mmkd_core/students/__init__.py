@@ -7,15 +7,16 @@ Saved students (``save_student``) load in their own ecosystem: a text student wi
 ``SentenceTransformer(DIR)`` (or ``AutoModel`` for the encoder), a vit/beit student with
 ``timm.create_model("local-dir:DIR", pretrained=True)``, a multimodal student with
 ``load_multimodal(DIR) -> (model, image_transform, tokenizer)``; ``load_student(DIR)`` rebuilds any of them
-with all its prediction heads.
+(and the data2vec2 student, which no library has the post-norm ViT of) with all its prediction heads.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import multimodal, text, vision  # noqa: F401  (register the students)
+from . import data2vec2, multimodal, text, vision  # noqa: F401  (register the students)
 from .base import STUDENTS, HeadConfig, PredictionHeads, Student, StudentOutput
+from .data2vec2 import Data2Vec2Student, Data2Vec2StudentConfig, load_data2vec2
 from .export import (
     ImageTransform,
     StudentTokenizer,
@@ -34,6 +35,8 @@ __all__ = [
     "STUDENTS",
     "BeitStudent",
     "BeitStudentConfig",
+    "Data2Vec2Student",
+    "Data2Vec2StudentConfig",
     "HeadConfig",
     "ImageTransform",
     "MultimodalStudent",
@@ -49,6 +52,7 @@ __all__ = [
     "VitStudentConfig",
     "create_student",
     "list_students",
+    "load_data2vec2",
     "load_exported_vit",
     "load_multimodal",
     "load_student",
@@ -62,7 +66,8 @@ def create_student(name: str, **config: Any) -> Student:
     """Build a student in train mode.
 
     Args:
-        name: A registered student (see :func:`list_students`): ``text``, ``vit``, ``beit``, ``multimodal``.
+        name: A registered student (see :func:`list_students`): ``text``, ``vit``, ``beit``, ``data2vec2``,
+            ``multimodal``.
         **config: The student's config fields plus its init options (``init``, ``init_from``, ... — see each
             factory's docstring).
 

@@ -15,6 +15,8 @@ without mmkd:
   warning; the pooled projection then stays in ``mmkd_heads.safetensors``.
 - **multimodal**: no outside format; :func:`load_multimodal` returns ``(model, image_transform, tokenizer)``
   as open_clip's ``create_model_and_transforms`` does.
+- **data2vec2**: no outside format either (timm and transformers have no post-norm ViT): the whole student
+  as one safetensors state dict, its preprocessing in ``mmkd_student.json``; :func:`load_student` rebuilds it.
 
 Beside the library files go ``mmkd_student.json`` (name, resolved config, init provenance, versions, where
 each part lives) and, when there is one, ``mmkd_heads.safetensors`` with the heads the library format has no
@@ -36,6 +38,7 @@ from torch import nn
 
 from ..errors import MmkdError
 from .base import Student
+from .data2vec2 import Data2Vec2Student, Data2Vec2StudentConfig
 from .multimodal import MultimodalStudent, MultimodalStudentConfig
 from .text import TextStudent, TextStudentConfig
 from .vision import BeitStudent, BeitStudentConfig, TimmStudent, VitStudent, VitStudentConfig
@@ -59,6 +62,7 @@ _CLASSES: dict[str, tuple[type[Student], type]] = {
     "vit": (VitStudent, VitStudentConfig),
     "beit": (BeitStudent, BeitStudentConfig),
     "multimodal": (MultimodalStudent, MultimodalStudentConfig),
+    "data2vec2": (Data2Vec2Student, Data2Vec2StudentConfig),  # mmkd's own format, as multimodal
 }
 
 
@@ -470,15 +474,15 @@ def save_student(
     preprocess: Any = None,
     max_seq_length: int | None = None,
 ) -> Path:
-    """Write any student: text and image students in their library's format (see the module docstring),
-    multimodal students as one safetensors state dict.
+    """Write any student: text and vit/beit students in their library's format (see the module docstring),
+    multimodal and data2vec2 students as one safetensors state dict.
 
     Args:
         student: The student.
         directory: Created if needed.
         tokenizer: Saved alongside when given (text and multimodal students).
-        preprocess: Image preprocessing: in the timm config for image students (see
-            :func:`save_vit_student`), in ``mmkd_student.json`` for multimodal students.
+        preprocess: Image preprocessing: in the timm config for vit/beit students (see
+            :func:`save_vit_student`), in ``mmkd_student.json`` for multimodal and data2vec2 students.
         max_seq_length: Text: the longest input the student should read (e.g. the store's
             ``preprocess.max_length``), capped by its position table and the tokenizer; None: those alone.
 

@@ -6,16 +6,19 @@ Shared by teachers and (later) students that initialise from pretrained weights.
 from __future__ import annotations
 
 import argparse
+import collections
 import fnmatch
 import hashlib
 import json
 import logging
 import os
 import re
+import typing
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -162,6 +165,42 @@ def hf_weight_files(directory: Path) -> list[Path]:
     )
 
 
+def checkpoint_globals() -> list[Any]:
+    """What ``torch.load(weights_only=True)`` may rebuild besides tensors: the config objects research
+    checkpoints carry beside their weights (fairseq's ``args``/``cfg``) — ``argparse.Namespace``, omegaconf's
+    ``DictConfig``/``ListConfig`` with their metadata and value nodes (when omegaconf is installed), and the
+    plain types those hold (``typing.Any``, ``defaultdict`` and the builtin containers and scalars). None of
+    them runs code of the file's choosing."""
+    allowed: list[Any] = [argparse.Namespace, collections.defaultdict, typing.Any]
+    allowed += [dict, list, tuple, int, float, str, bool, bytes]
+    try:
+        from omegaconf import base, dictconfig, listconfig, nodes
+    except ImportError:  # files whose cfg is a Namespace or a plain dict load all the same
+        return allowed
+    allowed += [dictconfig.DictConfig, listconfig.ListConfig, base.ContainerMetadata, base.Metadata]
+    names = ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "BytesNode")
+    return allowed + [getattr(nodes, n) for n in names if hasattr(nodes, n)]
+
+
+def safe_torch_load(path: Path | str) -> Any:
+    """``torch.load(path, weights_only=True)`` with :func:`checkpoint_globals` allowed: the whole object a
+    torch checkpoint holds, never unpickling code.
+
+    Raises:
+        MmkdError: The file is missing, damaged, or needs a global outside the allow-list (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MmkdError(f"checkpoint file {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(checkpoint_globals()), warnings.catch_warnings():
+            # what the unpickler says about a damaged file's "protocol" before failing on it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - on damaged bytes the unpickler raises nearly anything
+        raise MmkdError(_torch_load_error(path, e)) from None
+
+
 def load_state_dict_file(path: Path | str) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file (``.pth``/``.pt``/``.bin``, weights only).
 
@@ -185,14 +224,8 @@ def load_state_dict_file(path: Path | str) -> dict[str, torch.Tensor]:
                 f"{path}: not a readable safetensors file ({first}); damaged, truncated or another format"
             ) from None
     else:
-        try:
-            # research checkpoints often carry their argparse args next to the weights: harmless to rebuild
-            with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
-                # what the unpickler says about a damaged file's "protocol" before failing on it
-                warnings.filterwarnings("ignore", message="Detected pickle protocol")
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - on damaged bytes the unpickler raises nearly anything
-            raise MmkdError(_torch_load_error(path, e)) from None
+        # research checkpoints often carry their argparse/omegaconf config next to the weights
+        obj = safe_torch_load(path)
     while isinstance(obj, Mapping):
         inner = next((obj[k] for k in _UNWRAP_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
@@ -226,10 +259,17 @@ def _torch_load_error(path: Path, e: BaseException) -> str:
     # torch files are zip archives (torch >= 1.6) or bare pickles (protocol 2+ starts with 0x80)
     if not head.startswith(b"PK") and head[:1] != b"\x80":
         return f"{path}: not a torch checkpoint (neither a zip archive nor a pickle); damaged or another format"
-    if "Unsupported global" in text:
+    # "Unsupported global: GLOBAL x.y was not an allowed global ..." or, for a blocked module such as os,
+    # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
+    refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
+    if refused or "Unsupported global" in text:
+        what = f"it refused the global {refused.group(1)}" if refused else first
+        if "is blocked" in text:  # os, subprocess, ...: no reason to trust such a file
+            return f"cannot read {path} with torch.load(weights_only=True): {what}, which would run code; not loaded"
         return (
-            f"cannot read {path} with torch.load(weights_only=True) ({first}); if you trust the file, re-save "
-            "its state dict alone: torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')"
+            f"cannot read {path} with torch.load(weights_only=True): {what} (only tensors, plain containers and "
+            "argparse/omegaconf configs are rebuilt); if you trust the file, re-save its state dict alone: "
+            "torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')"
         )
     return f"{path}: damaged or truncated torch checkpoint ({first})"
 
