@@ -105,6 +105,27 @@ def _d2v_vision(root: Path) -> Path:
     return root / "ckpt"
 
 
+def _flava(root: Path) -> Path:
+    """A joint image–text teacher (image, text and multimodal encoders) with its BERT tokenizer."""
+    from transformers import BertTokenizer, FlavaConfig, FlavaImageProcessor, FlavaModel
+
+    bert = save_tiny_bert(root, layers=1)  # for its vocabulary and tokenizer files
+    tokenizer = BertTokenizer.from_pretrained(str(bert))
+    small = {k: v for k, v in LAYERS.items() if k != "num_hidden_layers"} | {"num_hidden_layers": 2}
+    config = FlavaConfig(
+        image_config={**small, "image_size": 32, "patch_size": 16},
+        text_config={**small, "vocab_size": len(tokenizer), "max_position_embeddings": 64},
+        multimodal_config=small,
+        hidden_size=32,
+        projection_dim=32,
+    )
+    FlavaModel(config).save_pretrained(str(root))
+    FlavaImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        str(root)
+    )
+    return root
+
+
 # teacher -> (saver, modality, teacher options); every registered teacher must have a case
 CASES = {
     "beitv2": (_beitv2, "image", {}),
@@ -115,9 +136,12 @@ CASES = {
     "bert": (lambda root: save_tiny_bert(root, layers=3), "text", {}),
     "minilm-l6": (lambda root: save_tiny_bert(root, layers=3), "text", {}),
     "data2vec-text": (_d2v_text, "text", {}),
+    "flava": (_flava, "image_text", {}),
 }
 # teachers whose blocks no student kind reproduces: mmkd-train names this init instead
-REFUSED = {"clip-text": "--init random"}
+REFUSED = {"clip-text": "--init random", "flava": "--init random"}
+# a CPU-sized multimodal student (the joint teacher's store trains one)
+MULTIMODAL = ["width=32", "num_heads=2", "text_num_heads=2", "image_depth=1"]
 
 
 def test_every_registered_teacher_has_a_case():
@@ -152,7 +176,7 @@ def teachers(tmp_path_factory) -> dict[str, str]:
 
 def _store(tmp_path: Path, name: str, teachers: dict[str, str], corpus: Path) -> Path:
     _, modality, options = CASES[name]
-    image = modality == "image"
+    image = modality != "text"
     out = tmp_path / f"{name}.zarr"
     extract(
         ExtractConfig(
@@ -163,6 +187,7 @@ def _store(tmp_path: Path, name: str, teachers: dict[str, str], corpus: Path) ->
             data_root=None if image else str(corpus),
             dataset_options={"count": 8, "resolution": 32} if image else {},
             out=out,
+            pooled_only=modality == "image_text",  # a joint teacher's outputs are whole-sample ones
             dtype="float32",
             chunk_size=4,
             shard_size=8,
@@ -202,11 +227,13 @@ def _block_outputs(model, modality: str, teacher) -> tuple[list[torch.Tensor], t
 def test_init_teacher_copies_blocks_that_compute_the_teachers(tmp_path, name, teachers, corpus):
     store = _store(tmp_path, name, teachers, corpus)
     _, modality, options = CASES[name]
-    result = _train(store, tmp_path / "run")
+    result = _train(store, tmp_path / "run", "--init", "teacher")
     if name in REFUSED:
         line = _one_error_line(result)
-        assert name in line and REFUSED[name] in line
-        assert _train(store, tmp_path / "named", *REFUSED[name].split()).exit_code == 0  # the init it names works
+        assert REFUSED[name] in line
+        small = [a for o in MULTIMODAL for a in ("--student-option", o)] if modality == "image_text" else []
+        named = _train(store, tmp_path / "named", *REFUSED[name].split(), *small)
+        assert named.exit_code == 0, named.output  # the init it names works
         return
     assert result.exit_code == 0, result.output
     cfg = TrainConfig(targets=store, depth=DEPTH, init="teacher", run_dir=tmp_path / "b", progress=False)
