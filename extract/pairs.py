@@ -143,6 +143,10 @@ class PairCaptions:
     def __len__(self) -> int:
         return len(self.source.positions)
 
+    def extra_attrs(self) -> dict[str, Any]:
+        """Recorded, not compared: where the captions' tokenizer was read (the student exports it)."""
+        return {"caption_tokenizer": str(Path(self.teacher.tokenizer.name_or_path).resolve())}
+
     def describe(self) -> dict[str, Any]:
         """Recorded in the pair store's ``dataset``: the captions and what tokenized (and embedded) them."""
         return {"num_captions": len(self), "text_tokenizer": self.teacher.describe(), "captions_group": CAPTIONS}

@@ -256,7 +256,13 @@ def _open_writer(
         config,
         library_versions(),
         overwrite=cfg.overwrite,
-        extra={"data_root": data_root, **source.extra_attrs()},
+        extra={
+            "data_root": data_root,
+            # what rebuilds the teacher (a student's --init teacher): the registry entry and its options
+            "teacher_build": {"name": cfg.teacher, "options": cfg.teacher_options},
+            **source.extra_attrs(),
+            **(captions.extra_attrs() if captions else {}),
+        },
     )
 
 

@@ -175,6 +175,23 @@ def itc(
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
+def similarity_kd(img: Tensor, txt: Tensor, t_img: Tensor, t_txt: Tensor, temperature: float = 0.05) -> Tensor:
+    """KD on the image–text similarity matrix: the student's softmax over cosine similarities follows the
+    teacher's, image→text rows and text→image columns, KL(teacher ‖ student) averaged over both.
+
+    Args:
+        img, txt: (B, E) student image and text embeddings of B pairs.
+        t_img, t_txt: (B, E') the teacher's image and text embeddings of the same pairs.
+        temperature: τ of both softmaxes.
+    """
+    img, txt, t_img, t_txt = (F.normalize(x, dim=-1) for x in _f32(img, txt, t_img, t_txt))
+    s = img @ txt.T / temperature
+    t = (t_img @ t_txt.T / temperature).detach()
+    rows = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    cols = F.kl_div(F.log_softmax(s.T, -1), F.log_softmax(t.T, -1), log_target=True, reduction="batchmean")
+    return 0.5 * (rows + cols)
+
+
 def triplet(anchor: Tensor, positive: Tensor, negative: Tensor | None = None, margin: float = 0.2) -> Tensor:
     """Triplet loss on cosine distance: mean of max(0, d(a, p) − d(a, n) + margin).
 
@@ -298,6 +315,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "symmetric": False,  # contrastive_kd
     "margin": 0.2,  # triplet
     "cos_weight": 1.0,  # mse_cosine, and msd with msd_base=mse_cosine
+    "sim_temperature": 0.05,  # sim_kd
     "msd_mode": "sample",  # msd weights: sample, dataset or fixed (see msd_weights)
     "msd_fixed": None,  # msd_mode=fixed: modality -> weight, e.g. {"image": 0.5, "text": 0.5}
     "msd_base": "pooled_mse",
@@ -313,10 +331,22 @@ def _get(b: Mapping[str, Any], term: str, *keys: str) -> list[Any]:
 
 
 def _each_student(b: Mapping[str, Any], term: str, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """Apply a pooled term to every student modality against the one teacher target, and average."""
+    """Apply a pooled term to every student modality against its teacher target, and average: the one
+    target, or (a two-tower teacher) the target of the same modality."""
     pooled, target = _get(b, term, "pooled", "pooled_target")
-    students = pooled.values() if isinstance(pooled, Mapping) else [pooled]
-    return torch.stack([fn(s, target) for s in students]).mean()
+    students = pooled if isinstance(pooled, Mapping) else {"": pooled}
+    if isinstance(target, Mapping):
+        if b.get("bank") is not None and term == "contrastive_kd":
+            raise MmkdError("--loss contrastive_kd: a two-tower store has a target per tower; use --bank-size 0")
+        return torch.stack([fn(s, target[m]) for m, s in students.items()]).mean()
+    return torch.stack([fn(s, target) for s in students.values()]).mean()
+
+
+def _sim_kd_term(b: Mapping[str, Any], o: Mapping[str, Any]) -> Tensor:
+    pooled, target = _get(b, "sim_kd", "pooled", "pooled_target")
+    if not isinstance(target, Mapping) or not isinstance(pooled, Mapping):
+        raise MmkdError("--loss sim_kd: needs a two-tower teacher's store (--teacher clip --teacher-option tower=both)")
+    return similarity_kd(pooled["image"], pooled["text"], target["image"], target["text"], o["sim_temperature"])
 
 
 def _itc_term(b: Mapping[str, Any], o: Mapping[str, Any]) -> Tensor:
@@ -384,6 +414,7 @@ LOSSES.register("contrastive_kd", "ckd")(
 # triplet anchor: the student embedding; positive: its teacher target; negative: the hardest other target
 LOSSES.register("triplet")(_pooled("triplet", lambda s, t, b, o: triplet(s, t, margin=o["margin"])))
 LOSSES.register("itc")(_itc_term)
+LOSSES.register("sim_kd", "similarity_kd")(_sim_kd_term)
 LOSSES.register("msd")(_msd_term)
 
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmkd.data import create_dataset
+from mmkd.data import PairImages, create_dataset
 from mmkd_core.errors import MmkdError
 from mmkd_core.registry import Registry
+from mmkd_core.store import open_store
 from mmkd_core.students import create_student, load_data2vec2
 from mmkd_core.teachers import create_teacher
 from mmkd_core.teachers.base import ImagePreprocess
@@ -31,6 +34,9 @@ DEFAULT_LOSS = {
     # distillation of the teacher's caption embedding into both towers, plus image–text contrast between them
     "multimodal": "contrastive_kd=1,itc=1",
 }
+# a two-tower teacher's store has a target per tower: each student tower regresses its own (MSE + cosine, the
+# best in the CLIP study), and the student's image–text similarities follow the teacher's
+TWO_TOWER_LOSS = "mse_cosine=1,sim_kd=1"
 # A CPU-sized multimodal student: 48 px images in 16 px patches (shapes' 3x3 cells, one patch each), 128 wide.
 # 8 px patches at 48 px were four times slower per step and reached i2t R@1 0.14 in the time that 16 px
 # patches reached 0.27; the README has the embedded default's measured R@1 and time.
@@ -61,6 +67,8 @@ def student_kind(cfg: TrainConfig, attrs: dict[str, Any]) -> str:
         return cfg.student
     if cfg.init in INIT_CHECKPOINTS:  # the checkpoint's blocks decide the kind: no other computes them
         return INIT_CHECKPOINTS[cfg.init][0]
+    if attrs["dataset"].get("captions_group"):  # a pair store: images with their captions
+        return "multimodal"
     teacher_modality = attrs["teacher"].get("modality")
     if teacher_modality == "image_text":  # a joint teacher (FLAVA) over image–caption pairs
         return "multimodal"
@@ -130,7 +138,9 @@ def load_init_teacher(cfg: TrainConfig, attrs: dict[str, Any], kind: str | None 
         )
     if cfg.init == "teacher":
         name, weights = teacher_source(attrs)
-        teacher = create_teacher(name, weights)
+        # the registry entry and options the store's teacher was built with (architecture overrides, a tower)
+        built = attrs.get("teacher_build") or {"name": name, "options": {}}
+        teacher = create_teacher(built["name"], weights, **built["options"])
         if teacher.weights_sha256 != attrs["teacher"]["weights_sha256"]:
             raise MmkdError(
                 f"teacher.weights_sha256: {weights or name} is not the checkpoint the store was extracted with"
@@ -172,6 +182,8 @@ class Built:
     source: Any  # the source dataset, when the student reads images
     image_spec: ViewSpec | None  # how images are rendered for a student that reads images the teacher did not
     preprocess: ImagePreprocess | None
+    loader_options: dict[str, Any] = field(default_factory=dict)  # further StoreBatches arguments
+    default_loss: str | None = None  # this store's default loss, where it is not the student kind's
 
 
 @dataclass
@@ -337,6 +349,8 @@ def _build_multimodal(ctx: Context) -> Built:
         from .msd import build_joint_student
 
         return build_joint_student(ctx)
+    if ctx.attrs["dataset"].get("captions_group"):
+        return _build_pair_student(ctx)
     if not ctx.reader.has("input_ids"):
         raise MmkdError(f"{ctx.reader.path}: a multimodal student needs caption targets from a text teacher")
     source = _source(cfg, ctx.attrs)
@@ -373,12 +387,110 @@ def _build_multimodal(ctx: Context) -> Built:
     )
 
 
+def _build_pair_student(ctx: Context) -> Built:
+    """A two-tower student for a pair store: the image tower reads the stored views (at its own size), the
+    text tower one of the image's captions; targets are the image view's (and, from a two-tower teacher,
+    the caption's own)."""
+    cfg, attrs = ctx.cfg, ctx.attrs
+    captions = open_store(Path(ctx.reader.path) / attrs["dataset"]["captions_group"])
+    vocab = int(captions.attrs["preprocess"]["extra"]["vocab_size"])
+    length = int(captions.group["input_ids"].shape[1])
+    image_from = _tower_init(ctx, "image", cfg.init_image, cfg.init_image_weights)
+    text_from = _tower_init(ctx, "text", cfg.init_text, cfg.init_text_weights)
+    if text_from is not None and len(text_from.tokenizer) != vocab:
+        raise MmkdError(
+            f"--init-text {cfg.init_text}: its vocabulary ({len(text_from.tokenizer)}) is not the captions' "
+            f"tokenizer's ({vocab}); extract with --text-tokenizer {cfg.init_text}"
+        )
+    given = cfg.student_options
+    opts: dict[str, Any] = {**MULTIMODAL_DEFAULTS, "vocab_size": vocab, **given}
+    opts["max_position"] = max(int(opts["max_position"]), length)
+    if image_from is not None:  # widths and the patch size come from the init model unless given
+        opts = {k: v for k, v in opts.items() if k not in ("width", "num_heads", "patch_size") or k in given}
+    if text_from is not None:
+        opts = {
+            k: v
+            for k, v in opts.items()
+            if k not in ("width", "text_num_heads", "vocab_size", "max_position") or k in given
+        }
+    if cfg.depth:
+        opts["image_depth"] = cfg.depth
+    heads = {k: v for k, v in ctx.heads.items() if k != "target_dim"}
+    student = create_student(
+        "multimodal",
+        init="random" if image_from is None and text_from is None else "pretrained",
+        image_init_from=image_from,
+        text_init_from=text_from,
+        **heads,
+        **opts,
+    )
+    mean, std = IMAGE_MEAN_STD
+    preprocess = ImagePreprocess(
+        size=student.config.img_size, mean=mean, std=std, interpolation="bicubic", crop_pct=1.0, crop_mode="squash"
+    )
+    # the stored views' crops and flips, rendered at the student's size and normalisation
+    render_spec = dataclasses.replace(
+        view_spec(attrs), size=preprocess.size, mean=preprocess.mean, std=preprocess.std, interpolation="bicubic"
+    )
+    from .loader import CaptionTable
+
+    two_tower = captions.has("pooled")
+    return Built(
+        student=student,
+        kind="multimodal",
+        tokenizer=_caption_tokenizer(ctx.reader, captions),
+        source=_source(cfg, attrs),
+        image_spec=None,
+        preprocess=preprocess,
+        loader_options={"captions": CaptionTable(captions.path), "render_spec": render_spec},
+        default_loss=TWO_TOWER_LOSS if two_tower else None,
+    )
+
+
+def _tower_init(ctx: Context, tower: str, name: str | None, weights: str | None):
+    """The model seeding one tower of a pair store's student (None: random).
+
+    ``name`` None falls back to ``--init``: ``teacher`` seeds the tower of the store teacher's modality.
+    """
+    if name is None:
+        if ctx.init_model is None or getattr(ctx.init_model, "modality", None) != tower:
+            return None
+        return ctx.init_model
+    if name == "random":
+        return None
+    model = load_init_teacher(dataclasses.replace(ctx.cfg, init=name, init_weights=weights), ctx.attrs)
+    want = "image" if tower == "image" else "text"
+    if model.modality != want:
+        raise MmkdError(f"--init-{tower} {name}: that model reads {model.modality}; the {tower} tower needs {want}")
+    return model
+
+
+def _caption_tokenizer(reader, captions):
+    """The tokenizer the captions were stored under (exported with the student)."""
+    from transformers import AutoTokenizer
+
+    path = reader.attrs.get("caption_tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise MmkdError(
+            f"{reader.path}: the captions' tokenizer at {path} cannot be loaded ({str(e).splitlines()[0]}); "
+            "it is exported with the student"
+        ) from None
+    if len(tokenizer) != int(captions.attrs["preprocess"]["extra"]["vocab_size"]):
+        raise MmkdError(f"{reader.path}: the tokenizer at {path} is not the one the captions were stored under")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 def _source(cfg: TrainConfig, attrs: dict[str, Any]):
     """The source dataset the store indexes into, checked against the store's fingerprint."""
     d = attrs["dataset"]
     options = dict(d.get("options") or {})
     root = cfg.data_root or attrs.get("data_root")
     ds = create_dataset(d["name"], root=root, split=d["split"], **options)
+    if d.get("unit") == "image":  # the store's samples are the dataset's distinct images
+        ds = PairImages(ds)
     if ds.fingerprint() != d["fingerprint"]:
         raise MmkdError(
             f"dataset.fingerprint: the {d['name']} data at {root} is not the data the store was "
@@ -396,6 +508,8 @@ def loss_inputs(built: Built, model: torch.nn.Module, batch: dict[str, Any], dev
         out["tokens_target"] = mv["tokens"]
     if "pooled" in mv:
         out["pooled_target"] = mv["pooled"]
+    if "caption_pooled" in mv:  # a two-tower store: each student tower regresses its own teacher tower
+        out["pooled_target"] = {"image": mv["pooled"], "text": mv["caption_pooled"]}
     if "bank" in mv:
         out["bank"] = mv["bank"]
     o = model(

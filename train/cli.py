@@ -111,6 +111,19 @@ def main_command(
         f"gives the first blocks: {', '.join(TEACHERS.names())}. Default: teacher; random for multimodal.",
     ),
     init_weights: str = typer.Option(None, help="Checkpoint for --init <teacher name> or --init data2vec2."),
+    init_image: str = typer.Option(
+        None,
+        metavar="NAME",
+        help="Multimodal: seed the image tower from this image teacher's first blocks (teacher: the store's).",
+    ),
+    init_image_weights: str = typer.Option(None, help="Checkpoint for --init-image."),
+    init_text: str = typer.Option(
+        None,
+        metavar="NAME",
+        help="Multimodal: seed the text tower from this BERT-like teacher's first layers (it must read the "
+        "captions' tokenizer).",
+    ),
+    init_text_weights: str = typer.Option(None, help="Checkpoint for --init-text."),
     freeze_embeddings: bool = typer.Option(False, help="Freeze token/position embeddings copied from the teacher."),
     token_pred: TokenPred = typer.Option(
         "recipe",
@@ -184,6 +197,10 @@ def main_command(
         student_options=parse_options(student_option, "--student-option"),
         init=init,
         init_weights=init_weights,
+        init_image=init_image,
+        init_image_weights=init_image_weights,
+        init_text=init_text,
+        init_text_weights=init_text_weights,
         freeze_embeddings=freeze_embeddings,
         token_pred=token_pred,
         loss=loss,

@@ -39,6 +39,12 @@ class TrainConfig:
             whose checkpoint (``init_weights``) gives the first blocks; None: teacher, except random for
             multimodal students (the caption teacher is wider than a CPU-sized student).
         init_weights: Checkpoint of ``init`` when it names another model.
+        init_image: Multimodal students: the model whose patch embedding and first blocks seed the image
+            tower (a registered image teacher, or ``teacher``: the store's image teacher); None: ``init``.
+        init_image_weights: Checkpoint of ``init_image``.
+        init_text: Multimodal students: the BERT-like model whose embeddings and first layers seed the text
+            tower (a registered text teacher); it must share the captions' tokenizer. None: ``init``.
+        init_text_weights: Checkpoint of ``init_text``.
         freeze_embeddings: Freeze token and position embeddings copied from the teacher (text).
         token_pred: Student token prediction: recipe (its own layers through the target recipe) or head.
         loss: Loss terms and weights, e.g. "token_mse=1,pooled_mse=1"; None picks per student kind.
@@ -73,6 +79,10 @@ class TrainConfig:
     student_options: dict[str, Any] = field(default_factory=dict)
     init: str | None = None
     init_weights: str | None = None
+    init_image: str | None = None
+    init_image_weights: str | None = None
+    init_text: str | None = None
+    init_text_weights: str | None = None
     freeze_embeddings: bool = False
     token_pred: str = "recipe"
     loss: str | None = None

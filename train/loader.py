@@ -211,6 +211,11 @@ class StoreBatches(IterableDataset):
         image_cache: A dict to keep those rendered images in (uint8), shared across epochs: rendering
             and resizing a source image every epoch costs as much as a small student's step.
         names: Store arrays to read (default all); leaving out ``tokens``/``pooled`` reads inputs only.
+        captions: A pair store's caption store (see ``CaptionTable``): each sample (an image) comes with one
+            of its captions, drawn per (seed, epoch, image), as ``input_ids``/``attention_mask``, its row
+            ``caption``, and for a two-tower store its text target ``caption_pooled``.
+        render_spec: Render the stored views' parameters at this spec (the student's size and
+            normalisation: the same crops at another resolution) instead of the store's.
     """
 
     def __init__(
@@ -225,6 +230,8 @@ class StoreBatches(IterableDataset):
         image_spec: ViewSpec | None = None,
         image_cache: dict[int, np.ndarray] | None = None,
         names: tuple[str, ...] | None = None,
+        captions=None,
+        render_spec: ViewSpec | None = None,
     ) -> None:
         super().__init__()
         self.store_path, self.plan, self.source = store_path, plan, source
@@ -232,6 +239,7 @@ class StoreBatches(IterableDataset):
         self.image_spec = image_spec
         self.image_cache = image_cache
         self.names = names
+        self.captions, self.render_spec = captions, render_spec
         self._reader = None
         self._memory: dict[str, np.ndarray] | None = None
 
@@ -293,8 +301,10 @@ class StoreBatches(IterableDataset):
         if "input_ids" in buffer:
             out["input_ids"] = torch.from_numpy(buffer["input_ids"][rows, :t].astype(np.int64))
             out["attention_mask"] = out["mask"].long()
+        if self.captions is not None:
+            out.update(self.captions.pick(out["index"].numpy(), self.plan.seed, self.epoch))
         if "view_params" in buffer and self.source is not None:
-            spec = view_spec(self.reader.attrs)
+            spec = self.render_spec or view_spec(self.reader.attrs)
             params = buffer["view_params"][rows, views]
             out["pixel_values"] = torch.stack(
                 [render(self.source.image(int(i)), p, spec) for i, p in zip(out["index"], params, strict=True)]
@@ -315,6 +325,52 @@ class StoreBatches(IterableDataset):
         if cache is not None:
             cache[i] = pixels
         return pixels
+
+
+class CaptionTable:
+    """A pair store's captions in memory (ids, lengths, image rows, text targets): a few bytes per caption.
+
+    Args:
+        path: The caption store (``<pair store>/captions``).
+    """
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self._data: dict[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_data": None}  # each worker reads its own copy
+
+    def _load(self) -> dict[str, np.ndarray]:
+        if self._data is None:
+            reader = open_store(self.path)
+            data = reader.read(0, len(reader), ("input_ids", "lengths", "image", "pooled"))
+            order = np.argsort(data["image"], kind="stable")  # captions of image j: order[start[j]:start[j+1]]
+            counts = np.bincount(data["image"])
+            data["order"], data["start"] = order, np.concatenate([[0], np.cumsum(counts)])
+            if len(counts) and (counts == 0).any():
+                raise MmkdError(f"{self.path}: image {int(np.flatnonzero(counts == 0)[0])} has no caption")
+            self._data = data
+        return self._data
+
+    def pick(self, images: np.ndarray, seed: int, epoch: int) -> dict[str, torch.Tensor]:
+        """One caption of each image, drawn per (seed, epoch, image): independent of batching and resumption."""
+        d = self._load()
+        rows = np.empty(len(images), dtype=np.int64)
+        for k, j in enumerate(images.tolist()):
+            lo, hi = int(d["start"][j]), int(d["start"][j + 1])
+            rows[k] = d["order"][lo + np.random.default_rng([seed, epoch, j, 2]).integers(hi - lo)]
+        lengths = d["lengths"][rows].astype(np.int64)
+        t = int(lengths.max())
+        mask = torch.arange(t)[None] < torch.from_numpy(lengths)[:, None]
+        out = {
+            "caption": torch.from_numpy(rows),
+            "input_ids": torch.from_numpy(d["input_ids"][rows, :t].astype(np.int64)),
+            "attention_mask": mask.long(),
+        }
+        if "pooled" in d:
+            out["caption_pooled"] = torch.from_numpy(np.ascontiguousarray(d["pooled"][rows, 0]))
+        return out
 
 
 def make_loader(batches: StoreBatches, workers: int = 0) -> DataLoader:

@@ -224,7 +224,7 @@ def _setup(cfg: TrainConfig, reader, rank: int, world: int, device: str) -> Run:
     if cfg.eval and "retrieval" in cfg.eval and built.kind != "multimodal":
         raise MmkdError(f"--eval retrieval scores image-caption students; this store trains a {built.kind} student")
     student = built.student.to(device)
-    loss_fn = build_loss(cfg.loss or DEFAULT_LOSS[built.kind], **cfg.loss_options)
+    loss_fn = build_loss(cfg.loss or built.default_loss or DEFAULT_LOSS[built.kind], **cfg.loss_options)
     plan = PlanSpec(
         num_samples=len(reader),
         chunk_size=reader.chunk_size,
@@ -273,7 +273,8 @@ def _freeze_unused(built, plan: PlanSpec, cfg: TrainConfig, loss_fn, device: str
     they are what they would be anyway: AdamW leaves a parameter without gradient untouched.
     """
     student = built.student
-    batch = next(iter(StoreBatches(cfg.targets, plan, source=built.source, image_spec=built.image_spec)))
+    batches = StoreBatches(cfg.targets, plan, source=built.source, image_spec=built.image_spec, **built.loader_options)
+    batch = next(iter(batches))
     params = [p for p in student.parameters() if p.requires_grad]
     loss, _ = loss_fn(loss_inputs(built, student, batch, device))
     grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -298,7 +299,7 @@ def _record(run: Run) -> None:
     # what ran, in full: the loss and evaluation the defaults chose, paths that work from any folder
     recorded = {
         **cfg.to_json(),
-        "loss": cfg.loss or DEFAULT_LOSS[run.built.kind],
+        "loss": cfg.loss or run.built.default_loss or DEFAULT_LOSS[run.built.kind],
         "eval": cfg.eval or default_run_tasks(run.built.kind, run.reader.attrs),
         "targets": str(Path(cfg.targets).resolve()),
         "run_dir": str(cfg.run_dir.resolve()),
@@ -397,6 +398,7 @@ def _loop(run: Run, online_teacher, in_memory: bool) -> list[float]:
                     epoch=epoch,
                     start_batch=start_batch,
                     image_spec=built.image_spec,
+                    **built.loader_options,
                     image_cache=image_cache,
                     names=INPUT_ARRAYS if online_teacher is not None else None,
                     in_memory=in_memory,

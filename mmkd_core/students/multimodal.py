@@ -111,8 +111,11 @@ class MultimodalStudentConfig(HeadConfig):
             raise MmkdError(
                 f"multimodal student text_pool {self.text_pool!r}: choose one of {', '.join(STUDENT_POOLS)}"
             )
-        if self.shared_depth < 1 or self.image_depth < 0 or self.text_depth < 0:
-            raise MmkdError("multimodal student: shared_depth must be >= 1, image_depth and text_depth >= 0")
+        if min(self.shared_depth, self.image_depth, self.text_depth) < 0:
+            raise MmkdError("multimodal student: shared_depth, image_depth and text_depth must be >= 0")
+        if min(self.image_depth, self.text_depth) + self.shared_depth < 1:
+            # shared_depth 0 is a plain two-tower student (the CLIP study); each tower needs a block
+            raise MmkdError("multimodal student: each tower needs at least one block (its own or shared)")
         if self.vl_depth and not self.mome:
             raise MmkdError("multimodal student: vl_depth needs mome=True (VL experts live in MoME blocks)")
         if not 0 <= self.vl_depth <= self.shared_depth:

@@ -70,12 +70,13 @@ class ClipTeacher(Teacher):
             preprocess = text_preprocess(tokenizer, path, self.max_length)
         self.preprocess = preprocess
 
-    text_tower: ClipTeacher | None = None  # with tower=both: the text tower of the same checkpoint
-
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        if self.text_tower is not None:
-            out["towers"] = {"image": self.name, "text": self.text_tower.name}
+        # tower=both: the text tower of the same checkpoint is a submodule (not a class attribute: nn.Module
+        # keeps submodules in _modules, where a class attribute of the same name would hide it)
+        text_tower = getattr(self, "text_tower", None)
+        if text_tower is not None:
+            out["towers"] = {"image": self.name, "text": text_tower.name}
         return out
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
