@@ -49,6 +49,35 @@ def save_tiny_bert(root: Path, layers: int = 2) -> Path:
     return root
 
 
+def save_tiny_clip(root: Path, image_size: int = 16, patch_size: int = 8, max_position: int = 48) -> Path:
+    """A tiny random CLIP with its letter-level tokenizer and image processor, saved as users' checkpoints are."""
+    import json
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab=str(root / "vocab.json"), merges=str(root / "merges.txt"))
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    text = dict(vocab_size=len(vocab), max_position_embeddings=max_position, bos_token_id=0, eos_token_id=1)
+    config = CLIPConfig(
+        text_config=dict(**text, pad_token_id=1, **tiny),
+        vision_config=dict(image_size=image_size, patch_size=patch_size, **tiny),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(root / "ckpt")
+    tokenizer.save_pretrained(root / "ckpt")
+    size = {"height": image_size, "width": image_size}
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=size).save_pretrained(root / "ckpt")
+    return root / "ckpt"
+
+
 @pytest.fixture(scope="session")
 def minilm():
     from mmkd_core.teachers import create_teacher

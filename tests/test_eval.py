@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_bert
+from conftest import save_tiny_bert, save_tiny_clip
 from typer.testing import CliRunner
 
 from mmkd.evaluate.cli import app
@@ -278,28 +278,7 @@ def test_unknown_model_and_config_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    root = tmp_path_factory.mktemp("clip")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(vocab=str(root / "vocab.json"), merges=str(root / "merges.txt"))
-    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(vocab), max_position_embeddings=48, bos_token_id=0, eos_token_id=1, pad_token_id=1, **tiny
-        ),
-        vision_config=dict(image_size=16, patch_size=8, **tiny),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(root / "ckpt")
-    tokenizer.save_pretrained(root / "ckpt")
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(root / "ckpt")
-    return root / "ckpt"
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def test_clip_teacher_loads_both_towers(clip_dir):

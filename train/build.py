@@ -272,6 +272,18 @@ def _build_text(ctx: Context) -> Built:
     )
 
 
+def _view_preprocess(v: dict[str, Any]) -> ImagePreprocess:
+    """The eval transform of a store's views (``views`` attribute): what an image student exports."""
+    return ImagePreprocess(
+        size=int(v["size"]),
+        mean=tuple(v["mean"]),
+        std=tuple(v["std"]),
+        interpolation=v["interpolation"],
+        crop_pct=v["crop_pct"],
+        crop_mode=v.get("crop_mode", "center"),
+    )
+
+
 @BUILDERS.register("vit")
 @BUILDERS.register("beit")
 def _build_image(ctx: Context) -> Built:
@@ -281,14 +293,7 @@ def _build_image(ctx: Context) -> Built:
     grid = math.isqrt(int(ctx.reader.group["lengths"][0]) - 1)
     opts = {"img_size": size, "patch_size": size // grid, **ctx.cfg.student_options}
     v = attrs["views"]
-    preprocess = ImagePreprocess(
-        size=size,
-        mean=tuple(v["mean"]),
-        std=tuple(v["std"]),
-        interpolation=v["interpolation"],
-        crop_pct=v["crop_pct"],
-        crop_mode=v.get("crop_mode", "center"),
-    )
+    preprocess = _view_preprocess(v)
     student = create_student(
         ctx.kind, depth=ctx.depth, init=ctx.init, init_from=ctx.init_model, **_token_heads(ctx), **opts
     )
@@ -321,14 +326,7 @@ def _build_data2vec2(ctx: Context) -> Built:
             f"--init-weights {info['path']}: its patches are {info['patch_size']} px but the store's teacher saw "
             f"{size} px views in {opts['patch_size']} px patches; the student's time steps would not be the targets'"
         )
-    preprocess = ImagePreprocess(
-        size=size,
-        mean=tuple(v["mean"]),
-        std=tuple(v["std"]),
-        interpolation=v["interpolation"],
-        crop_pct=v["crop_pct"],
-        crop_mode=v.get("crop_mode", "center"),
-    )
+    preprocess = _view_preprocess(v)
     student = create_student(
         "data2vec2", depth=ctx.depth, init=ctx.init, init_from=ctx.init_model, **_token_heads(ctx), **opts
     )
