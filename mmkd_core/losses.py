@@ -257,13 +257,13 @@ def msd_weights(
         s = s.mean(dim=1, keepdim=True).expand_as(s)
     elif mode == "fixed":
         if fixed is None or set(fixed) != set(names):
-            raise MmkdError(f"--msd-weights: fixed mode needs one weight for each of {', '.join(names)}")
+            raise MmkdError(f"--loss-option msd_fixed: fixed mode needs one weight for each of {', '.join(names)}")
         w = torch.tensor([float(fixed[m]) for m in names], device=s.device)
         if (w < 0).any() or w.sum() <= 0:
-            raise MmkdError("--msd-weights: fixed weights must be non-negative with a positive sum")
+            raise MmkdError("--loss-option msd_fixed: fixed weights must be non-negative with a positive sum")
         s = w[:, None].expand_as(s)
     elif mode != "sample":
-        raise MmkdError(f"--msd-weighting {mode!r}: choose one of {', '.join(MSD_MODES)}")
+        raise MmkdError(f"--loss-option msd_mode={mode!r}: choose one of {', '.join(MSD_MODES)}")
     total = s.sum(dim=0, keepdim=True)
     w = torch.where(total > 0, s / total.clamp_min(1e-12), torch.full_like(s, 1.0 / len(names)))
     return {m: w[i] for i, m in enumerate(names)}
@@ -275,7 +275,7 @@ _MSD_BASES: dict[str, Callable[..., Tensor]] = {f.__name__: f for f in (pooled_m
 def _msd_base(base: str | Callable[..., Tensor]) -> Callable[..., Tensor]:
     fn = _MSD_BASES.get(base) if isinstance(base, str) else base
     if fn is None:
-        raise MmkdError(f"--msd-base {base!r}: choose one of {', '.join(_MSD_BASES)}")
+        raise MmkdError(f"--loss-option msd_base={base!r}: choose one of {', '.join(_MSD_BASES)}")
     return fn
 
 

@@ -213,11 +213,11 @@ def test_msd_weights_modes():
     f = msd_weights(sal, "fixed", fixed={"image": 3, "text": 1})
     assert f["image"].tolist() == pytest.approx([0.75] * 4) and f["text"].tolist() == pytest.approx([0.25] * 4)
 
-    with pytest.raises(MmkdError, match="--msd-weights"):
+    with pytest.raises(MmkdError, match="--loss-option msd_fixed"):
         msd_weights(sal, "fixed", fixed={"image": 1})
-    with pytest.raises(MmkdError, match="--msd-weights"):
+    with pytest.raises(MmkdError, match="--loss-option msd_fixed"):
         msd_weights(sal, "fixed", fixed={"image": -1, "text": 1})
-    with pytest.raises(MmkdError, match="--msd-weighting 'median'"):
+    with pytest.raises(MmkdError, match="--loss-option msd_mode='median'"):
         msd_weights(sal, "median")
 
 
@@ -229,7 +229,7 @@ def test_msd_loss_is_weighted_per_sample():
     assert msd_loss(s, t, w).item() == pytest.approx((1.0 + 0.5 * 1 + 0.5 * 9) / 2)
     ones = {"image": torch.ones(2, 4), "text": torch.ones(2, 4)}
     assert msd_loss(s, ones, w, base="pooled_cosine").item() == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(MmkdError, match="--msd-base"):
+    with pytest.raises(MmkdError, match="--loss-option msd_base"):
         msd_loss(s, t, w, base="kl")
     with pytest.raises(MmkdError, match="same modalities"):
         msd_loss(s, {"image": t["image"]}, w)
