@@ -160,6 +160,8 @@ def main_command(
     s = extract(cfg, show_progress=not quiet)
     table = Table(title=f"store {s.path}" + ("" if s.complete else " (incomplete)"), show_header=False)
     table.add_row("samples", f"{s.samples:,}")
+    if s.distinct_inputs is not None:
+        table.add_row("distinct teacher inputs", f"{s.distinct_inputs:,} (identical inputs computed once)")
     table.add_row("views", str(s.views))
     table.add_row("shards written now / total", f"{s.shards_written} / {s.shards_total}")
     table.add_row("bytes on disk", _human(s.bytes_on_disk))

@@ -115,8 +115,8 @@ class TokenizedCaptions(CaptionSource):
     """Captions tokenized only (no text teacher): the store holds their ids, no caption targets."""
 
     def targets(self, teacher, batch: dict, recipe: dict, autocast) -> dict[str, Any]:
-        n = len(batch["positions"])
-        return {"tokens": None, "pooled": torch.zeros(n, 0), "mask": batch["inputs"]["attention_mask"].bool()}
+        mask = batch["inputs"]["attention_mask"].bool()  # one row per distinct caption of the batch
+        return {"tokens": None, "pooled": torch.zeros(len(mask), 0), "mask": mask}
 
 
 class PairCaptions:

@@ -16,13 +16,13 @@ from mmkd.data import PairImages, create_dataset
 from mmkd_core.errors import MmkdError
 from mmkd_core.progress import progress_bar
 from mmkd_core.store import Layout, StoreWriter, open_store
-from mmkd_core.targets import recipe_targets, select_layers
+from mmkd_core.targets import select_layers
 from mmkd_core.teachers import create_teacher
 from mmkd_core.versions import library_versions
 
 from .config import ExtractConfig
 from .pairs import PairCaptions, caption_writer, is_pair_store
-from .sources import ImageSource, TextSource
+from .sources import ImageSource, TextSource, teacher_targets
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class ExtractSummary:
     seconds: float
     bytes_on_disk: int
     complete: bool
+    # distinct teacher inputs among the samples, each computed once (``dedupe``); None: not deduplicated (images)
+    distinct_inputs: int | None = None
 
     @property
     def bytes_per_sample(self) -> float:
@@ -101,6 +103,7 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
         seconds=time.perf_counter() - start,
         bytes_on_disk=open_store(cfg.out).nbytes_stored(),
         complete=complete,
+        distinct_inputs=getattr(source, "distinct_inputs", None),
     )
 
 
@@ -358,10 +361,7 @@ def _plain(obj) -> dict:
 def _targets(teacher, source, batch: dict, recipe: dict, cfg: ExtractConfig) -> dict[str, torch.Tensor]:
     if hasattr(source, "targets"):
         return source.targets(teacher, batch, recipe, lambda: _autocast(cfg))
-    with _autocast(cfg):  # the teacher only: the target statistics are taken in float32 outside autocast
-        out = teacher(**batch["inputs"])
-    tokens, pooled = recipe_targets(out.hidden_states, out.mask, out.embed, recipe)
-    return {"tokens": tokens, "pooled": pooled, "mask": out.mask}
+    return teacher_targets(teacher, batch, recipe, lambda: _autocast(cfg))
 
 
 def _empty_shard(layout: Layout, lo: int, hi: int) -> dict[str, np.ndarray]:
@@ -376,13 +376,15 @@ def _empty_shard(layout: Layout, lo: int, hi: int) -> dict[str, np.ndarray]:
 
 
 def _place(shard: dict[str, np.ndarray], batch: dict, out: dict[str, torch.Tensor], lo: int) -> None:
-    """Scatter a batch's results into the shard buffer: row ``positions[j] - lo``, view ``view_ids[j]``."""
+    """Scatter a batch's results into the shard buffer: row ``positions[j] - lo``, view ``view_ids[j]`` gets
+    result ``take[j]`` (default j; a deduplicated batch's one result per distinct input goes to many rows)."""
     rows = batch["positions"] - lo
     views = batch["view_ids"]
-    shard["pooled"][rows, views] = out["pooled"].float().cpu().numpy()
+    take = batch.get("take", slice(None))
+    shard["pooled"][rows, views] = out["pooled"].float().cpu().numpy()[take]
     for name, value in out.items():
         if name not in ("tokens", "pooled", "mask") and name in shard:
-            shard[name][rows, views] = value.float().cpu().numpy()
+            shard[name][rows, views] = value.float().cpu().numpy()[take]
     if out["tokens"] is not None:
         t = out["tokens"].shape[1]
-        shard["tokens"][rows, views, :t] = out["tokens"].float().cpu().numpy()
+        shard["tokens"][rows, views, :t] = out["tokens"].float().cpu().numpy()[take]

@@ -9,7 +9,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mmkd_core.targets import recipe_targets
 from mmkd_core.views import NUM_PARAMS, ViewSpec, draw_params, render_versions, render_views, view_checksum
+
+from .dedupe import DistinctInputs, group_rows
 
 TOKENIZE_CHUNK = 4096
 
@@ -17,8 +20,9 @@ TOKENIZE_CHUNK = 4096
 class TextSource:
     """Tokenizes the whole selection up front (it fixes the store's T) and batches by length.
 
-    Batches within a shard are sorted by length: targets do not depend on batching, and short batches
-    spend less time on padding.
+    Rows with the same token ids are one teacher input, computed once per run and written to every row
+    (``dedupe``); batches are sorted by length within a window of inputs, so short batches spend less
+    time on padding.
     """
 
     views = 1
@@ -37,6 +41,7 @@ class TextSource:
         self.input_ids = np.full((n, int(self.lengths.max())), self.pad_id, dtype=np.int32)
         for i, r in enumerate(ids):
             self.input_ids[i, : len(r)] = r
+        self.distinct = DistinctInputs(group_rows(self.input_ids, self.lengths), self.lengths)
 
     def describe_views(self) -> dict[str, Any]:
         return {"count": 1}
@@ -47,6 +52,14 @@ class TextSource:
 
     def time_steps(self, probe: dict) -> int:
         return self.input_ids.shape[1]
+
+    @property
+    def distinct_inputs(self) -> int:
+        return self.distinct.count
+
+    @property
+    def teacher_inputs(self) -> int:
+        return self.distinct.computed
 
     def _batch(self, rows: np.ndarray, shard: int = -1) -> dict[str, Any]:
         t = int(self.lengths[rows].max())
@@ -60,15 +73,20 @@ class TextSource:
             "shard": shard,
         }
 
+    def _inputs(self, groups: np.ndarray) -> dict[str, Any]:
+        return {"inputs": self._batch(self.distinct.first[groups])["inputs"]}
+
     def probe_batch(self) -> dict[str, Any]:
-        return self._batch(np.array([0]))
+        """Row 0's input, its canonical batch: its result is kept and placed like any other (no positions)."""
+        return {**self._inputs(np.array([0])), "groups": np.array([0])}
 
     def batches(self, shards: list[tuple[int, int, int]], batch_size: int) -> Iterator[dict[str, Any]]:
-        """Batches of each (shard, lo, hi) in turn, longest texts first within a shard."""
-        for k, lo, hi in shards:
-            order = lo + np.argsort(-self.lengths[lo:hi], kind="stable")
-            for s in range(0, len(order), batch_size):
-                yield self._batch(order[s : s + batch_size], k)
+        """Each (shard, lo, hi) in turn: the distinct inputs it needs (``DistinctInputs.batches``)."""
+        return self.distinct.batches(shards, batch_size, self._inputs)
+
+    def targets(self, teacher, batch: dict[str, Any], recipe: dict, autocast) -> dict[str, Any]:
+        """One result per distinct input of the batch: kept from an earlier batch, or computed now."""
+        return self.distinct.targets(batch, lambda b: teacher_targets(teacher, b, recipe, autocast))
 
     def finish_shard(self, shard: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
         return {
@@ -77,6 +95,14 @@ class TextSource:
             "input_ids": self.input_ids[lo:hi],
             "index": np.arange(lo, hi, dtype=np.int64),
         }
+
+
+def teacher_targets(teacher, batch: dict[str, Any], recipe: dict, autocast) -> dict[str, Any]:
+    """A batch through the teacher and the recipe: ``tokens``, ``pooled`` and ``mask``."""
+    with autocast():  # the teacher only: the target statistics are taken in float32 outside autocast
+        out = teacher(**batch["inputs"])
+    tokens, pooled = recipe_targets(out.hidden_states, out.mask, out.embed, recipe)
+    return {"tokens": tokens, "pooled": pooled, "mask": out.mask}
 
 
 def _device(teacher) -> torch.device:
