@@ -16,19 +16,25 @@ A shard is the unit of work: it is checked whole, written, then marked done. Res
 
 One writer at a time: ``StoreWriter`` holds the lock file ``<store>.lock`` beside the store directory (see
 ``lock_path``) from ``open`` to ``close``/``finish``. ``--overwrite`` deletes only an mmkd store.
+
+A store is a local directory or an fsspec URL (``s3://bucket/x.zarr``, ``memory://x.zarr``; see
+``location``): the same rules hold on both, the lock being an object beside the store created only if absent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
 import os
 import secrets
-import shutil
 import socket
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,8 +43,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from . import quant
+from . import location, quant
 from .errors import MmkdError
+from .location import Location, StoreURL, store_location
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -265,13 +272,14 @@ def _describe_diff(stored: dict, expected: dict, field: str) -> str:
 LOCK_SUFFIX = ".lock"
 
 
-def lock_path(path: str | Path) -> Path:
-    """The lock file of a store: ``<store>.lock`` beside the store directory (e.g. ``s.zarr.lock``).
+def lock_path(path: str | Location) -> Location:
+    """The lock file of a store: ``<store>.lock`` beside the store directory (e.g. ``s.zarr.lock``), or the
+    object ``<url>.lock`` beside a store at a URL.
 
     Beside, not inside: it exists before the store does, survives ``--overwrite`` deleting the store, and no
     zarr reader ever sees it. The path is resolved, so two spellings of one store share one lock.
     """
-    p = Path(path).resolve()
+    p = store_location(path).resolve()
     return p.with_name(p.name + LOCK_SUFFIX)
 
 
@@ -283,13 +291,16 @@ class StoreLock:
     warning that names it, so that re-running the killed command continues it, as the store promises; the
     takeover renames the stale file first, so two re-runs racing for it cannot both win. A lock from
     another host, or from a live process, is refused: its pid cannot be judged from here.
+
+    Beside a store at a URL the lock is an object created only if absent (``StoreURL.create``: S3's
+    ``If-None-Match: *``); object storage has no rename, so this host's takeovers take turns instead.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Location) -> None:
         self.path = path
         self.token: str | None = None
 
-    def acquire(self, store: Path) -> None:
+    def acquire(self, store: Location) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         info = {
             "pid": os.getpid(),
@@ -297,6 +308,10 @@ class StoreLock:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "token": secrets.token_hex(8),
         }
+        if isinstance(self.path, StoreURL):
+            self._acquire_object(store, json.dumps(info).encode())
+            self.token = info["token"]
+            return
         try:
             fd = self._create(store)
         except FileExistsError:
@@ -314,6 +329,36 @@ class StoreLock:
             self.path.unlink(missing_ok=True)
             raise
         self.token = info["token"]
+
+    def _acquire_object(self, store: Location, data: bytes) -> None:
+        try:
+            self.path.create(data)
+            return
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise MmkdError(
+                f"cannot create the lock object {self.path} ({e}); check that the bucket exists and may be written"
+            ) from None
+        stale = self._stale()
+        if stale is None:
+            raise MmkdError(self._held_message(store))
+        with _host_mutex(str(self.path)):
+            now = self._stale()  # another re-run of this host may have taken it over while this one looked
+            try:
+                if now is not None and now.get("token") == stale.get("token"):
+                    self.path.unlink(missing_ok=True)
+                self.path.create(data)
+            except FileExistsError:
+                raise MmkdError(self._held_message(store)) from None
+        log.warning(
+            "took over the stale lock %s of pid %s (started %s), which is no longer running; %s continues "
+            "from its finished shards",
+            self.path,
+            stale["pid"],
+            stale.get("started", "?"),
+            store,
+        )
 
     def _create(self, store: Path) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
@@ -389,7 +434,25 @@ class StoreLock:
         )
 
 
-def _read_lock(path: Path) -> dict[str, Any] | None:
+@contextlib.contextmanager
+def _host_mutex(key: str) -> Iterator[None]:
+    """Mutual exclusion among this host's processes (stale locks are taken over by their own host only): an
+    flock on a file in the temp directory, which the kernel releases when its holder dies."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): takeovers race as they would without it
+        yield
+        return
+    name = "mmkd-takeover-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    fd = os.open(Path(tempfile.gettempdir()) / name, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_lock(path: Location) -> dict[str, Any] | None:
     """The lock's JSON; None when it is empty or unparseable. FileNotFoundError when it is gone."""
     text = path.read_text()
     try:
@@ -417,7 +480,7 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def _mmkd_attrs(path: Path) -> dict[str, Any] | None:
+def _mmkd_attrs(path: Location) -> dict[str, Any] | None:
     """The ``mmkd`` attribute of the zarr v3 group at ``path`` (read from its zarr.json), or None."""
     try:
         meta = json.loads((path / "zarr.json").read_text())
@@ -429,7 +492,7 @@ def _mmkd_attrs(path: Path) -> dict[str, Any] | None:
     return attrs if isinstance(attrs, dict) else None
 
 
-def _remove_store(path: Path) -> None:
+def _remove_store(path: Location) -> None:
     """Delete the mmkd store at ``path`` and refuse anything else: its top-level zarr.json must carry the
     ``mmkd`` attribute and every other top-level entry must be a zarr node (a directory with a zarr.json)."""
     if path.is_symlink():
@@ -453,7 +516,7 @@ def _remove_store(path: Path) -> None:
             "--overwrite will not delete it: move it out or choose another --out"
         )
     log.warning("--overwrite: deleting the store %s", path)
-    shutil.rmtree(path)
+    location.remove(path)
 
 
 def _where(name: str, pos: tuple[int, ...], lo: int, index: np.ndarray | None) -> str:
@@ -510,7 +573,7 @@ class StoreWriter:
     """Creates or resumes a store and writes it shard by shard, holding the store's lock (``lock_path``)
     from ``open`` until ``close`` (``finish`` closes too; so does leaving a ``with`` block)."""
 
-    def __init__(self, path: Path, layout: Layout, group: zarr.Group, lock: StoreLock | None = None) -> None:
+    def __init__(self, path: Location, layout: Layout, group: zarr.Group, lock: StoreLock | None = None) -> None:
         self.path, self.layout, self.group = path, layout, group
         self._lock = lock
         missing = [name for name in (*layout.arrays(), "shards_done") if name not in group]
@@ -526,7 +589,7 @@ class StoreWriter:
     @classmethod
     def open(
         cls,
-        path: str | Path,
+        path: str | Location,
         layout: Layout,
         config: dict[str, Any],
         versions: dict[str, str],
@@ -537,7 +600,7 @@ class StoreWriter:
         """Lock the store, then create it, or resume it when its configuration equals ``config``.
 
         Args:
-            path: Store directory.
+            path: Store directory or URL.
             layout: Shapes and storage.
             config: Provenance fields in CONFIG_FIELDS except ``storage`` and ``format_version``.
             versions: Library versions, recorded.
@@ -552,7 +615,7 @@ class StoreWriter:
             MmkdError: another writer holds the lock (or left a stale one), the path is not a store, or the
                 configuration differs without ``overwrite``.
         """
-        path = Path(path)
+        path = store_location(path)
         if not locked:
             return cls(path, layout, cls._open_group(path, layout, config, versions, overwrite, extra))
         lock = StoreLock(lock_path(path))
@@ -565,7 +628,7 @@ class StoreWriter:
 
     @staticmethod
     def _open_group(
-        path: Path,
+        path: Location,
         layout: Layout,
         config: dict[str, Any],
         versions: dict[str, str],
@@ -712,11 +775,11 @@ class StoreReader:
     """Reads a store. Opens the zarr group lazily, so the object can be pickled to DataLoader workers.
 
     Args:
-        path: Store directory.
+        path: Store directory or URL (``location.store_location``).
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Location) -> None:
+        self.path = store_location(path)
         if not self.path.exists():
             raise MmkdError(f"{self.path}: no such store")
         self._group: zarr.Group | None = None
@@ -810,8 +873,8 @@ class StoreReader:
         return self._target("pooled", (slice(i, i + 1), slice(view, view + 1)))[0, 0]
 
     def nbytes_stored(self) -> int:
-        """Bytes on disk."""
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        """Bytes on disk (or in the bucket)."""
+        return location.size(self.path)
 
     def array_names(self) -> list[str]:
         """The store's arrays, in the order of the format's table (then any others, sorted)."""
@@ -847,7 +910,7 @@ class StoreReader:
         g = self.group
         # dask keys name the data: a store rewritten in place (new zarr.json) or grown by shards gets new keys
         done = g["shards_done"][:].tobytes() if "shards_done" in g else b""
-        stamp = (str(self.path.resolve()), (self.path / "zarr.json").stat().st_mtime_ns, done)
+        stamp = (str(self.path.resolve()), location.stamp(self.path / "zarr.json"), done)
         raw: dict[str, Any] = {}
         for name in self.array_names():
             arr = g[name]
@@ -938,7 +1001,7 @@ class StoreReader:
 class _ZarrSource:
     """One array of a store, opened on first read: what dask reads from, picklable to workers."""
 
-    def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(self, path: Location, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.path, self.name, self.shape, self.dtype = path, name, tuple(shape), np.dtype(dtype)
         self.ndim = len(self.shape)
         self._array: zarr.Array | None = None
@@ -952,8 +1015,8 @@ class _ZarrSource:
         return self._array[key]
 
 
-def open_store(path: str | Path) -> StoreReader:
-    """Open a store for reading."""
+def open_store(path: str | Location) -> StoreReader:
+    """Open a store for reading: a directory, or a URL fsspec reaches (``s3://bucket/x.zarr``)."""
     return StoreReader(path)
 
 
