@@ -74,7 +74,12 @@ def main_command(
     ),
     data_root: str = typer.Option(None, help="Dataset file or directory."),
     split: str = typer.Option("train", help="Dataset split."),
-    out: Path = typer.Option(None, help="Store path (default: <teacher>-<dataset>-<split>.zarr here)."),
+    out: str = typer.Option(
+        None,
+        metavar="PATH|URL",
+        help="Store path, or a URL fsspec reaches: s3://bucket/x.zarr, gs://..., memory://... (default: "
+        "<teacher>-<dataset>-<split>.zarr here).",
+    ),
     views: int = typer.Option(1, help="Views per image; view 0 is the eval transform. Text has one."),
     layers: str = typer.Option("all", help="Teacher blocks to average: all, last:K, or indices like 0,5,11."),
     pool: Pool = typer.Option(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mmkd_core.errors import MmkdError
+from mmkd_core.location import StoreURL, store_location
 from mmkd_core.quant import DTYPES
 
 AUTOCAST = ("none", "bfloat16", "float16")
@@ -25,7 +26,8 @@ class ExtractConfig:
         data_root: Dataset file or directory.
         split: Dataset split.
         dataset_options: Extra dataset options (e.g. ``count`` for shapes).
-        out: Store path; None derives ``<teacher>-<dataset>-<split>.zarr`` in the current directory.
+        out: Store path, or a URL fsspec reaches (``s3://bucket/x.zarr``: a ``StoreURL``); None derives
+            ``<teacher>-<dataset>-<split>.zarr`` in the current directory.
         views: Views per image (view 0 is the eval transform); text has one.
         layers: "all", "last:K" or block indices.
         pool: Pooled target; None picks teacher_mean for text teachers and teacher_cls for image teachers.
@@ -56,7 +58,7 @@ class ExtractConfig:
     data_root: str | None = None
     split: str = "train"
     dataset_options: dict[str, Any] = field(default_factory=dict)
-    out: Path | None = None
+    out: Path | StoreURL | None = None
     views: int = 1
     layers: str = "all"
     pool: str | None = None
@@ -98,6 +100,6 @@ class ExtractConfig:
             raise MmkdError("--data-root is empty: give the dataset's file or directory")
         if self.out is None:
             self.out = Path(f"{self.teacher}-{self.dataset}-{self.split}.zarr")
-        self.out = Path(self.out)
+        self.out = store_location(self.out, "--out")
         if self.out.exists() and not self.out.is_dir():
             raise MmkdError(f"--out {self.out}: is a file, not a store directory; choose another --out")

@@ -155,7 +155,7 @@ class PairCaptions:
 def caption_store(path: str | Path):
     """The caption store of a pair store (a StoreReader), or None when ``path`` is not a pair store."""
     reader = open_store(path)
-    return open_store(Path(path) / CAPTIONS) if reader.attrs["dataset"].get("unit") == "image" else None
+    return open_store(reader.path / CAPTIONS) if reader.attrs["dataset"].get("unit") == "image" else None
 
 
 def caption_writer(out: Path, layout: Layout, config: dict[str, Any], versions: dict[str, str]) -> StoreWriter:

@@ -7,7 +7,6 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -390,7 +389,7 @@ def _build_pair_student(ctx: Context) -> Built:
     text tower one of the image's captions; targets are the image view's (and, from a two-tower teacher,
     the caption's own)."""
     cfg, attrs = ctx.cfg, ctx.attrs
-    captions = open_store(Path(ctx.reader.path) / attrs["dataset"]["captions_group"])
+    captions = open_store(ctx.reader.path / attrs["dataset"]["captions_group"])
     vocab = int(captions.attrs["preprocess"]["extra"]["vocab_size"])
     length = int(captions.group["input_ids"].shape[1])
     image_from = _tower_init(ctx, "image", cfg.init_image, cfg.init_image_weights)

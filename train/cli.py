@@ -94,7 +94,7 @@ def _from_record(data: dict[str, Any]) -> dict[str, Any]:
 def main_command(
     ctx: typer.Context,
     config: Path = config_option(_from_record),
-    targets: Path = typer.Option(..., help="Store written by mmkd-extract."),
+    targets: str = typer.Option(..., metavar="PATH|URL", help="Store written by mmkd-extract (a path or a URL)."),
     student: Student = typer.Option(
         "auto",
         parser=choice("--student", "student kind", STUDENT_KINDS),

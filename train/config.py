@@ -8,6 +8,7 @@ from typing import Any
 
 from mmkd.evaluate import check_run_task
 from mmkd_core.errors import MmkdError
+from mmkd_core.location import StoreURL, looks_like_url, store_location
 
 STUDENT_KINDS = ("auto", "text", "vit", "beit", "data2vec2", "multimodal")
 # Defaults that depend on the student. The multimodal ones train the embedded default (a 128-wide student on
@@ -28,7 +29,7 @@ class TrainConfig:
     """Everything `mmkd-train` needs; the CLI only fills this in.
 
     Attributes:
-        targets: The store written by mmkd-extract.
+        targets: The store written by mmkd-extract: a directory or a URL (``s3://bucket/x.zarr``).
         student: text, vit, beit, data2vec2, multimodal, or auto (chosen from the store: text teacher over
             text -> text; over image–caption data -> multimodal; image teacher -> vit, beit for BEiT-like
             teachers or inits; ``init="data2vec2"`` -> data2vec2).
@@ -73,7 +74,7 @@ class TrainConfig:
             (otherwise a deterministic sample of them).
     """
 
-    targets: Path
+    targets: Path | StoreURL
     student: str = "auto"
     depth: int | None = None
     student_options: dict[str, Any] = field(default_factory=dict)
@@ -109,7 +110,7 @@ class TrainConfig:
     verify_views: bool = False
 
     def __post_init__(self) -> None:
-        self.targets = Path(self.targets)
+        self.targets = store_location(self.targets, "--targets")
         if self.student not in STUDENT_KINDS:
             raise MmkdError(f"--student {self.student!r}: choose one of {', '.join(STUDENT_KINDS)}")
         if self.token_pred not in ("recipe", "head"):
@@ -133,6 +134,8 @@ class TrainConfig:
             check_run_task(task)
         if self.run_dir is None:
             self.run_dir = Path("runs") / self.targets.name.removesuffix(".zarr")
+        if looks_like_url(self.run_dir):
+            raise MmkdError(f"--run-dir {self.run_dir}: run directories are local; the store may be a URL")
         self.run_dir = Path(self.run_dir)
 
     def resolved(self, kind: str) -> TrainConfig:
@@ -146,4 +149,4 @@ class TrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+        return {k: str(v) if isinstance(v, Path | StoreURL) else v for k, v in d.items()}

@@ -301,7 +301,7 @@ def _record(run: Run) -> None:
         **cfg.to_json(),
         "loss": cfg.loss or run.built.default_loss or DEFAULT_LOSS[run.built.kind],
         "eval": cfg.eval or default_run_tasks(run.built.kind, run.reader.attrs),
-        "targets": str(Path(cfg.targets).resolve()),
+        "targets": str(cfg.targets.resolve()),
         "run_dir": str(cfg.run_dir.resolve()),
     }
     (cfg.run_dir / "config.json").write_text(
