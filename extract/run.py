@@ -92,6 +92,8 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
         _fill(
             cfg, writer, teacher, source, recipe, todo, probe, f"extract {cfg.teacher} → {cfg.out.name}", show_progress
         )
+        if type(writer) is StoreWriter:  # holds the store lock for the whole run (mmkd-ablate reads the time)
+            _add_seconds(writer, time.perf_counter() - start)
         complete = writer.finish()
     return ExtractSummary(
         path=str(cfg.out),
@@ -160,6 +162,13 @@ def _write_captions(cfg: ExtractConfig, captions: PairCaptions, recipe: dict, sh
     with writer:
         _fill(cfg, writer, text, captions.source, cap_recipe, todo, probe, f"captions → {cfg.out.name}", show_progress)
         writer.finish()
+
+
+def _add_seconds(writer: StoreWriter, seconds: float) -> None:
+    """Add this run's time to the group attribute ``mmkd_extract_seconds`` (a resumed extraction adds its
+    part): a measurement, kept out of the ``mmkd`` provenance that two equal stores share."""
+    total = float(writer.group.attrs.get("mmkd_extract_seconds") or 0.0) + seconds
+    writer.group.attrs["mmkd_extract_seconds"] = round(total, 3)
 
 
 def _check_modalities(cfg: ExtractConfig, teacher, dataset) -> None:
