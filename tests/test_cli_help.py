@@ -14,6 +14,7 @@ from mmkd.evaluate import TASKS
 from mmkd.evaluate.cli import app as eval_app
 from mmkd.extract.cli import app as extract_app
 from mmkd.extract.config import AUTOCAST as EXTRACT_AUTOCAST
+from mmkd.train.ablate_cli import app as ablate_app
 from mmkd.train.cli import app as train_app
 from mmkd.train.config import AUTOCAST as TRAIN_AUTOCAST
 from mmkd.train.config import STUDENT_KINDS
@@ -23,7 +24,7 @@ from mmkd_core.losses import LOSSES
 from mmkd_core.quant import DTYPES
 from mmkd_core.teachers import list_teachers
 
-APPS = {"mmkd-extract": extract_app, "mmkd-train": train_app, "mmkd-eval": eval_app}
+APPS = {"mmkd-extract": extract_app, "mmkd-train": train_app, "mmkd-eval": eval_app, "mmkd-ablate": ablate_app}
 
 
 def _help(app) -> str:
