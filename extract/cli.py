@@ -120,6 +120,11 @@ def main_command(
     ),
     limit: int = typer.Option(None, help="Use only the first N samples."),
     overwrite: bool = typer.Option(False, help="Replace an existing store with another configuration."),
+    plan: bool = typer.Option(
+        False,
+        help="Only predict the run: the teacher on a few batches spread over the dataset, then the store size "
+        "(for every --dtype, compressed as stored), time and write rate it needs. Writes nothing.",
+    ),
     workers: int = typer.Option(0, help="Image decoding processes."),
     seed: int = typer.Option(0, help="Seed of the random views."),
     teacher_option: list[str] = typer.Option(None, help="Extra teacher option KEY=VALUE (repeatable)."),
@@ -155,11 +160,19 @@ def main_command(
         autocast=autocast,
         limit=limit,
         overwrite=overwrite,
+        plan=plan,
         workers=workers,
         seed=seed,
         chunk_size=chunk_size,
         shard_size=shard_size,
     )
+    if cfg.plan:
+        from .plan import plan as predict
+        from .plan import plan_tables
+
+        for table in plan_tables(predict(cfg)):
+            console.print(table)
+        return
     from .run import extract  # imported here: --help need not load zarr, dask and the dataset adapters' readers
 
     s = extract(cfg, show_progress=not quiet)

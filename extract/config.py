@@ -43,6 +43,7 @@ class ExtractConfig:
         autocast: Teacher compute dtype: none (float32), bfloat16 or float16.
         limit: Use only the first N samples.
         overwrite: Replace a store with another configuration.
+        plan: Predict the run instead (``plan.plan``: store size per dtype, time, write rate); write nothing.
         workers: DataLoader processes decoding and augmenting images.
         seed: Seed of the random views.
         crop_scale: Area range of random crops.
@@ -72,6 +73,7 @@ class ExtractConfig:
     autocast: str = "none"
     limit: int | None = None
     overwrite: bool = False
+    plan: bool = False
     workers: int = 0
     seed: int = 0
     crop_scale: tuple[float, float] = (0.08, 1.0)

@@ -1,0 +1,325 @@
+"""`mmkd-extract --plan`: what a run will cost, from a few real batches, before it runs. Nothing is written.
+
+The teacher runs on ``PLAN_BATCHES`` batches of consecutive samples spread evenly over the selection (the
+first, the last and between: lengths differ along a dataset). Their targets are encoded for every storage
+dtype exactly as ``StoreWriter.write_shard`` encodes them and compressed by zarr itself, with the store's
+codecs and chunk shape. A store's size is then predicted per array: the sample's compressed bytes per unit,
+times the units of the whole selection, where an array with a time axis counts valid time steps (every
+text row's length is known before the teacher runs: padding compresses to almost nothing, so bytes follow
+the tokens, not the rows) and any other array counts rows; plus what does not grow with the data and
+matters in small stores: each shard's index (16 bytes per chunk and a checksum), the ``shards_done``
+markers and the metadata (every ``zarr.json``, written for real into a temporary directory, removed after).
+
+Time: the teacher's throughput in inputs per second over the timed batches (the first is a warm-up and not
+timed when there are others), times the inputs the run computes (distinct inputs for text, see ``dedupe``;
+samples × views for images), plus the set-up measured here (loading, tokenizing, the layout probe), which
+the run repeats. Writing overlaps the teacher on a background thread; its share is measured too (encode
+and compress the sample) and counted where it is the slower of the two.
+
+Pair stores (an image teacher over image–caption data) are not planned: their caption store is a second
+store with its own teacher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from rich.table import Table
+
+from mmkd.data import PairImages, create_dataset
+from mmkd_core import quant
+from mmkd_core.errors import MmkdError
+from mmkd_core.store import Layout, _codecs
+from mmkd_core.teachers import create_teacher
+
+from . import run
+from .config import ExtractConfig
+from .pairs import is_pair_store
+from .sources import teacher_targets
+
+PLAN_BATCHES = 4
+SHARD_INDEX_BYTES = 16  # per chunk of a shard (offset and length, uint64 each); plus a crc32c per shard
+SHARD_INDEX_CHECKSUM = 4
+
+
+@dataclass
+class SizeEstimate:
+    """The predicted store of one storage dtype."""
+
+    dtype: str
+    store_bytes: int
+    samples: int
+
+    @property
+    def bytes_per_sample(self) -> float:
+        return self.store_bytes / max(self.samples, 1)
+
+
+@dataclass
+class PlanSummary:
+    """What ``plan`` measured and predicts for the configured run.
+
+    Attributes:
+        samples: Samples the run writes.
+        views: Views per sample.
+        teacher_inputs: Inputs the run sends through the teacher (distinct inputs for text).
+        distinct_inputs: Distinct teacher inputs among the samples; None where not deduplicated (images).
+        sampled: Samples the plan ran the teacher on, in ``batches`` batches.
+        batches: Batches run.
+        dtype: The configured storage dtype.
+        sizes: The predicted store of every dtype, the configured one first.
+        inputs_per_second: Teacher inputs per second, the median over the timed batches.
+        rate_range: The slowest and fastest timed batch (inputs per second).
+        setup_seconds: Loading, tokenizing and the layout probe, measured (the run does them too).
+        teacher_seconds: Predicted teacher time of the run.
+        write_seconds: Predicted encode-and-compress time of the run (overlaps the teacher).
+    """
+
+    samples: int
+    views: int
+    teacher_inputs: int
+    distinct_inputs: int | None
+    sampled: int
+    batches: int
+    dtype: str
+    sizes: list[SizeEstimate]
+    inputs_per_second: float
+    rate_range: tuple[float, float]
+    setup_seconds: float
+    teacher_seconds: float
+    write_seconds: float
+
+    @property
+    def size(self) -> SizeEstimate:
+        """The configured dtype's store."""
+        return next(s for s in self.sizes if s.dtype == self.dtype)
+
+    @property
+    def seconds(self) -> float:
+        """Predicted wall time: set-up, then the teacher or the writer, whichever is slower."""
+        return self.setup_seconds + max(self.teacher_seconds, self.write_seconds)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / max(self.seconds - self.setup_seconds, 1e-9)
+
+    @property
+    def write_mb_per_second(self) -> float:
+        """The write rate the run needs: its store over its predicted time, MB (10^6 bytes) per second."""
+        return self.size.store_bytes / 1e6 / max(self.seconds - self.setup_seconds, 1e-9)
+
+
+def plan(cfg: ExtractConfig) -> PlanSummary:
+    """Run the teacher on a few batches spread over the dataset and predict the run's store and time.
+
+    Writes nothing: no store directory and no lock file (the metadata is measured in a temporary directory).
+    """
+    start = time.perf_counter()
+    dataset = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split, **cfg.dataset_options)
+    teacher = create_teacher(
+        cfg.teacher, cfg.weights, random_init=cfg.random_weights, device=cfg.device, **cfg.teacher_options
+    )
+    run._check_modalities(cfg, teacher, dataset)
+    if is_pair_store(teacher, dataset, cfg.text_tokenizer):
+        raise MmkdError("--plan: pair stores (an image teacher over image–caption data) are not planned yet")
+    if cfg.text_tokenizer:
+        raise MmkdError("--text-tokenizer: only an image teacher over image–caption data stores captions")
+    samples = PairImages(dataset) if teacher.modality == "image" and hasattr(dataset, "image_id") else dataset
+    n = min(len(samples), cfg.limit or len(samples))
+    source = run._source(cfg, samples, teacher, n)
+    recipe = run._recipe(cfg, teacher)
+    layout, _ = run._layout(cfg, teacher, source, recipe, n)
+    setup = time.perf_counter() - start
+
+    rows, timings = _sample(cfg, teacher, source, recipe, layout)
+    timed = timings[1:] or timings  # the first batch warms up
+    rates = [inputs / max(seconds, 1e-9) for inputs, seconds in timed]
+    rate = statistics.median(rates)
+    distinct = getattr(source, "distinct_inputs", None)
+    work = distinct if distinct is not None else n * source.views
+    sizes, write_seconds = [], 0.0
+    for dtype in (cfg.dtype, *[d for d in quant.DTYPES if d != cfg.dtype]):
+        lay = dataclasses.replace(layout, dtype=dtype)
+        tick = time.perf_counter()
+        data = _bytes_per_unit(lay, rows)
+        if dtype == cfg.dtype:
+            write_seconds = (time.perf_counter() - tick) * n / len(rows["index"])
+        units = _units(lay, source, n)
+        body = sum(data[name] * units[name] for name in data)
+        fixed = _shard_overhead(lay) + _metadata_bytes(cfg, samples, teacher, source, recipe, lay, n)
+        sizes.append(SizeEstimate(dtype, int(round(body + fixed)), n))
+    return PlanSummary(
+        samples=n,
+        views=source.views,
+        teacher_inputs=work,
+        distinct_inputs=distinct,
+        sampled=len(rows["index"]),
+        batches=len(timings),
+        dtype=cfg.dtype,
+        sizes=sizes,
+        inputs_per_second=rate,
+        rate_range=(min(rates), max(rates)),
+        setup_seconds=setup,
+        teacher_seconds=work / max(rate, 1e-9),
+        write_seconds=write_seconds,
+    )
+
+
+def _sample(cfg: ExtractConfig, teacher, source, recipe: dict, layout: Layout):
+    """The sampled rows' arrays as a shard gives them to the writer (float32 targets), and per batch
+    (teacher inputs, seconds). Runs of one batch each, spread evenly; text runs its rows as one plain batch
+    (the plan needs representative rows, not the canonical batches of ``dedupe``)."""
+    n = layout.num_samples
+    per = max(1, cfg.batch_size // source.views)
+    if n <= PLAN_BATCHES * per:  # all of it
+        starts = list(range(0, n, per))
+    else:  # the first run, the last and evenly between: they never overlap
+        starts = [round(j * (n - per) / (PLAN_BATCHES - 1)) for j in range(PLAN_BATCHES)]
+    ranges = [(j, lo, min(lo + per, n)) for j, lo in enumerate(starts)]
+    text = hasattr(source, "distinct")
+    if text:
+        batches = (source._batch(np.arange(lo, hi), k) for k, lo, hi in ranges)
+    else:
+        batches = source.batches(ranges, cfg.batch_size)
+    shards = [run._empty_shard(layout, lo, hi) for _, lo, hi in ranges]
+    timings = []
+    with torch.inference_mode():
+        tick = time.perf_counter()
+        for batch in batches:
+            lo = ranges[batch["shard"]][1]
+            if text:
+                out = teacher_targets(teacher, batch, recipe, lambda: run._autocast(cfg))
+            else:
+                out = run._targets(teacher, source, batch, recipe, cfg)
+            run._place(shards[batch["shard"]], batch, out, lo)
+            now = time.perf_counter()
+            timings.append((len(batch["positions"]), now - tick))
+            tick = time.perf_counter()
+    parts = [source.finish_shard(shard, lo, hi) for shard, (_, lo, hi) in zip(shards, ranges, strict=True)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}, timings
+
+
+def _encoded(layout: Layout, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The sampled rows' arrays as ``StoreWriter.write_shard`` stores them in ``layout.dtype``."""
+    enc = dict(rows)
+    for name in ("tokens", "pooled"):
+        if name not in layout.arrays():
+            enc.pop(name, None)
+            continue
+        x = np.ascontiguousarray(rows[name], dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if layout.dtype == "int8":
+                del enc[name]
+                enc.update(quant.encode_int8(x, quant.outliers_for(x.shape[-1]), name))
+            else:
+                enc[name] = quant.encode_float(x, layout.dtype)
+    return {name: enc[name].astype(dtype, copy=False) for name, (_, dtype) in layout.arrays().items()}
+
+
+def _bytes_per_unit(layout: Layout, rows: dict[str, np.ndarray]) -> dict[str, float]:
+    """Compressed bytes per unit (``_units``) of each array, compressed by zarr with the store's codecs in
+    chunks of the store's chunk length (the sample's last chunk as long as it is: a real chunk is full)."""
+    written: dict = {}
+    store = zarr.storage.MemoryStore(store_dict=written)
+    lengths = rows["lengths"]
+    out: dict[str, float] = {}
+    for name, x in _encoded(layout, rows).items():
+        m = len(x)
+        total = 0
+        for s in range(0, m, layout.chunk_size):
+            piece = x[s : s + layout.chunk_size]
+            arr = zarr.create_array(
+                store,
+                name=f"{name}/{s}",
+                shape=piece.shape,
+                dtype=piece.dtype,
+                chunks=piece.shape,
+                compressors=_codecs(piece.dtype),
+                fill_value=0,
+            )
+            arr[...] = piece
+            total += sum(len(v) for k, v in written.items() if k.startswith(f"{name}/{s}/c/"))
+        out[name] = total / max(float(_weights(layout, name, lengths).sum()), 1.0)
+    return out
+
+
+def _weights(layout: Layout, name: str, lengths: np.ndarray) -> np.ndarray:
+    """Per row, what the array's size follows: its valid time steps for an array with a time axis, else 1."""
+    dims = layout.dimension_names(name) or ()
+    return lengths.astype(np.float64) if "time" in dims else np.ones(len(lengths))
+
+
+def _units(layout: Layout, source, n: int) -> dict[str, float]:
+    lengths = _all_lengths(source, n, layout.time_steps)
+    return {name: float(_weights(layout, name, lengths).sum()) for name in layout.arrays()}
+
+
+def _all_lengths(source, n: int, time_steps: int) -> np.ndarray:
+    """Every row's valid time steps: tokenized text knows them up front; images have T each."""
+    for holder in (source, getattr(source, "text", None)):
+        lengths = getattr(holder, "lengths", None)
+        if isinstance(lengths, np.ndarray) and len(lengths) == n:
+            return lengths
+    return np.full(n, time_steps)
+
+
+def _shard_overhead(layout: Layout) -> int:
+    """Bytes of every shard's index, for every sharded array, and of the ``shards_done`` markers (1 byte each)."""
+    per_shard = SHARD_INDEX_BYTES * (layout.shard_size // layout.chunk_size) + SHARD_INDEX_CHECKSUM
+    return len(layout.arrays()) * layout.num_shards * per_shard + layout.num_shards
+
+
+def _metadata_bytes(cfg: ExtractConfig, samples, teacher, source, recipe: dict, layout: Layout, n: int) -> int:
+    """Every zarr.json of the store, as the run writes them, in a temporary directory removed after."""
+    with tempfile.TemporaryDirectory(prefix="mmkd-plan-") as tmp:
+        out = Path(tmp) / Path(cfg.out).name
+        writer = run._open_writer(dataclasses.replace(cfg, out=out), samples, teacher, source, recipe, layout, n)
+        with contextlib.closing(writer):
+            return sum(f.stat().st_size for f in out.rglob("zarr.json"))
+
+
+def plan_tables(p: PlanSummary) -> list[Table]:
+    """The plan as the tables ``mmkd-extract --plan`` prints."""
+    run_table = Table(title="plan (nothing written)", show_header=False)
+    distinct = f" ({p.distinct_inputs:,} distinct teacher inputs)" if p.distinct_inputs is not None else ""
+    run_table.add_row("samples", f"{p.samples:,} × {p.views} view{'s' * (p.views != 1)}{distinct}")
+    run_table.add_row("measured on", f"{p.sampled:,} samples in {p.batches} batches spread over the dataset")
+    lo, hi = p.rate_range
+    run_table.add_row("teacher", f"{p.inputs_per_second:,.1f} inputs/s (timed batches {lo:,.1f}–{hi:,.1f})")
+    run_table.add_row("samples/s", f"{p.samples_per_second:,.1f}")
+    run_table.add_row(
+        "estimated time",
+        f"{_duration(p.seconds)} (set-up {p.setup_seconds:.1f} s, teacher {_duration(p.teacher_seconds)}, "
+        f"encode+compress {_duration(p.write_seconds)} beside it)",
+    )
+    run_table.add_row("write rate needed", f"{p.write_mb_per_second:,.2f} MB/s")
+    sizes = Table(title="store size by --dtype (encoded and compressed as the store does)")
+    for column in ("dtype", "bytes/sample", "store"):
+        sizes.add_column(column, justify="right" if column != "dtype" else "left")
+    for s in p.sizes:
+        mark = " (chosen)" if s.dtype == p.dtype else ""
+        sizes.add_row(s.dtype + mark, _human(s.bytes_per_sample), _human(s.store_bytes))
+    return [run_table, sizes]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:,.0f} min" if seconds < 7200 else f"{seconds / 3600:,.1f} h"
