@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import shutil
 import threading
@@ -107,6 +108,7 @@ class StoreURL:
         self.url = url.rstrip("/") if not url.endswith("://") else url
         self.protocol = _SCHEME.match(url).group(1).lower()
         self._fs: Any = None
+        self._pid = 0
         if not _checked:
             self._check(what)
 
@@ -175,10 +177,12 @@ class StoreURL:
 
     @property
     def fs(self) -> Any:
-        if self._fs is None:
+        # a DataLoader worker forked from a process that connected must connect anew (s3fs is not fork-safe)
+        if self._fs is None or self._pid != os.getpid():
             from fsspec import url_to_fs
 
             self._fs, self._path = url_to_fs(self.url)
+            self._pid = os.getpid()
         return self._fs
 
     @property

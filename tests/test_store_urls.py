@@ -331,6 +331,25 @@ def test_s3_overwrite_deletes_only_an_mmkd_store(s3):
         open_store(f"s3://{BUCKET}/missing.zarr")
 
 
+def _read_in_child(url, queue):
+    queue.put(int(open_store(url).read(0, 20)["index"].sum()))
+
+
+def test_a_forked_worker_connects_anew(s3):
+    """DataLoader workers fork from a process that already reached the bucket (s3fs is not fork-safe)."""
+    import multiprocessing
+
+    url = store_location(f"s3://{BUCKET}/fork.zarr")
+    fill(url)
+    assert url.exists() and open_store(url).complete  # this process is connected now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_read_in_child, args=(url, queue))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0 and queue.get(timeout=5) == sum(range(20))
+
+
 @pytest.fixture(scope="module")
 def extracted(s3, tmp_path_factory):
     """The same extraction into a local directory and into the bucket, run side by side."""
