@@ -37,7 +37,7 @@ def _check(tmp_path, **kw):
 def test_plan_predicts_a_text_store(tmp_path, minilm):
     # 4 batches of 16 spread over 300 shapes captions (8 to 17 tokens; some repeat)
     p, real = _check(tmp_path, dataset="shapes", dataset_options={"count": 300}, batch_size=16)
-    assert p.sampled == 64 and p.batches == 4 and p.dtype == "float16"
+    assert p.sampled == 64 and p.batches == 4 and p.dtype == "float16" and p.size.spread < 0.05
     assert p.inputs_per_second > 0 and p.seconds > p.setup_seconds > 0
     sizes = {s.dtype: s.store_bytes for s in p.sizes}
     assert sizes["float32"] > sizes["float16"] > sizes["int8"]
@@ -104,5 +104,7 @@ def test_compressed_bytes_follow_valid_tokens():
         "input_ids": np.where(np.arange(40)[None] < lengths[:, None], 7, 0).astype(np.int32),
         "index": np.arange(8),
     }
-    per_token = plan_mod._bytes_per_unit(layout, rows)["tokens"]
+    compressed, tokens = plan_mod._compressed(layout, rows)["tokens"]
+    assert tokens == lengths.sum()
+    per_token = compressed / tokens
     assert 32 * 2 * 0.8 < per_token < 32 * 2 * 1.05  # float16 normal noise barely compresses; padding does
