@@ -31,6 +31,8 @@ EXAMPLES = """Examples:
   mmkd-extract --teacher beitv2 --weights beitv2_base_patch16_224_pt1k.pth \\
                --dataset imagenet --data-root /data/imagenet --views 4 --workers 2
   mmkd-extract --config extract.yaml --limit 1000  # options from a file; the command line overrides it
+  mmkd-extract --dataset text --data-root sentences.txt --cluster local:4    # shards over 4 processes
+  mmkd-extract --dataset text --data-root sentences.txt --shards $SLURM_ARRAY_TASK_ID/8  # one of 8 jobs
 
 Run an interrupted command again to continue where it stopped."""
 
@@ -132,6 +134,24 @@ def main_command(
     random_weights: bool = typer.Option(False, help="Random teacher weights (tests only; recorded in the store)."),
     chunk_size: int = typer.Option(0, help="Samples per chunk (default: ~4 MiB chunks)."),
     shard_size: int = typer.Option(0, help="Samples per shard, the unit of work (default: 16 chunks)."),
+    cluster: str = typer.Option(
+        None,
+        metavar="local:N",
+        help="Spread the shards over N worker processes of a dask.distributed LocalCluster started for the run "
+        "(with --device cuda: one worker per GPU).",
+    ),
+    scheduler: str = typer.Option(
+        None,
+        metavar="ADDRESS",
+        help="Spread the shards over the workers of a running dask.distributed cluster (e.g. tcp://host:8786; "
+        "mmkd installed on the workers, the store and data at the same paths there).",
+    ),
+    shards: str = typer.Option(
+        None,
+        metavar="K/N",
+        help="Extract only the shards k ≡ K (mod N): N such commands (a job array) fill one store together, "
+        "and the last to finish marks it complete.",
+    ),
     quiet: bool = typer.Option(False, help="No progress bar."),
     verbose: bool = typer.Option(False, help="Log what happens (weights loaded, keys dropped, resume)."),
 ) -> None:
@@ -165,6 +185,9 @@ def main_command(
         seed=seed,
         chunk_size=chunk_size,
         shard_size=shard_size,
+        cluster=cluster,
+        scheduler=scheduler,
+        shards=shards,
     )
     if cfg.plan:
         from .plan import plan as predict

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,10 @@ class ExtractConfig:
         crop_scale: Area range of random crops.
         chunk_size: Samples per chunk (0: about 4 MiB chunks).
         shard_size: Samples per shard (0: 16 chunks).
+        cluster: ``local:N``: the shards spread over N worker processes of a dask.distributed LocalCluster
+            (one per GPU with a cuda device).
+        scheduler: Address of a running dask.distributed scheduler whose workers take the shards.
+        shards: ``K/N``: only the shards k ≡ K (mod N); N such commands fill one store together.
     """
 
     teacher: str = "minilm-l6"
@@ -79,6 +84,19 @@ class ExtractConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     chunk_size: int = 0
     shard_size: int = 0
+    cluster: str | None = None
+    scheduler: str | None = None
+    shards: str | None = None
+
+    @property
+    def cluster_workers(self) -> int | None:
+        """N of ``--cluster local:N``."""
+        return int(self.cluster.split(":")[1]) if self.cluster else None
+
+    @property
+    def shard_slice(self) -> tuple[int, int] | None:
+        """(K, N) of ``--shards K/N``."""
+        return tuple(map(int, self.shards.split("/"))) if self.shards else None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -98,6 +116,7 @@ class ExtractConfig:
                 raise MmkdError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 (automatic) or more")
         if self.chunk_size and self.shard_size and self.shard_size % self.chunk_size:
             raise MmkdError(f"--shard-size {self.shard_size}: must be a multiple of --chunk-size {self.chunk_size}")
+        self._check_distribution()
         if self.data_root is not None and not str(self.data_root).strip():
             raise MmkdError("--data-root is empty: give the dataset's file or directory")
         if self.out is None:
@@ -105,3 +124,24 @@ class ExtractConfig:
         self.out = store_location(self.out, "--out")
         if self.out.exists() and not self.out.is_dir():
             raise MmkdError(f"--out {self.out}: is a file, not a store directory; choose another --out")
+
+    def _check_distribution(self) -> None:
+        if self.cluster is not None:
+            m = re.fullmatch(r"local:(\d+)", str(self.cluster).strip())
+            if not m or int(m[1]) < 1:
+                raise MmkdError(f"--cluster {self.cluster!r}: expected local:N, N ≥ 1 worker processes")
+            self.cluster = f"local:{int(m[1])}"
+        if self.scheduler is not None and not str(self.scheduler).strip():
+            raise MmkdError("--scheduler is empty: give the address of a running scheduler, e.g. tcp://host:8786")
+        if self.cluster and self.scheduler:
+            raise MmkdError("--cluster and --scheduler exclude each other: start a local cluster or use a running one")
+        if self.shards is not None:
+            m = re.fullmatch(r"(\d+)/(\d+)", str(self.shards).strip())
+            if not m or not int(m[1]) < int(m[2]):
+                raise MmkdError(f"--shards {self.shards!r}: expected K/N with 0 ≤ K < N, e.g. 0/4")
+            self.shards = f"{int(m[1])}/{int(m[2])}"
+            if self.overwrite:
+                raise MmkdError(
+                    "--overwrite with --shards: the N commands would delete each other's shards; delete the "
+                    "store once before starting them"
+                )

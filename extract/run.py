@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,7 @@ from mmkd_core.teachers import create_teacher
 from mmkd_core.versions import library_versions
 
 from .config import ExtractConfig
+from .distributed import fill_on_cluster, open_run_writer, shards_of
 from .pairs import PairCaptions, caption_writer, is_pair_store
 from .sources import ImageSource, TextSource, teacher_targets
 
@@ -66,32 +68,26 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
     An image teacher over image–caption pairs writes a pair store (see ``pairs``): its samples are the
     distinct images, the teacher runs once per image and view, and its captions are a store inside it.
     """
-    dataset = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split, **cfg.dataset_options)
-    teacher = create_teacher(
-        cfg.teacher, cfg.weights, random_init=cfg.random_weights, device=cfg.device, **cfg.teacher_options
-    )
-    _check_modalities(cfg, teacher, dataset)
-    pairs = is_pair_store(teacher, dataset, cfg.text_tokenizer)
-    if cfg.text_tokenizer and not pairs:
-        raise MmkdError("--text-tokenizer: only an image teacher over image–caption data stores captions")
-    # an image teacher runs once per image: a dataset with several captions per image gives its images
-    samples = (
-        PairImages(dataset) if pairs or (teacher.modality == "image" and hasattr(dataset, "image_id")) else dataset
-    )
-    n = min(len(samples), cfg.limit or len(samples))
+    dataset, teacher, samples, n, pairs = _inputs(cfg)
     captions = PairCaptions(dataset, samples, n, teacher, cfg.text_tokenizer) if pairs else None
     source = _source(cfg, samples, teacher, n)
     recipe = _recipe(cfg, teacher, pairs)
     layout, probe = _layout(cfg, teacher, source, recipe, n)
-    writer = _open_writer(cfg, samples, teacher, source, recipe, layout, n, captions)
-    todo = [k for k in range(layout.num_shards) if k not in writer.done_shards()]
+    # --shards K/N: one slice of the shards, under the lock rule of `distributed`
+    writer = open_run_writer(
+        cfg, functools.partial(_open_writer, cfg, samples, teacher, source, recipe, layout, n, captions)
+    )
+    scope = shards_of(cfg, layout.num_shards)
+    todo = [k for k in scope if k not in writer.done_shards()]
+    label = f"extract {cfg.teacher} → {cfg.out.name}"
     start = time.perf_counter()
     with writer:  # closed (its lock released) on leaving, after the shard in flight has landed
-        if captions is not None:
+        if captions is not None and scope[:1] == [0]:  # written by the run that has shard 0 (--shards: slice 0)
             _write_captions(cfg, captions, recipe, show_progress)
-        _fill(
-            cfg, writer, teacher, source, recipe, todo, probe, f"extract {cfg.teacher} → {cfg.out.name}", show_progress
-        )
+        if cfg.cluster or cfg.scheduler:
+            fill_on_cluster(cfg, writer, recipe, todo, scope, probe, label, show_progress)
+        else:
+            _fill(cfg, writer, teacher, source, recipe, todo, probe, label, show_progress, scope)
         if type(writer) is StoreWriter:  # holds the store lock for the whole run (mmkd-ablate reads the time)
             _add_seconds(writer, time.perf_counter() - start)
         complete = writer.finish()
@@ -109,15 +105,18 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
     )
 
 
-def _fill(cfg: ExtractConfig, writer: StoreWriter, teacher, source, recipe, todo, probe, label, show_progress) -> None:
-    """Compute and write the shards ``todo`` of one store."""
+def _fill(
+    cfg: ExtractConfig, writer: StoreWriter, teacher, source, recipe, todo, probe, label, show_progress, scope=None
+) -> None:
+    """Compute and write the shards ``todo`` of one store (of ``scope``, the run's shards: default all)."""
     layout = writer.layout
+    total = _samples(layout, scope) if scope is not None else layout.num_samples
     with (
         ShardQueue(writer, source) as queue,
         progress_bar(
             label,
-            total=layout.num_samples,
-            completed=layout.num_samples - _samples(layout, todo),
+            total=total,
+            completed=total - _samples(layout, todo),
             enabled=show_progress,
         ) as advance,
     ):
@@ -162,6 +161,23 @@ def _write_captions(cfg: ExtractConfig, captions: PairCaptions, recipe: dict, sh
     with writer:
         _fill(cfg, writer, text, captions.source, cap_recipe, todo, probe, f"captions → {cfg.out.name}", show_progress)
         writer.finish()
+
+
+def _inputs(cfg: ExtractConfig) -> tuple:
+    """The dataset, the teacher, the samples it runs over, their number and whether they make a pair store."""
+    dataset = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split, **cfg.dataset_options)
+    teacher = create_teacher(
+        cfg.teacher, cfg.weights, random_init=cfg.random_weights, device=cfg.device, **cfg.teacher_options
+    )
+    _check_modalities(cfg, teacher, dataset)
+    pairs = is_pair_store(teacher, dataset, cfg.text_tokenizer)
+    if cfg.text_tokenizer and not pairs:
+        raise MmkdError("--text-tokenizer: only an image teacher over image–caption data stores captions")
+    # an image teacher runs once per image: a dataset with several captions per image gives its images
+    samples = (
+        PairImages(dataset) if pairs or (teacher.modality == "image" and hasattr(dataset, "image_id")) else dataset
+    )
+    return dataset, teacher, samples, min(len(samples), cfg.limit or len(samples)), pairs
 
 
 def _add_seconds(writer: StoreWriter, seconds: float) -> None:
@@ -241,7 +257,7 @@ def _layout(cfg: ExtractConfig, teacher, source, recipe: dict, n: int) -> tuple[
 
 
 def _open_writer(
-    cfg: ExtractConfig, dataset, teacher, source, recipe: dict, layout: Layout, n: int, captions=None
+    cfg: ExtractConfig, dataset, teacher, source, recipe: dict, layout: Layout, n: int, captions=None, locked=True
 ) -> StoreWriter:
     dataset_attrs = {
         "options": cfg.dataset_options,
@@ -268,6 +284,7 @@ def _open_writer(
         config,
         library_versions(),
         overwrite=cfg.overwrite,
+        locked=locked,
         extra={
             "data_root": data_root,
             # what rebuilds the teacher (a student's --init teacher): the registry entry and its options

@@ -1,0 +1,491 @@
+"""Extraction over many processes: shards as dask.distributed tasks (``--cluster``, ``--scheduler``), and
+independent commands that each take a slice of the shards (``--shards K/N``).
+
+On a cluster the client (the ``mmkd-extract`` command) probes the teacher, creates or verifies the store and
+holds its lock for the whole run, writes a pair store's captions itself (one cheap pass over short texts,
+before any image shard, as a single process does) and submits one task per pending shard. Each worker
+process builds the teacher and its input source once (a per-process cache keyed by the run's configuration)
+and writes its shards straight into the store, without the lock, through the batch loop a single process
+runs (``run._run_teacher``). One task per shard, so two workers never write one shard at once; a shard is
+marked done only after its data is written, so a worker lost mid-shard leaves it undone and the scheduler
+gives the task to another worker, which rewrites the shard whole. The first sample's first view is the
+probe's result, shipped with shard 0's task, exactly as a single process places it: the store is
+bit-identical to one written by one process.
+
+``--shards K/N`` (SLURM job arrays, torchrun ranks): N commands, possibly started together, fill one store,
+each the shards k ≡ K (mod N). The lock rule of this mode:
+
+- the store lock ``<store>.lock`` is held only briefly: to create the store or verify its configuration and
+  take the slice's lock, and at the end to mark the store complete. A command waits for it up to
+  ``LOCK_WAIT`` seconds (another command creating the store holds it for a moment; a whole run holds it
+  for the run, and is waited for only that long).
+- the slice lock ``<store>.lock.K-of-N`` is held while the slice is written: a second command with the same
+  K/N is refused, so is a slice of another N while one of N runs (their shards overlap), and so is a whole
+  run (without ``--shards``) while any slice runs.
+- the command whose shards include shard 0 (slice 0) writes a pair store's captions, first.
+- each command marks the store complete at its end if every shard is done and a pair store's captions are
+  complete: the last one to finish does. ``--overwrite`` is refused (the commands would delete each other's
+  work).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import queue
+import random
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import zarr
+
+from mmkd_core.errors import MmkdError
+from mmkd_core.progress import progress_bar
+from mmkd_core.store import StoreLock, StoreWriter, config_diff, lock_path, open_store
+
+from .config import ExtractConfig
+
+log = logging.getLogger(__name__)
+
+LOCK_WAIT = 120.0  # seconds a --shards command waits for the store lock
+# a run stopped on an error or Ctrl-C waits this long for the shards a remote worker is writing
+STOP_WAIT = 600.0
+
+
+# ---------------------------------------------------------------------------------------- --shards K/N
+
+
+def shards_of(cfg: ExtractConfig, num_shards: int) -> list[int]:
+    """The shards this run is responsible for: all, or with ``--shards K/N`` those ≡ K (mod N)."""
+    if cfg.shard_slice is None:
+        return list(range(num_shards))
+    k, n = cfg.shard_slice
+    return list(range(k, num_shards, n))
+
+
+def slice_lock_path(store: Path, k: int, n: int) -> Path:
+    """The lock of slice K/N of a store: ``<store>.lock.K-of-N`` beside the store lock."""
+    lock = lock_path(store)
+    return lock.with_name(f"{lock.name}.{k}-of-{n}")
+
+
+def open_run_writer(cfg: ExtractConfig, open_writer: Callable[..., StoreWriter]) -> StoreWriter:
+    """The run's StoreWriter. Without ``--shards``: ``open_writer()``, which holds the store lock for the run,
+    refused while a slice is being written. With ``--shards K/N``: a SliceWriter (the module's lock rule).
+
+    Args:
+        cfg: The run's configuration.
+        open_writer: Creates or resumes the store; ``locked=False`` leaves the lock to the caller.
+    """
+    if cfg.shard_slice is None:
+        writer = open_writer()
+        try:
+            _refuse_slices(cfg.out, None)
+        except BaseException:
+            writer.close()
+            raise
+        return writer
+    k, n = cfg.shard_slice
+    store_lock = _acquire(lock_path(cfg.out), cfg.out)
+    try:
+        writer = open_writer(locked=False)  # creates the store, or verifies its configuration
+        _refuse_slices(cfg.out, n)
+        lock = StoreLock(slice_lock_path(cfg.out, k, n))
+        try:
+            lock.acquire(cfg.out)
+        except MmkdError as e:
+            raise MmkdError(f"--shards {k}/{n}: another command writes this slice: {e}") from None
+    finally:
+        store_lock.release()
+    try:
+        return SliceWriter(writer.path, writer.layout, writer.group, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+class SliceWriter(StoreWriter):
+    """Writes the shards of one ``--shards`` slice, holding the slice's lock. ``finish`` takes the store lock
+    briefly and marks the store complete once every shard is done and a pair store's captions are complete."""
+
+    def finish(self) -> bool:
+        if self.closed:
+            raise RuntimeError(f"StoreWriter of {self.path} is closed")
+        try:
+            store_lock = _acquire(lock_path(self.path), self.path)
+            try:
+                if not self._captions_complete():
+                    return False
+                fresh = zarr.open_group(str(self.path), mode="r+")  # other commands wrote since this one opened
+                return StoreWriter(self.path, self.layout, fresh).finish()
+            finally:
+                store_lock.release()
+        finally:
+            self.close()
+
+    def _captions_complete(self) -> bool:
+        group = (self.group.attrs["mmkd"].get("dataset") or {}).get("captions_group")
+        if not group:
+            return True
+        try:
+            return open_store(self.path / group).complete
+        except MmkdError:  # slice 0 has not begun them
+            return False
+
+
+def _acquire(path: Path, store: Path, wait: float | None = None) -> StoreLock:
+    """Take the lock at ``path``, waiting up to ``wait`` seconds (default LOCK_WAIT) while another holds it."""
+    wait = LOCK_WAIT if wait is None else wait
+    lock = StoreLock(path)
+    deadline = time.monotonic() + wait
+    absent = 0
+    while True:
+        try:
+            lock.acquire(store)
+            return lock
+        except MmkdError as e:
+            if path.exists():
+                absent = 0
+            else:  # released just now, or it cannot be created at all
+                absent += 1
+                if absent > 3:
+                    raise
+            if time.monotonic() > deadline:
+                raise MmkdError(f"{e} (waited {wait:.0f} s)") from None
+            log.info("waiting for the lock %s", path)
+            time.sleep(0.05 + 0.2 * random.random())
+
+
+def _refuse_slices(store: Path, n: int | None) -> None:
+    """Refuse a run beside a live slice it could overlap: any slice for a whole run (``n`` None), a slice of
+    another N for a slice of N. Called under the store lock, which every slice takes to begin."""
+    for (k2, n2), path, info in live_slices(store):
+        if n is not None and n2 == n:
+            continue
+        who = f"slice {k2}/{n2}, pid {info.get('pid', '?')} on {info.get('host', '?')}: lock {path}"
+        if n is None:
+            raise MmkdError(
+                f"{store} is being filled by --shards commands ({who}); wait for them, or run with --shards K/{n2}"
+            )
+        raise MmkdError(
+            f"--shards K/{n}: {store} is being filled in slices of {n2} ({who}); every command of one store "
+            "takes the same N"
+        )
+
+
+def live_slices(store: Path) -> list[tuple[tuple[int, int], Path, dict[str, Any]]]:
+    """The slice locks of ``store`` held now: ((K, N), lock path, its record). A lock left by a process of
+    this host that no longer runs is not held (the next command of that slice takes it over)."""
+    lock = lock_path(store)
+    pattern = re.compile(re.escape(lock.name) + r"\.(\d+)-of-(\d+)")
+    if not lock.parent.exists():
+        return []
+    out = []
+    for path in lock.parent.iterdir():
+        m = pattern.fullmatch(path.name)
+        if m is None or StoreLock(path)._stale() is not None:
+            continue
+        try:
+            info = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except ValueError:  # being written
+            info = {}
+        out.append(((int(m[1]), int(m[2])), path, info if isinstance(info, dict) else {}))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- the cluster
+
+
+def fill_on_cluster(
+    cfg: ExtractConfig,
+    writer: StoreWriter,
+    recipe: dict,
+    todo: list[int],
+    scope: list[int],
+    probe: dict,
+    label: str,
+    show_progress: bool,
+) -> None:
+    """Compute and write the shards ``todo`` on dask.distributed workers, one task per shard, with one
+    progress bar over all of them. The caller holds the store's lock (or its slice's) throughout.
+
+    Args:
+        cfg: The run's configuration (``cluster`` or ``scheduler`` set).
+        writer: The store's writer: its layout, and the done shards when interrupted.
+        recipe: The target recipe, as the store records it.
+        todo: Shards to write.
+        scope: The run's shards (the progress bar's total).
+        probe: The layout probe's result (the first sample's first view), placed by shard 0's task.
+        label: The progress bar's label.
+        show_progress: Show the progress bar.
+    """
+    from distributed import KilledWorker, as_completed
+
+    from .run import _samples
+
+    layout = writer.layout
+    task_cfg = _portable(cfg)
+    run_id = secrets.token_hex(4)
+    topic = f"mmkd-extract-{run_id}"
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    with _connect(cfg) as (client, local):
+        resources = _resources(cfg, client, local)
+        client.subscribe_topic(topic, events.put)
+        shipped = _to_cpu(probe) if 0 in todo else None
+        futures = {
+            client.submit(
+                _shard_task,
+                task_cfg,
+                layout,
+                recipe,
+                k,
+                shipped if k == 0 else None,
+                topic,
+                key=f"mmkd-shard-{k}-{run_id}",
+                resources=resources,
+                pure=False,
+            ): k
+            for k in todo
+        }
+        sizes = {k: hi - lo for k in todo for lo, hi in [layout.shard_range(k)]}
+        # samples computed per shard and attempt: a shard given to another worker counts once (its best attempt)
+        attempts: dict[int, dict[str, int]] = {k: {} for k in todo}
+        total = _samples(layout, scope)
+        shown = 0
+        finishing = as_completed(futures)
+        with progress_bar(
+            label + f" on {len(client.nthreads())} workers",
+            total=total,
+            completed=total - _samples(layout, todo),
+            enabled=show_progress,
+        ) as advance:
+            try:
+                while not finishing.is_empty():
+                    for future in finishing.next_batch(block=False):
+                        k = futures[future]
+                        future.result()  # a task's error is raised here
+                        attempts[k]["done"] = sizes[k]
+                    while not events.empty():
+                        _, (k, attempt, m) = events.get()
+                        attempts[k][attempt] = attempts[k].get(attempt, 0) + m
+                    now = sum(min(sizes[k], max(a.values(), default=0)) for k, a in attempts.items())
+                    advance(now - shown)
+                    shown = now
+                    time.sleep(0.2)
+            except KilledWorker as e:
+                _stop(client, futures, local)
+                shard = next((k for f, k in futures.items() if f.key == e.task), "?")
+                raise MmkdError(
+                    f"shard {shard}: the {e.allowed_failures + 1} workers that ran it died (out of memory?); "
+                    + _progress(writer)
+                ) from None
+            except KeyboardInterrupt:
+                _stop(client, futures, local)
+                raise MmkdError(f"interrupted: {_progress(writer)}") from None
+            except ImportError as e:  # a remote worker without mmkd, or without the teacher's packages
+                _stop(client, futures, local)
+                raise MmkdError(
+                    f"a worker cannot import {e.name or e}: install mmkd and the teacher's packages on every worker"
+                ) from None
+            except BaseException:
+                _stop(client, futures, local)
+                raise
+
+
+def _progress(writer: StoreWriter) -> str:
+    done, total = len(writer.done_shards()), writer.layout.num_shards
+    return f"{done} of {total} shards of {writer.path} are written; run the same command again to continue"
+
+
+def _stop(client, futures: dict, local: bool) -> None:
+    """Cancel the tasks not yet begun. A local cluster's workers end with it (a shard they were writing is
+    not marked done); on a remote cluster the shards being written land first, so that no worker still
+    writes one when the lock is released."""
+    if local:
+        client.cancel(list(futures))
+        return
+    from distributed import wait
+
+    busy = {key for keys in client.processing().values() for key in keys}
+    running = [f for f in futures if f.key in busy and not f.done()]
+    client.cancel([f for f in futures if f not in running])
+    if running:
+        log.warning("waiting for the %d shards being written to land", len(running))
+        with contextlib.suppress(Exception):
+            wait(running, timeout=STOP_WAIT)
+
+
+@contextlib.contextmanager
+def _connect(cfg: ExtractConfig) -> Iterator[tuple[Any, bool]]:
+    """A client of the run's cluster, and whether the cluster is this run's own (``--cluster local:N``)."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    if cfg.scheduler:
+        try:
+            client = Client(cfg.scheduler, timeout="30s")
+        except (OSError, TimeoutError) as e:
+            raise MmkdError(f"--scheduler {cfg.scheduler}: cannot connect ({type(e).__name__}: {e})") from None
+        with client:
+            try:
+                client.wait_for_workers(1, timeout=60)
+            except TimeoutError:
+                raise MmkdError(f"--scheduler {cfg.scheduler}: the cluster has no workers (waited 60 s)") from None
+            yield client, False
+        return
+    n = cfg.cluster_workers
+    gpu = torch.device(cfg.device).type == "cuda"
+    if gpu and n > torch.cuda.device_count():
+        raise MmkdError(
+            f"--cluster local:{n}: one worker per GPU, and this host has {torch.cuda.device_count()}; "
+            f"use local:{max(1, torch.cuda.device_count())}"
+        )
+    # worker processes start image decoding processes (--workers): they must not be daemons; the threads
+    # of a worker's torch are set per worker (`_build`), not dask's one thread per process
+    config = {"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": {}}
+    with dask.config.set(config), _quiet("distributed"):
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": ":0"},  # its http server: any free port, not 8787
+            # no memory limit: a worker holds a whole teacher, and pausing or restarting it would not help
+            memory_limit=0,
+            resources={"GPU": 1} if gpu else None,
+            silence_logs=logging.ERROR,  # the workers' own logs (a cancelled task's warnings on Ctrl-C)
+        )
+        with cluster, Client(cluster) as client:
+            client.register_plugin(_exit_plugin(), name="mmkd-exit")
+            yield client, True
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """dask's INFO lines (scheduler and workers starting, connections) off for the run."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _exit_plugin():
+    """A worker plugin that ends a local worker's process at once when the run closes its cluster: the
+    interpreter's teardown of torch took seconds, and the nanny killed the workers after 4 s, with a warning.
+    Every task has finished (or is abandoned) by then and each shard is written before its task returns."""
+    from distributed import WorkerPlugin
+
+    class ExitAtTeardown(WorkerPlugin):
+        def teardown(self, worker) -> None:
+            import multiprocessing.util
+
+            multiprocessing.util._run_finalizers()  # what exit would run first: semaphores unlinked (tqdm's)
+            os._exit(0)
+
+    return ExitAtTeardown()
+
+
+def _resources(cfg: ExtractConfig, client, local: bool) -> dict[str, int] | None:
+    """``{"GPU": 1}`` on GPU workers, so that two tasks never share one device: a local cluster's workers
+    (one per device) and a remote cluster's when its workers declare the resource ``GPU``."""
+    if torch.device(cfg.device).type != "cuda":
+        return None
+    if local or any("GPU" in (w.get("resources") or {}) for w in client.scheduler_info()["workers"].values()):
+        return {"GPU": 1}
+    return None
+
+
+def _portable(cfg: ExtractConfig) -> ExtractConfig:
+    """The configuration the workers run: local paths made absolute (a remote worker has another cwd)."""
+
+    def absolute(p: str | None) -> str | None:
+        return str(Path(p).resolve()) if p is not None and Path(p).exists() else p
+
+    return dataclasses.replace(
+        cfg, out=cfg.out.resolve(), data_root=absolute(cfg.data_root), weights=absolute(cfg.weights)
+    )
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------------------------------- on a worker
+
+_CONTEXT: dict[str, Any] = {}
+_CONTEXT_LOCK = threading.Lock()
+
+
+def _shard_task(cfg: ExtractConfig, layout, recipe: dict, k: int, probe: dict | None, topic: str) -> int:
+    """A worker's task: compute shard ``k`` and write it into the store (the probe's result placed in shard 0)."""
+    from distributed import get_worker
+
+    from .run import ShardQueue, _run_teacher
+
+    worker = get_worker()
+    ctx = _context(cfg, layout, recipe, worker)
+    attempt = secrets.token_hex(4)
+
+    def advance(m: int = 1) -> None:
+        worker.log_event(topic, (k, attempt, int(m)))
+
+    with ShardQueue(ctx.writer, ctx.source) as shard_queue:
+        _run_teacher(ctx.cfg, ctx.teacher, ctx.source, recipe, layout, [k], shard_queue, advance, probe)
+    return k
+
+
+def _context(cfg: ExtractConfig, layout, recipe: dict, worker) -> SimpleNamespace:
+    """The teacher, source and writer of this worker process, built once per run configuration."""
+    key = json.dumps([dataclasses.asdict(cfg), dataclasses.asdict(layout), recipe], default=str, sort_keys=True)
+    with _CONTEXT_LOCK:
+        if _CONTEXT.get("key") != key:
+            _CONTEXT.clear()  # another run's teacher goes first
+            _CONTEXT.update(key=key, value=_build(cfg, layout, recipe, worker))
+        return _CONTEXT["value"]
+
+
+def _build(cfg: ExtractConfig, layout, recipe: dict, worker) -> SimpleNamespace:
+    from .run import _inputs, _recipe, _source
+
+    if cfg.cluster and torch.device(cfg.device).type == "cuda":
+        cfg = dataclasses.replace(cfg, device=f"cuda:{int(worker.name)}")  # a local cluster: worker i, GPU i
+    elif cfg.cluster:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cpus // cfg.cluster_workers))  # the host's cores shared by its workers
+    dataset, teacher, samples, n, pairs = _inputs(cfg)
+    where = f"worker {worker.address} on {socket.gethostname()}"
+    stored = open_store(cfg.out).attrs
+    mine = {k: v for k, v in teacher.describe().items() if k != "source"}  # its path may differ on this host
+    diff = config_diff({k: stored["teacher"].get(k) for k in mine}, mine, "teacher.")
+    if diff is None and _recipe(cfg, teacher, pairs) != recipe:
+        diff = "recipe"
+    if diff is None and n != layout.num_samples:
+        diff = "dataset.num_samples"
+    if diff is not None:
+        raise MmkdError(
+            f"{where}: its {diff} differs from the store's; give every worker the same mmkd, weights and data"
+        )
+    source = _source(cfg, samples, teacher, n)
+    writer = StoreWriter(cfg.out, layout, zarr.open_group(str(cfg.out), mode="r+"))  # the client holds the lock
+    log.info("%s: teacher %s loaded", where, cfg.teacher)
+    return SimpleNamespace(cfg=cfg, teacher=teacher, source=source, writer=writer)
