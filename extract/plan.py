@@ -39,15 +39,12 @@ import torch
 import zarr
 from rich.table import Table
 
-from mmkd.data import PairImages, create_dataset
 from mmkd_core import quant
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import Layout, _codecs
-from mmkd_core.teachers import create_teacher
 
 from . import run
 from .config import ExtractConfig
-from .pairs import is_pair_store
 from .sources import teacher_targets
 
 PLAN_BATCHES = 4
@@ -129,17 +126,9 @@ def plan(cfg: ExtractConfig) -> PlanSummary:
     Writes nothing: no store directory and no lock file (the metadata is measured in a temporary directory).
     """
     start = time.perf_counter()
-    dataset = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split, **cfg.dataset_options)
-    teacher = create_teacher(
-        cfg.teacher, cfg.weights, random_init=cfg.random_weights, device=cfg.device, **cfg.teacher_options
-    )
-    run._check_modalities(cfg, teacher, dataset)
-    if is_pair_store(teacher, dataset, cfg.text_tokenizer):
+    _, teacher, samples, n, pairs = run._inputs(cfg)
+    if pairs:
         raise MmkdError("--plan: pair stores (an image teacher over image–caption data) are not planned yet")
-    if cfg.text_tokenizer:
-        raise MmkdError("--text-tokenizer: only an image teacher over image–caption data stores captions")
-    samples = PairImages(dataset) if teacher.modality == "image" and hasattr(dataset, "image_id") else dataset
-    n = min(len(samples), cfg.limit or len(samples))
     source = run._source(cfg, samples, teacher, n)
     recipe = run._recipe(cfg, teacher)
     layout, _ = run._layout(cfg, teacher, source, recipe, n)
