@@ -186,6 +186,12 @@ def test_gap_and_ratio_by_hand(store, mrpc, tmp_path):
     assert mean_spread(run.gap_closed)[0] == pytest.approx(0.625)
     assert run.of_teacher == [pytest.approx(0.625), pytest.approx(0.875)]
     assert init.of_teacher == [pytest.approx(0.25), pytest.approx(0.5)] and init.gap_closed == [0.0, 0.0]
+    # a teacher that cannot do the task (a text teacher, image-text retrieval): no ratio, no gap, the reason kept
+    records[str(p.teacher.directory)] = {"results": {"mrpc": {"error": "embeds text only"}}, "seconds": {}}
+    teacher, _, run = build_rows(p, records)
+    assert teacher.errors == {"mrpc": "embeds text only"} and all(
+        math.isnan(v) for v in run.of_teacher + run.gap_closed
+    )
 
 
 def test_an_interrupted_ablation_continues_and_gives_the_same_table(full, store, mrpc, tmp_path, monkeypatch):
@@ -242,7 +248,11 @@ def test_teacher_passes_against_an_online_ablation(full, store):
     recorded = open_store(store).group.attrs["mmkd_extract_seconds"]
     assert recorded > 0 and p["extract_seconds"] == recorded
     assert p["online_seconds_estimated"] == pytest.approx(128 * recorded / 48)
+    assert "the cache saved 80 passes" in passes_sentence(p)
     assert "not recorded" in passes_sentence({**p, "extract_seconds": None, "online_seconds_estimated": None})
+    # two runs of 16 samples each: fewer than the store's 48 passes, which pay off from the third such run
+    short = passes_sentence({**p, "online": 32, "runs": 2, "online_seconds_estimated": 1.0})
+    assert "the cache made 16 more; it pays off from 3 such runs on" in short
 
 
 def _error_line(result) -> str:

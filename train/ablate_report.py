@@ -125,9 +125,9 @@ class Table:
         ]
         if self.repeat > 1:
             lines.append(f"{self.repeat} seeds per row: mean ± {SPREAD}.")
-        errors = {f"{r.kind} {r.name}": e for r in self.rows for e in r.errors.values()}
-        for who, why in errors.items():
-            lines.append(f"n/a for {who.removesuffix(' teacher')}: {why}")
+        for r in self.rows:
+            who = "the teacher" if r.kind == "teacher" else f"{r.kind} {r.name}"
+            lines += [f"n/a: {task} for {who}: {why}" for task, why in r.errors.items()]
         if any(r.resumed for r in self.rows):
             lines.append("* a run continued from its checkpoint: the time is that of the part after it.")
         lines.append(passes_sentence(self.passes))
@@ -294,10 +294,13 @@ def passes_sentence(d: dict[str, Any]) -> str:
             "per pass, the extraction's)"
         )
     saved = d["online"] - d["made"]
-    return (
-        f"Teacher passes: {made}; an online ablation would have made {online} over its {d['runs']} runs — "
-        f"the cache saved {saved:,} passes."
-    )
+    per_run = d["online"] / max(d["runs"], 1)
+    if saved >= 0:
+        verdict = f"the cache saved {saved:,} passes"
+    else:  # short runs draw fewer samples than the store holds
+        runs = math.ceil(d["made"] / per_run) if per_run else "no number of"
+        verdict = f"the cache made {-saved:,} more; it pays off from {runs} such runs on"
+    return f"Teacher passes: {made}; an online ablation would have made {online} over its {d['runs']} runs: {verdict}."
 
 
 # ------------------------------------------------------------------------------------------------ output
