@@ -58,7 +58,7 @@ class Row:
         of_teacher: The first task's headline over the teacher's, per seed.
         gap_closed: Share of the init→teacher gap closed on the first task's headline, per seed (each seed
             against the init student of the same seed).
-        seconds: Training wall time per seed (init students: build time; teacher: none).
+        seconds: Training wall time per seed (runs only; an init student's build time is in its eval.json).
         resumed: Seeds whose run continued from a checkpoint.
         errors: Per task label, why the row has no number (a text teacher cannot do image-text retrieval).
     """
@@ -74,6 +74,14 @@ class Row:
     seconds: list[float] = field(default_factory=list)
     resumed: list[int] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The settings as a reader writes them (``init=teacher; loss=token_mse=1,pooled_mse=1``)."""
+        settings = "; ".join(f"{k}={v}" for k, v in self.settings.items())
+        if self.kind == "run":
+            return settings or "base"
+        return self.kind if not settings or self.kind == "teacher" else f"{self.kind}: {settings}"
 
 
 @dataclass
@@ -164,7 +172,7 @@ class Table:
             "keys": self.keys,
             "repeat": self.repeat,
             "spread": SPREAD,
-            "rows": [_finite(asdict(r)) for r in self.rows],
+            "rows": [{"label": r.label, **_finite(asdict(r))} for r in self.rows],
             "teacher_passes": self.passes,
         }
 
@@ -218,8 +226,6 @@ def _add_seed(row: Row, job: Job, record: dict[str, Any]) -> None:
         row.seconds.append(seconds.get("train", math.nan))
         if record.get("resumed_from_step") is not None:
             row.resumed.append(row.seeds[-1])
-    elif job.kind == "init":
-        row.seconds.append(seconds.get("build", math.nan))
 
 
 def build_rows(p: Plan, records: dict[str, dict[str, Any]]) -> list[Row]:
@@ -318,15 +324,11 @@ def plot(table: Table, path: Path) -> Path:
     ax = fig.add_subplot()
     stats = [mean_spread(r.headlines[first]) for r in rows]
     colours = {"teacher": "tab:green", "init": "tab:grey", "run": "tab:blue"}
-    labels = [r.name if r.kind == "run" else f"{r.kind}: {r.name}" if r.kind == "init" else "teacher" for r in rows]
+    labels = [r.label for r in rows]
     y = list(range(len(rows)))[::-1]
-    ax.barh(
-        y,
-        [m for m, _ in stats],
-        xerr=[s or 0.0 for _, s in stats],
-        color=[colours[r.kind] for r in rows],
-        capsize=3,
-    )
+    spread = [s or 0.0 for _, s in stats] if any(s for _, s in stats) else None
+    bars = ax.barh(y, [m for m, _ in stats], xerr=spread, color=[colours[r.kind] for r in rows], capsize=3)
+    ax.bar_label(bars, fmt="%.4f", fontsize=7, padding=2)
     ax.set_yticks(y, labels, fontsize=8)
     teacher = next((m for r, (m, _) in zip(rows, stats, strict=True) if r.kind == "teacher"), None)
     if teacher is not None:
