@@ -49,6 +49,17 @@ def save_tiny_bert(root: Path, layers: int = 2) -> Path:
     return root
 
 
+def save_tiny_beitv2(path: Path, **arch) -> Path:
+    """A tiny random timm BEiT v2 (architecture options ``arch``) saved as the release does: ``{"model": state}``."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model("beitv2_base_patch16_224", pretrained=False, num_classes=0, **arch)
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
 def save_tiny_clip(root: Path, image_size: int = 16, patch_size: int = 8, max_position: int = 48) -> Path:
     """A tiny random CLIP with its letter-level tokenizer and image processor, saved as users' checkpoints are."""
     import json

@@ -16,10 +16,8 @@ from pathlib import Path
 import cloudpickle
 import numpy as np
 import pytest
-import timm
-import torch
 import zarr
-from conftest import save_tiny_bert
+from conftest import save_tiny_beitv2, save_tiny_bert
 
 from mmkd.extract import distributed as dist
 from mmkd.extract.config import ExtractConfig
@@ -42,11 +40,7 @@ def bert(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def beit(tmp_path_factory):
-    torch.manual_seed(0)
-    model = timm.create_model("beitv2_base_patch16_224", pretrained=False, num_classes=0, **TINY_BEIT)
-    path = tmp_path_factory.mktemp("beit") / "tiny_beitv2.pth"
-    torch.save({"model": model.state_dict()}, path)
-    return path
+    return save_tiny_beitv2(tmp_path_factory.mktemp("beit") / "tiny_beitv2.pth", **TINY_BEIT)
 
 
 def text_cfg(out, bert, **kw):

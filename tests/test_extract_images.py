@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-import timm
 import torch
+from conftest import save_tiny_beitv2
 
 from mmkd.data import create_dataset
 from mmkd.extract.config import ExtractConfig
@@ -16,11 +16,7 @@ TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads
 
 @pytest.fixture(scope="module")
 def beit_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = timm.create_model("beitv2_base_patch16_224", pretrained=False, num_classes=0, **TINY)
-    path = tmp_path_factory.mktemp("w") / "tiny_beitv2.pth"
-    torch.save({"model": model.state_dict()}, path)
-    return path
+    return save_tiny_beitv2(tmp_path_factory.mktemp("w") / "tiny_beitv2.pth", **TINY)
 
 
 def test_views_are_stored_and_replay_exactly(tmp_path, beit_file):

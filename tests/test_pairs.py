@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
-from conftest import save_tiny_bert, save_tiny_clip
+from conftest import save_tiny_beitv2, save_tiny_bert, save_tiny_clip
 from PIL import Image
 
 from mmkd.data import create_dataset
@@ -58,11 +57,7 @@ def coco(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def beit_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = timm.create_model("beitv2_base_patch16_224", pretrained=False, num_classes=0, **TINY)
-    path = tmp_path_factory.mktemp("w") / "tiny_beitv2.pth"
-    torch.save({"model": model.state_dict()}, path)
-    return path
+    return save_tiny_beitv2(tmp_path_factory.mktemp("w") / "tiny_beitv2.pth", **TINY)
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,11 @@ import torch
 from mmkd_core.errors import MmkdError
 from mmkd_core.losses import LOSSES, parse_loss_spec
 from mmkd_core.students import create_student
-from mmkd_core.teachers.base import ImagePreprocess
 from mmkd_core.teachers.hf_common import checkpoint_dir, load_tokenizer, text_preprocess
 from mmkd_core.teachers.weights import locate_weights
 from mmkd_core.views import view_spec
 
-from .build import MULTIMODAL_DEFAULTS, Built, Context, _source, teacher_source
+from .build import MULTIMODAL_DEFAULTS, Built, Context, _source, _view_preprocess, teacher_source
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +140,7 @@ def build_joint_student(ctx: Context) -> JointBuilt:
     student = create_student(
         "multimodal", init="random" if init_model is None else "pretrained", text_init_from=init_model, **heads, **opts
     )
-    preprocess = ImagePreprocess(
-        size=int(views["size"]),
-        mean=tuple(views["mean"]),
-        std=tuple(views["std"]),
-        interpolation=views["interpolation"],
-        crop_pct=views["crop_pct"],
-        crop_mode=views.get("crop_mode", "center"),
-    )
+    preprocess = _view_preprocess(views)
     modalities = tuple((attrs.get("msd") or {}).get("saliency") or MODALITIES)
     return JointBuilt(
         student=student,
