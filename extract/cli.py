@@ -115,10 +115,11 @@ def main_command(
     batch_size: int = typer.Option(64, help="Teacher inputs per forward pass (each view counts)."),
     device: str = typer.Option("cpu", help="torch device."),
     autocast: Autocast = typer.Option(
-        "none",
+        "auto",
         parser=choice("--autocast", "compute dtype", AUTOCAST),
         metavar="NAME",
-        help=f"Teacher compute dtype: {', '.join(AUTOCAST)}.",
+        help="Teacher compute dtype: auto (bfloat16 where the hardware runs it natively and a short probe finds "
+        "it faster, else float32; a resumed store keeps its own), none (float32), bfloat16, float16.",
     ),
     limit: int = typer.Option(None, help="Use only the first N samples."),
     overwrite: bool = typer.Option(False, help="Replace an existing store with another configuration."),
@@ -204,6 +205,8 @@ def main_command(
     if s.distinct_inputs is not None:
         table.add_row("distinct teacher inputs", f"{s.distinct_inputs:,} (identical inputs computed once)")
     table.add_row("views", str(s.views))
+    if s.autocast is not None:
+        table.add_row("autocast", str(s.autocast))
     table.add_row("shards written now / total", f"{s.shards_written} / {s.shards_total}")
     table.add_row("bytes on disk", _human(s.bytes_on_disk))
     table.add_row("bytes per sample", _human(s.bytes_per_sample))

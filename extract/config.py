@@ -11,7 +11,7 @@ from mmkd_core.errors import MmkdError
 from mmkd_core.location import StoreURL, store_location
 from mmkd_core.quant import DTYPES
 
-AUTOCAST = ("none", "bfloat16", "float16")
+AUTOCAST = ("auto", "none", "bfloat16", "float16")
 
 
 @dataclass
@@ -41,7 +41,8 @@ class ExtractConfig:
         dtype: float16, float32, bfloat16 or int8.
         batch_size: Teacher inputs per forward pass (images count each view).
         device: torch device.
-        autocast: Teacher compute dtype: none (float32), bfloat16 or float16.
+        autocast: Teacher compute dtype: auto (what the hardware runs natively, ``mmkd_core.hardware``;
+            a resumed store keeps the one it recorded), none (float32), bfloat16 or float16.
         limit: Use only the first N samples.
         overwrite: Replace a store with another configuration.
         plan: Predict the run instead (``plan.plan``: store size per dtype, time, write rate); write nothing.
@@ -75,7 +76,7 @@ class ExtractConfig:
     dtype: str = "float16"
     batch_size: int = 64
     device: str = "cpu"
-    autocast: str = "none"
+    autocast: str = "auto"
     limit: int | None = None
     overwrite: bool = False
     plan: bool = False

@@ -84,6 +84,7 @@ class PlanSummary:
         setup_seconds: Loading, tokenizing and the layout probe, measured (the run does them too).
         teacher_seconds: Predicted teacher time of the run.
         write_seconds: Predicted encode-and-compress time of the run (overlaps the teacher).
+        autocast: The teacher's compute dtype, measured with, and why (``run.resolve_autocast``).
     """
 
     samples: int
@@ -99,6 +100,7 @@ class PlanSummary:
     setup_seconds: float
     teacher_seconds: float
     write_seconds: float
+    autocast: str = ""
 
     @property
     def size(self) -> SizeEstimate:
@@ -127,6 +129,7 @@ def plan(cfg: ExtractConfig) -> PlanSummary:
     """
     start = time.perf_counter()
     _, teacher, samples, n, pairs = run._inputs(cfg)
+    cfg, compute = run.resolve_autocast(cfg, teacher)  # the run's own choice: the times are of that dtype
     if pairs:
         raise MmkdError("--plan: pair stores (an image teacher over image–caption data) are not planned yet")
     source = run._source(cfg, samples, teacher, n)
@@ -171,6 +174,7 @@ def plan(cfg: ExtractConfig) -> PlanSummary:
         setup_seconds=setup,
         teacher_seconds=work / max(rate, 1e-9),
         write_seconds=write_seconds,
+        autocast=str(compute),
     )
 
 
@@ -292,6 +296,8 @@ def plan_tables(p: PlanSummary) -> list[Table]:
     run_table.add_row("measured on", f"{p.sampled:,} samples in {p.batches} batches spread over the dataset")
     lo, hi = p.rate_range
     run_table.add_row("teacher, measured", f"{p.inputs_per_second:,.1f} inputs/s (timed batches {lo:,.1f}–{hi:,.1f})")
+    if p.autocast:
+        run_table.add_row("autocast", p.autocast)
     run_table.add_row("samples/s of the run", f"{p.samples_per_second:,.1f}")
     run_table.add_row(
         "estimated time",

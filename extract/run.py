@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -15,8 +16,9 @@ import torch
 
 from mmkd.data import PairImages, create_dataset
 from mmkd_core.errors import MmkdError
+from mmkd_core.hardware import Choice, auto_autocast, emulation_warning
 from mmkd_core.progress import progress_bar
-from mmkd_core.store import Layout, StoreWriter, open_store
+from mmkd_core.store import Layout, StoreWriter, _mmkd_attrs, open_store
 from mmkd_core.targets import select_layers
 from mmkd_core.teachers import create_teacher
 from mmkd_core.versions import library_versions
@@ -44,6 +46,8 @@ class ExtractSummary:
     complete: bool
     # distinct teacher inputs among the samples, each computed once (``dedupe``); None: not deduplicated (images)
     distinct_inputs: int | None = None
+    # the teacher's compute dtype, as recorded in recipe.autocast, and why (``resolve_autocast``)
+    autocast: Choice | None = None
 
     @property
     def bytes_per_sample(self) -> float:
@@ -55,7 +59,39 @@ class ExtractSummary:
         return self.samples_written / max(self.seconds, 1e-9)
 
 
+def resolve_autocast(cfg: ExtractConfig, teacher) -> tuple[ExtractConfig, Choice]:
+    """``cfg`` with a concrete ``autocast`` (what the store records), and why it was chosen.
+
+    ``auto`` on a store being resumed takes the dtype the store recorded: a resume continues the same run,
+    and a probe that now comes out otherwise (another machine, a busier one) must not make it refuse the
+    store or mix two dtypes in one. Otherwise ``auto`` asks the hardware (``mmkd_core.hardware``). A forced
+    bfloat16 or float16 that the device would emulate is run, with a one-line warning.
+    """
+    if cfg.autocast != "auto":
+        warning = emulation_warning(cfg.autocast, cfg.device)
+        if warning:
+            log.warning(warning)
+        return cfg, Choice(cfg.autocast, "forced")
+    recorded = _recorded_autocast(cfg)
+    if recorded is not None:
+        choice = Choice(recorded, "auto: recorded in the store, resumed")
+    else:
+        choice = auto_autocast(str(cfg.device), int(teacher.hidden_size or 64))
+    return dataclasses.replace(cfg, autocast=choice.autocast), choice
+
+
+def _recorded_autocast(cfg: ExtractConfig) -> str | None:
+    """``recipe.autocast`` of the store at ``cfg.out`` when this run resumes it (not ``--overwrite``)."""
+    if cfg.overwrite or not cfg.out.exists():
+        return None
+    recipe = (_mmkd_attrs(cfg.out) or {}).get("recipe")
+    value = recipe.get("autocast") if isinstance(recipe, dict) else None
+    return value if value in ("none", "bfloat16", "float16") else None
+
+
 def _autocast(cfg: ExtractConfig):
+    if cfg.autocast == "auto":
+        raise RuntimeError("ExtractConfig.autocast 'auto' must be resolved first (resolve_autocast)")
     if cfg.autocast == "none":
         return contextlib.nullcontext()
     device_type = torch.device(cfg.device).type
@@ -69,6 +105,7 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
     distinct images, the teacher runs once per image and view, and its captions are a store inside it.
     """
     dataset, teacher, samples, n, pairs = _inputs(cfg)
+    cfg, compute = resolve_autocast(cfg, teacher)
     captions = PairCaptions(dataset, samples, n, teacher, cfg.text_tokenizer) if pairs else None
     source = _source(cfg, samples, teacher, n)
     recipe = _recipe(cfg, teacher, pairs)
@@ -102,6 +139,7 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
         bytes_on_disk=open_store(cfg.out).nbytes_stored(),
         complete=complete,
         distinct_inputs=getattr(source, "distinct_inputs", None),
+        autocast=compute,
     )
 
 

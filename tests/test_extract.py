@@ -12,7 +12,13 @@ from mmkd_core.store import open_store
 
 def cfg(tmp_path, name="s.zarr", **kw):
     base = dict(
-        dataset="shapes", dataset_options={"count": 60}, out=tmp_path / name, chunk_size=8, shard_size=16, batch_size=16
+        dataset="shapes",
+        dataset_options={"count": 60},
+        out=tmp_path / name,
+        chunk_size=8,
+        shard_size=16,
+        batch_size=16,
+        autocast="none",  # float32: compared with an independent float32 recipe at 1e-5
     )
     base.update(kw)
     return ExtractConfig(**base)

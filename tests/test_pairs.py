@@ -165,6 +165,7 @@ def test_two_tower_store_holds_each_towers_own_embeddings_and_trains(tmp_path, c
         "mmkd-extract",
         *("--teacher", "clip", "--weights", clip_dir, "--teacher-option", "tower=both", "--dataset", "shapes"),
         *("--dataset-option", "count=12", "--views", 2, "--dtype", "float32", "--out", out, "--quiet"),
+        *("--autocast", "none"),  # compared with CLIP's own float32 forward pass
     )
     assert res.returncode == 0, res.stderr[-2000:]
     store, caps = open_store(out), open_store(out / "captions")
