@@ -3,7 +3,9 @@
 Everything here is per sample and masked, so a sample's targets do not depend on the batch it is
 computed in or on how much padding surrounds it. Statistics are taken in float32 whatever the input dtype
 (teachers may run under bf16 autocast). Students use the same functions to turn their own layer outputs
-into predictions, so the two sides of the loss share one definition.
+into predictions, so the two sides of the loss share one definition. Without autograd (a teacher's
+targets, under ``torch.inference_mode``) temporaries are overwritten in place, with the same values;
+with it (a student's predictions) every step makes a new tensor, as backward needs.
 """
 
 from __future__ import annotations
@@ -89,14 +91,22 @@ def instance_norm(x: torch.Tensor, mask: torch.Tensor, eps: float = EPS) -> torc
     m, n = _weights(mask)
     x = x.to(torch.float32)
     mean = (x * m).sum(dim=1, keepdim=True) / n
-    var = (((x - mean) * m) ** 2).sum(dim=1, keepdim=True) / n
-    return (x - mean) * torch.rsqrt(var + eps) * m
+    if torch.is_grad_enabled():  # a student's predictions: the textbook form, whose backward is the one trained
+        var = (((x - mean) * m) ** 2).sum(dim=1, keepdim=True) / n
+        return (x - mean) * torch.rsqrt(var + eps) * m
+    # centred and masked once, then overwritten in place: ((x - mean) * m) * rsqrt(var) is bit for bit
+    # (x - mean) * rsqrt(var) * m (m is 0 or 1), in 7 passes over (B, T, D) instead of 9 and one
+    # temporary instead of six (on 2 shared cores every pass is also a wait for the other thread)
+    xc = (x - mean).mul_(m)
+    var = (xc * xc).sum(dim=1, keepdim=True) / n
+    return xc.mul_(torch.rsqrt(var + eps))
 
 
 def layer_norm(x: torch.Tensor, mask: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Parameter-less layer norm over the feature dimension; padding comes out as zero."""
     y = F.layer_norm(x.to(torch.float32), x.shape[-1:], eps=eps)
-    return y * mask.to(torch.float32).unsqueeze(-1)
+    m = mask.to(torch.float32).unsqueeze(-1)
+    return y * m if torch.is_grad_enabled() else y.mul_(m)
 
 
 def make_targets(
@@ -123,8 +133,8 @@ def make_targets(
     for i in layers:
         h = hidden_states[i]
         h = instance_norm(h, mask) if instance_norm_layers else h.to(torch.float32) * mask.unsqueeze(-1)
-        acc = h if acc is None else acc + h
-    y = acc / len(layers)
+        acc = h if acc is None else acc + h if torch.is_grad_enabled() else acc.add_(h)
+    y = acc / len(layers) if torch.is_grad_enabled() else acc.div_(len(layers))
     return layer_norm(y, mask) if layer_norm_targets else y
 
 
