@@ -39,6 +39,8 @@ class ExtractConfig:
         text_tokenizer: Pair stores: the tokenizer the student's text tower reads the captions with (a
             registered text teacher or a checkpoint directory); a two-tower teacher uses its own.
         dtype: float16, float32, bfloat16 or int8.
+        codec: Compressor of the store's arrays (``mmkd_core.store.parse_codec``: ``lz4``, ``zstd-3``, ``none``,
+            ...); None: ``store.DEFAULT_CODEC`` for a new store, a resumed store's own.
         batch_size: Teacher inputs per forward pass (images count each view).
         device: torch device.
         autocast: Teacher compute dtype: auto (what the hardware runs natively, ``mmkd_core.hardware``;
@@ -74,6 +76,7 @@ class ExtractConfig:
     pooled_only: bool | None = None
     text_tokenizer: str | None = None
     dtype: str = "float16"
+    codec: str | None = None
     batch_size: int = 64
     device: str = "cpu"
     autocast: str = "auto"
@@ -102,6 +105,10 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise MmkdError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.codec is not None:
+            from mmkd_core.store import codec_name, parse_codec  # here: mmkd-extract --help loads no zarr
+
+            self.codec = codec_name(parse_codec(self.codec))  # refused here with the accepted forms
         if self.autocast not in AUTOCAST:
             raise MmkdError(f"--autocast {self.autocast!r}: choose one of {', '.join(AUTOCAST)}")
         if self.batch_size < 1:

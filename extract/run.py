@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -18,7 +19,15 @@ from mmkd.data import PairImages, create_dataset
 from mmkd_core.errors import MmkdError
 from mmkd_core.hardware import Choice, auto_autocast, emulation_warning
 from mmkd_core.progress import progress_bar
-from mmkd_core.store import Layout, StoreWriter, _mmkd_attrs, open_store
+from mmkd_core.store import (
+    Layout,
+    StoreWriter,
+    _mmkd_attrs,
+    codec_name,
+    encode_targets,
+    open_store,
+    parse_codec,
+)
 from mmkd_core.targets import select_layers
 from mmkd_core.teachers import create_teacher
 from mmkd_core.versions import library_versions
@@ -48,6 +57,8 @@ class ExtractSummary:
     distinct_inputs: int | None = None
     # the teacher's compute dtype, as recorded in recipe.autocast, and why (``resolve_autocast``)
     autocast: Choice | None = None
+    # the store's compressor (``store.codec_name``): the default, --codec, or a resumed store's own
+    codec: str | None = None
 
     @property
     def bytes_per_sample(self) -> float:
@@ -140,6 +151,7 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
         complete=complete,
         distinct_inputs=getattr(source, "distinct_inputs", None),
         autocast=compute,
+        codec=codec_name(writer.layout.codec) if writer.layout.codec else None,
     )
 
 
@@ -290,6 +302,7 @@ def _layout(cfg: ExtractConfig, teacher, source, recipe: dict, n: int) -> tuple[
         chunk_size=cfg.chunk_size,
         shard_size=cfg.shard_size,
         extras=tuple(source.extras()) if hasattr(source, "extras") else (),
+        codec=parse_codec(cfg.codec) if cfg.codec else None,  # None: the default, or a resumed store's own
     )
     return layout, probe
 
@@ -337,25 +350,39 @@ def _samples(layout: Layout, shards: list[int]) -> int:
     return sum(hi - lo for lo, hi in map(layout.shard_range, shards))
 
 
-class ShardQueue:
-    """Writes finished shards on a background thread, at most one in flight (memory stays bounded by two
-    shards), so the teacher computes the next shard while the last one is compressed and written."""
+# Shards compressed and written at once, each on its own thread, while the teacher fills the next. One: zarr
+# already compresses a shard's chunks concurrently on its thread pool (async.concurrency chunks at a time, on
+# min(32, cores + 4) threads), and its one event-loop thread, which every write shares, is the serial part a
+# second shard in flight cannot spread; 2 measured within the noise of 1 here (benchmarks/codecs.py, README
+# "Codecs") for one more shard of memory.
+IN_FLIGHT = 1
 
-    def __init__(self, writer: StoreWriter, source) -> None:
-        self.writer, self.source = writer, source
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._pending: Future | None = None
+
+class ShardQueue:
+    """Writes finished shards on background threads, at most ``in_flight`` at a time, so the teacher computes
+    the next shard while earlier ones are compressed and written; ``put`` waits while ``in_flight`` are.
+
+    Memory stays bounded: the shard being filled plus ``in_flight`` being written, each in the store's dtype
+    (``Layout.buffer_dtype``: 2 bytes a value for float16/bfloat16), plus what zarr holds while it compresses
+    a shard (its compressed chunks, at most about the shard's size again). Shards of one store are
+    independent files, each marked done after its own data, so they may land in any order.
+    """
+
+    def __init__(self, writer: StoreWriter, source, in_flight: int = IN_FLIGHT) -> None:
+        self.writer, self.source, self.in_flight = writer, source, max(1, in_flight)
+        self._pool = ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix="mmkd-writer")
+        self._pending: collections.deque[Future] = collections.deque()
 
     def put(self, k: int, shard: dict[str, np.ndarray]) -> None:
-        self.drain()
+        while len(self._pending) >= self.in_flight:
+            self._pending.popleft().result()
         lo, hi = self.writer.layout.shard_range(k)
-        self._pending = self._pool.submit(self.writer.write_shard, k, self.source.finish_shard(shard, lo, hi))
+        self._pending.append(self._pool.submit(self.writer.write_shard, k, self.source.finish_shard(shard, lo, hi)))
 
     def drain(self) -> None:
-        """Wait for the shard in flight; its error, if any, is raised here."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        """Wait for the shards in flight; the first error, if any, is raised here."""
+        while self._pending:
+            self._pending.popleft().result()
 
     def __enter__(self) -> ShardQueue:
         return self
@@ -391,7 +418,7 @@ def _run_teacher(
                 if current is not None:
                     queue.put(current, shard)
                 current = batch["shard"]
-                shard = _empty_shard(layout, *layout.shard_range(current))
+                shard = _empty_shard(layout, *layout.shard_range(current), encoded=True)
             lo = layout.shard_range(current)[0]
             rest = _without_probe(batch, probe)
             if rest is not batch:
@@ -428,11 +455,14 @@ def _targets(teacher, source, batch: dict, recipe: dict, cfg: ExtractConfig) -> 
     return teacher_targets(teacher, batch, recipe, lambda: _autocast(cfg))
 
 
-def _empty_shard(layout: Layout, lo: int, hi: int) -> dict[str, np.ndarray]:
+def _empty_shard(layout: Layout, lo: int, hi: int, encoded: bool = False) -> dict[str, np.ndarray]:
+    """Zeroed buffers of one shard's targets (and per-view extras): float32, or with ``encoded`` in the
+    store's dtype (``Layout.buffer_dtype``), which ``_place`` then encodes each batch into as it arrives."""
     m = hi - lo
-    shard = {"pooled": np.zeros((m, layout.views, layout.pooled_dim), np.float32)}
+    dtype = layout.buffer_dtype if encoded else np.float32
+    shard = {"pooled": np.zeros((m, layout.views, layout.pooled_dim), dtype)}
     if layout.store_tokens:
-        shard["tokens"] = np.zeros((m, layout.views, layout.time_steps, layout.dim), np.float32)
+        shard["tokens"] = np.zeros((m, layout.views, layout.time_steps, layout.dim), dtype)
     for name, trailing, dtype, dims in layout.extras:
         if dims[1:2] == ("view",):
             shard[name] = np.zeros((m, *trailing), dtype)
@@ -445,10 +475,28 @@ def _place(shard: dict[str, np.ndarray], batch: dict, out: dict[str, torch.Tenso
     rows = batch["positions"] - lo
     views = batch["view_ids"]
     take = batch.get("take", slice(None))
-    shard["pooled"][rows, views] = out["pooled"].float().cpu().numpy()[take]
+    shard["pooled"][rows, views] = _host(shard, "pooled", out["pooled"], batch, take)[take]
     for name, value in out.items():
         if name not in ("tokens", "pooled", "mask") and name in shard:
             shard[name][rows, views] = value.float().cpu().numpy()[take]
     if out["tokens"] is not None:
         t = out["tokens"].shape[1]
-        shard["tokens"][rows, views, :t] = out["tokens"].float().cpu().numpy()[take]
+        shard["tokens"][rows, views, :t] = _host(shard, "tokens", out["tokens"], batch, take)[take]
+
+
+_ENCODED = {np.dtype("float16"): "float16", np.dtype("uint16"): "bfloat16"}
+
+
+def _host(shard: dict[str, np.ndarray], name: str, value: torch.Tensor, batch: dict, take) -> np.ndarray:
+    """A batch's ``name`` results on the host: encoded (and checked) into the buffer's dtype when it is a
+    stored one, else float32 (which ``write_shard`` encodes and checks)."""
+    dtype = _ENCODED.get(shard[name].dtype)
+    if dtype is None:
+        return value.float().cpu().numpy()
+
+    def locate(j: int) -> tuple[int, int]:  # result j -> the first (sample, view) it is written to
+        hits = np.flatnonzero(np.asarray(take) == j) if not isinstance(take, slice) else [j]
+        k = int(hits[0]) if len(hits) else j
+        return int(batch["positions"][k]), int(batch["view_ids"][k])
+
+    return encode_targets(name, value, dtype, locate)

@@ -34,7 +34,7 @@ import secrets
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +60,56 @@ CHUNKS_PER_SHARD = 16
 # keys of ``storage`` that describe the dtype's decoding and were added after format 1 was first written: a
 # store recorded without them is compared (on resume) as if they were absent from the expected record too
 LATER_STORAGE_KEYS = ("decode",)
+
+# The default compressor, chosen by benchmarks/codecs.py on real targets (README "Codecs"; medians, CPU time of
+# one core): blosc lz4 with byte shuffle compresses at 3,650 MB/s per core on MiniLM WordNet targets and 2,850 on
+# float16 of ViT-B targets' entropy, zstd-3 at 950 and 630, so one core of lz4 keeps up with a GPU teacher's
+# 1-2 GB/s where zstd-3 needs two or three; it decompresses 2-13x faster for every epoch the loader reads. It
+# costs 9-12 % more bytes (stored/raw 0.113 vs 0.101 on padded text, 1.00 vs 0.92 on ViT-like data): padding
+# compresses to nothing with either, and float mantissas hardly compress with either. ``--codec zstd-3`` when
+# disk counts more than time.
+DEFAULT_CODEC: dict[str, Any] = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
+# what stores written before ``storage.codec`` was recorded hold (read and resumed as that)
+LEGACY_CODEC: dict[str, Any] = {"cname": "zstd", "clevel": 3, "shuffle": "shuffle"}
+CODEC_NAMES = ("lz4", "lz4hc", "zstd", "blosclz", "zlib", "none")
+_CODEC_LEVELS = {"lz4": 5, "lz4hc": 5, "zstd": 3, "blosclz": 5, "zlib": 5}
+_SHUFFLES = ("shuffle", "bitshuffle", "noshuffle")
+
+
+def parse_codec(text: str) -> dict[str, Any]:
+    """``NAME[-LEVEL][-SHUFFLE]`` (``lz4``, ``zstd-3``, ``zstd-1-bitshuffle``, ``none``) -> the recorded form
+    ``{"cname", "clevel", "shuffle"}``; blosc's byte shuffle unless named."""
+    parts = str(text).strip().lower().split("-")
+    cname, rest = parts[0], parts[1:]
+    if cname == "none" and not rest:
+        return {"cname": "none", "clevel": 0, "shuffle": "noshuffle"}
+    clevel = _CODEC_LEVELS.get(cname)
+    shuffle = "shuffle"
+    if rest and rest[0].isdigit():
+        clevel = int(rest.pop(0))
+    if rest and rest[0] in _SHUFFLES:
+        shuffle = rest.pop(0)
+    if clevel is None or rest or not 1 <= clevel <= 9:
+        raise MmkdError(
+            f"--codec {text!r}: expected NAME[-LEVEL][-SHUFFLE], NAME one of {', '.join(CODEC_NAMES)}, LEVEL 1-9, "
+            f"SHUFFLE one of {', '.join(_SHUFFLES)} (e.g. lz4, zstd-3, zstd-1-bitshuffle)"
+        )
+    return {"cname": cname, "clevel": clevel, "shuffle": shuffle}
+
+
+def codec_name(codec: dict[str, Any]) -> str:
+    """The ``--codec`` spelling of a recorded codec: ``lz4-5``, ``zstd-3-bitshuffle``, ``none``."""
+    if codec["cname"] == "none":
+        return "none"
+    tail = "" if codec["shuffle"] == "shuffle" else f"-{codec['shuffle']}"
+    return f"{codec['cname']}-{codec['clevel']}{tail}"
+
+
+def recorded_codec(storage: dict[str, Any] | None) -> dict[str, Any]:
+    """The codec a store's ``storage`` attribute records; a store written before it was recorded: zstd-3."""
+    codec = (storage or {}).get("codec")
+    return dict(codec) if isinstance(codec, dict) else dict(LEGACY_CODEC)
+
 
 TARGETS = ("tokens", "pooled")
 # zarr v3 dimension_names of each array. One name per axis length: xarray aligns the arrays of one Dataset
@@ -130,6 +180,8 @@ class Layout:
         extras: Further per-sample arrays stored as given (no target encoding), each
             ``(name, trailing shape, zarr dtype, dimension names)``; the dimension names include ``sample``
             first. A pair store's captions use one (``image``); so do joint teachers' per-modality outputs.
+        codec: Compressor of every array (``parse_codec``'s form). None: DEFAULT_CODEC for a new store, the
+            store's own when one is resumed (``StoreWriter.open`` fills it in).
     """
 
     num_samples: int
@@ -144,6 +196,7 @@ class Layout:
     chunk_size: int = 0
     shard_size: int = 0
     extras: tuple[tuple[str, tuple[int, ...], str, tuple[str, ...]], ...] = ()
+    codec: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         quant.storage_dtype(self.dtype)
@@ -159,6 +212,13 @@ class Layout:
         self.shard_size = min(self.shard_size, math.ceil(self.num_samples / self.chunk_size) * self.chunk_size)
 
     @property
+    def buffer_dtype(self) -> str:
+        """dtype of a shard's target buffers on their way to ``StoreWriter.write_shard``: the stored dtype of a
+        float16/float32/bfloat16 store (batches encoded as they arrive, ``encode_targets``), float32 for int8,
+        whose encoding needs the whole shard's float32 values."""
+        return "float32" if self.dtype == "int8" else quant.storage_dtype(self.dtype)
+
+    @property
     def num_shards(self) -> int:
         return math.ceil(self.num_samples / self.shard_size)
 
@@ -172,6 +232,7 @@ class Layout:
             "chunk_samples": self.chunk_size,
             "shard_samples": self.shard_size,
             "tokens": self.store_tokens,
+            "codec": dict(self.codec or DEFAULT_CODEC),
         }
         if self.extras:
             out["extras"] = [name for name, *_ in self.extras]
@@ -221,11 +282,14 @@ class Layout:
         return dimension_names(name)
 
 
-def _codecs(dtype: str):
-    # byte-shuffled zstd: float mantissas compress poorly, exponents and padding zeros well
+def _codecs(dtype: str, codec: dict[str, Any] | None = None):
+    """zarr compressors of an array of ``dtype`` under ``codec`` (default DEFAULT_CODEC); None: uncompressed."""
+    codec = codec or DEFAULT_CODEC
+    if codec["cname"] == "none":
+        return None
     size = np.dtype(dtype).itemsize
-    shuffle = BloscShuffle.shuffle if size > 1 else BloscShuffle.noshuffle
-    return [BloscCodec(cname="zstd", clevel=3, shuffle=shuffle, typesize=size)]
+    shuffle = BloscShuffle(codec["shuffle"]) if size > 1 else BloscShuffle.noshuffle
+    return [BloscCodec(cname=codec["cname"], clevel=int(codec["clevel"]), shuffle=shuffle, typesize=size)]
 
 
 def config_diff(stored: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> str | None:
@@ -537,13 +601,94 @@ def _first(bad: np.ndarray) -> tuple[int, ...] | None:
     return tuple(int(i) for i in np.unravel_index(flat[0], bad.shape)) if flat.size else None
 
 
+def _nonfinite(where: str, value: Any) -> MmkdError:
+    return MmkdError(
+        f"{where}: the teacher's target is {value}; a non-finite target is never stored — check the weights "
+        "and --autocast (float16 compute can overflow)"
+    )
+
+
+def _unstorable(where: str, value: float, dtype: str, what: str | None = None) -> MmkdError:
+    hint = "--dtype float32" if dtype == "bfloat16" else "--dtype bfloat16 or --dtype float32"
+    return MmkdError(
+        f"{where}: value {value:.7g} is beyond the range of {what or dtype} and would be stored as inf; use {hint}"
+    )
+
+
+# the exponent bits of float16 and bfloat16 (as uint16): all ones is inf or NaN
+_EXPONENT = {"float16": 0x7C00, "bfloat16": 0x7F80}
+
+
+def _nonfinite_bits(bits: np.ndarray, dtype: str) -> np.ndarray | None:
+    """Where the 16-bit floats ``bits`` (uint16) are inf or NaN, or None when nowhere: a mask and one max, some
+    times faster than ``np.isfinite`` on float16."""
+    mask = _EXPONENT[dtype]
+    exponent = bits & np.uint16(mask)
+    if not exponent.size or int(exponent.max()) != mask:
+        return None
+    return exponent == mask
+
+
+def encode_targets(name: str, x: Any, dtype: str, locate: Callable[[int], tuple[int, int]]) -> np.ndarray:
+    """A batch of float32 targets (a torch tensor on any device, or an array) in the stored form of a float16,
+    bfloat16 or float32 store, checked as ``StoreWriter.write_shard`` checks a float32 shard.
+
+    Encoding batch by batch lets extraction keep its shard buffers in the stored dtype (half the bytes of
+    float32 for float16/bfloat16, and half the bytes copied from a GPU), while a value that the dtype cannot
+    hold is still refused before anything is written.
+
+    Args:
+        name: The array (``tokens``, ``pooled``), for the message.
+        x: float32 values, one row per result: (B, T, D) tokens or (B, E) pooled.
+        dtype: float16, bfloat16 or float32.
+        locate: ``locate(row of x) -> (sample, view)`` for the message (the first sample given that row).
+
+    Raises:
+        MmkdError: a value is NaN or inf, or the dtype turns it into inf (float16 above 65504); the message
+            names the array, the sample and the value, as ``write_shard``'s does.
+    """
+    import torch
+
+    def where(pos: tuple[int, ...]) -> str:
+        return _where(name, (*locate(int(pos[0])), *pos[1:]), 0, None)
+
+    t = torch.as_tensor(x)
+    t = t if t.dtype == torch.float32 else t.float()
+    if t.device.type != "cpu":  # check and cast on the device, where both are cheap; copy half the bytes over
+        y = t if dtype == "float32" else t.to(torch.float16 if dtype == "float16" else torch.bfloat16)
+        if bool(torch.isfinite(y).all()):
+            y = y.cpu()
+            return y.numpy() if dtype != "bfloat16" else y.view(torch.int16).numpy().view(np.uint16)
+        t = t.cpu()  # a refusal: find and name it below
+    a = t.numpy()
+    finite = np.isfinite(a)  # numpy's is much faster than torch's on the CPU
+    if not finite.all():
+        pos = _first(~finite)
+        raise _nonfinite(where(pos), a[pos])
+    if dtype == "float32":
+        return a
+    # torch's cast: round to nearest even like numpy's astype (bit-identical), several times faster on the CPU
+    bits = t.to(torch.float16 if dtype == "float16" else torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    bad = _nonfinite_bits(bits, dtype)
+    if bad is not None:
+        pos = _first(bad)
+        raise _unstorable(where(pos), float(a[pos]), dtype)
+    return bits.view(np.float16) if dtype == "float16" else bits
+
+
 def _check_finite(name: str, x: np.ndarray, lo: int, index: np.ndarray | None) -> None:
     pos = _first(~np.isfinite(x))
     if pos is not None:
-        raise MmkdError(
-            f"{_where(name, pos, lo, index)}: the teacher's target is {x[pos]}; a non-finite target is "
-            "never stored — check the weights and --autocast (float16 compute can overflow)"
-        )
+        raise _nonfinite(_where(name, pos, lo, index), x[pos])
+
+
+def _check_encoded(name: str, x: np.ndarray, dtype: str, lo: int, index: np.ndarray | None) -> None:
+    """Refuse inf or NaN in a shard that arrives encoded (``encode_targets`` checked it batch by batch; this
+    catches a caller that did not)."""
+    bad = _nonfinite_bits(x.view(np.uint16), dtype)
+    if bad is not None:
+        pos = _first(bad)
+        raise _nonfinite(_where(name, pos, lo, index), float(quant.decode_float(np.asarray(x[pos]), dtype)))
 
 
 def _check_storable(
@@ -552,7 +697,8 @@ def _check_storable(
     """Refuse finite float32 targets that the storage dtype turns into inf (float16 above 65504, the float16
     outliers of int8, bfloat16 near float32's maximum)."""
     if dtype == "float16":
-        pos, value, what = _first(~np.isfinite(enc[name])), x, "float16"
+        bad = _nonfinite_bits(enc[name].view(np.uint16), dtype)
+        pos, value, what = (None if bad is None else _first(bad)), x, "float16"
     elif dtype == "int8":  # int8 keeps each vector's largest channels as float16
         val = enc[f"{name}_outlier_val"]
         pos, what = _first(~np.isfinite(val)), "float16 (int8 keeps its outlier channels as float16)"
@@ -562,11 +708,7 @@ def _check_storable(
     else:
         return
     if pos is not None:
-        hint = "--dtype float32" if dtype == "bfloat16" else "--dtype bfloat16 or --dtype float32"
-        raise MmkdError(
-            f"{_where(name, pos, lo, index)}: value {float(value[pos]):.7g} is beyond the range of "
-            f"{what} and would be stored as inf; use {hint}"
-        )
+        raise _unstorable(_where(name, pos, lo, index), float(value[pos]), dtype, what)
 
 
 class StoreWriter:
@@ -582,7 +724,10 @@ class StoreWriter:
                 f"{path} lacks the array {missing[0]!r} (its creation was interrupted or it was made "
                 "by another version); pass --overwrite to start it afresh"
             )
-        self._arrays = {name: group[name] for name in layout.arrays()}
+        # zarr compares every chunk it writes with the fill value to skip empty ones (a chunk-sized np.full and
+        # array_equal: 60 % of its own time per shard, benchmarks/codecs.py); targets are never all zero, and
+        # an all-zero chunk written anyway reads back the same
+        self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in layout.arrays()}
         self._done = group["shards_done"]
         self.closed = False
 
@@ -654,11 +799,17 @@ class StoreWriter:
                 # an empty directory: nothing to lose, the store is created in it
             else:
                 stored = {k: existing.get(k) for k in CONFIG_FIELDS}
-                diff = config_diff(stored, _as_recorded(full, stored))
+                if isinstance(stored["storage"], dict):  # recorded before the codec was: zstd-3
+                    stored["storage"] = {**stored["storage"], "codec": recorded_codec(stored["storage"])}
+                expected = _as_recorded(full, stored)
+                if layout.codec is None and isinstance(stored["storage"], dict):  # no --codec: the store's own
+                    expected = {**expected, "storage": {**expected["storage"], "codec": stored["storage"]["codec"]}}
+                diff = config_diff(stored, expected)
                 if diff is None and not overwrite:
                     group = zarr.open_group(str(path), mode="r+")
                     if "shards_done" in group:
                         log.info("resuming %s", path)
+                        layout.codec = stored["storage"]["codec"]
                         return group
                     # shards_done is created last: without it the creation was cut short and no work exists
                     log.warning(
@@ -666,10 +817,12 @@ class StoreWriter:
                     )
                 if diff is not None and not overwrite:
                     raise MmkdError(
-                        f"{path} holds a store with another configuration ({_describe_diff(stored, full, diff)}); "
-                        "pass --overwrite to replace it or choose another --out"
+                        f"{path} holds a store with another configuration "
+                        f"({_describe_diff(stored, expected, diff)}); pass --overwrite to replace it or choose "
+                        "another --out"
                     )
                 _remove_store(path)
+        layout.codec = dict(layout.codec or DEFAULT_CODEC)
         # the attribute comes first: a creation cut short still reads as ours, so --overwrite may replace it
         attrs = {**full, **(extra or {}), "versions": versions, "complete": False}
         group = zarr.open_group(str(path), mode="w", attributes={"mmkd": attrs})
@@ -682,7 +835,7 @@ class StoreWriter:
                 dtype=dtype,
                 chunks=chunks,
                 shards=shards,
-                compressors=_codecs(dtype),
+                compressors=_codecs(dtype, layout.codec),
                 fill_value=0,
                 dimension_names=layout.dimension_names(name),
                 attributes=array_attrs(layout.dtype, name),
@@ -708,6 +861,8 @@ class StoreWriter:
             k: Shard number.
             data: ``tokens`` (n, V, T, D) float32 (omitted for pooled-only stores), ``pooled`` (n, V, E)
                 float32, ``lengths``, ``index`` and, as the layout has them, ``input_ids``, ``view_params``.
+                A float16 or bfloat16 store also takes its targets already encoded (``Layout.buffer_dtype``,
+                ``encode_targets``): they are then only checked for inf and NaN, not converted again.
 
         Raises:
             MmkdError: a target is NaN or inf, or its value does not fit the storage dtype (float16 above
@@ -721,18 +876,23 @@ class StoreWriter:
         missing = [name for name in targets if name not in data]
         if missing:
             raise ValueError(f"shard {k}: no {missing[0]!r} array given")
-        x = {name: np.ascontiguousarray(data[name], dtype=np.float32) for name in targets}
-        for name in targets:
-            _check_finite(name, x[name], lo, index)
         enc = dict(data)
+        x = {}
+        for name in targets:
+            if self.layout.buffer_dtype != "float32" and data[name].dtype == self.layout.buffer_dtype:
+                enc[name] = np.ascontiguousarray(data[name])  # encoded already (encode_targets)
+                _check_encoded(name, enc[name], self.layout.dtype, lo, index)
+            else:  # float32 (np.ascontiguousarray copies only what is not float32 and contiguous)
+                x[name] = np.ascontiguousarray(data[name], dtype=np.float32)
+                _check_finite(name, x[name], lo, index)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below, naming the value
-            for name in targets:
+            for name in x:
                 if self.layout.dtype == "int8":
                     del enc[name]
                     enc.update(quant.encode_int8(x[name], quant.outliers_for(x[name].shape[-1]), name))
                 else:
                     enc[name] = quant.encode_float(x[name], self.layout.dtype)
-        for name in targets:
+        for name in x:
             _check_storable(name, x[name], enc, self.layout.dtype, lo, index)
         for name in self._arrays:
             if name not in enc:
@@ -740,7 +900,7 @@ class StoreWriter:
             if enc[name].shape[0] != hi - lo:
                 raise ValueError(f"shard {k}: {name} has {enc[name].shape[0]} samples, expected {hi - lo}")
         for name, arr in self._arrays.items():  # nothing of the shard was written before this point
-            arr[lo:hi] = enc[name].astype(arr.dtype, copy=False)
+            arr[lo:hi] = enc[name] if enc[name].dtype == arr.dtype else enc[name].astype(arr.dtype)
         self._done[k] = 1  # only after every array of the shard is written
 
     def finish(self) -> bool:
