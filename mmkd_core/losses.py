@@ -320,6 +320,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "msd_fixed": None,  # msd_mode=fixed: modality -> weight, e.g. {"image": 0.5, "text": 0.5}
     "msd_base": "pooled_mse",
     "msd_joint": 1.0,  # weight of msd's joint term L(s_joint, t) (0: the modality terms alone)
+    # the pooled target L2-normalised before every term reads it: a sentence-transformers teacher's stored
+    # ``teacher_mean`` then becomes its ``teacher_embed`` (the normalised embedding), from the same store
+    "pooled_target_norm": False,
 }
 
 
@@ -418,6 +421,15 @@ LOSSES.register("sim_kd", "similarity_kd")(_sim_kd_term)
 LOSSES.register("msd")(_msd_term)
 
 
+def _flag(value: Any) -> bool:
+    """A boolean option given as a bool or as the text of ``--loss-option KEY=VALUE``."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise MmkdError(f"loss option value {value!r}: give true or false")
+        return value.lower() in ("true", "1")
+    return bool(value)
+
+
 class CombinedLoss:
     """A weighted sum of named loss terms.
 
@@ -449,6 +461,7 @@ class CombinedLoss:
         if unknown:
             raise MmkdError(f"loss option {unknown[0]!r} is unknown; known: {', '.join(DEFAULT_OPTIONS)}")
         self.options = {**DEFAULT_OPTIONS, **options}
+        self.options["pooled_target_norm"] = _flag(self.options["pooled_target_norm"])
         self.weights: dict[str, float] = {}
         for name, w in weights.items():
             if name not in LOSSES:
@@ -464,6 +477,8 @@ class CombinedLoss:
         """Returns the weighted total and each term's unweighted value as a float (for logging)."""
         total: Tensor | float = 0.0
         values: dict[str, float] = {}
+        if self.options["pooled_target_norm"] and batch.get("pooled_target") is not None:
+            batch = {**batch, "pooled_target": F.normalize(batch["pooled_target"].float(), dim=-1)}
         for name, w in self.weights.items():
             value = LOSSES.get(name)(batch, self.options)
             total = total + w * value

@@ -470,3 +470,17 @@ def test_itc_repeated_captions_are_matches_with_distinct_embeddings():
     batch = {"pooled": {"image": img, "text": txt}, "caption_ids": ids}
     _, values = build_loss("itc", itc_temperature=0.1)(batch)
     assert values["itc"] == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_pooled_target_norm_regresses_the_normalised_target():
+    from mmkd_core.losses import CombinedLoss
+
+    torch.manual_seed(0)
+    t = 3.0 * torch.randn(8, 16)
+    s = torch.nn.functional.normalize(t, dim=-1)  # the teacher_embed of teacher_mean t
+    batch = {"pooled": s, "pooled_target": t}
+    plain, _ = CombinedLoss({"pooled_mse": 1})(batch)
+    normed, _ = CombinedLoss({"pooled_mse": 1}, pooled_target_norm=True)(batch)
+    assert float(normed) < 1e-12 < 0.5 < float(plain)  # the wrong target is far from the normalised one
+    with pytest.raises(MmkdError, match="give true or false"):
+        CombinedLoss({"pooled_mse": 1}, pooled_target_norm="maybe")

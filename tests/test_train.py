@@ -227,3 +227,33 @@ def test_student_cut_from_teacher_starts_with_its_pooled_embedding(minilm):
         ours = student(**enc).pooled
         hs = minilm(**enc).hidden_states
     torch.testing.assert_close(ours, masked_mean(hs[2], enc["attention_mask"].bool()), atol=1e-5, rtol=1e-5)
+
+
+def _automodel_mean(directory, texts):
+    """What a user who loads the encoder alone computes: AutoModel, then the masked mean, normalised."""
+    from transformers import AutoModel, AutoTokenizer
+
+    hf = AutoModel.from_pretrained(str(directory), dtype=torch.float32).eval()
+    enc = AutoTokenizer.from_pretrained(str(directory))(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = hf(**enc).last_hidden_state
+    m = enc["attention_mask"][..., None].float()
+    return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1).numpy()
+
+
+@pytest.mark.parametrize("pooled_head", ["identity", "linear"])
+def test_identity_pooled_head_is_what_automodel_with_mean_pooling_gives(tmp_path, text_store, pooled_head):
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["the cat sat on the mat", "a dog", "the red circle in the top left of the picture"]
+    cfg = _cfg(
+        tmp_path, text_store, steps=12, lr=2e-2, loss="pooled_cosine=1", student_options={"pooled_head": pooled_head}
+    )
+    train(cfg)
+    student = tmp_path / "run" / "student"
+    st = SentenceTransformer(str(student), device="cpu").encode(texts, convert_to_numpy=True)
+    gap = float(np.abs(st - _automodel_mean(student, texts)).max())
+    if pooled_head == "identity":  # the embedding trained is the encoder's mean-pooled output, through either door
+        assert gap < 1e-5
+    else:  # the trained projection is only in sentence-transformers' Dense layer
+        assert gap > 0.01, "a trained linear head left the embedding unchanged: the identity case proves nothing"

@@ -24,6 +24,7 @@ STUDENTS: Registry = Registry("student")
 
 TOKEN_PREDS = ("recipe", "head", "none")
 STUDENT_POOLS = ("cls", "mean")
+POOLED_HEADS = ("linear", "identity")
 INIT_PRETRAINED = ("pretrained", "teacher")  # two names for "copy blocks from init_from"
 
 
@@ -68,6 +69,10 @@ class HeadConfig:
         pool: ``"cls"`` (time step 0) or ``"mean"`` (masked mean) of ``last_hidden_state``, then a plain
             ``nn.Linear`` to ``pooled_dim``; when the widths are equal it starts as the identity, so a
             student cut from the teacher's first blocks begins with the truncated teacher's embedding.
+        pooled_head: ``"linear"`` (trained, from the identity) or ``"identity"`` (kept the identity, untrained):
+            with ``"identity"`` the student's embedding is its pooled last layer itself, so a user who loads
+            the encoder alone (``AutoModel`` + mean pooling) gets exactly what was distilled; needs
+            ``pooled_dim`` equal to the width.
         recipe_layers: Student blocks averaged by ``"recipe"``: ``"all"``, ``"last:K"``, an int K or indices.
         instance_norm_layers: As the store recipe's ``instance_norm``.
         layer_norm_targets: As the store recipe's ``layer_norm``.
@@ -77,6 +82,7 @@ class HeadConfig:
     target_dim: int | None = None
     pooled_dim: int | None = None
     pool: str = "cls"
+    pooled_head: str = "linear"
     recipe_layers: str | int | list[int] = "all"
     instance_norm_layers: bool = True
     layer_norm_targets: bool = True
@@ -87,6 +93,8 @@ class HeadConfig:
             raise MmkdError(f"student token_pred {self.token_pred!r}: choose one of {', '.join(TOKEN_PREDS)}")
         if self.pool not in STUDENT_POOLS:
             raise MmkdError(f"student pool {self.pool!r}: choose one of {', '.join(STUDENT_POOLS)}")
+        if self.pooled_head not in POOLED_HEADS:
+            raise MmkdError(f"student pooled_head {self.pooled_head!r}: choose one of {', '.join(POOLED_HEADS)}")
         for name in ("target_dim", "pooled_dim"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -124,6 +132,13 @@ class PredictionHeads(nn.Module):
             with torch.no_grad():
                 self.pooled_head.weight.copy_(torch.eye(width))
                 self.pooled_head.bias.zero_()
+        if config.pooled_head == "identity":
+            if (config.pooled_dim or width) != width:
+                raise MmkdError(
+                    f"student pooled_head='identity' needs the pooled target as wide as the student ({width}), "
+                    f"not {config.pooled_dim}: use pooled_head=linear"
+                )
+            self.pooled_head.requires_grad_(False)  # stays the identity; exports keep their Dense layer
 
     def forward(
         self, hidden_states: Sequence[torch.Tensor], last_hidden_state: torch.Tensor, mask: torch.Tensor
