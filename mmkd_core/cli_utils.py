@@ -99,8 +99,9 @@ def choice(option: str, kind: str, *known: Any, comma: bool = False) -> Callable
 # ------------------------------------------------------------------------------------------- --config FILE
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """The mapping in a YAML or JSON file (``.json``: JSON; otherwise YAML, of which JSON is a subset)."""
+def read_config(path: Path, lists: bool = False) -> Any:
+    """The mapping in a YAML or JSON file (``.json``: JSON; otherwise YAML, of which JSON is a subset); with
+    ``lists``, a list of mappings is accepted too."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -127,6 +128,13 @@ def read_config(path: Path) -> dict[str, Any]:
             raise MmkdError(f"--config {path}: not valid YAML ({' '.join(where.split())})") from None
     if data is None:
         return {}
+    if lists and isinstance(data, list):
+        bad = next((type(d).__name__ for d in data if not isinstance(d, dict)), None)
+        if bad is None and data:
+            return data
+        raise MmkdError(
+            f"--config {path}: expected a list of mappings of option names to values, found {bad or 'an empty list'}"
+        )
     if not isinstance(data, dict):
         raise MmkdError(f"--config {path}: expected a mapping of option names to values, found {type(data).__name__}")
     return data

@@ -375,3 +375,27 @@ def test_the_console_script_killed_after_its_first_run_continues(full, store, mr
 def test_help_shows_examples():
     result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "mmkd-ablate --targets" in result.output and "--vary" in result.output
+
+
+def test_a_grid_file_that_is_a_list_is_the_union_of_its_grids(store, mrpc, tmp_path):
+    """One factor at a time: a base run and variants of it, not their product; a run two entries give is
+    planned once, and --vary applies to every entry."""
+    from mmkd.train.ablate_grid import merge_grids, read_grid
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("- {}\n- {loss: [token_mse=1, 'token_mse=1,pooled_mse=1']}\n- {init: random}\n- {init: teacher}\n")
+    cfg = _cfg(store, mrpc, tmp_path / "abl", vary=[])
+    cfg.grid = read_grid(grid)
+    assert {j.directory.name for j in plan(cfg).runs} == {
+        "seed=0",
+        "loss=token_mse=1,seed=0",
+        "loss=token_mse=1+pooled_mse=1,seed=0",
+        "init=random,seed=0",
+        "init=teacher,seed=0",
+    }  # the product of the entries would have 2 x 2 runs with both keys; {} is not given twice
+    cfg.grid = merge_grids(parse_vary(["warmup=0.1,0.2"]), read_grid(grid))
+    names = {j.directory.name for j in plan(cfg).runs}
+    assert len(names) == 10 and "init=random,warmup=0.2,seed=0" in names
+    grid.write_text("- {loss: token_mse=1}\n- 3\n")
+    with pytest.raises(MmkdError, match="--grid .*: expected a list of mappings of option names to values, found int"):
+        read_grid(grid)

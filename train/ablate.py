@@ -167,7 +167,9 @@ class AblateConfig:
     Attributes:
         targets: The store (mmkd-extract's output) every run trains from: a directory or a URL.
         out: The ablation's directory.
-        grid: mmkd-train option name -> values; every combination is trained (an empty grid: one run).
+        grid: mmkd-train option name -> values; every combination is trained (an empty grid: one run). Or a
+            list of such grids: the union of their combinations (one-factor-at-a-time ablations: a base run
+            and one grid per varied factor; a run two grids both give is trained once).
         train_args: mmkd-train options shared by every run, as on its command line (``--steps 1500``).
         eval: Evaluations (``mrpc:PATH``, ``retrieval``, ``zero-shot:DATASET[:ROOT]``, ...); the first one's
             headline is the table's. Empty: mmkd-train's default for the store (retrieval for shapes).
@@ -179,7 +181,7 @@ class AblateConfig:
 
     targets: Path | StoreURL
     out: Path
-    grid: dict[str, list[Any]] = field(default_factory=dict)
+    grid: dict[str, list[Any]] | list[dict[str, list[Any]]] = field(default_factory=dict)
     train_args: list[str] = field(default_factory=list)
     eval: list[str] = field(default_factory=list)
     repeat: int = 1
@@ -233,17 +235,23 @@ def plan(cfg: AblateConfig) -> Plan:
         raise MmkdError(f"{cfg.targets} is incomplete: run the same mmkd-extract command again to finish it")
     attrs = reader.attrs
     options = TrainOptions(store, cfg.train_args)
-    names, columns = _grid_values(options, cfg.grid)
-    keys = [n.replace("_", "-") for n in names]
+    grids = [_grid_values(options, g) for g in (cfg.grid if isinstance(cfg.grid, list) else [cfg.grid])]
+    keys = list(dict.fromkeys(n.replace("_", "-") for names, _ in grids for n in names))
     tasks = _tasks(cfg, options.base, attrs)
     on_dask = bool(cfg.cluster or cfg.scheduler)
     runs: list[Job] = []
     inits: dict[str, Job] = {}
     init_of: dict[str, str] = {}
-    for combo in itertools.product(*columns):
-        settings = {k: shown for k, (_, shown) in zip(keys, combo, strict=True)}
+    combos = [(names, combo) for names, columns in grids for combo in itertools.product(*columns)]
+    seen: set[str] = set()
+    for names, combo in combos:
+        grid_keys = [n.replace("_", "-") for n in names]
+        settings = {k: shown for k, (_, shown) in zip(grid_keys, combo, strict=True)}
+        if run_name(settings) in seen:  # two grids of a list give this run: it is trained once
+            continue
+        seen.add(run_name(settings))
         init_settings = {
-            k: settings[k] for k, n in zip(keys, names, strict=True) if FIELD_OF.get(n, n) not in TRAINING_ONLY
+            k: settings[k] for k, n in zip(grid_keys, names, strict=True) if FIELD_OF.get(n, n) not in TRAINING_ONLY
         }
         grid_args = [a for args, _ in combo for a in args]
         for seed in range(cfg.repeat):

@@ -151,25 +151,37 @@ def parse_vary(items: Iterable[str]) -> dict[str, list[str]]:
     return grid
 
 
-def read_grid(path: Path) -> dict[str, list[Any]]:
+def read_grid(path: Path) -> dict[str, list[Any]] | list[dict[str, list[Any]]]:
     """A grid file (YAML or JSON): a mapping of mmkd-train option names to a list of values (a single value
-    is a list of one; a mapping is one value of a KEY=VALUE option such as ``student-option``)."""
+    is a list of one; a mapping is one value of a KEY=VALUE option such as ``student-option``), or a list of
+    such mappings, whose combinations are trained together (a one-factor-at-a-time ablation: ``[{}, {loss:
+    [pooled_mse=1, token_mse=1]}, {init: random}]`` is the base run and three variants of it)."""
     try:
-        data = read_config(Path(path))
+        data = read_config(Path(path), lists=True)
     except MmkdError as e:
         raise MmkdError(str(e).replace("--config", "--grid", 1)) from None
-    grid: dict[str, list[Any]] = {}
-    for key, values in data.items():
-        _add(grid, str(key), values if isinstance(values, list) else [values], f"--grid {path}")
-    return grid
+    grids = []
+    for i, part in enumerate(data if isinstance(data, list) else [data]):
+        grid: dict[str, list[Any]] = {}
+        where = f"--grid {path}" + (f" (entry {i + 1})" if isinstance(data, list) else "")
+        for key, values in part.items():
+            _add(grid, str(key), values if isinstance(values, list) else [values], where)
+        grids.append(grid)
+    return grids if isinstance(data, list) else grids[0]
 
 
-def merge_grids(*grids: Mapping[str, list[Any]]) -> dict[str, list[Any]]:
+def merge_grids(*grids: Mapping[str, list[Any]] | list[Mapping[str, list[Any]]]) -> Any:
+    """One grid from several (``--vary`` and ``--grid``): their keys together; a list of grids (a grid file
+    that is a list) gets every other key in each of its entries."""
+    lists = [g for g in grids if isinstance(g, list)]
     out: dict[str, list[Any]] = {}
     for g in grids:
-        for key, values in g.items():
-            _add(out, key, list(values), "--vary/--grid")
-    return out
+        if not isinstance(g, list):
+            for key, values in g.items():
+                _add(out, key, list(values), "--vary/--grid")
+    if not lists:
+        return out
+    return [merge_grids(out, entry) for entry in lists[0]]
 
 
 def _add(grid: dict[str, list[Any]], key: str, values: list[Any], where: str) -> None:
