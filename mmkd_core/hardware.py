@@ -11,7 +11,7 @@ teacher's compute dtype comes from the hardware, never from a constant:
   ``avx512_bf16``); where it says native, a short timed probe (the teacher's feed-forward matmul at its
   width, bf16 against float32, ~150 ms) confirms it. bf16 is chosen only when the probe finds it at
   least ``PROBE_THRESHOLD`` times faster (why that value: beside it).
-- Anything else (mps, xla): float32.
+- Anything else (mps, xla): float32 (``auto`` never picks float16, for the reason above).
 
 The probe's answer is kept per process and (device, width): every run in one process agrees.
 """
@@ -77,6 +77,8 @@ def native_dtypes(device: str | torch.device) -> tuple[set[str], str]:
         bf16 = torch.cuda.is_bf16_supported()
         name = torch.cuda.get_device_name(torch.device(device))
         return ({"bfloat16", "float16"} if bf16 else {"float16"}), name
+    if kind == "mps":  # Apple GPUs: float16 throughout, bfloat16 only on recent macOS
+        return {"float16"}, kind
     if kind != "cpu":
         return set(), kind
     flags = cpu_flags()
