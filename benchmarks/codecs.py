@@ -269,12 +269,12 @@ class _Source:
         }
 
 
-def _feed(layout: Layout, tokens: torch.Tensor, queue, batch: int) -> None:
-    """Extraction's loop without the teacher: batches of float32 results placed into shard buffers, each
-    finished shard handed to the writer queue."""
+def _feed(layout: Layout, tokens: torch.Tensor, queue, batch: int, encoded: bool) -> None:
+    """Extraction's loop without the teacher: batches of float32 results placed into shard buffers (in the
+    stored dtype with ``encoded``, else float32 as before), each finished shard handed to the writer queue."""
     import inspect
 
-    encoded = {"encoded": True} if "encoded" in inspect.signature(run._empty_shard).parameters else {}
+    encoded = {"encoded": encoded} if "encoded" in inspect.signature(run._empty_shard).parameters else {}
     for k in range(layout.num_shards):
         lo, hi = layout.shard_range(k)
         shard = run._empty_shard(layout, lo, hi, **encoded)
@@ -288,7 +288,13 @@ def _feed(layout: Layout, tokens: torch.Tensor, queue, batch: int) -> None:
 
 
 def write_store(
-    path: Path, x16: np.ndarray, lengths: np.ndarray, batch: int = 128, codec: str | None = None, **queue_options
+    path: Path,
+    x16: np.ndarray,
+    lengths: np.ndarray,
+    batch: int = 128,
+    codec: str | None = None,
+    encoded: bool = True,
+    **queue_options,
 ) -> dict:
     """Write x (float16 targets, handed over as float32 as the teacher gives them) the way extraction does;
     CPU seconds of the whole process, wall seconds and peak memory."""
@@ -302,7 +308,7 @@ def write_store(
     with writer, _Peak() as peak:
         w0, c0 = time.perf_counter(), time.process_time()
         with run.ShardQueue(writer, _Source(lengths), **queue_options) as queue:
-            _feed(layout, tokens, queue, batch)
+            _feed(layout, tokens, queue, batch, encoded)
         w1, c1 = time.perf_counter(), time.process_time()
     shard_mb = layout.shard_size * v * t * d * 2 / MB
     return {"wall": w1 - w0, "cpu": c1 - c0, "traced": peak.traced / MB, "rss": peak.rss / MB, "shard_mb": shard_mb}
@@ -314,10 +320,15 @@ def writer_section(x16: np.ndarray, lengths: np.ndarray, repeats: int) -> None:
         variants = {"zstd-3, 1 shard in flight (float32 shard buffers)": {}}
     else:
         variants = {
-            f"{codec}, {k} shard{'s' * (k > 1)} in flight": {"codec": codec, "in_flight": k}
-            for codec in ("zstd-3", "lz4")
-            for k in (1, 2)
+            "zstd-3, 1 in flight, float32 shard buffers (the buffers before)": {"codec": "zstd-3", "encoded": False}
         }
+        variants.update(
+            {
+                f"{codec}, {k} in flight, float16 shard buffers": {"codec": codec, "in_flight": k}
+                for codec in ("zstd-3", "lz4")
+                for k in (1, 2)
+            }
+        )
     print(
         f"\n### writer: {raw:.0f} MB of float16 tokens written as extraction writes them (float32 batches placed into "
         f"shard buffers, ShardQueue, StoreWriter.write_shard to a local directory); load average "
@@ -405,6 +416,48 @@ def zarrs_section(x16: np.ndarray, lengths: np.ndarray, repeats: int, batch: int
         a, b = arrays.values()
         same = all(np.array_equal(a[k], b[k]) for k in a)
         print(f"\narrays identical between the two pipelines (tokens decoded, lengths, input_ids): {same}")
+    pipeline_only(x16, repeats * 2, batch)
+
+
+def pipeline_only(x16: np.ndarray, repeats: int, batch: int) -> None:
+    """The pipelines alone: the tokens array written whole (sharded as the store shards it) into a local
+    directory and read back in contiguous runs of ``batch`` samples, the two pipelines interleaved."""
+    from mmkd_core.store import _codecs
+
+    raw = x16.nbytes / MB
+    layout = Layout(num_samples=len(x16), views=1, time_steps=x16.shape[2], dim=x16.shape[3], pooled_dim=1)
+    print(f"\npipelines alone (zarr array write and contiguous reads, {repeats} interleaved runs):\n")
+    print("| codec | pipeline | write MB/s per core (CPU) | read MB/s per core (CPU) | read wall MB/s |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for codec in ("lz4", "zstd-3"):
+            res: dict[str, dict[str, list[float]]] = {}
+            for i in range(repeats):
+                for label, path in (("default", DEFAULT_PIPELINE), ("zarrs", ZARRS_PIPELINE)):
+                    with pipeline(path):
+                        a = zarr.create_array(
+                            str(Path(tmp) / f"{codec}-{label}-{i}.zarr"),
+                            shape=x16.shape,
+                            dtype=x16.dtype,
+                            chunks=(layout.chunk_size, *x16.shape[1:]),
+                            shards=(layout.shard_size, *x16.shape[1:]),
+                            compressors=_codecs("float16", parse_codec(codec)),
+                            fill_value=0,
+                            config={"write_empty_chunks": True},
+                        )
+                        c0 = time.process_time()
+                        a[...] = x16
+                        c1 = time.process_time()
+                        w1 = time.perf_counter()
+                        for lo in range(0, len(x16), batch):
+                            a[lo : lo + batch]
+                        c2, w2 = time.process_time(), time.perf_counter()
+                    r = res.setdefault(label, {"w": [], "r": [], "rw": []})
+                    r["w"].append(raw / (c1 - c0))
+                    r["r"].append(raw / (c2 - c1))
+                    r["rw"].append(raw / (w2 - w1))
+            for label, r in res.items():
+                print(f"| {codec} | {label} | {med(r['w'])} | {med(r['r'])} | {med(r['rw'])} |", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -436,6 +489,7 @@ def main() -> None:
         codecs_section(sets, args.repeats, {"MiniLM text": lengths})
     if "threads" in sections:
         threads_section(text, args.repeats, "zstd", 3)
+        threads_section(text, args.repeats, "lz4", 5)
     if "writer" in sections:
         writer_section(text, lengths, args.repeats)
     if "zarrs" in sections:

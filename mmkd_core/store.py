@@ -77,10 +77,11 @@ _SHUFFLES = ("shuffle", "bitshuffle", "noshuffle")
 
 
 # zarr's codec pipelines: its own (Python, blosc through numcodecs) and the Rust one of the `zarrs` package
-# (`pip install 'mmkd[zarrs]'`). zarrs wrote 1.2x and read 1.5x faster per core here with identical arrays
-# (benchmarks/codecs.py, README "Codecs"), but it is opt-in (MMKD_ZARRS=1), not on whenever installed: it is
-# one setting for the whole process (zarr.config), it bypasses the Python store layer (where tests inject
-# faults), and it falls back, with a warning per array, on stores it cannot write (memory://, fsspec URLs).
+# (`pip install 'mmkd[zarrs]'`). Measured here (benchmarks/codecs.py, README "Codecs"; identical arrays): zarrs
+# reads a store's arrays 1.6-1.7x faster per core but writes them at 0.5-0.65x, so it is for readers (set
+# MMKD_ZARRS=1 for mmkd-train), not extraction. Opt-in, not on whenever installed: it is one setting for the
+# whole process (zarr.config), it bypasses the Python store layer (where tests inject faults), and it falls
+# back, with a warning per array, on stores it cannot handle (memory://, fsspec URLs).
 DEFAULT_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
 ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 ZARRS_ENV = "MMKD_ZARRS"
