@@ -10,7 +10,9 @@ the same arrays as from a run without this (repeated rows are bit-identical, and
 pass depends on the batch it ran in. A group's result must not depend on which shards this run happens
 to do (a resume, ``--shards K/N``, dask workers), so every group has one *canonical batch* and is only
 ever computed in it: distinct inputs in order of first appearance, cut into windows of ``WINDOW_BATCHES``
-batches, sorted longest first within a window (less padding), then cut into batches. The first row's
+batches that never cross a shard boundary (a window holds inputs first seen in one shard: a process that
+writes only some shards - a dask worker, ``--shards K/N``, a resume - computes the windows of its own shards
+and no one else's), sorted longest first within a window (less padding), then cut into batches. The first row's
 input (the layout probe, run alone before the shards) is its own batch. A result still needed by a later
 shard of this run is kept (up to ``CACHE_BYTES``); a shard that needs a result nobody kept - its canonical
 batch ran in an earlier run, in another process, or the cache was full - runs that whole batch again and
@@ -73,20 +75,27 @@ class DistinctInputs:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_kept": {}, "_kept_bytes": 0}  # results stay in the process that made them
 
-    def canonical(self, batch_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(count,) each input's canonical batch number, and each batch's inputs (batch 0: input 0 alone)."""
-        if batch_size not in self._plans:
+    def canonical(self, batch_size: int, shard_size: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(count,) each input's canonical batch number, and each batch's inputs (batch 0: input 0 alone).
+
+        Windows restart at every shard boundary (``shard_size`` rows; None: one shard)."""
+        if (batch_size, shard_size) not in self._plans:
             batches = [np.zeros(1, dtype=np.int64)]
             window = WINDOW_BATCHES * batch_size
-            for lo in range(1, self.count, window):
-                ids = np.arange(lo, min(lo + window, self.count))
-                ids = ids[np.argsort(-self.lengths[ids], kind="stable")]
-                batches += [ids[s : s + batch_size] for s in range(0, len(ids), batch_size)]
+            n_rows = len(self.group)
+            starts = np.arange(shard_size, n_rows, shard_size) if shard_size else np.zeros(0, dtype=np.int64)
+            # inputs are numbered by first appearance: those first seen in shard j are one contiguous range
+            bounds = [1, *np.searchsorted(self.first, starts).tolist(), self.count]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                for lo in range(max(a, 1), b, window):
+                    ids = np.arange(lo, min(lo + window, b))
+                    ids = ids[np.argsort(-self.lengths[ids], kind="stable")]
+                    batches += [ids[s : s + batch_size] for s in range(0, len(ids), batch_size)]
             number = np.empty(self.count, dtype=np.int64)
             for b, ids in enumerate(batches):
                 number[ids] = b
-            self._plans[batch_size] = (number, batches)
-        return self._plans[batch_size]
+            self._plans[batch_size, shard_size] = (number, batches)
+        return self._plans[batch_size, shard_size]
 
     def batches(
         self, shards: list[tuple[int, int, int]], batch_size: int, make: Callable[[np.ndarray], dict[str, Any]]
@@ -94,7 +103,7 @@ class DistinctInputs:
         """Each shard's work in turn: the canonical batches of the inputs it needs and nobody kept, then the
         kept results it needs. ``positions`` are the shard's rows each batch's results go to; row j takes
         result ``take[j]``; ``groups`` are the batch's inputs (``make(groups)`` builds their teacher input)."""
-        number, canon = self.canonical(batch_size)
+        number, canon = self.canonical(batch_size, _shard_size(shards, len(self.group)))
         last = np.full(self.count, -1, dtype=np.int64)  # the last shard of this call that needs each input
         for j, (_, lo, hi) in enumerate(shards):
             last[self.group[lo:hi]] = j
@@ -150,6 +159,17 @@ class DistinctInputs:
     def _forget(self, g: int) -> None:
         result = self._kept.pop(g)
         self._kept_bytes -= sum(v.numel() * v.element_size() for v in result.values() if v is not None)
+
+
+def _shard_size(shards: list[tuple[int, int, int]], n_rows: int) -> int | None:
+    """The store's rows per shard, from shard tuples ``(k, k * size, ...)``: ``lo // k`` of any k > 0, else
+    shard 0's length; None when shard 0 holds every row, or the tuples are not shard-aligned (no cuts)."""
+    size = next((lo // k for k, lo, _ in shards if k > 0), None)
+    if size is None:
+        size = next((hi for k, _, hi in shards if k == 0), None)
+    if not size or size >= n_rows or any(lo != k * size for k, lo, _ in shards):
+        return None
+    return size
 
 
 def _row(value: torch.Tensor | None, j: int, length: int, name: str) -> torch.Tensor | None:
