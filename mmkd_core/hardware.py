@@ -73,6 +73,8 @@ def native_dtypes(device: str | torch.device) -> tuple[set[str], str]:
         ({"bfloat16", "float16"} or a subset, evidence such as ``avx512_bf16`` or ``avx2 only``).
     """
     kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():  # a client without GPUs sending work to GPU workers
+        return set(), "no CUDA device in this process"
     if kind == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
         name = torch.cuda.get_device_name(torch.device(device))
