@@ -323,9 +323,12 @@ def test_as_tasks_of_a_running_dask_scheduler(full, store, mrpc, tmp_path):
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
-        table = ablate(_cfg(store, mrpc, tmp_path / "abl", vary=["init=teacher"], scheduler=cluster.scheduler_address))
+        train = [*TRAIN, "--loss", "token_mse=1,pooled_mse=1"]
+        address = cluster.scheduler_address
+        cfg = _cfg(store, mrpc, tmp_path / "abl", vary=["init=teacher"], train=train, scheduler=address)
+        table = ablate(cfg)
     assert [r.kind for r in table.rows] == ["teacher", "init", "run"]
-    # the store's text default loss is token_mse=1,pooled_mse=1: the in-process run of those settings
+    # the in-process run of the same settings scores the same
     ours = json.loads((tmp_path / "abl" / "init=teacher,seed=0" / "eval.json").read_text())["results"]
     theirs = full[0] / "init=teacher,loss=token_mse=1+pooled_mse=1,seed=0" / "eval.json"
     assert ours["mrpc"]["metrics"] == json.loads(theirs.read_text())["results"]["mrpc"]["metrics"]

@@ -59,10 +59,15 @@ def test_text_student_trains_and_exports_to_transformers(tmp_path, text_store, b
     assert result.steps == 12 and np.isfinite(result.losses).all()
     run = tmp_path / "run"
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["loss"] == {"token_mse": 1.0, "pooled_mse": 1.0} and cfg["store"]["recipe"]["layers"] == [0, 1, 2, 3]
+    assert cfg["loss"] == {"pooled_cosine": 1.0, "contrastive_kd": 1.0} and cfg["store"]["recipe"]["layers"] == [
+        0,
+        1,
+        2,
+        3,
+    ]
     assert cfg["student"]["init"]["blocks"] == [0, 1]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 12 and {"token_mse", "pooled_mse", "lr"} <= set(rows[-1])
+    assert rows[-1]["step"] == 12 and {"pooled_cosine", "contrastive_kd", "lr"} <= set(rows[-1])
     # the export loads with transformers alone and computes what the student computes
     from mmkd_core.students import load_student
 

@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LOSS = {
     # token targets carry nothing of the sentence embedding (zero mean over tokens): regress both
-    "text": "token_mse=1,pooled_mse=1",
+    # the sentence embedding is what text students are used for: its direction (cosine) and its place among
+    # the batch's teacher embeddings (contrastive KD). On all 182,891 WordNet sentences, 300 steps of 128,
+    # MRPC retrieval through AutoModel + mean pooling: 0.9422 for this pair against 0.9344 for
+    # token_mse + pooled_mse (the README's ablation has every variant)
+    "text": "pooled_cosine=1,contrastive_kd=1",
     "vit": "token_mse=1",
     "beit": "token_mse=1",
     "data2vec2": "token_mse=1",
@@ -251,6 +255,10 @@ def _build_text(ctx: Context) -> Built:
     opts: dict[str, Any] = dict(ctx.cfg.student_options)
     if ctx.cfg.init == "random" and ctx.arch_model is not None:
         opts = {**random_text_arch(ctx.arch_model.model), **opts}
+    if "pooled_head" not in opts and _text_width(ctx, opts) == ctx.heads["pooled_dim"]:
+        # the distilled embedding is the encoder's own mean-pooled output, so every way a user loads the export
+        # (AutoModel + mean pooling, sentence-transformers, mmkd) gives what was trained
+        opts["pooled_head"] = "identity"
     student = create_student(
         "text",
         depth=ctx.depth,
@@ -269,6 +277,17 @@ def _build_text(ctx: Context) -> Built:
         image_spec=None,
         preprocess=None,
     )
+
+
+def _text_width(ctx: Context, opts: dict[str, Any]) -> int:
+    """The width the text student will have: given, the init model's, or the config's default."""
+    from mmkd_core.students.text import TextStudentConfig, bert_arch, bert_like
+
+    if "hidden_size" in opts:
+        return int(opts["hidden_size"])
+    if ctx.init_model is not None:
+        return int(bert_arch(bert_like(ctx.init_model))["hidden_size"])
+    return TextStudentConfig.hidden_size
 
 
 def _view_preprocess(v: dict[str, Any]) -> ImagePreprocess:

@@ -137,7 +137,7 @@ def main_command(
         parser=_loss,
         metavar="TERM=W,...",
         help=f"Loss terms with weights, e.g. token_mse=1,pooled_mse=1; terms: {', '.join(LOSSES.names())} "
-        "(default per student: text token_mse+pooled_mse, image token_mse, multimodal contrastive_kd+itc).",
+        "(default per student: text pooled_cosine+contrastive_kd, image token_mse, multimodal contrastive_kd+itc).",
     ),
     loss_option: list[str] = typer.Option(None, help="Loss option KEY=VALUE, e.g. temperature=0.05."),
     bank_size: int = typer.Option(
