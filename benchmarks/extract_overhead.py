@@ -4,7 +4,10 @@ Prints one table, then a breakdown of the extraction loop and the top of its pro
 over --repeats interleaved runs, with their range (the machines are shared and noisy):
 
 - extraction / bare forward: ``extract``'s loop time over the teacher alone on the very inputs the run
-  computed (same canonical batches, same length order; ``bare_forward``), timed in separate runs;
+  computed (same canonical batches, same length order; ``bare_forward``), timed in separate runs; and
+  the same in CPU time of the whole process (all threads: torch's, the writer's, zarr's). Neither is clean
+  on a loaded machine: the wall time follows the other jobs, and the CPU time counts OpenMP's threads
+  spinning while they wait for each other, which load makes longer (it came out below 1 here);
 - in-run share: within each extraction, the loop time over the time spent in the teacher's own forward
   calls (measured in the same run, so it is not disturbed by load that changes between runs; it counts
   the writer thread's competition for the cores as teacher time, which the first ratio does not);
@@ -51,9 +54,15 @@ def _ctx(autocast: str):
     return torch.autocast("cpu", dtype=getattr(torch, autocast))
 
 
-def bare_forward(teacher, source: TextSource, n: int, batch_size: int, shard: int, autocast: str) -> float:
+def bare_forward(
+    teacher, source: TextSource, n: int, batch_size: int, shard: int, autocast: str
+) -> tuple[float, float]:
     """The teacher alone on exactly the inputs extraction computes: the same canonical batches, and a result
-    kept for a later shard is not computed again (``DistinctInputs.targets`` with the forward pass only)."""
+    kept for a later shard is not computed again (``DistinctInputs.targets`` with the forward pass only).
+
+    Returns:
+        (wall seconds, CPU seconds of the process: every thread's).
+    """
     shards = [(k, lo, min(n, lo + shard)) for k, lo in enumerate(range(0, n, shard))]
     source.distinct._kept.clear()
     source.distinct._kept_bytes = 0
@@ -61,11 +70,11 @@ def bare_forward(teacher, source: TextSource, n: int, batch_size: int, shard: in
     def forward(batch):
         return {"mask": teacher(**batch["inputs"]).mask}
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode(), _ctx(autocast):
         for batch in source.batches(shards, batch_size):
             source.distinct.targets(batch, forward)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 class Meter:
@@ -105,7 +114,10 @@ class Meter:
 
         def fill(*a, **kw):  # the loop starts: what the layout probe spent before it is not the loop's
             self.seconds.clear()
+            self.seconds["set-up CPU"] = time.process_time() - self._cpu_start
             return real_fill(*a, **kw)
+
+        self._cpu_start = time.process_time()
 
         patches.append((run_mod, "_fill", real_fill))
         run_mod._fill = fill
@@ -186,17 +198,21 @@ def main() -> None:
         for _ in range(args.repeats):
             for autocast in dtypes:
                 meter = Meter()
+                cpu = time.process_time()
                 s = _extract(config(autocast), teacher, meter)
+                cpu = time.process_time() - cpu - meter.seconds["set-up CPU"]
                 shard = open_store(s.path).shard_size
-                bare = bare_forward(teacher, source, args.n, args.batch_size, shard, autocast)
+                bare, bare_cpu = bare_forward(teacher, source, args.n, args.batch_size, shard, autocast)
                 r = rows[autocast]
                 r["extract"].append(s.seconds)
                 r["bare"].append(bare)
                 r["ratio"].append(s.seconds / bare)
+                r["cpu_ratio"].append(cpu / bare_cpu)
                 r["in_run"].append(s.seconds / meter.seconds["teacher forward"])
                 for k, v in meter.seconds.items():
-                    parts[autocast][k].append(v / s.seconds)
-                main_thread = sum(v for k, v in meter.seconds.items() if not k.startswith("writer"))
+                    if k != "set-up CPU":
+                        parts[autocast][k].append(v / s.seconds)
+                main_thread = sum(v for k, v in meter.seconds.items() if not k.startswith(("writer", "set-up")))
                 parts[autocast]["batching and the rest"].append(max(0.0, s.seconds - main_thread) / s.seconds)
         profile = None
         if not args.no_profile:
@@ -221,6 +237,7 @@ def main() -> None:
     for a in dtypes:
         label = "fp32" if a == "none" else a
         print(f"| extraction / bare teacher forward ({label}) | {_spread(rows[a]['ratio'])} | <= 1.05 |")
+        print(f"| extraction / bare teacher forward, CPU time ({label}) | {_spread(rows[a]['cpu_ratio'])} | |")
         print(f"| extraction / its own teacher forward time ({label}) | {_spread(rows[a]['in_run'])} | |")
     if {"none", "bfloat16"} <= set(dtypes):
         speedup = [f / b for f, b in zip(rows["none"]["extract"], rows["bfloat16"]["extract"], strict=True)]
