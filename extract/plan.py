@@ -244,7 +244,7 @@ def _compressed(layout: Layout, rows: dict[str, np.ndarray]) -> dict[str, tuple[
                 shape=piece.shape,
                 dtype=piece.dtype,
                 chunks=piece.shape,
-                compressors=_codecs(piece.dtype),
+                compressors=_codecs(piece.dtype, layout.codec),
                 fill_value=0,
             )
             arr[...] = piece

@@ -44,6 +44,13 @@ def test_plan_predicts_a_text_store(tmp_path, minilm):
     assert p.write_mb_per_second == pytest.approx(p.size.store_bytes / 1e6 / (p.seconds - p.setup_seconds))
 
 
+def test_plan_compresses_with_the_chosen_codec(tmp_path, minilm):
+    """--codec none predicts the uncompressed store it writes; with the default codec's bytes it would miss."""
+    p, real = _check(tmp_path, dataset="shapes", dataset_options={"count": 120}, batch_size=16, codec="none")
+    default = plan(ExtractConfig(out=tmp_path / "other.zarr", dataset="shapes", dataset_options={"count": 120}))
+    assert default.size.store_bytes < 0.9 * p.size.store_bytes  # what the plan without the codec would say
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_plan_predicts_every_dtype_over_sentences_of_varying_lengths(tmp_path, minilm, shared_data, dtype):
