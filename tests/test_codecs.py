@@ -212,6 +212,7 @@ def test_serial_and_parallel_writing_give_identical_arrays(tmp_path, dtype):
                     b = {"positions": np.arange(s, e), "view_ids": np.zeros(e - s, np.int64)}
                     run._place(shard, b, {"tokens": t[:, :4], "pooled": t[:, 0], "mask": None}, lo)
                 queue.put(k, shard)
+            queue.drain()  # the shards in flight land before the writer closes
             w.finish()
         return zarr.open_group(str(path), mode="r")
 

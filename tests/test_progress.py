@@ -109,7 +109,7 @@ def test_training_into_a_log_file_prints_progress_lines_and_records_what_ran(tmp
     assert "\r" not in text and "\x1b[" not in text  # plain lines, no bar redraws or colour codes
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["argv"][1:3] == ["--targets", str(store)]
-    assert cfg["train"]["loss"] == "token_mse=1,pooled_mse=1" and cfg["train"]["eval"] == []
+    assert cfg["train"]["loss"] == "pooled_cosine=1,contrastive_kd=1" and cfg["train"]["eval"] == []
     assert Path(cfg["train"]["targets"]).is_absolute() and Path(cfg["train"]["run_dir"]).is_absolute()
     # the export reads as many tokens as the teacher did
     st = json.loads((tmp_path / "run" / "student" / "sentence_bert_config.json").read_text())
