@@ -399,6 +399,12 @@ def test_a_grid_file_that_is_a_list_is_the_union_of_its_grids(store, mrpc, tmp_p
     cfg.grid = merge_grids(parse_vary(["warmup=0.1,0.2"]), read_grid(grid))
     names = {j.directory.name for j in plan(cfg).runs}
     assert len(names) == 10 and "init=random,warmup=0.2,seed=0" in names
+    # trained and tabulated: ablation.json records the list
+    grid.write_text("- {}\n- {init: random}\n")
+    cfg.grid = read_grid(grid)
+    table = ablate(cfg)
+    assert [r.kind for r in table.rows] == ["teacher", "init", "init", "run", "run"]
+    assert json.loads((tmp_path / "abl" / "ablation.json").read_text())["grid"] == [{}, {"init": ["random"]}]
     grid.write_text("- {loss: token_mse=1}\n- 3\n")
     with pytest.raises(MmkdError, match="--grid .*: expected a list of mappings of option names to values, found int"):
         read_grid(grid)

@@ -364,7 +364,7 @@ def write_table(p: Plan, records: dict[str, dict[str, Any]]) -> Table:
     record = {
         **table.to_json(),
         "targets": str(p.cfg.targets.resolve()),
-        "grid": {k: [str(v) for v in vs] for k, vs in p.cfg.grid.items()},
+        "grid": _grid_record(p.cfg.grid),
         "train_args": p.cfg.train_args,
         "eval": [t.spec for t in p.tasks],
         "directories": {"teacher": str(p.teacher.directory), **{j.label: str(j.directory) for j in p.runs}},
@@ -372,3 +372,10 @@ def write_table(p: Plan, records: dict[str, dict[str, Any]]) -> Table:
     files["json"].write_text(json.dumps(record, indent=2) + "\n")
     plot(table, files["png"])
     return table
+
+
+def _grid_record(grid: dict[str, list[Any]] | list[dict[str, list[Any]]]) -> Any:
+    """The grid as ablation.json records it: a mapping of values as text, or a list of such mappings."""
+    if isinstance(grid, list):
+        return [_grid_record(g) for g in grid]
+    return {k: [str(v) for v in vs] for k, vs in grid.items()}
