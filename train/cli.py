@@ -148,7 +148,7 @@ def main_command(
     lr: float = typer.Option(None, help="Peak learning rate (default 5e-4; multimodal 1e-3)."),
     weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
     warmup: float = typer.Option(0.05, help="Warmup steps, or a fraction of all steps when < 1."),
-    epochs: float = typer.Option(None, help="Passes over the store (default 1; multimodal 16)."),
+    epochs: float = typer.Option(None, help="Passes over the store (default 1; multimodal 20)."),
     steps: int = typer.Option(None, help="Total steps (overrides --epochs)."),
     grad_clip: float = typer.Option(1.0, help="Max gradient norm (0: off)."),
     autocast: Autocast = typer.Option(
