@@ -144,8 +144,8 @@ def main_command(
         0, help="Memory bank: teacher targets of this many other samples per epoch as extra contrastive_kd negatives."
     ),
     student_option: list[str] = typer.Option(None, help="Student option KEY=VALUE, e.g. width=192."),
-    batch_size: int = typer.Option(None, help="Samples per step (default 64; multimodal 128)."),
-    lr: float = typer.Option(None, help="Peak learning rate (default 5e-4; multimodal 1e-3)."),
+    batch_size: int = typer.Option(None, help="Samples per step (default 64; text and multimodal 128)."),
+    lr: float = typer.Option(None, help="Peak learning rate (default 5e-4; text 2e-4; multimodal 1e-3)."),
     weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
     warmup: float = typer.Option(0.05, help="Warmup steps, or a fraction of all steps when < 1."),
     epochs: float = typer.Option(None, help="Passes over the store (default 1; multimodal 20)."),
