@@ -66,7 +66,8 @@ def test_codec_is_recorded_and_used(tmp_path, minilm):
         np.testing.assert_array_equal(a[name], c[name], err_msg=name)
 
 
-def test_resume_keeps_the_store_codec_and_refuses_another(tmp_path, minilm, monkeypatch):
+def _interrupt_at_second_shard(monkeypatch):
+    """Ctrl-C while the second shard is written (the first is done); returns the real write_shard."""
     real = StoreWriter.write_shard
     calls = {"n": 0}
 
@@ -77,6 +78,11 @@ def test_resume_keeps_the_store_codec_and_refuses_another(tmp_path, minilm, monk
         return real(self, k, data)
 
     monkeypatch.setattr(StoreWriter, "write_shard", failing)
+    return real
+
+
+def test_resume_keeps_the_store_codec_and_refuses_another(tmp_path, minilm, monkeypatch):
+    real = _interrupt_at_second_shard(monkeypatch)
     with pytest.raises(MmkdError, match="run the same command again"):
         extract(cfg(tmp_path, codec="zstd-1"), show_progress=False)
     monkeypatch.setattr(StoreWriter, "write_shard", real)
@@ -97,16 +103,7 @@ def _drop_codec(store):
 
 def test_older_store_without_codec_opens_and_resumes_as_zstd3(tmp_path, minilm, monkeypatch):
     full = extract(cfg(tmp_path, "full.zarr", codec="zstd-3"), show_progress=False)
-    real = StoreWriter.write_shard
-    calls = {"n": 0}
-
-    def failing(self, k, data):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, k, data)
-
-    monkeypatch.setattr(StoreWriter, "write_shard", failing)
+    real = _interrupt_at_second_shard(monkeypatch)
     with pytest.raises(MmkdError):
         extract(cfg(tmp_path, "old.zarr", codec="zstd-3"), show_progress=False)
     monkeypatch.setattr(StoreWriter, "write_shard", real)

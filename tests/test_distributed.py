@@ -2,6 +2,7 @@
 ``--shards K/N`` commands filling one store. Every store must equal, array for array and bit for bit, the
 one a single process writes."""
 
+import contextlib
 import json
 import os
 import re
@@ -129,12 +130,11 @@ def test_local_cluster_of_two_workers_writes_the_single_process_store(tmp_path, 
     assert not lock_path(out).exists()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A running two-worker cluster (``--scheduler`` its address) whose workers log the shards they write."""
+@contextlib.contextmanager
+def _two_workers():
+    """A local two-worker cluster (one thread each) with mmkd's exit plugin: (scheduler address, client)."""
     from distributed import Client, LocalCluster
 
-    log = tmp_path_factory.mktemp("spy") / "written.txt"
     with (
         LocalCluster(
             n_workers=2,
@@ -146,8 +146,16 @@ def cluster(tmp_path_factory):
         Client(c) as client,
     ):
         client.register_plugin(dist._exit_plugin(), name="mmkd-exit")
+        yield c.scheduler_address, client
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A running two-worker cluster (``--scheduler`` its address) whose workers log the shards they write."""
+    log = tmp_path_factory.mktemp("spy") / "written.txt"
+    with _two_workers() as (address, client):
         client.run(_spy, str(log))
-        yield c.scheduler_address, log
+        yield address, log
 
 
 @pytest.mark.slow
@@ -352,20 +360,8 @@ def _wait_for(path: Path, seconds: float = 180) -> int:
 
 @pytest.fixture
 def own_cluster():
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            dashboard_address=None,
-            scheduler_kwargs={"dashboard_address": ":0"},
-            memory_limit=0,
-        ) as c,
-        Client(c) as client,
-    ):
-        client.register_plugin(dist._exit_plugin(), name="mmkd-exit")
-        yield c.scheduler_address, client
+    with _two_workers() as (address, client):
+        yield address, client
 
 
 @pytest.mark.slow
