@@ -168,6 +168,8 @@ def test_gap_and_ratio_by_hand(store, mrpc, tmp_path):
     assert gap_closed(0.5, 0.2, 0.8) == pytest.approx(0.5)  # not 0.5/0.8, nor (0.5-0.2)/0.8
     assert of_teacher(0.6, 0.8) == pytest.approx(0.75)
     assert math.isnan(gap_closed(0.5, 0.8, 0.8)) and math.isnan(of_teacher(0.5, None))
+    # an init above the teacher leaves no gap: not (0.95-0.96)/(0.94-0.96) = 50 %
+    assert math.isnan(gap_closed(0.95, 0.96, 0.94))
     assert mean_spread([0.5, 0.75]) == (pytest.approx(0.625), pytest.approx(0.25 / math.sqrt(2)))
     # two seeds: each against the init of its own seed. Seed 0: (0.5-0.2)/(0.8-0.2) = 0.5, seed 1:
     # (0.7-0.4)/(0.8-0.4) = 0.75, mean 0.625; the gap of the means, (0.6-0.3)/(0.8-0.3), would be 0.6

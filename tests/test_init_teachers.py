@@ -236,7 +236,11 @@ def test_init_teacher_copies_blocks_that_compute_the_teachers(tmp_path, name, te
         assert named.exit_code == 0, named.output  # the init it names works
         return
     assert result.exit_code == 0, result.output
-    cfg = TrainConfig(targets=store, depth=DEPTH, init="teacher", run_dir=tmp_path / "b", progress=False)
+    # the first blocks, so the student's block outputs are the teacher's (text students default to "ends")
+    first = {"init_blocks": "first"} if modality == "text" else {}
+    cfg = TrainConfig(
+        targets=store, depth=DEPTH, init="teacher", run_dir=tmp_path / "b", progress=False, student_options=first
+    )
     student = build(cfg, open_store(store)).student.eval()
     assert student.init_info["init"] == "pretrained" and student.init_info["blocks"] == list(range(DEPTH))
     teacher = create_teacher(name, teachers[name], **options)

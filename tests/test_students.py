@@ -1,6 +1,7 @@
 """Students: registry, shapes, padding invariance, init from tiny random teachers, MoME routing, export."""
 
 import json
+import re
 
 import pytest
 import timm
@@ -183,9 +184,13 @@ def test_text_init_copies_first_layers_and_freezes_embeddings():
     got = student(input_ids=ids, attention_mask=mask).hidden_states
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g[mask.bool()], w[mask.bool()], atol=1e-5, rtol=0)
-    # every second layer, on request
+    # every second layer, on request; "ends" (the mmkd-train text default) is block 0 and the top ones
     other = create_student("text", depth=2, init="teacher", init_from=teacher, init_blocks=[1, 3])
     assert torch.equal(other.bert.encoder.layer[1].output.dense.weight, teacher.encoder.layer[3].output.dense.weight)
+    ends = create_student("text", depth=2, init="teacher", init_from=teacher, init_blocks="ends")
+    top = len(teacher.encoder.layer) - 1
+    assert ends.init_info["blocks"] == [0, top]
+    assert torch.equal(ends.bert.encoder.layer[1].output.dense.weight, teacher.encoder.layer[top].output.dense.weight)
 
     frozen = student.frozen_tables()
     before = [t.weight.detach().clone() for t in frozen]
@@ -375,3 +380,37 @@ def test_multimodal_pre_norm_blocks_are_timms_and_load_the_same_keys(init_values
     x = torch.randn(3, 7, 32)
     mask = key_padding_mask(torch.arange(7)[None] < torch.tensor([[7], [4], [2]]))
     torch.testing.assert_close(theirs(x, attn_mask=mask), ours(x, mask), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rule, depth, want",
+    [
+        ("first", 3, [0, 1, 2]),
+        ("last", 3, [3, 4, 5]),
+        ("ends", 3, [0, 4, 5]),
+        ("ends", 1, [0]),
+        ("ends", 6, [0, 1, 2, 3, 4, 5]),
+        ([5, 0, 2], 3, [5, 0, 2]),
+        (None, 2, [0, 1]),
+    ],
+)
+def test_init_block_rules_pick_the_blocks_they_name(rule, depth, want):
+    from mmkd_core.students.base import resolve_blocks
+
+    assert resolve_blocks("text", rule, depth, 6) == want
+
+
+@pytest.mark.parametrize(
+    "rule, depth, message",
+    [
+        ("top", 3, "init_blocks='top': give block indices or one of first, last, ends"),
+        ("ends", 7, "depth 7 is deeper than the 6-block init model"),
+        ([0, 6], 2, "init blocks [6] do not exist in a 6-block init model"),
+        ([0, 1], 3, "init_blocks lists 2 blocks for a depth-3 student"),
+    ],
+)
+def test_init_block_rules_refuse_what_cannot_be_copied(rule, depth, message):
+    from mmkd_core.students.base import resolve_blocks
+
+    with pytest.raises(MmkdError, match=re.escape(message)):
+        resolve_blocks("text", rule, depth, 6)

@@ -27,8 +27,11 @@ def of_teacher(student: float, teacher: float | None) -> float:
 
 
 def gap_closed(student: float, init: float, teacher: float | None) -> float:
-    """The share of the init→teacher gap the student closed: (student − init) / (teacher − init)."""
-    if teacher is None or teacher == init:
+    """The share of the init→teacher gap the student closed: (student − init) / (teacher − init).
+
+    NaN when there is no gap: an init that scores as well as the teacher or better (a ratio over a zero or
+    negative gap would flip its sign and say nothing of the student)."""
+    if teacher is None or teacher <= init:
         return math.nan
     return (student - init) / (teacher - init)
 
@@ -129,7 +132,8 @@ class Table:
         t = self.tasks[0]
         lines = [
             f"Headline: {t} {self.headline_names[t]}. of teacher = row / teacher; gap closed = (row − init) / "
-            "(teacher − init), each seed against the init student of the same seed."
+            "(teacher − init), each seed against the init student of the same seed; n/a where that init "
+            "already scores as well as the teacher (no gap to close)."
         ]
         if self.repeat > 1:
             lines.append(f"{self.repeat} seeds per row: mean ± {SPREAD}.")

@@ -285,10 +285,30 @@ def check_init(student: str, init: str, init_from: Any) -> bool:
     raise MmkdError(f"student {student!r}: init {init!r}: choose 'random' or 'pretrained' (alias 'teacher')")
 
 
-def resolve_blocks(student: str, init_blocks: Sequence[int] | None, depth: int, source_depth: int) -> list[int]:
-    """Source block indices to copy into student blocks 0..depth-1: the first ``depth`` by default (the
-    research found it beats taking every second one)."""
-    blocks = list(range(depth)) if init_blocks is None else [int(i) for i in init_blocks]
+BLOCK_RULES = ("first", "last", "ends")
+
+
+def resolve_blocks(student: str, init_blocks: str | Sequence[int] | None, depth: int, source_depth: int) -> list[int]:
+    """Source block indices to copy into student blocks 0..depth-1.
+
+    ``init_blocks`` lists them, or names a rule: ``"first"`` (the default: the first ``depth``; image
+    students, whose token targets average the teacher's blocks, found it beats every second one),
+    ``"last"`` (the top ``depth``) or ``"ends"`` (block 0, then the top ``depth - 1``: the block the copied
+    embeddings feed and the blocks that shape the teacher's output space; the text default, see
+    ``train.build``).
+    """
+    if init_blocks is None or isinstance(init_blocks, str):
+        rule = "first" if init_blocks is None else init_blocks
+        if rule not in BLOCK_RULES:
+            raise MmkdError(
+                f"student {student!r}: init_blocks={rule!r}: give block indices or one of {', '.join(BLOCK_RULES)}"
+            )
+        if depth > source_depth:
+            raise MmkdError(f"student {student!r}: depth {depth} is deeper than the {source_depth}-block init model")
+        top = list(range(source_depth - depth, source_depth))
+        blocks = {"first": list(range(depth)), "last": top, "ends": [0, *top[1:]]}[rule]
+    else:
+        blocks = [int(i) for i in init_blocks]
     if len(blocks) != depth:
         raise MmkdError(f"student {student!r}: init_blocks lists {len(blocks)} blocks for a depth-{depth} student")
     bad = [i for i in blocks if not 0 <= i < source_depth]

@@ -379,7 +379,7 @@ def create_data2vec2_student(
     init: str = "random",
     init_from: Any = None,
     init_weights: str | None = None,
-    init_blocks: Sequence[int] | None = None,
+    init_blocks: str | Sequence[int] | None = None,
     **config: Any,
 ) -> Data2Vec2Student:
     """A data2vec 2.0 image student (post-norm ViT).
@@ -394,7 +394,8 @@ def create_data2vec2_student(
             or the ``(state, info)`` pair of :func:`load_data2vec2`. Architecture values are read off it
             unless given (and must then agree; ``img_size`` may differ).
         init_weights: The checkpoint file when ``init_from="data2vec2"``.
-        init_blocks: Which blocks (in run order, prenet first) to copy; default the first ``depth``.
+        init_blocks: Which blocks (in run order, prenet first) to copy, or a rule:
+            ``"first"`` (default), ``"last"`` or ``"ends"`` (see ``base.resolve_blocks``).
         **config: Data2Vec2StudentConfig fields.
 
     Raises:

@@ -190,13 +190,14 @@ def bert_arch(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def init_text_from_bert(student: TextStudent, source: Any, blocks: Sequence[int] | None = None) -> list[int]:
+def init_text_from_bert(student: TextStudent, source: Any, blocks: str | Sequence[int] | None = None) -> list[int]:
     """Copy embeddings and encoder layers of a BERT-like model into ``student``.
 
     Args:
         student: The text student; its widths must match the source.
         source: A transformers BERT-like model, or a text Teacher wrapping one.
-        blocks: Source layers to copy into student layers 0..depth-1; default the first ``depth``.
+        blocks: Source layers to copy into student layers 0..depth-1, or a rule:
+            ``"first"`` (default), ``"last"`` or ``"ends"`` (see ``base.resolve_blocks``).
 
     Returns:
         The source layer indices copied.
@@ -230,7 +231,7 @@ def create_text_student(
     init: str = "random",
     init_from: Any = None,
     init_weights: str | None = None,
-    init_blocks: Sequence[int] | None = None,
+    init_blocks: str | Sequence[int] | None = None,
     **config: Any,
 ) -> TextStudent:
     """A BERT-style text student.
@@ -243,7 +244,8 @@ def create_text_student(
             position length, eps and activation are taken from it unless given (and must then agree;
             ``max_position`` may be shorter).
         init_weights: Checkpoint for a teacher given by name (None: the teacher's default weights).
-        init_blocks: Which source layers to copy; default the first ``depth``.
+        init_blocks: Which source layers to copy, or a rule:
+            ``"first"`` (default), ``"last"`` or ``"ends"`` (see ``base.resolve_blocks``).
         **config: TextStudentConfig fields.
 
     Raises:

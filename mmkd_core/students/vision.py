@@ -276,7 +276,7 @@ def beit_arch(model: nn.Module) -> dict[str, Any]:
     return args
 
 
-def init_from_timm(student: TimmStudent, source: Any, blocks: Sequence[int] | None = None) -> list[int]:
+def init_from_timm(student: TimmStudent, source: Any, blocks: str | Sequence[int] | None = None) -> list[int]:
     """Copy patch embedding, CLS token, position embedding or shared relative position table, the chosen
     blocks and the final norm of a timm model of the student's family into ``student``.
 
@@ -285,7 +285,8 @@ def init_from_timm(student: TimmStudent, source: Any, blocks: Sequence[int] | No
     Args:
         student: A vit or beit student whose architecture matches the source.
         source: A timm VisionTransformer / Beit, or an image Teacher wrapping one.
-        blocks: Source blocks copied into student blocks 0..depth-1; default the first ``depth``.
+        blocks: Source blocks copied into student blocks 0..depth-1, or a rule:
+            ``"first"`` (default), ``"last"`` or ``"ends"`` (see ``base.resolve_blocks``).
 
     Returns:
         The source block indices copied.
@@ -501,7 +502,7 @@ def _create(
     init: str,
     init_from: Any,
     init_weights: str | None,
-    init_blocks: Sequence[int] | None,
+    init_blocks: str | Sequence[int] | None,
     config: dict[str, Any],
 ) -> TimmStudent:
     name = cls.name
@@ -527,7 +528,7 @@ def create_vit_student(
     init: str = "random",
     init_from: Any = None,
     init_weights: str | None = None,
-    init_blocks: Sequence[int] | None = None,
+    init_blocks: str | Sequence[int] | None = None,
     **config: Any,
 ) -> VitStudent:
     """A timm ``VisionTransformer`` student.
@@ -538,7 +539,8 @@ def create_vit_student(
             Architecture values are read off it unless given (and must then agree; ``img_size`` may differ:
             the position embedding is resampled).
         init_weights: Checkpoint for a teacher given by name.
-        init_blocks: Which source blocks to copy; default the first ``depth``.
+        init_blocks: Which source blocks to copy, or a rule:
+            ``"first"`` (default), ``"last"`` or ``"ends"`` (see ``base.resolve_blocks``).
         **config: VitStudentConfig fields.
     """
     return _create(VitStudent, VitStudentConfig, vit_arch, init, init_from, init_weights, init_blocks, config)
@@ -550,7 +552,7 @@ def create_beit_student(
     init: str = "random",
     init_from: Any = None,
     init_weights: str | None = None,
-    init_blocks: Sequence[int] | None = None,
+    init_blocks: str | Sequence[int] | None = None,
     **config: Any,
 ) -> BeitStudent:
     """A timm ``Beit`` student; from a BEiT v2 teacher it copies the shared relative position table too.
@@ -561,7 +563,8 @@ def create_beit_student(
             init_weights)``, e.g. from the BEiT v2 release file). Architecture values, including the position
             scheme, are read off it unless given (and must then agree; img_size too, as the tables depend on it).
         init_weights: Checkpoint for a teacher given by name.
-        init_blocks: Which source blocks to copy; default the first ``depth``.
+        init_blocks: Which source blocks to copy, or a rule:
+            ``"first"`` (default), ``"last"`` or ``"ends"`` (see ``base.resolve_blocks``).
         **config: BeitStudentConfig fields.
     """
     return _create(BeitStudent, BeitStudentConfig, beit_arch, init, init_from, init_weights, init_blocks, config)
