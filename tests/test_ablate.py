@@ -20,7 +20,14 @@ from mmkd.extract.run import extract
 from mmkd.train.ablate import AblateConfig, ablate, parse_vary, plan
 from mmkd.train.ablate_cli import app
 from mmkd.train.ablate_grid import run_name
-from mmkd.train.ablate_report import build_rows, gap_closed, mean_spread, of_teacher, passes_sentence
+from mmkd.train.ablate_report import (
+    Table,
+    build_rows,
+    gap_closed,
+    mean_spread,
+    of_teacher,
+    passes_sentence,
+)
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import open_store
 
@@ -168,8 +175,8 @@ def test_gap_and_ratio_by_hand(store, mrpc, tmp_path):
     assert gap_closed(0.5, 0.2, 0.8) == pytest.approx(0.5)  # not 0.5/0.8, nor (0.5-0.2)/0.8
     assert of_teacher(0.6, 0.8) == pytest.approx(0.75)
     assert math.isnan(gap_closed(0.5, 0.8, 0.8)) and math.isnan(of_teacher(0.5, None))
-    # an init above the teacher leaves no gap: not (0.95-0.96)/(0.94-0.96) = 50 %
-    assert math.isnan(gap_closed(0.95, 0.96, 0.94))
+    # from an init above the teacher the gap is downwards: half-way back is 50 %, beyond the init negative
+    assert gap_closed(0.95, 0.96, 0.94) == pytest.approx(0.5) and gap_closed(0.97, 0.96, 0.94) == pytest.approx(-0.5)
     assert mean_spread([0.5, 0.75]) == (pytest.approx(0.625), pytest.approx(0.25 / math.sqrt(2)))
     # two seeds: each against the init of its own seed. Seed 0: (0.5-0.2)/(0.8-0.2) = 0.5, seed 1:
     # (0.7-0.4)/(0.8-0.4) = 0.75, mean 0.625; the gap of the means, (0.6-0.3)/(0.8-0.3), would be 0.6
@@ -188,6 +195,20 @@ def test_gap_and_ratio_by_hand(store, mrpc, tmp_path):
     assert mean_spread(run.gap_closed)[0] == pytest.approx(0.625)
     assert run.of_teacher == [pytest.approx(0.625), pytest.approx(0.875)]
     assert init.of_teacher == [pytest.approx(0.25), pytest.approx(0.5)] and init.gap_closed == [0.0, 0.0]
+
+    # an init at or above the teacher is named in the notes (its runs' gap is downwards); one below is not
+    passes = {"samples": 8, "views": 1, "made": 8, "extract_seconds": None, "online": 16, "runs": 2}
+
+    def notes(rows):
+        return Table(rows, [], ["mrpc"], {"mrpc": "mean"}, [], passes, {}, 2).notes()
+
+    assert not any("at or above the teacher" in line for line in notes([teacher, init, run]))
+    records |= {str(j.directory): record(0.9) for j in p.inits}
+    above = [line for line in notes(build_rows(p, records)) if "at or above the teacher" in line]
+    assert above == [
+        "init init=teacher scores 0.9000, at or above the teacher's 0.8000: for its runs the gap (of 0.1000) "
+        "is the way back to the teacher's score."
+    ]
     # a teacher that cannot do the task (a text teacher, image-text retrieval): no ratio, no gap, the reason kept
     records[str(p.teacher.directory)] = {"results": {"mrpc": {"error": "embeds text only"}}, "seconds": {}}
     teacher, _, run = build_rows(p, records)

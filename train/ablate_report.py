@@ -29,9 +29,9 @@ def of_teacher(student: float, teacher: float | None) -> float:
 def gap_closed(student: float, init: float, teacher: float | None) -> float:
     """The share of the init→teacher gap the student closed: (student − init) / (teacher − init).
 
-    NaN when there is no gap: an init that scores as well as the teacher or better (a ratio over a zero or
-    negative gap would flip its sign and say nothing of the student)."""
-    if teacher is None or teacher <= init:
+    The same in either direction: from an init that scores above the teacher, a student back at the
+    teacher's score has closed 100 % and one further above a negative share. NaN without a gap."""
+    if teacher is None or teacher == init:
         return math.nan
     return (student - init) / (teacher - init)
 
@@ -128,13 +128,30 @@ class Table:
             _fmt(row.seconds, "{:.1f}") + ("*" if row.resumed else "") if row.seconds else "",
         ]
 
+    def _inits_above_teacher(self) -> list[str]:
+        """A note per init that scores at or above the teacher: its runs' gap is then one downwards."""
+        t = self.tasks[0]
+        scores = [mean_spread(r.headlines[t])[0] for r in self.rows if r.kind == "teacher" and t in r.headlines]
+        if not scores:
+            return []
+        teacher = scores[0]
+        out = []
+        for r in self.rows:
+            score = mean_spread(r.headlines.get(t, []))[0]
+            if r.kind == "init" and score >= teacher:
+                out.append(
+                    f"init {r.name} scores {score:.4f}, at or above the teacher's {teacher:.4f}: for its runs the "
+                    f"gap (of {score - teacher:.4f}) is the way back to the teacher's score."
+                )
+        return out
+
     def notes(self) -> list[str]:
         t = self.tasks[0]
         lines = [
             f"Headline: {t} {self.headline_names[t]}. of teacher = row / teacher; gap closed = (row − init) / "
-            "(teacher − init), each seed against the init student of the same seed; n/a where that init "
-            "already scores as well as the teacher (no gap to close)."
+            "(teacher − init), each seed against the init student of the same seed."
         ]
+        lines += self._inits_above_teacher()
         if self.repeat > 1:
             lines.append(f"{self.repeat} seeds per row: mean ± {SPREAD}.")
         for r in self.rows:
