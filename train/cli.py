@@ -109,7 +109,7 @@ def main_command(
         help="teacher (its first blocks; for text students block 0 and the top ones, see --student-option "
         "init_blocks), random, data2vec2 (fairseq's data2vec 2.0 image checkpoint in "
         "--init-weights: a post-norm data2vec2 student), or a teacher name whose checkpoint (--init-weights) "
-        f"gives the first blocks: {', '.join(TEACHERS.names())}. Default: teacher; random for multimodal.",
+        f"gives the blocks: {', '.join(TEACHERS.names())}. Default: teacher; random for multimodal.",
     ),
     init_weights: str = typer.Option(None, help="Checkpoint for --init <teacher name> or --init data2vec2."),
     init_image: str = typer.Option(
