@@ -390,6 +390,10 @@ def test_multimodal_pre_norm_blocks_are_timms_and_load_the_same_keys(init_values
         ("ends", 3, [0, 4, 5]),
         ("ends", 1, [0]),
         ("ends", 6, [0, 1, 2, 3, 4, 5]),
+        ("spread", 3, [1, 3, 5]),
+        ("spread", 2, [2, 5]),
+        ("spread", 4, [0, 2, 3, 5]),
+        ("spread", 1, [5]),
         ([5, 0, 2], 3, [5, 0, 2]),
         (None, 2, [0, 1]),
     ],
@@ -403,7 +407,7 @@ def test_init_block_rules_pick_the_blocks_they_name(rule, depth, want):
 @pytest.mark.parametrize(
     "rule, depth, message",
     [
-        ("top", 3, "init_blocks='top': give block indices or one of first, last, ends"),
+        ("top", 3, "init_blocks='top': give block indices or one of first, last, ends, spread"),
         ("ends", 7, "depth 7 is deeper than the 6-block init model"),
         ([0, 6], 2, "init blocks [6] do not exist in a 6-block init model"),
         ([0, 1], 3, "init_blocks lists 2 blocks for a depth-3 student"),

@@ -285,7 +285,7 @@ def check_init(student: str, init: str, init_from: Any) -> bool:
     raise MmkdError(f"student {student!r}: init {init!r}: choose 'random' or 'pretrained' (alias 'teacher')")
 
 
-BLOCK_RULES = ("first", "last", "ends")
+BLOCK_RULES = ("first", "last", "ends", "spread")
 
 
 def resolve_blocks(student: str, init_blocks: str | Sequence[int] | None, depth: int, source_depth: int) -> list[int]:
@@ -293,9 +293,8 @@ def resolve_blocks(student: str, init_blocks: str | Sequence[int] | None, depth:
 
     ``init_blocks`` lists them, or names a rule: ``"first"`` (the default: the first ``depth``; image
     students, whose token targets average the teacher's blocks, found it beats every second one),
-    ``"last"`` (the top ``depth``) or ``"ends"`` (block 0, then the top ``depth - 1``: the block the copied
-    embeddings feed and the blocks that shape the teacher's output space; the text default, see
-    ``train.build``).
+    ``"last"`` (the top ``depth``), ``"ends"`` (block 0, then the top ``depth - 1``) or ``"spread"``
+    (evenly spaced, the top block last: 1,3,5 of 6 for 3; the text default, see ``train.build``).
     """
     if init_blocks is None or isinstance(init_blocks, str):
         rule = "first" if init_blocks is None else init_blocks
@@ -306,7 +305,8 @@ def resolve_blocks(student: str, init_blocks: str | Sequence[int] | None, depth:
         if depth > source_depth:
             raise MmkdError(f"student {student!r}: depth {depth} is deeper than the {source_depth}-block init model")
         top = list(range(source_depth - depth, source_depth))
-        blocks = {"first": list(range(depth)), "last": top, "ends": [0, *top[1:]]}[rule]
+        spread = [(i + 1) * source_depth // depth - 1 for i in range(depth)]
+        blocks = {"first": list(range(depth)), "last": top, "ends": [0, *top[1:]], "spread": spread}[rule]
     else:
         blocks = [int(i) for i in init_blocks]
     if len(blocks) != depth:

@@ -395,7 +395,7 @@ def create_data2vec2_student(
             unless given (and must then agree; ``img_size`` may differ).
         init_weights: The checkpoint file when ``init_from="data2vec2"``.
         init_blocks: Which blocks (in run order, prenet first) to copy, or a rule:
-            ``"first"`` (default), ``"last"`` or ``"ends"`` (see ``base.resolve_blocks``).
+            ``"first"`` (default), ``"last"``, ``"ends"`` or ``"spread"`` (see ``base.resolve_blocks``).
         **config: Data2Vec2StudentConfig fields.
 
     Raises:

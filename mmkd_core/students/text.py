@@ -197,7 +197,7 @@ def init_text_from_bert(student: TextStudent, source: Any, blocks: str | Sequenc
         student: The text student; its widths must match the source.
         source: A transformers BERT-like model, or a text Teacher wrapping one.
         blocks: Source layers to copy into student layers 0..depth-1, or a rule:
-            ``"first"`` (default), ``"last"`` or ``"ends"`` (see ``base.resolve_blocks``).
+            ``"first"`` (default), ``"last"``, ``"ends"`` or ``"spread"`` (see ``base.resolve_blocks``).
 
     Returns:
         The source layer indices copied.
@@ -245,7 +245,7 @@ def create_text_student(
             ``max_position`` may be shorter).
         init_weights: Checkpoint for a teacher given by name (None: the teacher's default weights).
         init_blocks: Which source layers to copy, or a rule:
-            ``"first"`` (default), ``"last"`` or ``"ends"`` (see ``base.resolve_blocks``).
+            ``"first"`` (default), ``"last"``, ``"ends"`` or ``"spread"`` (see ``base.resolve_blocks``).
         **config: TextStudentConfig fields.
 
     Raises:

@@ -286,7 +286,7 @@ def init_from_timm(student: TimmStudent, source: Any, blocks: str | Sequence[int
         student: A vit or beit student whose architecture matches the source.
         source: A timm VisionTransformer / Beit, or an image Teacher wrapping one.
         blocks: Source blocks copied into student blocks 0..depth-1, or a rule:
-            ``"first"`` (default), ``"last"`` or ``"ends"`` (see ``base.resolve_blocks``).
+            ``"first"`` (default), ``"last"``, ``"ends"`` or ``"spread"`` (see ``base.resolve_blocks``).
 
     Returns:
         The source block indices copied.
@@ -540,7 +540,7 @@ def create_vit_student(
             the position embedding is resampled).
         init_weights: Checkpoint for a teacher given by name.
         init_blocks: Which source blocks to copy, or a rule:
-            ``"first"`` (default), ``"last"`` or ``"ends"`` (see ``base.resolve_blocks``).
+            ``"first"`` (default), ``"last"``, ``"ends"`` or ``"spread"`` (see ``base.resolve_blocks``).
         **config: VitStudentConfig fields.
     """
     return _create(VitStudent, VitStudentConfig, vit_arch, init, init_from, init_weights, init_blocks, config)
@@ -564,7 +564,7 @@ def create_beit_student(
             scheme, are read off it unless given (and must then agree; img_size too, as the tables depend on it).
         init_weights: Checkpoint for a teacher given by name.
         init_blocks: Which source blocks to copy, or a rule:
-            ``"first"`` (default), ``"last"`` or ``"ends"`` (see ``base.resolve_blocks``).
+            ``"first"`` (default), ``"last"``, ``"ends"`` or ``"spread"`` (see ``base.resolve_blocks``).
         **config: BeitStudentConfig fields.
     """
     return _create(BeitStudent, BeitStudentConfig, beit_arch, init, init_from, init_weights, init_blocks, config)
