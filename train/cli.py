@@ -106,7 +106,7 @@ def main_command(
         None,
         parser=choice("--init", "init", INITS, TEACHERS),
         metavar="NAME",
-        help="teacher (its first blocks; for text students block 0 and the top ones, see --student-option "
+        help="teacher (its first blocks; for text students evenly spaced ones ending at the top, see --student-option "
         "init_blocks), random, data2vec2 (fairseq's data2vec 2.0 image checkpoint in "
         "--init-weights: a post-norm data2vec2 student), or a teacher name whose checkpoint (--init-weights) "
         f"gives the blocks: {', '.join(TEACHERS.names())}. Default: teacher; random for multimodal.",

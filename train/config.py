@@ -38,8 +38,8 @@ class TrainConfig:
             teachers or inits; ``init="data2vec2"`` -> data2vec2).
         depth: Student depth (the image tower's for multimodal students); None: half the teacher's.
         student_options: Extra student config (width, heads, ...).
-        init: random, teacher (blocks of the store's teacher: the first ones, for text students block 0
-            and the top ones; ``student_options["init_blocks"]`` picks others), data2vec2 (fairseq's
+        init: random, teacher (blocks of the store's teacher: the first ones, for text students evenly
+            spaced ones ending at the top; ``student_options["init_blocks"]`` picks others), data2vec2 (fairseq's
             data2vec 2.0 image checkpoint in ``init_weights``: a post-norm data2vec2 student) or a teacher
             registry name whose checkpoint (``init_weights``) gives the blocks; None: teacher, except random for
             multimodal students (the caption teacher is wider than a CPU-sized student).
