@@ -184,7 +184,7 @@ def test_text_init_copies_first_layers_and_freezes_embeddings():
     got = student(input_ids=ids, attention_mask=mask).hidden_states
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g[mask.bool()], w[mask.bool()], atol=1e-5, rtol=0)
-    # every second layer, on request; "ends" (the mmkd-train text default) is block 0 and the top ones
+    # every second layer, on request; "ends" is block 0 and the top ones
     other = create_student("text", depth=2, init="teacher", init_from=teacher, init_blocks=[1, 3])
     assert torch.equal(other.bert.encoder.layer[1].output.dense.weight, teacher.encoder.layer[3].output.dense.weight)
     ends = create_student("text", depth=2, init="teacher", init_from=teacher, init_blocks="ends")
