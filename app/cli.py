@@ -32,6 +32,13 @@ from .progress import console
 # says so itself).
 CONTINUE_HINT = "run the same command again to continue"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_LONGEST = 600  # characters of an error line: a message quoting a huge value is cut
+# what libraries that write files themselves raise when the disk fills: safetensors' SafetensorError ("No space
+# left on device (os error 28)") and torch.save's RuntimeError from its zip writer
+_WRITE_FAILED = re.compile(
+    r"No space left on device|os error 28|Disk quota exceeded|PytorchStreamWriter failed|"
+    r"enforce fail at inline_container"
+)
 # torch's DataLoader re-raises a worker's exception with the worker's traceback folded into the message
 # (the original message is the traceback's last line: "mmkd_core.errors.MmkdError: <message>")
 _WORKER_WRAPPED = re.compile(r"Original Traceback \(most recent call last\):.*\n(?:[\w.]*\.)?\w+: ([^\n]*)\n*\Z", re.S)
@@ -122,7 +129,7 @@ def read_config(path: Path, lists: bool = False) -> Any:
                 f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), or give a .json file"
             ) from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_no_alias_loader())  # noqa: S506 -- a SafeLoader
         except yaml.YAMLError as e:
             mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem else str(e)
@@ -139,6 +146,28 @@ def read_config(path: Path, lists: bool = False) -> Any:
     if not isinstance(data, dict):
         raise MmkdError(f"--config {path}: expected a mapping of option names to values, found {type(data).__name__}")
     return data
+
+
+def _no_alias_loader() -> type:
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        """A safe loader that refuses aliases (``*name``): nested aliases expand exponentially (a few hundred
+        bytes became a gigabyte), and a configuration of names and numbers never needs them."""
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"line {mark.line + 1}: aliases (*name) are not accepted in config files")
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
+def excerpt(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about values read from files."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
 def config_values(ctx: typer.Context, path: Path, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -163,7 +192,7 @@ def config_values(ctx: typer.Context, path: Path, data: Mapping[str, Any]) -> di
                 value = [value]
             value = [v if isinstance(v, str) else json.dumps(v) for v in value]
         elif isinstance(value, list | Mapping):
-            raise MmkdError(f"--config {path}: {key!r} takes one value, not {type(value).__name__} {value!r}")
+            raise MmkdError(f"--config {path}: {key!r} takes one value, not {type(value).__name__} {excerpt(value)}")
         out[name] = value
     return out
 
@@ -211,7 +240,8 @@ def one_line(message: str) -> str:
     m = _WORKER_WRAPPED.search(message)
     if m:
         message = m.group(1)
-    return " ".join(message.split())
+    message = " ".join(message.split())
+    return message if len(message) <= _LONGEST else f"{message[: _LONGEST - 3]}..."
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -256,6 +286,15 @@ def _disk_full_message(e: OSError) -> str:
     return (
         f"no space left on device{where} ({os.strerror(e.errno)}); free space and run the same command "
         "again to continue"
+    )
+
+
+def _library_write_message(e: BaseException) -> str:
+    path = _path_in_traceback(e)
+    where = f" {path}" if path else " a file"
+    reason = "no space left on device" if re.search("space|os error 28|quota", str(e)) else "the write failed"
+    return (
+        f"could not write{where}: {reason} ({type(e).__name__}); free space and run the same command again to continue"
     )
 
 
@@ -335,7 +374,12 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
                 exit_ = _fail(f"interrupted; {CONTINUE_HINT}", interrupted_code())
                 _settle_io()
                 raise exit_ from None
-            except OSError as e:
+            except Exception as e:
+                if not isinstance(e, OSError) and _WRITE_FAILED.search(str(e)):
+                    finishing.append(True)
+                    raise _fail(_library_write_message(e), 1) from None
+                if not isinstance(e, OSError):
+                    raise
                 if e.errno in _DISK_FULL:
                     finishing.append(True)
                     raise _fail(_disk_full_message(e), 1) from None

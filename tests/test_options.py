@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +14,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from mmkd.app.cli import excerpt, guarded, one_line, read_config
 from mmkd.app.options import (
     Extra,
     build_command,
@@ -121,3 +126,63 @@ def test_grid_mappings_and_resume_comparison():
     assert field_for(ToyConfig, "--run-dir", "x") == ("run_dir", False)
     a, b = ToyConfig("s", run_dir=Path("r")), ToyConfig("s", run_dir="r", lr=2.0)  # a path and its string agree
     assert differences(a, b, options_of(ToyConfig)) == ["lr"]
+
+
+# ------------------------------------------------------------------------ hostile files, library errors, signals
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    bomb = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for i, name in enumerate("bcdefghi"):
+        bomb.append(f"{name}: &{name} [*{'abcdefghi'[i]}, *{'abcdefghi'[i]}, *{'abcdefghi'[i]}, *{'abcdefghi'[i]}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(bomb) + "\n")
+    with pytest.raises(MmkdError) as e:
+        read_config(path)
+    assert "aliases" in str(e.value) and len(str(e.value)) < 200
+    path.write_text("batch_size: 32\nname: plain\n")  # no alias: read as before
+    assert read_config(path) == {"batch_size": 32, "name": "plain"}
+
+
+def test_error_lines_quote_values_briefly():
+    assert len(excerpt("x" * 10_000)) <= 80 and excerpt("short") == "'short'"
+    assert len(one_line("error " + "y" * 50_000)) <= 600
+
+
+def test_library_write_failures_are_one_line(capsys):
+    class SafetensorError(Exception):
+        pass
+
+    @guarded
+    def save(path="/runs/x/model.safetensors"):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              '"No space left on device" })')  # fmt: skip
+
+    with pytest.raises(typer.Exit) as e:
+        save()
+    assert e.value.exit_code == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "could not write /runs/x/model.safetensors: no space left on device (SafetensorError)" in err
+
+    @guarded
+    def other():
+        raise RuntimeError("a bug, not a full disk")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        other()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_while_the_command_still_imports_is_one_line(sig):
+    # the entry point's handlers are in place before the stage's imports (torch alone takes over a second)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import mmkd.app.entry as e, time; e._early_handlers(); print('ready', flush=True); "
+         "import torch, transformers; time.sleep(30)"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig
+    assert err.strip() == "error: interrupted; run the same command again to continue"
