@@ -82,7 +82,7 @@ def write_case(path: Path, name: str) -> None:
                     for t in ("tokens", "pooled"):
                         if t in data:
                             x = data[t].reshape(-1, *data[t].shape[2:])
-                            enc = encode_targets(t, x, layout.dtype, lambda row: divmod(row, layout.views))
+                            enc = encode_targets(t, x, layout.dtype, lambda row, v=layout.views: divmod(row, v))
                             data[t] = enc.reshape(data[t].shape)
                 w.write_shard(k, data)
             if not first:
