@@ -422,7 +422,7 @@ def zarrs_section(x16: np.ndarray, lengths: np.ndarray, repeats: int, batch: int
 def pipeline_only(x16: np.ndarray, repeats: int, batch: int) -> None:
     """The pipelines alone: the tokens array written whole (sharded as the store shards it) into a local
     directory and read back in contiguous runs of ``batch`` samples, the two pipelines interleaved."""
-    from mmkd_core.store import _codecs
+    from mmkd_core.store import compressors
 
     raw = x16.nbytes / MB
     layout = Layout(num_samples=len(x16), views=1, time_steps=x16.shape[2], dim=x16.shape[3], pooled_dim=1)
@@ -441,7 +441,7 @@ def pipeline_only(x16: np.ndarray, repeats: int, batch: int) -> None:
                             dtype=x16.dtype,
                             chunks=(layout.chunk_size, *x16.shape[1:]),
                             shards=(layout.shard_size, *x16.shape[1:]),
-                            compressors=_codecs("float16", parse_codec(codec)),
+                            compressors=compressors("float16", parse_codec(codec)),
                             fill_value=0,
                             config={"write_empty_chunks": True},
                         )

@@ -21,8 +21,9 @@ import torch
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
 from mmkd.train.config import TrainConfig
-from mmkd.train.loader import PlanSpec, StoreBatches
 from mmkd.train.loop import train
+from mmkd_core.batch_order import OrderSpec
+from mmkd_core.loader import StoreBatches
 from mmkd_core.store import open_store
 from mmkd_core.teachers import create_teacher
 
@@ -40,7 +41,7 @@ def raw_read(store: Path) -> float:
 def loader_read(store: Path, batch_size: int) -> float:
     r = open_store(store)
     start = time.perf_counter()
-    for _ in StoreBatches(store, PlanSpec(len(r), r.chunk_size, batch_size)):
+    for _ in StoreBatches(store, OrderSpec(len(r), r.chunk_size, batch_size)):
         pass
     return time.perf_counter() - start
 
@@ -81,7 +82,7 @@ def main() -> None:
             rows["raw"].append(raw_read(store))
             rows["loader"].append(loader_read(store, args.batch_size))
         # compute per batch: the teacher's forward against a student's training step, same batches
-        batches = list(StoreBatches(store, PlanSpec(args.n, open_store(store).chunk_size, args.batch_size)))[:20]
+        batches = list(StoreBatches(store, OrderSpec(args.n, open_store(store).chunk_size, args.batch_size)))[:20]
         with torch.inference_mode():
             start = time.perf_counter()
             for b in batches:

@@ -11,6 +11,7 @@ import zarr
 from mmkd.extract import run
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
+from mmkd_core import quant
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import (
     DEFAULT_CODEC,
@@ -21,7 +22,6 @@ from mmkd_core.store import (
     encode_targets,
     open_store,
     parse_codec,
-    quant,
 )
 
 CONFIG = {"teacher": {"name": "t"}, "recipe": {}, "preprocess": {}, "views": {"count": 1}, "dataset": {"name": "d"}}

@@ -17,7 +17,18 @@ import pytest
 import zarr
 
 from mmkd_core.errors import MmkdError
-from mmkd_core.store import Layout, StoreWriter, lock_path, open_store
+from mmkd_core.store import (
+    Layout,
+    StoreLock,
+    StoreWriter,
+    live_slices,
+    lock_path,
+    open_store,
+    refuse_slices,
+    slice_lock_path,
+    take_slice,
+    wait_for_lock,
+)
 
 CONFIG = {
     "teacher": {"name": "t", "weights_sha256": "abc"},
@@ -293,6 +304,58 @@ def test_lock_is_beside_the_store_and_invisible_to_readers(tmp_path):
     # two spellings of one store share one lock
     with StoreWriter.open(out, lay, CONFIG, {}), pytest.raises(MmkdError, match="being written"):
         StoreWriter.open(tmp_path / "." / "s.zarr", lay, CONFIG, {})
+
+
+def test_slice_locks_are_named_beside_the_store_lock_and_refuse_overlaps(tmp_path):
+    """``--shards K/N``: one lock per slice; a slice of another N, or a whole run, is refused beside a live one."""
+    out = tmp_path / "s.zarr"
+    assert slice_lock_path(out, 1, 3) == tmp_path / "s.zarr.lock.1-of-3"
+    assert live_slices(out) == []
+    held = take_slice(out, 0, 2)
+    try:
+        [(kn, path, info)] = live_slices(out)
+        assert kn == (0, 2) and path == slice_lock_path(out, 0, 2) and info["pid"] == os.getpid()
+        refuse_slices(out, 2)  # another slice of the same N is fine
+        take_slice(out, 1, 2).release()
+        with pytest.raises(MmkdError, match="another command writes this slice"):
+            take_slice(out, 0, 2)
+        with pytest.raises(MmkdError, match=re.escape("--shards K/3: ") + ".*in slices of 2.*every command"):
+            refuse_slices(out, 3)
+        with pytest.raises(MmkdError, match=re.escape("filled by --shards commands (slice 0/2, pid")):
+            refuse_slices(out, None)
+    finally:
+        held.release()
+    assert live_slices(out) == [] and not slice_lock_path(out, 0, 2).exists()
+
+
+def test_a_slice_lock_of_a_dead_process_is_not_live_and_is_taken_over(tmp_path):
+    out = tmp_path / "s.zarr"
+    dead = {"pid": 2**22 + 12345, "host": socket.gethostname(), "started": "x", "token": "t"}
+    slice_lock_path(out, 0, 2).write_text(json.dumps(dead))
+    assert live_slices(out) == []
+    refuse_slices(out, None)
+    lock = take_slice(out, 0, 2)
+    assert json.loads(slice_lock_path(out, 0, 2).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_wait_for_lock_waits_for_the_holder_then_gives_up(tmp_path):
+    import threading
+
+    out = tmp_path / "s.zarr"
+    held = StoreLock(lock_path(out))
+    held.acquire(out)
+    with pytest.raises(MmkdError, match=r"being written by pid .*\(waited 0 s\)"):
+        wait_for_lock(lock_path(out), out, wait=0.3)
+    timer = threading.Timer(0.3, held.release)
+    timer.start()
+    try:
+        lock = wait_for_lock(lock_path(out), out, wait=30)
+    finally:
+        timer.join()
+    assert json.loads(lock_path(out).read_text())["token"] == lock.token
+    lock.release()
+    assert not lock_path(out).exists()
 
 
 # ---- 3. values the storage dtype cannot hold are refused, naming them ----------------------------------------

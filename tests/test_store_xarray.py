@@ -150,13 +150,13 @@ def test_decoding_is_recorded_on_arrays_and_in_storage(tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_to_dask_is_lazy_chunked_as_the_store_and_equals_read(tmp_path, kind, monkeypatch):
-    from mmkd_core import store as store_mod
+    from mmkd_core.store import reader
 
     make_store(tmp_path / "s.zarr", kind)
     r = open_store(tmp_path / "s.zarr")
     reads = []
-    real_getitem = store_mod._ZarrSource.__getitem__
-    monkeypatch.setattr(store_mod._ZarrSource, "__getitem__", lambda s, k: reads.append(s.name) or real_getitem(s, k))
+    real_getitem = reader._ZarrSource.__getitem__
+    monkeypatch.setattr(reader._ZarrSource, "__getitem__", lambda s, k: reads.append(s.name) or real_getitem(s, k))
     arrays = r.to_dask()
     assert reads == []  # nothing is read until computed
     expected = [n for n in DIMS if n in r.group]
