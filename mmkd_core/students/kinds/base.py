@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 
 from ...errors import MmkdError
-from ...teachers.base import ImagePreprocess
+from ...teachers.base import ImagePreprocess, Teacher
 from ...views import ViewSpec
 from ..base import Student
 from ..data2vec2 import CheckpointPair
@@ -88,8 +88,8 @@ class Context:
     attrs: dict[str, Any]
     kind: str
     depth: int
-    init_model: Any | CheckpointPair | None
-    arch_model: Any
+    init_model: Teacher | CheckpointPair | None
+    arch_model: Teacher | None
     heads: dict[str, Any]
     dataset: Callable[[], Any]
     load_init: Callable[[str, str | None], Any]
