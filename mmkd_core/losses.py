@@ -7,7 +7,9 @@ as NaN. Pooled ("whole-sample") functions take (B, E); ``reduction="none"`` give
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -98,7 +100,7 @@ def contrastive_kd(
         student: (B, E) student embeddings.
         teacher: (B, E) teacher targets of the same samples, or None to use the bank alone.
         temperature: Softmax temperature τ.
-        bank: Optional (M, E) extra teacher targets, e.g. of other samples (``batch["bank"]``).
+        bank: Optional (M, E) extra teacher targets, e.g. of other samples (``LossInputs.bank``).
         positives: (B,) index of each sample's positive among the candidates; default ``arange(B)``.
             Required when ``teacher`` is None (the bank then holds the positives).
         symmetric: Also let each teacher target pick its student among the batch (needs ``teacher``) and
@@ -306,7 +308,60 @@ def msd_loss(
 
 # ---- named terms and their weighted sum -------------------------------------------------------------
 
-LOSSES: Registry[Callable[[Mapping[str, Any], Mapping[str, Any]], Tensor]] = Registry("loss")
+
+@dataclass
+class LossInputs:
+    """What the loss terms read for one batch: the student's predictions paired with the teacher's targets.
+
+    Every field but ``mask`` is optional; a term that needs a missing one is an MmkdError naming it.
+
+    Attributes:
+        mask: (B, T) bool, True at valid time steps.
+        tokens: (B, T, D) the student's per-token prediction.
+        tokens_target: (B, T, D) the teacher's per-token targets.
+        pooled: The student's (B, E) embedding, or modality -> (B, E) for a multimodal student.
+        pooled_target: The teacher's (B, E) whole-sample target, or (a two-tower teacher's store) modality ->
+            (B, E), each student tower regressing its own.
+        bank: (M, E) teacher targets of other samples: extra negatives for contrastive_kd.
+        logit_scale: itc's learnable log inverse temperature.
+        caption_ids: (B, T) integer ids of each pair's caption, for itc (pairs with the same caption match).
+        teacher_by_modality: msd: modality m -> (B, E), the teacher given m alone.
+        msd_weights: msd: modality m -> (B,) weights, used as given.
+        msd_saliency: msd: modality m -> (B,) saliency, as a joint store holds it.
+        teacher_without: msd: modality m -> (B, E), the teacher with m removed (saliency computed from it).
+        msd_dataset_saliency: msd: modality m -> the whole store's mean saliency, for ``msd_mode=dataset``.
+        joint: msd: (B, E) the student's output on the joint input, regressed on ``pooled_target``.
+    """
+
+    mask: Tensor | None = None
+    tokens: Tensor | None = None
+    tokens_target: Tensor | None = None
+    pooled: Tensor | Mapping[str, Tensor] | None = None
+    pooled_target: Tensor | Mapping[str, Tensor] | None = None
+    bank: Tensor | None = None
+    logit_scale: Tensor | None = None
+    caption_ids: Tensor | None = None
+    teacher_by_modality: Mapping[str, Tensor] | None = None
+    msd_weights: Mapping[str, Tensor] | None = None
+    msd_saliency: Mapping[str, Tensor] | None = None
+    teacher_without: Mapping[str, Tensor] | None = None
+    msd_dataset_saliency: Mapping[str, float] | None = None
+    joint: Tensor | None = None
+
+    @classmethod
+    def of(cls, batch: LossInputs | Mapping[str, Any]) -> LossInputs:
+        """``batch`` itself, or the LossInputs of a mapping with the same field names (unknown keys are an
+        MmkdError)."""
+        if isinstance(batch, LossInputs):
+            return batch
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(batch) - known)
+        if unknown:
+            raise MmkdError(f"loss inputs: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**batch)
+
+
+LOSSES: Registry[Callable[[LossInputs, Mapping[str, Any]], Tensor]] = Registry("loss")
 
 # Options the terms read, with their defaults; build_loss(..., name=value) overrides them.
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -326,38 +381,39 @@ DEFAULT_OPTIONS: dict[str, Any] = {
 }
 
 
-def _get(b: Mapping[str, Any], term: str, *keys: str) -> list[Any]:
-    missing = [k for k in keys if b.get(k) is None]
+def _get(b: LossInputs, term: str, *keys: str) -> list[Any]:
+    values = [getattr(b, k) for k in keys]
+    missing = [k for k, v in zip(keys, values, strict=True) if v is None]
     if missing:
         raise MmkdError(f"--loss {term}: the batch lacks {', '.join(missing)}")
-    return [b[k] for k in keys]
+    return values
 
 
-def _each_student(b: Mapping[str, Any], term: str, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+def _each_student(b: LossInputs, term: str, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     """Apply a pooled term to every student modality against its teacher target, and average: the one
     target, or (a two-tower teacher) the target of the same modality."""
     pooled, target = _get(b, term, "pooled", "pooled_target")
     students = pooled if isinstance(pooled, Mapping) else {"": pooled}
     if isinstance(target, Mapping):
-        if b.get("bank") is not None and term == "contrastive_kd":
+        if b.bank is not None and term == "contrastive_kd":
             raise MmkdError("--loss contrastive_kd: a two-tower store has a target per tower; use --bank-size 0")
         return torch.stack([fn(s, target[m]) for m, s in students.items()]).mean()
     return torch.stack([fn(s, target) for s in students.values()]).mean()
 
 
-def _sim_kd_term(b: Mapping[str, Any], o: Mapping[str, Any]) -> Tensor:
+def _sim_kd_term(b: LossInputs, o: Mapping[str, Any]) -> Tensor:
     pooled, target = _get(b, "sim_kd", "pooled", "pooled_target")
     if not isinstance(target, Mapping) or not isinstance(pooled, Mapping):
         raise MmkdError("--loss sim_kd: needs a two-tower teacher's store (--teacher clip --teacher-option tower=both)")
     return similarity_kd(pooled["image"], pooled["text"], target["image"], target["text"], o["sim_temperature"])
 
 
-def _itc_term(b: Mapping[str, Any], o: Mapping[str, Any]) -> Tensor:
+def _itc_term(b: LossInputs, o: Mapping[str, Any]) -> Tensor:
     (pooled,) = _get(b, "itc", "pooled")
     if not isinstance(pooled, Mapping) or not {"image", "text"} <= set(pooled):
         raise MmkdError("--loss itc: needs student embeddings for both 'image' and 'text'")
     # the same caption is recognised by its token ids, so a teacher-free (CLIP-style) run uses no teacher at all
-    return itc(pooled["image"], pooled["text"], o["itc_temperature"], b.get("logit_scale"), b.get("caption_ids"))
+    return itc(pooled["image"], pooled["text"], o["itc_temperature"], b.logit_scale, b.caption_ids)
 
 
 # what the msd term needs and where it comes from, for the one-line error when it is missing
@@ -367,40 +423,40 @@ MSD_MISSING = (
 )
 
 
-def _msd_batch_weights(b: Mapping[str, Any], o: Mapping[str, Any]) -> dict[str, Tensor]:
+def _msd_batch_weights(b: LossInputs, o: Mapping[str, Any]) -> dict[str, Tensor]:
     """Weights by ``msd_mode``: from the batch's per-sample saliency (``msd_saliency``, else computed from
     ``teacher_without``); ``dataset`` uses ``msd_dataset_saliency`` (the whole store's mean) when given."""
-    saliency = b.get("msd_saliency")
+    saliency = b.msd_saliency
     if saliency is None:
         t_full, t_without = _get(b, "msd", "pooled_target", "teacher_without")
         saliency = msd_saliency(t_full, t_without)
-    overall = b.get("msd_dataset_saliency")
+    overall = b.msd_dataset_saliency
     if o["msd_mode"] == "dataset" and overall is not None:
         n = len(next(iter(saliency.values())))
         saliency = {m: torch.as_tensor(overall[m], dtype=torch.float32).reshape(-1).expand(n) for m in saliency}
     return msd_weights(saliency, o["msd_mode"], o["msd_fixed"])
 
 
-def _msd_term(b: Mapping[str, Any], o: Mapping[str, Any]) -> Tensor:
+def _msd_term(b: LossInputs, o: Mapping[str, Any]) -> Tensor:
     """MSD's L(s_joint, t) + Σ_m w_m L(s_m, t_m), as the MSD paper adds its modality terms to the joint KD
     term; the joint term only when the batch has the student's ``joint`` output (joint teachers' stores)."""
-    if b.get("teacher_by_modality") is None:
+    if b.teacher_by_modality is None:
         raise MmkdError(MSD_MISSING)
     pooled, teacher = _get(b, "msd", "pooled", "teacher_by_modality")
-    weights = b.get("msd_weights")
+    weights = b.msd_weights
     if weights is None:
         weights = _msd_batch_weights(b, o)
     base = _msd_base(o["msd_base"])
     if o["msd_base"] == "mse_cosine":  # the same cos_weight as the mse_cosine term
         base = lambda p, t, reduction: mse_cosine(p, t, cos_weight=o["cos_weight"], reduction=reduction)  # noqa: E731
     loss = msd_loss(pooled, teacher, weights, base)
-    if b.get("joint") is not None and o["msd_joint"]:
+    if b.joint is not None and o["msd_joint"]:
         joint, target = _get(b, "msd", "joint", "pooled_target")
         loss = loss + float(o["msd_joint"]) * base(joint, target, reduction="none").mean()
     return loss
 
 
-def _pooled(name: str, fn: Callable[[Tensor, Tensor, Mapping[str, Any], Mapping[str, Any]], Tensor]) -> Callable:
+def _pooled(name: str, fn: Callable[[Tensor, Tensor, LossInputs, Mapping[str, Any]], Tensor]) -> Callable:
     return lambda b, o: _each_student(b, name, lambda s, t: fn(s, t, b, o))
 
 
@@ -410,9 +466,7 @@ LOSSES.register("pooled_mse", "mse")(_pooled("pooled_mse", lambda s, t, b, o: po
 LOSSES.register("pooled_cosine", "cosine")(_pooled("pooled_cosine", lambda s, t, b, o: pooled_cosine(s, t)))
 LOSSES.register("mse_cosine")(_pooled("mse_cosine", lambda s, t, b, o: mse_cosine(s, t, cos_weight=o["cos_weight"])))
 LOSSES.register("contrastive_kd", "ckd")(
-    _pooled(
-        "contrastive_kd", lambda s, t, b, o: contrastive_kd(s, t, o["temperature"], b.get("bank"), None, o["symmetric"])
-    )
+    _pooled("contrastive_kd", lambda s, t, b, o: contrastive_kd(s, t, o["temperature"], b.bank, None, o["symmetric"]))
 )
 # triplet anchor: the student embedding; positive: its teacher target; negative: the hardest other target
 LOSSES.register("triplet")(_pooled("triplet", lambda s, t, b, o: triplet(s, t, margin=o["margin"])))
@@ -433,21 +487,18 @@ def _flag(value: Any) -> bool:
 class CombinedLoss:
     """A weighted sum of named loss terms.
 
-    Called with one batch mapping; each term reads the keys it needs (a missing one is an MmkdError):
+    Called with one batch's :class:`LossInputs` (or a mapping of its field names); each term reads the fields
+    it needs (a missing one is an MmkdError):
 
-    - ``tokens``, ``tokens_target`` (B, T, D) and ``mask`` (B, T): per-token terms (token_mse, cls_mse).
-    - ``pooled``: the student's (B, E) embedding, or modality -> (B, E) for a multimodal student;
-      ``pooled_target``: the teacher's (B, E) whole-sample target. Pooled terms (pooled_mse,
-      pooled_cosine, mse_cosine, contrastive_kd, triplet) compare every student modality with the target
-      and average over modalities; itc needs ``pooled["image"]`` and ``pooled["text"]``.
-    - optional ``bank`` (M, E) negatives for contrastive_kd, ``logit_scale`` for itc, ``caption_ids``
-      (B, T) integer ids of each pair's caption for itc (pairs with the same caption are matches).
-    - msd: ``teacher_by_modality`` (m -> (B, E), teacher given m alone) and either ``msd_weights``
-      (m -> (B,)), or ``msd_saliency`` (m -> (B,), as a joint store holds it) or ``teacher_without``
-      (m -> (B, E), teacher with m removed) to compute them by ``msd_mode``; ``msd_dataset_saliency``
-      (m -> scalar, the whole store's mean) for ``msd_mode=dataset`` (else the batch's mean); optional
-      ``joint`` (B, E), the student's output on the joint input, regressed on ``pooled_target`` with weight
-      ``msd_joint`` (train/msd.py supplies all of these for a joint teacher's store).
+    - ``tokens``, ``tokens_target`` and ``mask``: per-token terms (token_mse, cls_mse).
+    - ``pooled`` and ``pooled_target``: pooled terms (pooled_mse, pooled_cosine, mse_cosine, contrastive_kd,
+      triplet) compare every student modality with the target and average over modalities; itc needs
+      ``pooled["image"]`` and ``pooled["text"]``.
+    - optional ``bank`` for contrastive_kd, ``logit_scale`` and ``caption_ids`` for itc.
+    - msd: ``teacher_by_modality`` and either ``msd_weights``, or ``msd_saliency`` or ``teacher_without`` to
+      compute them by ``msd_mode``; ``msd_dataset_saliency`` for ``msd_mode=dataset`` (else the batch's
+      mean); optional ``joint``, regressed on ``pooled_target`` with weight ``msd_joint`` (train/msd.py
+      supplies all of these for a joint teacher's store).
 
     Args:
         weights: Term name (or alias) -> positive weight.
@@ -473,12 +524,13 @@ class CombinedLoss:
                 raise MmkdError(f"--loss {name}={w}: weights must be positive (leave the term out instead)")
             self.weights[key] = float(w)
 
-    def __call__(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, batch: LossInputs | Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
         """Returns the weighted total and each term's unweighted value as a float (for logging)."""
         total: Tensor | float = 0.0
         values: dict[str, float] = {}
-        if self.options["pooled_target_norm"] and batch.get("pooled_target") is not None:
-            batch = {**batch, "pooled_target": F.normalize(batch["pooled_target"].float(), dim=-1)}
+        batch = LossInputs.of(batch)
+        if self.options["pooled_target_norm"] and batch.pooled_target is not None:
+            batch = dataclasses.replace(batch, pooled_target=F.normalize(batch.pooled_target.float(), dim=-1))
         for name, w in self.weights.items():
             value = LOSSES.get(name)(batch, self.options)
             total = total + w * value

@@ -242,18 +242,18 @@ def test_msd_weights_per_sample_by_the_whole_store_or_fixed(joint_store, tmp_pat
     data = reader.read(0, len(reader))
     i, v = batch["index"].numpy(), batch["view"].numpy()
     # the student's image-only output is taught the teacher's output given the image alone, and so on
-    torch.testing.assert_close(b["teacher_by_modality"]["image"], torch.from_numpy(data["pooled_without_text"][i, v]))
-    torch.testing.assert_close(b["teacher_by_modality"]["text"], torch.from_numpy(data["pooled_without_image"][i, v]))
+    torch.testing.assert_close(b.teacher_by_modality["image"], torch.from_numpy(data["pooled_without_text"][i, v]))
+    torch.testing.assert_close(b.teacher_by_modality["text"], torch.from_numpy(data["pooled_without_image"][i, v]))
     with torch.no_grad():
         joint = student.forward_joint(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).pooled
-    torch.testing.assert_close(b["joint"], joint)
+    torch.testing.assert_close(b.joint, joint)
 
     def mse(s, t):
         return ((s - torch.as_tensor(t)) ** 2).mean(-1)
 
     l_joint = mse(joint, data["pooled"][i, v]).mean()
-    l_image = mse(b["pooled"]["image"], data["pooled_without_text"][i, v])
-    l_text = mse(b["pooled"]["text"], data["pooled_without_image"][i, v])
+    l_image = mse(b.pooled["image"], data["pooled_without_text"][i, v])
+    l_text = mse(b.pooled["text"], data["pooled_without_image"][i, v])
     sal = torch.from_numpy(data["saliency"][i, v]).double()
     whole = torch.from_numpy(data["saliency"].reshape(-1, 2)).double().mean(0)  # every sample and view
     want = {}

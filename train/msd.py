@@ -1,4 +1,5 @@
-"""MSD (modality-specific distillation) from a joint teacher's store (``mmkd-extract --teacher flava``).
+"""The joint student kind: MSD (modality-specific distillation) from a joint teacher's store
+(``mmkd-extract --teacher flava``).
 
 Such a store holds, per pair and view, the teacher's joint output (``pooled``), its output given the image
 alone (``pooled_without_text``), given the caption alone (``pooled_without_image``) and each modality's
@@ -8,7 +9,8 @@ three: L(s_joint, t) + Σ_m w_m · L(s_m, t_m), the weights w_m by ``msd_mode`` 
 saliency, the whole store's mean saliency, or fixed).
 
 The student reads the stored views (``view_params``) as the teacher saw them: at the teacher's image size
-and normalisation, so its targets and its inputs are of the same crop.
+and normalisation, so its targets and its inputs are of the same crop. It is registered as the ``joint`` kind
+(``mmkd_core.students.kinds``); runs record it as the multimodal student it builds.
 """
 
 from __future__ import annotations
@@ -22,17 +24,24 @@ import torch
 
 from mmkd_core.errors import MmkdError
 from mmkd_core.losses import LOSSES, parse_loss_spec
-from mmkd_core.students import create_student
+from mmkd_core.students.export.native import save_native
+from mmkd_core.students.kinds import STUDENT_KINDS, Built, Context, StudentKind
+from mmkd_core.students.kinds.base import pooled_heads, teacher_source, view_preprocess
+from mmkd_core.students.kinds.multimodal import MULTIMODAL, MULTIMODAL_DEFAULTS
+from mmkd_core.students.multimodal import create_multimodal_student
 from mmkd_core.teachers.hf_common import checkpoint_dir, load_tokenizer, text_preprocess
 from mmkd_core.teachers.weights import locate_weights
 from mmkd_core.views import view_spec
-
-from .build import MULTIMODAL_DEFAULTS, Built, Context, _source, _view_preprocess, teacher_source
 
 log = logging.getLogger(__name__)
 
 # the saliency array's last axis, as extract/joint.py writes it
 MODALITIES = ("image", "text")
+
+
+def is_joint_store(attrs: dict[str, Any]) -> bool:
+    """Whether a store holds a joint teacher's outputs (the joint kind trains its multimodal student)."""
+    return attrs["teacher"].get("modality") == "image_text"
 
 
 @dataclass
@@ -50,9 +59,9 @@ class JointBuilt(Built):
     modalities: tuple[str, ...] = MODALITIES
     dataset_saliency: dict[str, float] = field(default_factory=dict)
 
-    def msd_inputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    def extra_loss_inputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         """The student's joint output and the teacher's per-modality outputs and saliencies of a batch on the
-        device, as the ``msd`` term reads them (see ``CombinedLoss``); nothing when the loss has no msd term.
+        device, as the ``msd`` term reads them (LossInputs fields); nothing when the loss has no msd term.
 
         Args:
             model: The student, or its DDP wrapper (the joint pass runs on the wrapped student; its parameters
@@ -110,10 +119,28 @@ def _tokenizer(attrs: dict[str, Any]) -> Any:
     return tokenizer
 
 
+def _joint_options(ctx: Context) -> dict[str, Any]:
+    """The student reads the stored views at the teacher's image size and the teacher's token ids
+    (``vocab_size``, ``max_position`` follow them); the rest as for any multimodal student."""
+    attrs, init_model = ctx.attrs, ctx.init_model
+    opts = {
+        **MULTIMODAL_DEFAULTS,
+        "img_size": int(attrs["views"]["size"]),
+        "max_position": max(MULTIMODAL_DEFAULTS["max_position"], int(ctx.reader.group["input_ids"].shape[1])),
+    }
+    if init_model is None:
+        opts["vocab_size"] = int(attrs["preprocess"]["text"]["extra"]["vocab_size"])
+    else:  # widths and vocabulary come from the init model unless given
+        opts = {k: v for k, v in opts.items() if k not in ("width", "num_heads", "text_num_heads")}
+    opts.update(ctx.cfg.student_options)
+    if ctx.cfg.depth:
+        opts["image_depth"] = ctx.cfg.depth
+    return opts
+
+
 def build_joint_student(ctx: Context) -> JointBuilt:
-    """The multimodal student for a joint teacher's store: it reads the stored views at the teacher's image
-    size (``img_size`` follows them) and the teacher's token ids (``vocab_size``, ``max_position`` follow
-    them); the rest as for any multimodal student (``MULTIMODAL_DEFAULTS``, ``--student-option``)."""
+    """The multimodal student for a joint teacher's store (``MULTIMODAL_DEFAULTS``, ``--student-option``,
+    the stored views' size and the teacher's token ids)."""
     cfg, attrs, reader = ctx.cfg, ctx.attrs, ctx.reader
     if not reader.has("saliency"):
         raise MmkdError(f"{reader.path}: a joint teacher's store without saliency; extract it again")
@@ -123,33 +150,37 @@ def build_joint_student(ctx: Context) -> JointBuilt:
             f"--init {cfg.init}: a joint teacher cannot seed the multimodal student's towers; use --init random, "
             "or a text teacher's name (with --init-weights) for the text tower"
         )
-    views = attrs["views"]
-    opts = {
-        **MULTIMODAL_DEFAULTS,
-        "img_size": int(views["size"]),
-        "max_position": max(MULTIMODAL_DEFAULTS["max_position"], int(reader.group["input_ids"].shape[1])),
-    }
-    if init_model is None:
-        opts["vocab_size"] = int(attrs["preprocess"]["text"]["extra"]["vocab_size"])
-    else:  # widths and vocabulary come from the init model unless given
-        opts = {k: v for k, v in opts.items() if k not in ("width", "num_heads", "text_num_heads")}
-    opts.update(cfg.student_options)
-    if cfg.depth:
-        opts["image_depth"] = cfg.depth
-    heads = {k: v for k, v in ctx.heads.items() if k != "target_dim"}
-    student = create_student(
-        "multimodal", init="random" if init_model is None else "pretrained", text_init_from=init_model, **heads, **opts
+    student = create_multimodal_student(
+        init="random" if init_model is None else "pretrained",
+        text_init_from=init_model,
+        **pooled_heads(ctx),
+        **_joint_options(ctx),
     )
-    preprocess = _view_preprocess(views)
+    preprocess = view_preprocess(attrs["views"])
     modalities = tuple((attrs.get("msd") or {}).get("saliency") or MODALITIES)
     return JointBuilt(
         student=student,
         kind="multimodal",
         tokenizer=_tokenizer(attrs),
-        source=_source(cfg, attrs),
+        source=ctx.dataset(),
         image_spec=view_spec(preprocess),
         preprocess=preprocess,
         msd=_has_msd(cfg.loss),
         modalities=modalities,
         dataset_saliency=dataset_saliency(reader, modalities),
     )
+
+
+JOINT = StudentKind(
+    name="joint",
+    model=MULTIMODAL.model,
+    config=MULTIMODAL.config,
+    defaults=MULTIMODAL.defaults,
+    default_loss=MULTIMODAL.default_loss,
+    build=build_joint_student,
+    export=save_native,
+    check_init=MULTIMODAL.check_init,
+    records_as="multimodal",
+    selectable=False,
+)
+STUDENT_KINDS.register(JOINT.name)(JOINT)

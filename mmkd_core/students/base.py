@@ -166,7 +166,7 @@ class Student(nn.Module):
     """Base class of students.
 
     Attributes:
-        name: Registry name (``"text"``, ``"vit"``, ``"beit"``, ``"multimodal"``).
+        name: Registry name (``"text"``, ``"vit"``, ``"beit"``, ``"data2vec2"``, ``"multimodal"``).
         modality: ``"text"``, ``"image"`` or ``"multimodal"``.
         config: The student's config dataclass (JSON-serialisable; ``save_student`` records it).
         width: Hidden width of the blocks.
@@ -215,16 +215,16 @@ def build_config(cls: type[C], student: str, values: dict[str, Any]) -> C:
     return cls(**values)
 
 
-def fill_from_source(
-    student: str, values: dict[str, Any], source_values: dict[str, Any], may_differ: Sequence[str] = ()
+def fill_from_init(
+    student: str, values: dict[str, Any], init_values: dict[str, Any], may_differ: Sequence[str] = ()
 ) -> dict[str, Any]:
-    """Config values with those of the init source filled in where the caller gave none.
+    """Config values with those of the init model filled in where the caller gave none.
 
     Raises:
-        MmkdError: A value the caller gave contradicts the source (except keys in ``may_differ``).
+        MmkdError: A value the caller gave contradicts the init model (except keys in ``may_differ``).
     """
     out = dict(values)
-    for key, value in source_values.items():
+    for key, value in init_values.items():
         if key not in out:
             out[key] = value
         elif out[key] != value and key not in may_differ:
@@ -235,7 +235,7 @@ def fill_from_source(
     return out
 
 
-def resolve_source(init_from: Any, weights: str | None) -> Any:
+def resolve_init(init_from: Any, weights: str | None) -> Any:
     """``init_from`` as a model: a registered teacher name is built with ``create_teacher(name, weights)``
     (real weights only: missing weights are an error there), anything else is returned as given."""
     if isinstance(init_from, str):
@@ -247,29 +247,29 @@ def resolve_source(init_from: Any, weights: str | None) -> Any:
     return init_from
 
 
-def unwrap_source(source: Any) -> nn.Module:
-    """The model inside a teacher adapter (``Teacher.model``), or ``source`` itself."""
+def unwrap_init(init_model: Any) -> nn.Module:
+    """The model inside a teacher adapter (``Teacher.model``), or ``init_model`` itself."""
     from ..teachers.base import Teacher
 
-    if isinstance(source, Teacher):
-        inner = getattr(source, "model", None)
+    if isinstance(init_model, Teacher):
+        inner = getattr(init_model, "model", None)
         if not isinstance(inner, nn.Module):
-            raise MmkdError(f"teacher {source.name!r} has no wrapped model to initialise a student from")
+            raise MmkdError(f"teacher {init_model.name!r} has no wrapped model to initialise a student from")
         return inner
-    if not isinstance(source, nn.Module):
-        raise MmkdError(f"init_from must be a teacher name, a Teacher or an nn.Module, got {type(source).__name__}")
-    return source
+    if not isinstance(init_model, nn.Module):
+        raise MmkdError(f"init_from must be a teacher name, a Teacher or an nn.Module, got {type(init_model).__name__}")
+    return init_model
 
 
-def describe_source(source: Any) -> dict[str, Any]:
-    """Provenance of an init source, JSON-serialisable."""
+def describe_init(init_model: Any) -> dict[str, Any]:
+    """Provenance of an init model, JSON-serialisable."""
     from ..teachers.base import Teacher
 
-    if isinstance(source, Teacher):
-        return {"teacher": source.describe()}
-    config = getattr(source, "config", None)
-    name = getattr(config, "_name_or_path", "") or getattr(source, "pretrained_cfg", {}).get("architecture", "")
-    return {"model": type(source).__name__, "name_or_path": name}
+    if isinstance(init_model, Teacher):
+        return {"teacher": init_model.describe()}
+    config = getattr(init_model, "config", None)
+    name = getattr(config, "_name_or_path", "") or getattr(init_model, "pretrained_cfg", {}).get("architecture", "")
+    return {"model": type(init_model).__name__, "name_or_path": name}
 
 
 def check_init(student: str, init: str, init_from: Any) -> bool:
@@ -288,13 +288,13 @@ def check_init(student: str, init: str, init_from: Any) -> bool:
 BLOCK_RULES = ("first", "last", "ends", "spread")
 
 
-def resolve_blocks(student: str, init_blocks: str | Sequence[int] | None, depth: int, source_depth: int) -> list[int]:
-    """Source block indices to copy into student blocks 0..depth-1.
+def resolve_blocks(student: str, init_blocks: str | Sequence[int] | None, depth: int, init_depth: int) -> list[int]:
+    """Init-model block indices to copy into student blocks 0..depth-1.
 
     ``init_blocks`` lists them, or names a rule: ``"first"`` (the default: the first ``depth``; image
     students, whose token targets average the teacher's blocks, found it beats every second one),
     ``"last"`` (the top ``depth``), ``"ends"`` (block 0, then the top ``depth - 1``) or ``"spread"``
-    (evenly spaced, the top block last: 1,3,5 of 6 for 3; the text default, see ``train.build``).
+    (evenly spaced, the top block last: 1,3,5 of 6 for 3; the text default, see ``kinds.text``).
     """
     if init_blocks is None or isinstance(init_blocks, str):
         rule = "first" if init_blocks is None else init_blocks
@@ -302,18 +302,18 @@ def resolve_blocks(student: str, init_blocks: str | Sequence[int] | None, depth:
             raise MmkdError(
                 f"student {student!r}: init_blocks={rule!r}: give block indices or one of {', '.join(BLOCK_RULES)}"
             )
-        if depth > source_depth:
-            raise MmkdError(f"student {student!r}: depth {depth} is deeper than the {source_depth}-block init model")
-        top = list(range(source_depth - depth, source_depth))
-        spread = [(i + 1) * source_depth // depth - 1 for i in range(depth)]
+        if depth > init_depth:
+            raise MmkdError(f"student {student!r}: depth {depth} is deeper than the {init_depth}-block init model")
+        top = list(range(init_depth - depth, init_depth))
+        spread = [(i + 1) * init_depth // depth - 1 for i in range(depth)]
         blocks = {"first": list(range(depth)), "last": top, "ends": [0, *top[1:]], "spread": spread}[rule]
     else:
         blocks = [int(i) for i in init_blocks]
     if len(blocks) != depth:
         raise MmkdError(f"student {student!r}: init_blocks lists {len(blocks)} blocks for a depth-{depth} student")
-    bad = [i for i in blocks if not 0 <= i < source_depth]
+    bad = [i for i in blocks if not 0 <= i < init_depth]
     if bad:
-        raise MmkdError(f"student {student!r}: init blocks {bad} do not exist in a {source_depth}-block init model")
+        raise MmkdError(f"student {student!r}: init blocks {bad} do not exist in a {init_depth}-block init model")
     return blocks
 
 

@@ -37,12 +37,15 @@ from .base import (
     build_config,
     check_init,
     copy_state,
-    fill_from_source,
+    fill_from_init,
     resolve_blocks,
 )
 from .layers import Block
 
 logger = logging.getLogger(__name__)
+
+# load_data2vec2's result: the weights under the student's keys, and what the file says about them
+CheckpointPair = tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 IMAGE = "modality_encoders.IMAGE."
 PRENET = IMAGE + "context_encoder.blocks."
@@ -256,7 +259,7 @@ def _image_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return dict(image) if isinstance(image, Mapping) else {}
 
 
-def load_data2vec2(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_data2vec2(path: str | os.PathLike) -> CheckpointPair:
     """Read fairseq's data2vec 2.0 image checkpoint (``base_imagenet.pt``) safely (``torch.load`` with
     ``weights_only=True`` and only config classes allowed) into the student's key layout.
 
@@ -275,9 +278,30 @@ def load_data2vec2(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
             computes something the student does not (pre-norm, ALiBi, several extra tokens), or lacks a
             weight (named).
     """
-    from ..teachers.weights import safe_torch_load, sha256_of
-
     path = Path(path)
+    state, cfg, image_cfg, dropped = _read_checkpoint(path)
+    out = _take_embeddings(path, state)
+    prenet_depth, num_blocks = _take_blocks(path, state, cfg, image_cfg, out)
+    if dropped:
+        logger.info("%s: dropped %d pretraining-only keys (EMA teacher, decoders): %s", path, len(dropped), dropped[:6])
+    if state:
+        logger.warning("%s: ignored %d keys the student has no place for: %s", path, len(state), sorted(state)[:6])
+    info = _checkpoint_info(path, out, cfg, num_blocks, prenet_depth)
+    logger.info(
+        "%s: data2vec 2.0 image encoder, %d blocks (%d prenet), width %d",
+        path,
+        num_blocks,
+        prenet_depth,
+        info["embed_dim"],
+    )
+    return out, info
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any], list[str]]:
+    """``(state, model cfg, image cfg, dropped keys)`` of a fairseq checkpoint, refused unless its image
+    encoder computes what the student does."""
+    from ..teachers.weights import safe_torch_load
+
     obj = safe_torch_load(path)
     if not isinstance(obj, Mapping) or not isinstance(obj.get("model"), Mapping):
         raise MmkdError(f"{path}: not a fairseq checkpoint (no 'model' entry with the state dict)")
@@ -297,7 +321,11 @@ def load_data2vec2(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         raise MmkdError(f"{path}: the image encoder uses ALiBi position biases, which the data2vec2 student has not")
     if IMAGE + "local_encoder.0.proj.weight" in state:
         raise MmkdError(f"{path}: the patch embedding is followed by a projection, which the data2vec2 student has not")
+    return state, cfg, image_cfg, dropped
 
+
+def _take_embeddings(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The embedding weights, under the student's keys, taken out of ``state``."""
     out: dict[str, torch.Tensor] = {}
     for theirs, ours in EMBED_KEYS.items():
         if IMAGE + theirs not in state:
@@ -307,7 +335,21 @@ def load_data2vec2(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         raise MmkdError(
             f"{path}: {IMAGE}extra_tokens has shape {tuple(out['cls_token'].shape)}; the student has one CLS token"
         )
+    return out
 
+
+def _take_blocks(
+    path: Path,
+    state: dict[str, torch.Tensor],
+    cfg: dict[str, Any],
+    image_cfg: dict[str, Any],
+    out: dict[str, torch.Tensor],
+) -> tuple[int, int]:
+    """Move every block's weights out of ``state`` into ``out`` as ``blocks.i.*`` in run order (prenet first).
+
+    Returns:
+        ``(prenet depth, number of blocks)``.
+    """
     found: dict[str, set[int]] = {PRENET: set(), "blocks.": set()}
     for key in state:
         if m := _BLOCK.match(key):
@@ -330,10 +372,14 @@ def load_data2vec2(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
             f"{path}: block weights {extra_block[:3]} are not part of the post-norm block the student builds "
             "(another attention or more blocks than the file's config says)"
         )
-    if dropped:
-        logger.info("%s: dropped %d pretraining-only keys (EMA teacher, decoders): %s", path, len(dropped), dropped[:6])
-    if state:
-        logger.warning("%s: ignored %d keys the student has no place for: %s", path, len(state), sorted(state)[:6])
+    return counts[PRENET], len(order)
+
+
+def _checkpoint_info(
+    path: Path, out: dict[str, torch.Tensor], cfg: dict[str, Any], num_blocks: int, prenet_depth: int
+) -> dict[str, Any]:
+    """``load_data2vec2``'s ``info``: the architecture read off the weights and the file's config."""
+    from ..teachers.weights import sha256_of
 
     conv, pos = out["patch_embed.weight"], out["pos_embed"]
     d, grid = conv.shape[0], math.isqrt(pos.shape[1])
@@ -341,7 +387,7 @@ def load_data2vec2(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         raise MmkdError(f"{path}: non-square patches or position grid ({tuple(conv.shape)}, {tuple(pos.shape)})")
     sincos = d % 4 == 0 and torch.allclose(pos[0].float(), sincos_positions(d, grid), atol=1e-5)
     num_heads = cfg.get("num_heads")
-    info = {
+    return {
         "embed_dim": d,
         "num_heads": int(num_heads) if num_heads is not None else None,
         "mlp_ratio": out["blocks.0.mlp.fc1.weight"].shape[0] / d,
@@ -349,17 +395,15 @@ def load_data2vec2(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         "img_size": int(conv.shape[2]) * grid,
         "in_chans": int(conv.shape[1]),
         "norm_eps": float(cfg.get("norm_eps", 1e-6)),
-        "num_blocks": len(order),
-        "prenet_depth": counts[PRENET],
+        "num_blocks": num_blocks,
+        "prenet_depth": prenet_depth,
         "sincos_positions": bool(sincos),
         "path": str(path.resolve()),
         "sha256": sha256_of(path),
     }
-    logger.info("%s: data2vec 2.0 image encoder, %d blocks (%d prenet), width %d", path, len(order), counts[PRENET], d)
-    return out, info
 
 
-def _source_checkpoint(init_from: Any, init_weights: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _init_checkpoint(init_from: Any, init_weights: str | None) -> CheckpointPair:
     if isinstance(init_from, tuple) and len(init_from) == 2 and isinstance(init_from[1], Mapping):
         return init_from
     if init_from == "data2vec2" and init_weights is not None:
@@ -404,7 +448,19 @@ def create_data2vec2_student(
     pretrained = check_init("data2vec2", init, init_from)
     if not pretrained:
         return Data2Vec2Student(build_config(Data2Vec2StudentConfig, "data2vec2", config))
-    state, info = _source_checkpoint(init_from, init_weights)
+    state, info = _init_checkpoint(init_from, init_weights)
+    config = fill_from_init("data2vec2", config, _checkpoint_arch(info, config), may_differ=("img_size",))
+    student = Data2Vec2Student(build_config(Data2Vec2StudentConfig, "data2vec2", config))
+    layers = resolve_blocks("data2vec2", init_blocks, student.num_layers, info["num_blocks"])
+    _copy_checkpoint(student, state, info, layers)
+    provenance = {k: info[k] for k in ("path", "sha256", "num_blocks", "prenet_depth")}
+    student.init_info = {"init": "pretrained", "source": {"data2vec2": provenance}, "blocks": layers}
+    logger.info("data2vec2 student: copied blocks %s of %s", layers, info["path"])
+    return student
+
+
+def _checkpoint_arch(info: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The config values a checkpoint fixes (``num_heads`` only where the file records it)."""
     arch = {k: info[k] for k in ("embed_dim", "mlp_ratio", "patch_size", "img_size", "in_chans", "norm_eps")}
     if info["num_heads"] is not None:
         arch["num_heads"] = info["num_heads"]
@@ -413,9 +469,13 @@ def create_data2vec2_student(
             f"{info['path']} records no num_heads (no cfg/args beside the weights): pass num_heads=N "
             "(--student-option num_heads=N)"
         )
-    config = fill_from_source("data2vec2", config, arch, may_differ=("img_size",))
-    student = Data2Vec2Student(build_config(Data2Vec2StudentConfig, "data2vec2", config))
-    layers = resolve_blocks("data2vec2", init_blocks, student.num_layers, info["num_blocks"])
+    return arch
+
+
+def _copy_checkpoint(
+    student: Data2Vec2Student, state: dict[str, torch.Tensor], info: dict[str, Any], layers: list[int]
+) -> None:
+    """Copy the embeddings and the chosen blocks; sin-cos positions are recomputed for another image size."""
     own = student.model.state_dict()
     copy = {k: state[k] for k in EMBED_KEYS.values()}
     for i, j in enumerate(layers):
@@ -434,7 +494,3 @@ def create_data2vec2_student(
         )
         copy["pos_embed"] = own["pos_embed"]
     copy_state(student.model, copy, "the data2vec2 student")
-    source = {k: info[k] for k in ("path", "sha256", "num_blocks", "prenet_depth")}
-    student.init_info = {"init": "pretrained", "source": {"data2vec2": source}, "blocks": layers}
-    logger.info("data2vec2 student: copied blocks %s of %s", layers, info["path"])
-    return student

@@ -26,10 +26,10 @@ from .base import (
     build_config,
     check_init,
     copy_state,
-    describe_source,
-    fill_from_source,
-    resolve_source,
-    unwrap_source,
+    describe_init,
+    fill_from_init,
+    resolve_init,
+    unwrap_init,
 )
 from .layers import Block, MoMEBlock, key_padding_mask
 from .text import bert_like, position_offset
@@ -350,11 +350,11 @@ def _init_weights(m: nn.Module) -> None:
 # initialisation from unimodal models
 
 
-def _image_model(source: Any) -> nn.Module:
+def _image_model(init_model: Any) -> nn.Module:
     from timm.models.beit import Beit
     from timm.models.vision_transformer import VisionTransformer
 
-    model = unwrap_source(source)
+    model = unwrap_init(init_model)
     if not isinstance(model, VisionTransformer | Beit):
         raise MmkdError(
             f"multimodal student: image init model {type(model).__name__} is not a timm VisionTransformer or Beit"
@@ -470,10 +470,10 @@ def init_multimodal(
         raise MmkdError(f"multimodal student: vl_from={vl_from!r} needs that model (image_init_from / text_init_from)")
     if img is not None:
         _init_image_tower(student, img)
-        info["image"] = describe_source(image_from)
+        info["image"] = describe_init(image_from)
     if txt is not None:
         _init_text_tower(student, txt, vl_from)
-        info["text"] = describe_source(text_from)
+        info["text"] = describe_init(text_from)
     for s, blk in enumerate(student.shared_blocks):
         _init_shared_block(student, s, blk, img, txt, vl_from)
     return info
@@ -568,7 +568,7 @@ def create_multimodal_student(
 
     Args:
         init: ``"random"`` or ``"pretrained"`` (alias ``"teacher"``): copy from the unimodal models below
-            (see :func:`init_multimodal` for what goes where). Parts without a source stay random.
+            (see :func:`init_multimodal` for what goes where). Parts without an init model stay random.
         image_init_from: A timm VisionTransformer or Beit, an image Teacher wrapping one, or its registered
             name. Width, heads, MLP ratio, layer scale, patch size, channels and img_size are read off it
             unless given (and must agree, except img_size: the position embedding is resampled).
@@ -581,17 +581,17 @@ def create_multimodal_student(
     """
     if vl_from not in ("image", "text"):
         raise MmkdError(f"multimodal student vl_from {vl_from!r}: choose 'image' or 'text'")
-    sources = [s for s in (image_init_from, text_init_from) if s is not None]
-    pretrained = check_init("multimodal", init, sources[0] if sources else None)
-    image_init_from = resolve_source(image_init_from, image_init_weights)
-    text_init_from = resolve_source(text_init_from, text_init_weights)
+    inits = [s for s in (image_init_from, text_init_from) if s is not None]
+    pretrained = check_init("multimodal", init, inits[0] if inits else None)
+    image_init_from = resolve_init(image_init_from, image_init_weights)
+    text_init_from = resolve_init(text_init_from, text_init_weights)
     if pretrained:
         if image_init_from is not None:
-            config = fill_from_source(
+            config = fill_from_init(
                 "multimodal", config, image_arch(_image_model(image_init_from)), may_differ=("img_size",)
             )
         if text_init_from is not None:
-            config = fill_from_source(
+            config = fill_from_init(
                 "multimodal", config, text_arch(bert_like(text_init_from)), may_differ=("max_position",)
             )
     student = MultimodalStudent(build_config(MultimodalStudentConfig, "multimodal", config))

@@ -21,11 +21,11 @@ from .base import (
     build_config,
     check_init,
     copy_state,
-    describe_source,
-    fill_from_source,
+    describe_init,
+    fill_from_init,
     resolve_blocks,
-    resolve_source,
-    unwrap_source,
+    resolve_init,
+    unwrap_init,
 )
 
 logger = logging.getLogger(__name__)
@@ -153,9 +153,9 @@ class TextStudent(Student):
         )
 
 
-def bert_like(source: Any, what: str = "text student") -> nn.Module:
-    """The BERT-layout encoder in ``source`` (``embeddings.word_embeddings`` + ``encoder.layer``)."""
-    model = unwrap_source(source)
+def bert_like(init_model: Any, what: str = "text student") -> nn.Module:
+    """The BERT-layout encoder in ``init_model`` (``embeddings.word_embeddings`` + ``encoder.layer``)."""
+    model = unwrap_init(init_model)
     if not (
         hasattr(model, "embeddings")
         and hasattr(model.embeddings, "word_embeddings")
@@ -190,19 +190,19 @@ def bert_arch(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def init_text_from_bert(student: TextStudent, source: Any, blocks: str | Sequence[int] | None = None) -> list[int]:
+def init_text_from_bert(student: TextStudent, init_model: Any, blocks: str | Sequence[int] | None = None) -> list[int]:
     """Copy embeddings and encoder layers of a BERT-like model into ``student``.
 
     Args:
-        student: The text student; its widths must match the source.
-        source: A transformers BERT-like model, or a text Teacher wrapping one.
-        blocks: Source layers to copy into student layers 0..depth-1, or a rule:
+        student: The text student; its widths must match the init model's.
+        init_model: A transformers BERT-like model, or a text Teacher wrapping one.
+        blocks: Init-model layers to copy into student layers 0..depth-1, or a rule:
             ``"first"`` (default), ``"last"``, ``"ends"`` or ``"spread"`` (see ``base.resolve_blocks``).
 
     Returns:
-        The source layer indices copied.
+        The init model's layer indices copied.
     """
-    model = bert_like(source)
+    model = bert_like(init_model)
     layers = resolve_blocks("text", blocks, student.config.depth, len(model.encoder.layer))
     src, dst = model.embeddings, student.bert.embeddings
     offset = position_offset(model)
@@ -244,7 +244,7 @@ def create_text_student(
             position length, eps and activation are taken from it unless given (and must then agree;
             ``max_position`` may be shorter).
         init_weights: Checkpoint for a teacher given by name (None: the teacher's default weights).
-        init_blocks: Which source layers to copy, or a rule:
+        init_blocks: Which init-model layers to copy, or a rule:
             ``"first"`` (default), ``"last"``, ``"ends"`` or ``"spread"`` (see ``base.resolve_blocks``).
         **config: TextStudentConfig fields.
 
@@ -252,10 +252,10 @@ def create_text_student(
         MmkdError: Unknown option, contradicting options, or an init model that does not fit.
     """
     pretrained = check_init("text", init, init_from)
-    init_from = resolve_source(init_from, init_weights)
+    init_from = resolve_init(init_from, init_weights)
     if pretrained:
         model = bert_like(init_from)
-        config = fill_from_source("text", config, bert_arch(model), may_differ=("max_position",))
+        config = fill_from_init("text", config, bert_arch(model), may_differ=("max_position",))
     elif config.get("freeze_embeddings"):
         raise MmkdError(
             "text student: freeze_embeddings=True freezes tables copied from a teacher; "
@@ -264,6 +264,6 @@ def create_text_student(
     student = TextStudent(build_config(TextStudentConfig, "text", config))
     if pretrained:
         layers = init_text_from_bert(student, init_from, init_blocks)
-        student.init_info = {"init": "pretrained", "source": describe_source(init_from), "blocks": layers}
+        student.init_info = {"init": "pretrained", "source": describe_init(init_from), "blocks": layers}
         logger.info("text student: copied embeddings and layers %s from %s", layers, type(model).__name__)
     return student

@@ -24,17 +24,17 @@ from .base import (
     StudentOutput,
     build_config,
     check_init,
-    describe_source,
-    fill_from_source,
+    describe_init,
+    fill_from_init,
     resolve_blocks,
-    resolve_source,
-    unwrap_source,
+    resolve_init,
+    unwrap_init,
 )
 
 logger = logging.getLogger(__name__)
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
-# May stay freshly initialised when the source has none (e.g. a BEiT that pools with fc_norm).
+# May stay freshly initialised when the init model has none (e.g. a BEiT that pools with fc_norm).
 _OPTIONAL_KEYS = ("norm.weight", "norm.bias")
 
 
@@ -276,24 +276,24 @@ def beit_arch(model: nn.Module) -> dict[str, Any]:
     return args
 
 
-def init_from_timm(student: TimmStudent, source: Any, blocks: str | Sequence[int] | None = None) -> list[int]:
+def init_from_timm(student: TimmStudent, init_model: Any, blocks: str | Sequence[int] | None = None) -> list[int]:
     """Copy patch embedding, CLS token, position embedding or shared relative position table, the chosen
     blocks and the final norm of a timm model of the student's family into ``student``.
 
     An absolute position embedding is resampled (timm ``resample_abs_pos_embed``) when image sizes differ.
 
     Args:
-        student: A vit or beit student whose architecture matches the source.
-        source: A timm VisionTransformer / Beit, or an image Teacher wrapping one.
-        blocks: Source blocks copied into student blocks 0..depth-1, or a rule:
+        student: A vit or beit student whose architecture matches the init model.
+        init_model: A timm VisionTransformer / Beit, or an image Teacher wrapping one.
+        blocks: Init-model blocks copied into student blocks 0..depth-1, or a rule:
             ``"first"`` (default), ``"last"``, ``"ends"`` or ``"spread"`` (see ``base.resolve_blocks``).
 
     Returns:
-        The source block indices copied.
+        The init model's block indices copied.
     """
     from timm.layers import resample_abs_pos_embed
 
-    model = unwrap_source(source)
+    model = unwrap_init(init_model)
     layers = resolve_blocks(student.name, blocks, student.num_layers, len(model.blocks))
     src = model.state_dict()
     dst = student.model.state_dict()
@@ -471,28 +471,35 @@ def _timm_from_hf_beit(model: nn.Module) -> nn.Module:
     else:
         logger.info("%s: the init model has no final layer norm (use_mean_pooling); the student's starts fresh", what)
     for i in range(cfg.num_hidden_layers):
-        p, q = f"encoder.layer.{i}.", f"blocks.{i}."
-        a = p + "attention.attention."
-        state[q + "attn.qkv.weight"] = torch.cat([src[a + n + ".weight"] for n in ("query", "key", "value")])
-        state[q + "attn.q_bias"] = src[a + "query.bias"]
-        state[q + "attn.v_bias"] = src[a + "value.bias"]
-        if per_block:
-            state[q + "attn.relative_position_bias_table"] = src[
-                a + "relative_position_bias.relative_position_bias_table"
-            ]
-        if scale:
-            state[q + "gamma_1"], state[q + "gamma_2"] = src[p + "lambda_1"], src[p + "lambda_2"]
-        for theirs, ours in (
-            ("layernorm_before", "norm1"),
-            ("attention.output.dense", "attn.proj"),
-            ("layernorm_after", "norm2"),
-            ("intermediate.dense", "mlp.fc1"),
-            ("output.dense", "mlp.fc2"),
-        ):
-            for leaf in ("weight", "bias"):
-                state[f"{q}{ours}.{leaf}"] = src[f"{p}{theirs}.{leaf}"]
+        state.update(_hf_beit_block(src, i, per_block, scale))
     _load_converted(out, state, what, optional=("norm.weight", "norm.bias"))
     return out
+
+
+def _hf_beit_block(src: dict[str, torch.Tensor], i: int, per_block: bool, scale: bool) -> dict[str, torch.Tensor]:
+    """Block ``i`` of a transformers BEiT under timm's Beit keys (``per_block``: its own relative position
+    table; ``scale``: layer scale)."""
+    p, q = f"encoder.layer.{i}.", f"blocks.{i}."
+    a = p + "attention.attention."
+    state = {
+        q + "attn.qkv.weight": torch.cat([src[a + n + ".weight"] for n in ("query", "key", "value")]),
+        q + "attn.q_bias": src[a + "query.bias"],
+        q + "attn.v_bias": src[a + "value.bias"],
+    }
+    if per_block:
+        state[q + "attn.relative_position_bias_table"] = src[a + "relative_position_bias.relative_position_bias_table"]
+    if scale:
+        state[q + "gamma_1"], state[q + "gamma_2"] = src[p + "lambda_1"], src[p + "lambda_2"]
+    for theirs, ours in (
+        ("layernorm_before", "norm1"),
+        ("attention.output.dense", "attn.proj"),
+        ("layernorm_after", "norm2"),
+        ("intermediate.dense", "mlp.fc1"),
+        ("output.dense", "mlp.fc2"),
+    ):
+        for leaf in ("weight", "bias"):
+            state[f"{q}{ours}.{leaf}"] = src[f"{p}{theirs}.{leaf}"]
+    return state
 
 
 def _create(
@@ -507,17 +514,17 @@ def _create(
 ) -> TimmStudent:
     name = cls.name
     pretrained = check_init(name, init, init_from)
-    init_from = resolve_source(init_from, init_weights)
+    init_from = resolve_init(init_from, init_weights)
     if pretrained:
-        model = timm_equivalent(unwrap_source(init_from))
-        source_args = arch_of(model)
-        # the source's extra timm arguments are needed for its keys to fit; the caller's are added on top
-        config = dict(config, timm_args={**source_args.pop("timm_args"), **config.get("timm_args", {})})
-        config = fill_from_source(name, config, source_args, may_differ=("img_size",) if name == "vit" else ())
+        model = timm_equivalent(unwrap_init(init_from))
+        init_args = arch_of(model)
+        # the init model's extra timm arguments are needed for its keys to fit; the caller's are added on top
+        config = dict(config, timm_args={**init_args.pop("timm_args"), **config.get("timm_args", {})})
+        config = fill_from_init(name, config, init_args, may_differ=("img_size",) if name == "vit" else ())
     student = cls(build_config(config_cls, name, config))
     if pretrained:
         layers = init_from_timm(student, model, init_blocks)
-        student.init_info = {"init": "pretrained", "source": describe_source(init_from), "blocks": layers}
+        student.init_info = {"init": "pretrained", "source": describe_init(init_from), "blocks": layers}
         logger.info("%s student: copied blocks %s", name, layers)
     return student
 
@@ -539,7 +546,7 @@ def create_vit_student(
             Architecture values are read off it unless given (and must then agree; ``img_size`` may differ:
             the position embedding is resampled).
         init_weights: Checkpoint for a teacher given by name.
-        init_blocks: Which source blocks to copy, or a rule:
+        init_blocks: Which init-model blocks to copy, or a rule:
             ``"first"`` (default), ``"last"``, ``"ends"`` or ``"spread"`` (see ``base.resolve_blocks``).
         **config: VitStudentConfig fields.
     """
@@ -563,7 +570,7 @@ def create_beit_student(
             init_weights)``, e.g. from the BEiT v2 release file). Architecture values, including the position
             scheme, are read off it unless given (and must then agree; img_size too, as the tables depend on it).
         init_weights: Checkpoint for a teacher given by name.
-        init_blocks: Which source blocks to copy, or a rule:
+        init_blocks: Which init-model blocks to copy, or a rule:
             ``"first"`` (default), ``"last"``, ``"ends"`` or ``"spread"`` (see ``base.resolve_blocks``).
         **config: BeitStudentConfig fields.
     """

@@ -167,19 +167,33 @@ def quiet_transformers_load() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_tokenizer(path: Path, teacher: str) -> Any:
-    """The tokenizer saved in a checkpoint directory, padding on the right."""
+def local_tokenizer(path: str | Path, error: str) -> Any:
+    """The transformers tokenizer saved in a local directory (never downloaded), padding on the right.
+
+    Args:
+        path: The directory ``save_pretrained`` wrote.
+        error: The one-line MmkdError when it cannot be read; ``{reason}`` in it becomes the first line of why.
+
+    Raises:
+        MmkdError: ``error``.
+    """
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MmkdError(
-            f"{path}: no usable tokenizer for {teacher} ({_first_line(e)}); save the tokenizer "
-            "next to the weights (tokenizer.save_pretrained)"
-        ) from None
+        raise MmkdError(error.format(reason=_first_line(e))) from None
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def load_tokenizer(path: Path, teacher: str) -> Any:
+    """The tokenizer saved in a teacher's checkpoint directory, padding on the right."""
+    return local_tokenizer(
+        path,
+        f"{path}: no usable tokenizer for {teacher} ({{reason}}); save the tokenizer next to the weights "
+        "(tokenizer.save_pretrained)",
+    )
 
 
 def text_preprocess(tokenizer: Any, path: Path, max_length: int, **extra: Any) -> TextPreprocess:

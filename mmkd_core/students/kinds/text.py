@@ -1,0 +1,128 @@
+"""The ``text`` kind: a BERT-layout student cut from a BERT-family teacher's blocks (or random with its
+vocabulary and widths), exported as a sentence-transformers directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...errors import MmkdError
+from ..export.sentence_transformers import save_text_student
+from ..text import TextStudent, TextStudentConfig, bert_arch, bert_like, create_text_student
+from .base import Built, Context, StudentKind, token_heads
+
+# a shallow copy of a sentence encoder keeps its output space when it keeps the top block. WordNet ablation, 3 of
+# all-MiniLM-L6-v2's 6 blocks, MRPC mean at init: 0.9492 for 0,4,5 ("ends"), 0.9483 for 3,4,5, 0.9392 for 1,3,5
+# ("spread"), 0.9290 for the first three, the teacher 0.9484. After an epoch of the default loss: 0.9484, 0.9473
+# (88 % of its gap) and 0.9432 (73 %). "ends" leaves no gap to close, so on resampled halves of MRPC its share
+# closed is noise (>= 75 % in 35 % of them); "spread" keeps 99.9 % and closes >= 75 % in 83 % (README "Real text
+# distillation")
+INIT_BLOCKS = "spread"
+# the sentence embedding is what text students are used for: its direction (cosine) and its place among the
+# batch's teacher embeddings (contrastive KD); token targets carry nothing of it (zero mean over tokens). WordNet
+# ablation from blocks 0,4,5 (0.9492 at init), 300 steps of 128, MRPC mean: 0.9497 for this pair, 0.9488 for
+# token_mse + pooled_mse, 0.9487 for pooled_mse, 0.9394 for token_mse alone, which pulls the last block toward the
+# average of all the teacher's (README "Real text distillation")
+DEFAULT_LOSS = "pooled_cosine=1,contrastive_kd=1"
+# contrastive KD takes its negatives from the batch: 128 of them; 2e-4 for a student cut from the teacher
+DEFAULTS = {"init": "teacher", "batch_size": 128, "lr": 2e-4, "epochs": 1.0}
+
+# why a teacher's blocks cannot seed a BERT-layout text tower (text and multimodal students)
+NOT_BERT = {"clip-text": "a causal, pre-norm CLIP text tower with quick_gelu"}
+
+
+def check_bert_init(model: Any, flag: str, kind: str = "text") -> None:
+    """Refuse, in one line naming an init that works, a text model whose blocks a BERT-layout tower would not
+    compute as the model does (image models pass: their kinds check them when they copy).
+
+    Args:
+        model: The init model (a Teacher).
+        flag: The option that named it (``--init teacher``), for the message.
+        kind: The student kind, for the message.
+    """
+    if getattr(model, "modality", "") != "text":
+        return
+    try:
+        bert_like(model)
+    except MmkdError:
+        what = NOT_BERT.get(model.name, f"{type(model.model).__name__}, not BERT-like")
+        raise MmkdError(
+            f"{flag}: the blocks of {model.name} ({what}) are not what the {kind} student's BERT blocks "
+            "compute; use --init random"
+        ) from None
+
+
+def random_text_arch(model: Any) -> dict[str, Any]:
+    """Text-student widths and vocabulary a randomly initialised student takes from the store's teacher: all
+    of ``bert_arch`` for a BERT-like one, else what any transformers text encoder's config has."""
+    try:
+        return bert_arch(bert_like(model))
+    except MmkdError:
+        c = model.config
+        return {
+            "hidden_size": c.hidden_size,
+            "num_heads": c.num_attention_heads,
+            "intermediate_size": c.intermediate_size,
+            "vocab_size": c.vocab_size,
+            "max_position": c.max_position_embeddings,
+        }
+
+
+def text_width(ctx: Context, opts: dict[str, Any]) -> int:
+    """The width the text student will have: given, the init model's, or the config's default."""
+    if "hidden_size" in opts:
+        return int(opts["hidden_size"])
+    if ctx.init_model is not None:
+        return int(bert_arch(bert_like(ctx.init_model))["hidden_size"])
+    return TextStudentConfig.hidden_size
+
+
+def build_text(ctx: Context) -> Built:
+    """A text student over the store's token ids: the teacher's blocks (``INIT_BLOCKS``) or random with the
+    teacher's vocabulary and widths, mean pooled."""
+    opts: dict[str, Any] = dict(ctx.cfg.student_options)
+    if ctx.cfg.init == "random" and ctx.arch_model is not None:
+        opts = {**random_text_arch(ctx.arch_model.model), **opts}
+    if "pooled_head" not in opts and text_width(ctx, opts) == ctx.heads["pooled_dim"]:
+        # the distilled embedding is the encoder's own mean-pooled output, so every way a user loads the export
+        # (AutoModel + mean pooling, sentence-transformers, mmkd) gives what was trained
+        opts["pooled_head"] = "identity"
+    if ctx.init_model is not None:
+        opts.setdefault("init_blocks", INIT_BLOCKS)
+    student = create_text_student(
+        depth=ctx.depth,
+        init=ctx.init,
+        init_from=ctx.init_model,
+        freeze_embeddings=ctx.cfg.freeze_embeddings,
+        pool="mean",
+        **token_heads(ctx),
+        **opts,
+    )
+    return Built(
+        student=student,
+        kind="text",
+        tokenizer=getattr(ctx.arch_model, "tokenizer", None),
+        source=None,
+        image_spec=None,
+        preprocess=None,
+    )
+
+
+def export_text(
+    student: TextStudent, directory: str | Path, *, tokenizer: Any, preprocess: Any, max_seq_length: int | None
+) -> Path:
+    """A sentence-transformers directory (``preprocess`` is not used: text students read no images)."""
+    return save_text_student(student, directory, tokenizer, max_seq_length)
+
+
+TEXT = StudentKind(
+    name="text",
+    model=TextStudent,
+    config=TextStudentConfig,
+    defaults=DEFAULTS,
+    default_loss=DEFAULT_LOSS,
+    build=build_text,
+    export=export_text,
+    init_blocks=INIT_BLOCKS,
+    check_init=check_bert_init,
+)
