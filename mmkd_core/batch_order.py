@@ -1,185 +1,187 @@
-"""The batch order of one epoch of a store: which samples make each batch, and which contiguous ranges of the
-store each buffer reads.
+"""An epoch's global order of a store's samples, and how global steps share it among ranks.
 
-The order is a pure function of (store size, chunk size, batch size, seed, epoch, rank, world size): the
-store's samples are cut into runs of whole chunks; the runs are shuffled and laid end to end; each rank takes
-a contiguous share of that stream; each share is cut into buffers of a fixed number of samples; samples are
-shuffled within a buffer and cut into batches. Every read is a contiguous range, memory is bounded by one
-buffer, the number of batches is the same in every epoch and on every rank, and the order can be replayed
-from any batch, which is what makes resumption exact.
+The order is a pure function of (store size, chunk size, seed, epoch) and the buffer size, never of the
+world size, the worker count or the batch size: the store's chunks are shuffled and laid end to end (the one
+short chunk, if any, last), the resulting stream of positions is cut into buffers of ``buffer_samples``
+samples (whole chunks, so every buffer is a few contiguous reads), and each buffer is shuffled. ``by_length``
+then sorts a buffer by length and shuffles groups of ``length_group`` samples, a fixed size, so text batches
+pad little whatever the batch size.
+
+A global step takes ``world_size × batch_size`` consecutive positions of that order; rank r takes
+``[p + r·B, p + (r+1)·B)``. What is left at the epoch's end is handled by ``StepSpec.remainder``, the same
+on every rank. Steps count from any position ``start`` (the samples the epoch has consumed), so a run
+continues an epoch with another world size or batch size: the positions before ``start`` were seen, those
+after it will be, each once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import MmkdError
 
+REMAINDERS = ("split", "drop", "pad")
+
 
 @dataclass(frozen=True)
 class OrderSpec:
-    """What fixes an epoch's batches and their order.
+    """What fixes an epoch's global order.
 
     Attributes:
         num_samples: Samples in the store.
-        chunk_size: Store chunk size; runs are whole chunks.
-        batch_size: Samples per batch (the last batch of a buffer may be smaller).
+        chunk_size: Store chunk size; reads are whole chunks.
         seed: Shuffle seed.
-        run_chunks: Chunks per contiguous read.
-        buffer_runs: Runs shuffled together.
-        rank: This process's rank.
-        world_size: Number of ranks.
-        by_length: Within each buffer, batch samples of similar length together (then shuffle the batches):
-            text batches are padded to their longest sample, so random batches of short and long sentences
-            spend most of their compute on padding.
-        drop_last: Yield full batches only (contrastive losses: a short batch has fewer negatives, and its
-            loss shows as a spike every epoch); the few samples left over change with the epoch's order.
+        buffer_chunks: Chunks shuffled together (memory holds one buffer per reader).
+        by_length: Sort each buffer by sample length and shuffle groups of ``length_group`` samples: text
+            batches are padded to their longest sample.
+        length_group: Samples per length group (fixed: not the batch size, so the order stays one).
     """
 
     num_samples: int
     chunk_size: int
-    batch_size: int
     seed: int = 0
-    run_chunks: int = 1
-    buffer_runs: int = 16
-    rank: int = 0
-    world_size: int = 1
+    buffer_chunks: int = 16
     by_length: bool = False
-    drop_last: bool = False
+    length_group: int = 64
 
     @property
     def buffer_samples(self) -> int:
-        """Samples shuffled together (memory is bounded by one buffer)."""
-        return self.chunk_size * self.run_chunks * self.buffer_runs
+        """Samples per buffer."""
+        return self.chunk_size * self.buffer_chunks
+
+    @property
+    def num_buffers(self) -> int:
+        """Buffers per epoch."""
+        return -(-self.num_samples // self.buffer_samples)
 
 
-def rank_range(num_samples: int, world_size: int, rank: int) -> tuple[int, int]:
-    """This rank's share of an epoch's sample stream, as positions [lo, hi): sizes differ by at most one."""
-    return rank * num_samples // world_size, (rank + 1) * num_samples // world_size
+@dataclass(frozen=True)
+class StepSpec:
+    """How global steps take the order: batch size per rank, ranks, and the epoch's remainder.
 
-
-def num_batches(spec: OrderSpec) -> int:
-    """Batches per epoch: the same for every epoch and every rank (DDP ranks step together).
-
-    The largest rank share is cut into buffers of ``buffer_samples`` samples and each buffer into batches;
-    a share one sample shorter that would come out one batch short splits its largest batch in two.
+    Attributes:
+        batch_size: Samples per rank per step.
+        world_size: Ranks stepping together.
+        remainder: What the epoch's last ``< world_size × batch_size`` samples do: ``split`` (one last step
+            divides them evenly over the ranks, every sample seen once; fewer than ``world_size`` left join
+            the step before), ``drop`` (left out: full batches only) or ``pad`` (filled up from the epoch's
+            start).
     """
-    if spec.drop_last:  # full batches only: the smallest share sets the count
-        n, b, k = spec.num_samples // spec.world_size, spec.buffer_samples, spec.batch_size
-        return (n // b) * (b // k) + (n % b) // k
-    return _count(-(-spec.num_samples // spec.world_size), spec.buffer_samples, spec.batch_size)
+
+    batch_size: int
+    world_size: int = 1
+    remainder: str = "split"
+
+    def __post_init__(self) -> None:
+        if self.remainder not in REMAINDERS:
+            raise MmkdError(f"remainder {self.remainder!r}: choose one of {', '.join(REMAINDERS)}")
+        if self.batch_size < 1 or self.world_size < 1:
+            raise MmkdError(f"batch size {self.batch_size} and world size {self.world_size} must be positive")
 
 
-def _count(n: int, buffer: int, batch: int) -> int:
-    return (n // buffer) * -(-buffer // batch) + -(-(n % buffer) // batch)
+@dataclass(frozen=True)
+class Piece:
+    """Part of one rank's batch that lies in one buffer: positions ``[lo, hi)`` of the order, which start at
+    ``offset`` in the batch of global step ``step``; the batch has ``parts`` pieces."""
+
+    step: int
+    offset: int
+    parts: int
+    buffer: int
+    lo: int
+    hi: int
 
 
-def check_order(spec: OrderSpec) -> None:
-    """Refuse orders in which the ranks cannot take the same number of steps with every sample once."""
-    if spec.num_samples < spec.world_size:
-        raise MmkdError(f"the store has {spec.num_samples} samples, fewer than the {spec.world_size} ranks")
-    if spec.drop_last and num_batches(spec) == 0:
-        raise MmkdError(
-            f"--batch-size {spec.batch_size}: no full batch in a share of {spec.num_samples // spec.world_size} "
-            "samples (contrastive losses train on full batches only); use a smaller batch"
-        )
-    if not spec.drop_last and min(spec.batch_size, spec.buffer_samples) == 1 and spec.num_samples % spec.world_size:
-        # batches of one sample cannot be split to even out shares that differ by one sample
-        raise MmkdError(
-            f"--batch-size {spec.batch_size} with {spec.world_size} ranks needs a store size divisible "
-            f"by {spec.world_size} ({spec.num_samples} samples): use a larger batch"
-        )
+def chunk_starts(spec: OrderSpec, epoch: int) -> np.ndarray:
+    """First sample of each chunk in the epoch's order (whole chunks shuffled, the short one last)."""
+    full = spec.num_samples // spec.chunk_size
+    shuffled = np.random.default_rng([spec.seed, epoch]).permutation(full) * spec.chunk_size
+    rest = np.arange(full * spec.chunk_size, spec.num_samples, spec.chunk_size)
+    return np.concatenate([shuffled, rest]).astype(np.int64)
 
 
-def _pieces(starts: np.ndarray, run_len: int, num_samples: int, lo: int, hi: int) -> list[tuple[int, int]]:
-    """Sample ranges covering stream positions [lo, hi) of runs laid end to end in the order ``starts``."""
-    lens = np.minimum(starts + run_len, num_samples) - starts
-    ends = np.cumsum(lens)
-    out = []
-    for j in range(int(np.searchsorted(ends, lo, side="right")), len(starts)):
-        begin = int(ends[j] - lens[j])
-        if begin >= hi:
-            break
-        a, b = max(lo, begin) - begin, min(hi, int(ends[j])) - begin
-        out.append((int(starts[j]) + a, int(starts[j]) + b))
+def buffer_ranges(spec: OrderSpec, epoch: int, k: int, starts: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Buffer k's samples as sorted contiguous store ranges ``[(lo, hi), ...]`` (neighbouring chunks merged)."""
+    starts = chunk_starts(spec, epoch) if starts is None else starts
+    picked = np.sort(starts[k * spec.buffer_chunks : (k + 1) * spec.buffer_chunks])
+    out: list[tuple[int, int]] = []
+    for lo in picked.tolist():
+        hi = min(lo + spec.chunk_size, spec.num_samples)
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
     return out
 
 
-def epoch_order(
-    spec: OrderSpec, epoch: int, lengths: np.ndarray | None = None
-) -> list[tuple[list[tuple[int, int]], np.ndarray]]:
-    """This rank's batches of an epoch, grouped by buffer: ``[(runs, batches_of_indices), ...]``.
+def buffer_order(
+    spec: OrderSpec, epoch: int, k: int, lengths: np.ndarray | None = None, starts: np.ndarray | None = None
+) -> np.ndarray:
+    """The sample indices at buffer k's positions, in order (``lengths``: every sample's, for ``by_length``)."""
+    idx = np.concatenate([np.arange(lo, hi) for lo, hi in buffer_ranges(spec, epoch, k, starts)])
+    rng = np.random.default_rng([spec.seed, epoch, 0, k])
+    idx = idx[rng.permutation(len(idx))]
+    if spec.by_length:
+        if lengths is None:
+            raise MmkdError("ordering by length needs every sample's length")
+        idx = idx[np.argsort(lengths[idx], kind="stable")]
+        groups = [idx[i : i + spec.length_group] for i in range(0, len(idx), spec.length_group)]
+        idx = np.concatenate([groups[j] for j in rng.permutation(len(groups))])
+    return idx
 
-    The store's runs of whole chunks are shuffled and laid end to end (the short last run, if any, at the
-    end); each rank takes a contiguous share of that stream (so every sample is in exactly one rank's
-    share), cuts it into buffers of ``buffer_samples`` and shuffles each buffer. With one rank every buffer
-    is whole runs; with several, a buffer may begin or end inside a chunk (that chunk is read twice).
-    Every count depends only on (N, batch size, buffer, world size), never on the epoch's order:
-    ``num_batches`` holds for every epoch and rank.
 
-    Args:
-        spec: What fixes the order.
-        epoch: Epoch number (seeds the order).
-        lengths: Every sample's length, needed with ``spec.by_length``.
+def epoch_order(spec: OrderSpec, epoch: int, lengths: np.ndarray | None = None) -> np.ndarray:
+    """The epoch's whole global order: the sample index at every position."""
+    starts = chunk_starts(spec, epoch)
+    return np.concatenate([buffer_order(spec, epoch, k, lengths, starts) for k in range(spec.num_buffers)])
 
-    Returns:
-        A list of (contiguous sample ranges to read, sample indices of each batch) per buffer.
+
+def step_cuts(num_samples: int, steps: StepSpec, start: int = 0) -> np.ndarray:
+    """The epoch's global steps from position ``start`` on, as cut points: an array (S, world_size + 1);
+    rank r of step s takes positions ``[cuts[s, r], cuts[s, r + 1])``. Positions past the epoch's end
+    (``remainder="pad"``) wrap to its start.
+
+    Raises:
+        MmkdError: ``split`` with fewer samples left than ranks and no full step to join them to.
     """
-    check_order(spec)
-    run_len = spec.chunk_size * spec.run_chunks
-    full = spec.num_samples // run_len
-    # the one short run goes last, so buffers of a single rank's share are whole runs in every epoch
-    starts = np.concatenate(
-        [
-            np.random.default_rng([spec.seed, epoch]).permutation(full) * run_len,
-            np.arange(full * run_len, spec.num_samples, run_len),
-        ]
-    ).astype(np.int64)
-    lo, hi = rank_range(spec.num_samples, spec.world_size, spec.rank)
-    out = []
-    for b, a in enumerate(range(lo, hi, spec.buffer_samples)):
-        rng = np.random.default_rng([spec.seed, epoch, spec.rank, b])
-        runs = sorted(_pieces(starts, run_len, spec.num_samples, a, min(a + spec.buffer_samples, hi)))
-        idx = np.concatenate([np.arange(r0, r1) for r0, r1 in runs])
-        idx = idx[rng.permutation(len(idx))]
-        if spec.by_length:
-            idx = idx[np.argsort(lengths[idx], kind="stable")]
-        batches = [idx[i : i + spec.batch_size] for i in range(0, len(idx), spec.batch_size)]
-        if spec.drop_last and batches and len(batches[-1]) < spec.batch_size:
-            batches.pop()
-        if spec.by_length:
-            batches = [batches[j] for j in rng.permutation(len(batches))]
-        out.append((runs, batches))
-    if spec.drop_last:  # a longer share may hold one full batch more than the count: leave its last out
-        extra = sum(len(bs) for _, bs in out) - num_batches(spec)
-        for _, bs in reversed(out):
-            take = min(extra, len(bs))
-            del bs[len(bs) - take :]
-            extra -= take
-    elif sum(len(bs) for _, bs in out) < num_batches(spec):  # a share one sample short: split its largest batch
-        bs = out[-1][1]
-        j = int(np.argmax([len(x) for x in bs]))
-        half = (len(bs[j]) + 1) // 2
-        bs[j : j + 1] = [bs[j][:half], bs[j][half:]]
+    w, b = steps.world_size, steps.batch_size
+    full, rest = divmod(max(num_samples - start, 0), w * b)
+    grid = start + np.arange(full, dtype=np.int64)[:, None] * (w * b) + np.arange(w + 1, dtype=np.int64) * b
+    if rest == 0 or steps.remainder == "drop":
+        return grid
+    at = start + full * w * b
+    if steps.remainder == "pad":
+        return np.concatenate([grid, (at + np.arange(w + 1, dtype=np.int64) * b)[None]])
+    if rest < w:  # too few for every rank: they join the last full step (some ranks take one sample more)
+        if full == 0:
+            raise MmkdError(
+                f"{rest} sample(s) left in the epoch, fewer than the {w} ranks: continue with at most {rest} "
+                "rank(s), or use remainder 'drop' or 'pad'"
+            )
+        grid, at, rest = grid[:-1], at - w * b, rest + w * b
+    return np.concatenate([grid, (at + np.arange(w + 1, dtype=np.int64) * rest // w)[None]])
+
+
+def num_steps(num_samples: int, steps: StepSpec, start: int = 0) -> int:
+    """Global steps from position ``start`` to the epoch's end: the same on every rank."""
+    return len(step_cuts(num_samples, steps, start))
+
+
+def rank_pieces(cuts: np.ndarray, rank: int, spec: OrderSpec) -> list[Piece]:
+    """Rank ``rank``'s batches of the steps ``cuts`` cut into pieces that each lie within one buffer."""
+    n, size = spec.num_samples, spec.buffer_samples
+    out: list[Piece] = []
+    for s, (a, b) in enumerate(zip(cuts[:, rank].tolist(), cuts[:, rank + 1].tolist(), strict=True)):
+        segments, p = [], a
+        while p < b:  # split at the epoch's end (padding wraps) and at buffer ends
+            lo = p % n
+            hi = min(lo + b - p, n, (lo // size + 1) * size)
+            segments.append((lo // size, lo, hi))
+            p += hi - lo
+        offset = 0
+        for k, lo, hi in segments:
+            out.append(Piece(s, offset, len(segments), k, lo, hi))
+            offset += hi - lo
     return out
-
-
-def epoch_batches(
-    spec: OrderSpec,
-    epoch: int,
-    lengths: np.ndarray | None = None,
-    start_batch: int = 0,
-    worker: int = 0,
-    num_workers: int = 1,
-) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
-    """(buffer ranges, batch) for the epoch's batches from ``start_batch`` on that are this worker's
-    (round-robin: worker w takes the w-th, (w + num_workers)-th, ... of them)."""
-    g = 0  # position of the buffer's first batch in the epoch
-    for runs, batches in epoch_order(spec, epoch, lengths):
-        for j, b in enumerate(batches):
-            if g + j >= start_batch and (g + j - start_batch) % num_workers == worker:
-                yield runs, b
-        g += len(batches)
