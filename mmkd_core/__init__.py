@@ -1,6 +1,7 @@
 """mmkd's library: what every stage agrees on, and what users call.
 
     from mmkd_core import open_store, create_teacher, create_student, load_student, create_dataset
+    from mmkd_core import StoreDataset, store_loader, to_device  # a store's batches for any training loop
 
 Names resolve on first use, so ``import mmkd_core`` stays light (torch, transformers and timm load with
 the first teacher or student) and the dataset registry (``mmkd.data``, which itself imports this library)
@@ -15,6 +16,9 @@ from typing import Any
 _EXPORTS = {
     "open_store": "mmkd_core.store",
     "StoreReader": "mmkd_core.store",
+    "StoreDataset": "mmkd_core.dataset",
+    "store_loader": "mmkd_core.loader",
+    "to_device": "mmkd_core.loader",
     "create_teacher": "mmkd_core.teachers",
     "list_teachers": "mmkd_core.teachers",
     "create_student": "mmkd_core.students",

@@ -16,7 +16,9 @@ after it will be, each once.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -185,3 +187,30 @@ def rank_pieces(cuts: np.ndarray, rank: int, spec: OrderSpec) -> list[Piece]:
             out.append(Piece(s, offset, len(segments), k, lo, hi))
             offset += hi - lo
     return out
+
+
+def worker_buffers(pieces: list[Piece], worker: int = 0, num_workers: int = 1) -> dict[int, list[Piece]]:
+    """The buffers worker ``worker`` of ``num_workers`` reads, with their pieces: the j-th buffer the pieces
+    need (in the order first needed) goes to worker ``j % num_workers``, so no buffer is read twice."""
+    by_buffer: dict[int, list[Piece]] = {}
+    for piece in pieces:
+        by_buffer.setdefault(piece.buffer, []).append(piece)
+    return {k: ps for j, (k, ps) in enumerate(by_buffer.items()) if j % num_workers == worker}
+
+
+def assemble_steps(pieces: Iterable[tuple[Piece, Any]]) -> Iterator[tuple[int, list[Any]]]:
+    """``(step, [payload, ...])`` in step order, each step's payloads in batch order, from pieces that come in
+    any order (a later step's wait until each earlier step is whole).
+
+    Raises:
+        RuntimeError: the pieces stop before a step they began is whole.
+    """
+    held: dict[int, list[tuple[int, int, Any]]] = {}
+    nxt = 0
+    for piece, payload in pieces:
+        held.setdefault(piece.step, []).append((piece.offset, piece.parts, payload))
+        while nxt in held and len(held[nxt]) == held[nxt][0][1]:
+            yield nxt, [p for _, _, p in sorted(held.pop(nxt), key=lambda x: x[0])]
+            nxt += 1
+    if held:
+        raise RuntimeError(f"the pieces stopped before step {min(held)} was whole")

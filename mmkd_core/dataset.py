@@ -23,7 +23,18 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import quant
-from .batch_order import OrderSpec, Piece, StepSpec, buffer_order, buffer_ranges, chunk_starts, rank_pieces, step_cuts
+from .batch_order import (
+    OrderSpec,
+    Piece,
+    StepSpec,
+    assemble_steps,
+    buffer_order,
+    buffer_ranges,
+    chunk_starts,
+    rank_pieces,
+    step_cuts,
+    worker_buffers,
+)
 from .errors import MmkdError
 from .location import Location
 from .store import StoreReader, open_store
@@ -160,35 +171,28 @@ class StoreDataset(IterableDataset):
 
         Pieces of later steps wait until their step is whole: with K workers taking buffers in turn, that is
         at most about K buffers' worth of this rank's samples (plus one batch of padding)."""
-        cuts, held, nxt = self.cuts(), {}, 0
-        for piece, part in pieces:
-            held.setdefault(piece.step, []).append((piece.offset, piece.parts, part))
-            while nxt in held and len(held[nxt]) == held[nxt][0][1]:
-                batch = join_pieces([p for _, _, p in sorted(held.pop(nxt), key=lambda x: x[0])])
-                if nxt == len(cuts) - 1:
-                    self.epoch, self.consumed = self.epoch + 1, 0
-                else:
-                    self.consumed = min(int(cuts[nxt, -1]), self.order.num_samples)
-                nxt += 1
-                yield batch
-        if nxt < len(cuts):
-            raise RuntimeError(f"the store's pieces stopped at step {nxt} of {len(cuts)}")
+        cuts, done = self.cuts(), 0
+        for step, parts in assemble_steps(pieces):
+            if step == len(cuts) - 1:
+                self.epoch, self.consumed = self.epoch + 1, 0
+            else:
+                self.consumed = min(int(cuts[step, -1]), self.order.num_samples)
+            done = step + 1
+            yield join_pieces(parts)
+        if done < len(cuts):
+            raise RuntimeError(f"the store's pieces stopped at step {done} of {len(cuts)}")
         if len(cuts) == 0:  # nothing (left) to step on: the epoch is over at once
             self.epoch, self.consumed = self.epoch + 1, 0
 
     def pieces(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[Piece, dict[str, Any]]]:
         """This worker's pieces of the rest of the epoch: it reads buffers ``worker``, ``worker +
         num_workers``, ... of those the rank needs (in the order first needed), each once."""
-        by_buffer: dict[int, list[Piece]] = {}
-        for piece in rank_pieces(self.cuts(), self.rank, self.order):
-            by_buffer.setdefault(piece.buffer, []).append(piece)
+        mine = worker_buffers(rank_pieces(self.cuts(), self.rank, self.order), worker, num_workers)
         starts = chunk_starts(self.order, self.epoch)
         if self.order.by_length and self._lengths is None:
             self._lengths = self.reader.group["lengths"][:]
         size = self.order.buffer_samples
-        for j, (k, pieces) in enumerate(by_buffer.items()):
-            if j % num_workers != worker:
-                continue
+        for k, pieces in mine.items():
             ranges = buffer_ranges(self.order, self.epoch, k, starts)
             data = _concat([self._read(lo, hi) for lo, hi in ranges])
             order = buffer_order(self.order, self.epoch, k, self._lengths, starts)

@@ -1,113 +1,190 @@
-"""Properties of the epoch's batch order over the sizes users meet: every epoch has the batch count the loop uses,
-every sample appears once per epoch across ranks, and resuming at any batch gives the same remainder."""
+"""Properties of the epoch's global order and of how ranks and workers share it: one order whatever the world
+size, workers or batch size; every sample exactly once through a resume with other ranks, workers and batch
+size; for unchanged ranks and batch size, the batches of the uninterrupted run."""
+
+from itertools import cycle
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmkd_core.batch_order import OrderSpec, check_order, epoch_batches, epoch_order, num_batches
+from mmkd_core.batch_order import (
+    OrderSpec,
+    StepSpec,
+    assemble_steps,
+    buffer_order,
+    buffer_ranges,
+    epoch_order,
+    num_steps,
+    rank_pieces,
+    step_cuts,
+    worker_buffers,
+)
 from mmkd_core.errors import MmkdError
-
-
-def _specs(max_samples: int, by_length, drop_last: bool):
-    """OrderSpecs over the sizes users meet: many chunks, odd remainders, up to 8 ranks."""
-    return st.builds(
-        OrderSpec,
-        num_samples=st.integers(1, max_samples),
-        chunk_size=st.integers(1, 300),
-        batch_size=st.integers(1, 256),
-        seed=st.integers(0, 2**16),
-        buffer_runs=st.integers(1, 20),
-        world_size=st.integers(1, 8),
-        by_length=by_length,
-        drop_last=st.just(drop_last),
-    )
-
-
-specs = _specs(40_000, st.booleans(), drop_last=False)
-dropping = _specs(20_000, st.just(False), drop_last=True)
 
 
 def _lengths(n: int) -> np.ndarray:
     return (np.arange(n) * 7919) % 61 + 1
 
 
-def _usable(spec: OrderSpec) -> bool:
-    try:
-        check_order(spec)
-    except MmkdError:
-        return False
-    return True
+def _round_robin(streams):
+    """What a DataLoader does with K iterable workers: take from each in turn, skipping those done."""
+    live = [iter(s) for s in streams]
+    for it in cycle(list(live)):
+        if not live:
+            return
+        if it not in live:
+            continue
+        try:
+            yield next(it)
+        except StopIteration:
+            live.remove(it)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-@given(spec=specs, epoch=st.integers(0, 50))
-def test_every_epoch_and_rank_has_the_same_batch_count_and_every_sample_once(spec, epoch):
-    if not _usable(spec):
-        return
-    lengths = _lengths(spec.num_samples)
-    seen = []
-    for r in range(spec.world_size):
-        order = epoch_order(OrderSpec(**{**spec.__dict__, "rank": r}), epoch, lengths)
-        batches = [b for _, bs in order for b in bs]
-        assert len(batches) == num_batches(spec)
-        assert all(1 <= len(b) <= spec.batch_size for b in batches)
-        for runs, bs in order:  # a batch reads only its buffer's contiguous ranges
-            inside = np.concatenate([np.arange(lo, hi) for lo, hi in runs])
-            assert np.isin(np.concatenate(bs), inside).all() and len(inside) <= spec.buffer_samples
-        seen.append(np.concatenate(batches))
-    everything = np.concatenate(seen)
-    assert len(everything) == spec.num_samples
-    assert np.array_equal(np.sort(everything), np.arange(spec.num_samples))
+def run(order: OrderSpec, steps: StepSpec, epoch: int, start: int, workers: int, stop: int | None = None):
+    """Every rank's batches (sample indices) of the epoch from position ``start``, read by ``workers`` workers
+    per rank exactly as the loader reads them, up to global step ``stop``; and the position reached."""
+    lengths = _lengths(order.num_samples)
+    cuts = step_cuts(order.num_samples, steps, start)
+    stop = len(cuts) if stop is None else stop
+    out = []
+    for rank in range(steps.world_size):
+        pieces = rank_pieces(cuts, rank, order)
+
+        def worker(w, pieces=pieces):
+            for k, ps in worker_buffers(pieces, w, workers).items():
+                ids = buffer_order(order, epoch, k, lengths)
+                for p in ps:
+                    yield p, ids[p.lo - k * order.buffer_samples : p.hi - k * order.buffer_samples]
+
+        batches = [
+            np.concatenate(parts) for _, parts in assemble_steps(_round_robin([worker(w) for w in range(workers)]))
+        ]
+        assert len(batches) == len(cuts)  # every rank steps the same number of times
+        out.append(batches[:stop])
+    reached = order.num_samples if stop == len(cuts) else int(cuts[stop - 1, -1]) if stop else start
+    return out, reached
 
 
-@settings(max_examples=150, deadline=None)
-@given(spec=specs, epoch=st.integers(0, 50), data=st.data())
-def test_resuming_at_any_batch_gives_the_same_remainder(spec, epoch, data):
-    if not _usable(spec):
-        return
-    lengths = _lengths(spec.num_samples)
-    full = [b.tolist() for _, b in epoch_batches(spec, epoch, lengths)]
-    start = data.draw(st.integers(0, len(full)))
-    workers = data.draw(st.integers(1, 4))
-    # workers take batches round-robin; interleaved back they give the epoch's order
-    parts = [[b.tolist() for _, b in epoch_batches(spec, epoch, lengths, start, w, workers)] for w in range(workers)]
-    merged = [parts[k % workers][k // workers] for k in range(sum(map(len, parts)))]
-    assert merged == full[start:]
-
-
-@pytest.mark.parametrize(
-    "n, chunk, batch, world", [(141, 5, 8, 1), (191, 5, 8, 1), (31210, 250, 128, 1), (64, 1000, 8, 2), (17, 4, 8, 2)]
+orders = st.builds(
+    OrderSpec,
+    num_samples=st.integers(1, 3000),
+    chunk_size=st.integers(1, 64),
+    seed=st.integers(0, 2**16),
+    buffer_chunks=st.integers(1, 6),
+    by_length=st.booleans(),
+    length_group=st.integers(1, 40),
 )
-def test_reported_settings_have_one_count_for_all_epochs(n, chunk, batch, world):
-    """Settings whose per-epoch count used to change with the epoch (a hang or lost samples)."""
-    spec = OrderSpec(num_samples=n, chunk_size=chunk, batch_size=batch, world_size=world)
-    for r in range(world):
-        counts = {sum(len(bs) for _, bs in epoch_order(OrderSpec(**{**spec.__dict__, "rank": r}), e)) for e in range(8)}
-        assert counts == {num_batches(spec)}
 
 
-def test_orders_that_cannot_be_balanced_are_refused():
-    with pytest.raises(MmkdError, match="fewer than the 4 ranks"):
-        check_order(OrderSpec(num_samples=3, chunk_size=1, batch_size=2, world_size=4))
-    with pytest.raises(MmkdError, match="--batch-size 1"):
-        check_order(OrderSpec(num_samples=5, chunk_size=1, batch_size=1, world_size=2))
-
-
-@settings(max_examples=200, deadline=None)
-@given(spec=dropping, epoch=st.integers(0, 50))
-def test_drop_last_gives_full_batches_the_same_count_and_no_sample_twice(spec, epoch):
-    if not _usable(spec):
-        assert num_batches(spec) == 0
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(order=orders, epoch=st.integers(0, 20), data=st.data())
+def test_resume_with_other_ranks_workers_and_batch_sees_every_sample_once(order, epoch, data):
+    n = order.num_samples
+    before = StepSpec(data.draw(st.integers(1, 64)), data.draw(st.integers(1, 4)))
+    after = StepSpec(data.draw(st.integers(1, 64)), data.draw(st.integers(1, 4)))
+    k1, k2 = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    if n < before.world_size:
         return
-    seen = []
-    for r in range(spec.world_size):
-        batches = [b for _, bs in epoch_order(OrderSpec(**{**spec.__dict__, "rank": r}), epoch) for b in bs]
-        assert len(batches) == num_batches(spec) and all(len(b) == spec.batch_size for b in batches)
-        seen.append(np.concatenate(batches))
-    everything = np.concatenate(seen)
-    assert len(np.unique(everything)) == len(everything)
-    # what is left out is less than a batch per buffer and rank, plus one batch for the longer shares
-    buffers = -(-(spec.num_samples // spec.world_size) // spec.buffer_samples)
-    assert spec.num_samples - len(everything) < spec.world_size * (buffers + 1) * spec.batch_size + spec.world_size
+    total = num_steps(n, before)
+    stop = data.draw(st.integers(0, total))
+    first, reached = run(order, before, epoch, 0, k1, stop)
+    if 0 < n - reached < after.world_size:
+        with pytest.raises(MmkdError, match="fewer than"):
+            step_cuts(n, after, reached)
+        return
+    second, _ = run(order, after, epoch, reached, k2)
+    seen = np.concatenate([b for part in (first, second) for rank in part for b in rank] + [np.array([], int)])
+    assert np.array_equal(np.sort(seen), np.arange(n))  # exactly once
+    # globally the steps walk the one order: rank r's batch of a step is the r-th slice of its positions
+    order_ids = epoch_order(order, epoch, _lengths(n))
+    flat = np.concatenate([np.concatenate([first[r][s] for r in range(before.world_size)]) for s in range(stop)] + [[]])
+    assert np.array_equal(flat, order_ids[: len(flat)])
+    if (after.batch_size, after.world_size) == (before.batch_size, before.world_size):
+        whole, _ = run(order, before, epoch, 0, k2)  # determinism: the batches of the uninterrupted run
+        for r in range(before.world_size):
+            assert [b.tolist() for b in first[r] + second[r]] == [b.tolist() for b in whole[r]]
+
+
+@settings(max_examples=80, deadline=None)
+@given(order=orders, epoch=st.integers(0, 20), batch=st.integers(1, 64), world=st.integers(1, 4))
+def test_one_global_order_whatever_the_workers(order, epoch, batch, world):
+    if order.num_samples < world:
+        return
+    steps = StepSpec(batch, world)
+    one = run(order, steps, epoch, 0, 1)[0]
+    for k in (2, 4):
+        assert [[b.tolist() for b in r] for r in run(order, steps, epoch, 0, k)[0]] == [
+            [b.tolist() for b in r] for r in one
+        ]
+
+
+@settings(max_examples=100, deadline=None)
+@given(order=orders, epoch=st.integers(0, 20))
+def test_the_order_is_one_permutation_of_contiguous_buffers(order, epoch):
+    ids = epoch_order(order, epoch, _lengths(order.num_samples))
+    assert np.array_equal(np.sort(ids), np.arange(order.num_samples))
+    for k in range(order.num_buffers):
+        ranges = buffer_ranges(order, epoch, k)
+        inside = np.concatenate([np.arange(lo, hi) for lo, hi in ranges])
+        size = order.buffer_samples
+        assert set(ids[k * size : (k + 1) * size].tolist()) == set(inside.tolist())  # a buffer reads its ranges
+        assert len(ranges) <= order.buffer_chunks
+        assert all(lo % order.chunk_size == 0 for lo, _ in ranges)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(1, 5000),
+    batch=st.integers(1, 64),
+    world=st.integers(1, 8),
+    remainder=st.sampled_from(["split", "drop", "pad"]),
+)
+def test_remainders(n, batch, world, remainder):
+    steps = StepSpec(batch, world, remainder)
+    g = batch * world
+    try:
+        cuts = step_cuts(n, steps)
+    except MmkdError:
+        assert remainder == "split" and n < world
+        return
+    sizes = np.diff(cuts, axis=1)
+    if remainder == "drop":
+        assert len(cuts) == n // g and (sizes == batch).all()
+    elif remainder == "pad":
+        assert len(cuts) == -(-n // g) and (sizes == batch).all()
+        covered = np.concatenate([np.arange(a, b) % n for a, b in zip(cuts[:, 0], cuts[:, -1], strict=True)])
+        assert set(covered.tolist()) == set(range(n))
+    else:
+        assert cuts[0, 0] == 0 and cuts[-1, -1] == n and (sizes >= 1).all()
+        assert (cuts[1:, 0] == cuts[:-1, -1]).all() and (sizes[:-1] == batch).all()
+        assert sizes[-1].max() - sizes[-1].min() <= 1
+
+
+def test_the_order_does_not_depend_on_the_batch_size_or_world():
+    """Unlike an order cut per rank: the same positions hold the same samples for every StepSpec."""
+    order = OrderSpec(num_samples=1000, chunk_size=10, seed=5, buffer_chunks=4, by_length=True, length_group=8)
+    ids = epoch_order(order, 3, _lengths(1000))
+    for steps in (StepSpec(7, 1), StepSpec(5, 3), StepSpec(64, 2)):
+        got, _ = run(order, steps, 3, 0, 2)
+        flat = np.concatenate(
+            [np.concatenate([got[r][s] for r in range(steps.world_size)]) for s in range(len(got[0]))]
+        )
+        assert np.array_equal(flat, ids[: len(flat)])
+    assert not np.array_equal(ids, epoch_order(order, 4, _lengths(1000)))  # a new order each epoch
+
+
+def test_length_groups_pad_less():
+    lengths = _lengths(2000)
+    order = OrderSpec(2000, 10, seed=1, buffer_chunks=16, by_length=True, length_group=16)
+    plain = OrderSpec(2000, 10, seed=1, buffer_chunks=16)
+    spread = [np.ptp(lengths[epoch_order(o, 0, lengths)].reshape(-1, 16), axis=1).mean() for o in (order, plain)]
+    assert spread[0] < spread[1] / 4
+
+
+def test_too_few_samples_for_the_ranks_is_refused():
+    with pytest.raises(MmkdError, match="fewer than the 4 ranks"):
+        step_cuts(3, StepSpec(2, 4))
+    with pytest.raises(MmkdError, match="remainder"):
+        StepSpec(2, 1, "keep")
