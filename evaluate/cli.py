@@ -17,7 +17,9 @@ from mmkd_core.errors import MmkdError
 from mmkd_core.progress import console
 from mmkd_core.teachers import TEACHERS
 
-from .tasks import TASKS, EvalConfig, EvalReport, finite_or_none, run_evaluation
+from .config import EvalConfig
+from .evaluation import EvalReport, finite_or_none, run_evaluation
+from .tasks import TASKS
 
 # the registries' names as the options' choices: --help, completion and errors list the same names
 Task = choices(TASKS)
