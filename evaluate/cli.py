@@ -4,10 +4,8 @@ numbers."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -75,14 +73,7 @@ def evaluate(cfg: EvalConfig, extras: dict[str, Any], given: set[str]) -> None:
         console.print(f"written to {report.out_file}", highlight=False)
 
 
-def _alias(command: Callable[..., Any], name: str, *flags: str) -> None:
-    """Give the option of parameter ``name`` further flags (option() declares one)."""
-    info = inspect.signature(command).parameters[name].default
-    info.param_decls = (*info.param_decls, *flags)
-
-
 main_command = build_command(app, EvalConfig, evaluate, extra=EXTRAS, epilog=EXAMPLES, doc=evaluate.__doc__)
-_alias(main_command, "splits", "--splits")
 
 
 def main() -> None:

@@ -96,6 +96,7 @@ class EvalConfig:
     splits: list[str] | None = option(
         None,
         flag="--split",
+        aliases=("--splits",),
         repeat=True,
         help="Split(s) to evaluate (default: paraphrase: train and dev/test where present; others: test).",
     )

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmkd.app.progress import progress_bar
 from mmkd_core.errors import MmkdError
-from mmkd_core.progress import progress_bar
 from mmkd_core.students import Student, load_student
 from mmkd_core.students.export import META_FILE, StudentTokenizer, saved_image_preprocess, saved_max_length
 from mmkd_core.targets import masked_mean
 from mmkd_core.teachers import TEACHERS, ImagePreprocess, Teacher, create_teacher
+from mmkd_core.teachers.hf_common import local_tokenizer
 from mmkd_core.views import ViewSpec, eval_params, render, view_spec
 
 logger = logging.getLogger(__name__)
@@ -234,16 +235,7 @@ class StudentEncoder(Encoder):
 
 
 def _load_tokenizer(directory: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MmkdError(
-            f"{directory}: cannot read the tokenizer saved there ({str(e).strip().splitlines()[0]})"
-        ) from None
-    tokenizer.padding_side = "right"
-    return tokenizer
+    return local_tokenizer(directory, f"{directory}: cannot read the tokenizer saved there ({{reason}})")
 
 
 def _find_tokenizer(dirs: Sequence[Path]) -> Any:
