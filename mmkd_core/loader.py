@@ -92,7 +92,7 @@ class StoreBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        lengths = self.reader.group["lengths"][:] if self.order.by_length else None
+        lengths = self.reader.raw("lengths", 0, len(self.reader)) if self.order.by_length else None
         current, buffer, pos = None, None, None
         for runs, b in epoch_batches(self.order, self.epoch, lengths, self.start_batch, wid, nw):
             if runs is not current:
