@@ -3,7 +3,7 @@ steps must export exactly the weights, and log exactly the metrics, recorded in 
 
 The recorded values were computed by the training code as it stood before training became one recipe
 (issue 18); a refactoring that changes what training computes fails here. The hashes are exact on the
-platform that recorded them (torch version and CPU capability, also recorded); elsewhere float rounding may
+platform that recorded them (torch version, CPU capability and number of threads, also recorded); elsewhere float rounding may
 differ in the last bits, so the losses and per-tensor sums are compared to a tolerance instead.
 
 Record again (only for an intended change of what training computes):
@@ -33,7 +33,12 @@ TINY_BEIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_
 
 
 def _platform() -> dict[str, str]:
-    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
+    # the number of threads changes how sums are split, so the last bits of the weights
+    return {
+        "torch": torch.__version__,
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 @pytest.fixture(scope="module")
