@@ -3,8 +3,8 @@ steps must export exactly the weights, and log exactly the metrics, recorded in 
 
 The recorded values were computed by the training code as it stood before training became one recipe
 (issue 18); a refactoring that changes what training computes fails here. The hashes are exact on the
-platform that recorded them (torch version, CPU capability and number of threads, also recorded); elsewhere float rounding may
-differ in the last bits, so the losses and per-tensor sums are compared to a tolerance instead.
+platform that recorded them (torch version, CPU capability and number of threads, also recorded); elsewhere
+float rounding may differ in the last bits, so the losses and per-tensor sums are compared to a tolerance.
 
 Record again (only for an intended change of what training computes):
 ``MMKD_WRITE_GOLDEN=1 python -m pytest tests/test_train_golden.py``.
