@@ -223,18 +223,18 @@ def test_an_interrupted_ablation_continues_and_gives_the_same_table(full, store,
     ablate(_cfg(store, mrpc, out, vary=["loss=token_mse=1", "init=teacher,random"]))
     before = {name: _mtimes(out / name) for name in ("init=teacher,loss=token_mse=1,seed=0", "init", "teacher")}
     # the whole grid, killed inside the first run it trains, after that run's first checkpoint
-    from mmkd.train import loop
+    from mmkd.train.recipe import TrainRecipe
 
-    real = loop.save_checkpoint
+    real = TrainRecipe.save_checkpoint
 
-    def killed_after_first(run_dir, step, *args, **kwargs):
-        real(run_dir, step, *args, **kwargs)
+    def killed_after_first(recipe):
+        real(recipe)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "save_checkpoint", killed_after_first)
+    monkeypatch.setattr(TrainRecipe, "save_checkpoint", killed_after_first)
     with pytest.raises(KeyboardInterrupt):
         ablate(_cfg(store, mrpc, out))
-    monkeypatch.setattr(loop, "save_checkpoint", real)
+    monkeypatch.setattr(TrainRecipe, "save_checkpoint", real)
     stopped = out / "init=teacher,loss=token_mse=1+pooled_mse=1,seed=0"
     assert (stopped / "checkpoints" / "step_00000001").is_dir() and not (stopped / "eval.json").exists()
     ablate(_cfg(store, mrpc, out))

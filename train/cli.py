@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from mmkd.evaluate import RUN_TASKS
 from mmkd_core.cli_utils import (
@@ -29,7 +28,7 @@ from mmkd_core.teachers import TEACHERS
 
 from .config import AUTOCAST, STUDENT_KINDS, TrainConfig
 from .loop import train
-from .report import final_report
+from .report import report
 
 INITS = ("teacher", "random", "data2vec2")
 TOKEN_PREDS = ("recipe", "head")
@@ -228,14 +227,8 @@ def main_command(
         verify_views=verify_views,
     )
     result = train(cfg, given=_given(ctx))
-    if result.rank != 0:
-        return
-    table = Table(title=f"run {result.run_dir}", show_header=False)
-    table.add_row("steps", f"{result.steps:,}")
-    table.add_row("time", f"{result.seconds:.1f} s")
-    table.add_row("final loss", f"{result.final_loss:.4f}")
-    console.print(table)
-    final_report(cfg, result)
+    if result.rank == 0:
+        report(cfg, result)
 
 
 # CLI parameters whose TrainConfig field has another name
