@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
-from mmkd.train.checkpoint import KEEP, latest_checkpoint, load_checkpoint, save_checkpoint
+from mmkd.train.checkpoint import KEEP, latest_checkpoint, read_checkpoint, write_checkpoint
 from mmkd.train.cli import app
 from mmkd.train.config import TrainConfig
 from mmkd.train.loop import train
@@ -217,10 +217,10 @@ def test_leftover_tmp_checkpoints_are_removed_and_do_not_count(tmp_path):
     state = {"optimizer": {}, "scheduler": {}, "step": 0, "rng": []}
     (tmp_path / "checkpoints" / "step_00000009.tmp").mkdir(parents=True)
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, model, {**state, "step": step})
+        write_checkpoint(tmp_path, step, model, {**state, "step": step})
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == [f"step_{s:08d}" for s in (2, 3)][-KEEP:]
-    assert load_checkpoint(latest_checkpoint(tmp_path), model)["step"] == 3
+    assert read_checkpoint(latest_checkpoint(tmp_path), model)["step"] == 3
 
 
 @pytest.mark.parametrize("kind", ["vit", "beit", "multimodal"])

@@ -19,18 +19,19 @@ from typing import Any
 
 import torch
 
+from mmkd.app.progress import progress_bar
 from mmkd.evaluate import default_run_tasks
 from mmkd_core.errors import MmkdError
 from mmkd_core.losses import build_loss
-from mmkd_core.progress import progress_bar
 from mmkd_core.store import open_store
 from mmkd_core.students import save_student
 from mmkd_core.versions import library_versions
 
-from . import checkpoint, ddp
 from .bank import memory_bank, without_batch
 from .build import DEFAULT_LOSS, build, loss_inputs, student_kind
+from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from .config import TrainConfig
+from .ddp import freeze_unused, init_ranks, leave_group, rng_states, set_rng_state
 from .loader import PlanSpec, StoreBatches, check_plan, make_loader, num_batches
 from .optim import adamw
 from .report import TrainResult
@@ -65,7 +66,7 @@ class TrainRecipe:
 
     def setup(self) -> None:
         """Everything before the first step; continues from the last checkpoint with ``cfg.resume``."""
-        self.rank, self.world, self.device = ddp.init_ranks(self.cfg.device)
+        self.rank, self.world, self.device = init_ranks(self.cfg.device)
         self.reader = self._setup_store()
         ckpt = self._setup_config()
         torch.manual_seed(self.cfg.seed)
@@ -89,7 +90,7 @@ class TrainRecipe:
         """Resolve the run's configuration (a resumed run's is the recorded one); returns the checkpoint to
         continue from (None: a new run)."""
         cfg, run_dir = self.cfg, self.cfg.run_dir
-        ckpt = checkpoint.latest_checkpoint(run_dir) if run_dir.exists() else None
+        ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
         if ckpt is not None and not cfg.resume:
             raise MmkdError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
         if cfg.resume:
@@ -146,7 +147,7 @@ class TrainRecipe:
             batch = next(iter(self.batches(0, 0)))
             return self.loss_fn(loss_inputs(self.built, self.student, batch, self.device))[0]
 
-        ddp.freeze_unused(self.student, first_batch_loss)
+        freeze_unused(self.student, first_batch_loss)
         self.model = torch.nn.parallel.DistributedDataParallel(self.student)
 
     def _setup_optimizer(self) -> None:
@@ -226,7 +227,7 @@ class TrainRecipe:
                 while self.step < self.total:
                     self._epoch(advance, metrics, start)
         except KeyboardInterrupt:
-            if checkpoint.latest_checkpoint(cfg.run_dir) is None:  # nothing saved yet: the same command starts over
+            if latest_checkpoint(cfg.run_dir) is None:  # nothing saved yet: the same command starts over
                 raise MmkdError(
                     f"interrupted at step {self.step}, before the first checkpoint; run the same command again"
                 ) from None
@@ -285,10 +286,10 @@ class TrainRecipe:
 
     def save_checkpoint(self) -> None:
         """Checkpoint the student, optimiser, schedule, step and every rank's RNG (rank 0 writes it)."""
-        rng = ddp.rng_states(self.world)  # a collective: every rank takes part
+        rng = rng_states(self.world)  # a collective: every rank takes part
         if self.rank == 0:
             state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "step": self.step}
-            checkpoint.save_checkpoint(self.cfg.run_dir, self.step, self.student, {**state, "rng": rng})
+            write_checkpoint(self.cfg.run_dir, self.step, self.student, {**state, "rng": rng})
 
     def load_checkpoint(self, path: Path) -> None:
         """Continue from checkpoint ``path`` exactly: weights, optimiser, schedule, step and this rank's RNG."""
@@ -300,14 +301,14 @@ class TrainRecipe:
                 f"{record.get('steps_per_epoch')} per epoch; this mmkd plans {self.total} of {self.per_epoch} "
                 "for the same settings, so the run cannot continue exactly: start a new --run-dir"
             )
-        state = checkpoint.load_checkpoint(path, self.student)
+        state = read_checkpoint(path, self.student)
         try:
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             rng = state["rng"][self.rank]
         except (KeyError, IndexError, ValueError, TypeError) as e:
             raise MmkdError(f"{path / 'state.pt'}: does not fit this run ({type(e).__name__}: {e})") from None
-        ddp.set_rng_state(rng)
+        set_rng_state(rng)
         self.step = int(state["step"])
         if self.rank == 0:  # drop the metrics logged after the checkpoint: they are computed again
             truncate_metrics(run_dir, self.step)
@@ -331,7 +332,7 @@ class TrainRecipe:
     def cleanup(self) -> None:
         """Leave the process group (every rank waits for rank 0's export first)."""
         if self.world > 1:
-            ddp.leave_group()
+            leave_group()
 
     def result(self) -> TrainResult:
         return TrainResult(

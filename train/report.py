@@ -12,8 +12,8 @@ from typing import Any
 
 from rich.table import Table
 
+from mmkd.app.progress import console
 from mmkd.evaluate import default_run_tasks, evaluate_run
-from mmkd_core.progress import console
 from mmkd_core.store import open_store
 
 from .config import TrainConfig
