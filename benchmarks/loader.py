@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from recipes import InMemoryRecipe, OnlineTeacherRecipe, run
 
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
@@ -77,8 +78,8 @@ def main() -> None:
                 )
 
             rows["stream"].append(train(cfg("stream")).seconds)
-            rows["ram"].append(train(cfg("ram"), in_memory=True).seconds)
-            rows["online"].append(train(cfg("online"), online_teacher=teacher).seconds)
+            rows["ram"].append(run(InMemoryRecipe(cfg("ram"))).seconds)
+            rows["online"].append(run(OnlineTeacherRecipe(cfg("online"), teacher)).seconds)
             rows["raw"].append(raw_read(store))
             rows["loader"].append(loader_read(store, args.batch_size))
         # compute per batch: the teacher's forward against a student's training step, same batches
