@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from mmkd.data import DATASETS
 from mmkd_core.cli_utils import Command, choice, choices, config_option, guarded, parse_options, setup_logging
@@ -16,6 +15,7 @@ from mmkd_core.targets import POOLS
 from mmkd_core.teachers import TEACHERS  # registers the teachers (imports torch: about 1.5 s of --help)
 
 from .config import AUTOCAST, ExtractConfig
+from .report import summary_table
 
 # the registries' names as the options' choices: --help, completion and errors list the same names
 Teacher = choices(TEACHERS.names())
@@ -43,14 +43,6 @@ def _from_fields(data: dict[str, Any]) -> dict[str, Any]:
     """ExtractConfig's field names in a config file read as the options they come from."""
     names = {"teacher_options": "teacher_option", "dataset_options": "dataset_option"}
     return {names.get(str(k).replace("-", "_"), k): v for k, v in data.items()}
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 @app.command(cls=Command, epilog=EXAMPLES)
@@ -160,7 +152,7 @@ def main_command(
         help="Extract only the shards k ≡ K (mod N): N such commands (a job array) fill one store together, "
         "and the last to finish marks it complete.",
     ),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    quiet: bool = typer.Option(False, help="No progress bar and no summary: only warnings and errors are printed."),
     verbose: bool = typer.Option(False, help="Log what happens (weights loaded, keys dropped, resume)."),
 ) -> None:
     """Extract teacher targets into a zarr store. With no arguments: minilm-l6 over shapes captions."""
@@ -207,21 +199,9 @@ def main_command(
         return
     from .run import extract  # imported here: --help need not load zarr, dask and the dataset adapters' readers
 
-    s = extract(cfg, show_progress=not quiet)
-    table = Table(title=f"store {s.path}" + ("" if s.complete else " (incomplete)"), show_header=False)
-    table.add_row("samples", f"{s.samples:,}")
-    if s.distinct_inputs is not None:
-        table.add_row("distinct teacher inputs", f"{s.distinct_inputs:,} (identical inputs computed once)")
-    table.add_row("views", str(s.views))
-    if s.autocast is not None:
-        table.add_row("autocast", str(s.autocast))
-    if s.codec is not None:
-        table.add_row("codec", s.codec)
-    table.add_row("shards written now / total", f"{s.shards_written} / {s.shards_total}")
-    table.add_row("bytes on disk", _human(s.bytes_on_disk))
-    table.add_row("bytes per sample", _human(s.bytes_per_sample))
-    table.add_row("throughput", f"{s.samples_per_second:,.1f} samples/s over {s.seconds:.1f} s")
-    console.print(table)
+    summary = extract(cfg, show_progress=not quiet)
+    if not quiet:
+        console.print(summary_table(summary))
 
 
 def main() -> None:
