@@ -11,9 +11,9 @@ import pytest
 from conftest import WORDS, save_tiny_bert
 from rich.console import Console
 
+from mmkd.app import progress
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
-from mmkd_core import progress
 
 
 def test_plain_lines_when_not_a_terminal(monkeypatch):
