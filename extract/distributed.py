@@ -49,8 +49,8 @@ from typing import Any
 import torch
 import zarr
 
+from mmkd.app.progress import progress_bar
 from mmkd_core.errors import MmkdError
-from mmkd_core.progress import progress_bar
 from mmkd_core.store import StoreLock, StoreWriter, config_diff, lock_path, open_store
 
 from .config import ExtractConfig

@@ -11,7 +11,7 @@ import functools
 import time
 from dataclasses import dataclass
 
-from mmkd_core.progress import progress_bar
+from mmkd.app.progress import progress_bar
 from mmkd_core.store import StoreWriter, codec_name, open_store
 
 from .config import ExtractConfig
