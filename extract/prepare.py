@@ -8,7 +8,7 @@ cluster's workers all start here; ``fill.fill`` then writes shards through a wri
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +209,7 @@ def prepare_captions(prepared: Prepared) -> Prepared:
 def _preprocess_attrs(teacher) -> dict[str, Any]:
     """The teacher's preprocessing (a dataclass or a mapping) as the dict the store records."""
     pre = teacher.preprocess
-    return asdict(pre) if hasattr(pre, "__dataclass_fields__") else dict(pre)
+    return asdict(pre) if is_dataclass(pre) else dict(pre)
 
 
 def open_writer(prepared: Prepared, locked: bool = True) -> StoreWriter:
