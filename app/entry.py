@@ -53,7 +53,7 @@ def evaluate() -> None:
 def ablate() -> None:
     """``mmkd-ablate``."""
     _early_handlers()
-    from mmkd.train.ablate_cli import main
+    from mmkd.ablate.cli import main
 
     main()
 

@@ -50,6 +50,7 @@ class Option:
     cli: bool = True
     show_default: bool = True
     type: Any = None
+    aliases: tuple[str, ...] = ()
     name: str = ""  # the field's name, filled in by options_of
 
     @property
@@ -96,6 +97,7 @@ def option(
     cli: bool = True,
     show_default: bool = True,
     type: Any = None,  # noqa: A002
+    aliases: tuple[str, ...] = (),
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
@@ -116,8 +118,11 @@ def option(
         cli: False for a field with no command-line option.
         show_default: Show the default in ``--help``.
         type: The command-line value's type when the field's annotation does not say it.
+        aliases: Further flags of the same option (``--splits`` beside ``--split``).
     """
-    meta = Option(help, flag, choices, noun, parser, metavar, keyvalue, repeat, invert, cli, show_default, type)
+    meta = Option(
+        help, flag, choices, noun, parser, metavar, keyvalue, repeat, invert, cli, show_default, type, tuple(aliases)
+    )
     kwargs: dict[str, Any] = {"metadata": {_META: meta}}
     if default in _FACTORIES:
         kwargs["default_factory"] = default
@@ -162,8 +167,8 @@ def _keys(config_cls: type) -> dict[str, tuple[str, bool]]:
     out: dict[str, tuple[str, bool]] = {}
     for name, opt in options_of(config_cls).items():
         out[name] = (name, False)
-        flag = opt.long_flag.lstrip("-").replace("-", "_")
-        out.setdefault(flag, (name, opt.invert))
+        for flag in (opt.long_flag, *opt.aliases):
+            out.setdefault(flag.lstrip("-").replace("-", "_"), (name, opt.invert))
     return out
 
 
@@ -230,11 +235,11 @@ def _typer_option(opt: Option, default: Any, annotation: Any) -> tuple[Any, Any]
     """(annotation, typer.Option) of one option."""
     cli_type = _cli_type(opt, annotation)
     decls = []
-    if opt.flag is not None:
-        flag = opt.flag
+    if opt.flag is not None or opt.aliases:
+        flag = opt.flag or "--" + opt.name.replace("_", "-")
         if cli_type is bool and "/" not in flag and not opt.invert:
             flag = f"{flag}/--no-{flag.lstrip('-')}"
-        decls.append(flag)
+        decls += [flag, *opt.aliases]
     kwargs: dict[str, Any] = {"help": opt.help_text(), "show_default": opt.show_default}
     if opt.metavar is not None:
         kwargs["metavar"] = opt.metavar

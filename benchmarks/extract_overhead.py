@@ -35,12 +35,14 @@ import numpy as np
 import torch
 
 from mmkd.data import create_dataset
+from mmkd.extract import feeders as feeders_mod
+from mmkd.extract import fill as fill_mod
+from mmkd.extract import prepare as prepare_mod
 from mmkd.extract import run as run_mod
-from mmkd.extract import sources as sources_mod
 from mmkd.extract.config import ExtractConfig
+from mmkd.extract.feeders import TextFeeder
+from mmkd.extract.hardware import auto_autocast
 from mmkd.extract.run import extract
-from mmkd.extract.sources import TextSource
-from mmkd_core.hardware import auto_autocast
 from mmkd_core.store import StoreWriter, open_store
 from mmkd_core.teachers import create_teacher
 
@@ -55,7 +57,7 @@ def _ctx(autocast: str):
 
 
 def bare_forward(
-    teacher, source: TextSource, n: int, batch_size: int, shard: int, autocast: str
+    teacher, feeder: TextFeeder, n: int, batch_size: int, shard: int, autocast: str
 ) -> tuple[float, float]:
     """The teacher alone on exactly the inputs extraction computes: the same canonical batches, and a result
     kept for a later shard is not computed again (``DistinctInputs.targets`` with the forward pass only).
@@ -64,16 +66,16 @@ def bare_forward(
         (wall seconds, CPU seconds of the process: every thread's).
     """
     shards = [(k, lo, min(n, lo + shard)) for k, lo in enumerate(range(0, n, shard))]
-    source.distinct._kept.clear()
-    source.distinct._kept_bytes = 0
+    feeder.distinct._kept.clear()
+    feeder.distinct._kept_bytes = 0
 
     def forward(batch):
         return {"mask": teacher(**batch["inputs"]).mask}
 
     start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode(), _ctx(autocast):
-        for batch in source.batches(shards, batch_size):
-            source.distinct.targets(batch, forward)
+        for batch in feeder.batches(shards, batch_size):
+            feeder.distinct.targets(batch, forward)
     return time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -87,7 +89,7 @@ class Meter:
 
     @contextlib.contextmanager
     def installed(self, teacher):
-        """Wrap the teacher's forward, the target math, ``_place``, the writer wait and ``write_shard``."""
+        """Wrap the teacher's forward, the target math, ``place``, the writer wait and ``write_shard``."""
         patches = []
 
         inside = threading.local()  # a timed part called from another of the same key is not counted twice
@@ -110,7 +112,7 @@ class Meter:
             patches.append((owner, name, real))
             setattr(owner, name, timed)
 
-        real_fill = run_mod._fill
+        real_fill = run_mod.fill
 
         def fill(*a, **kw):  # the loop starts: what the layout probe spent before it is not the loop's
             self.seconds.clear()
@@ -119,13 +121,13 @@ class Meter:
 
         self._cpu_start = time.process_time()
 
-        patches.append((run_mod, "_fill", real_fill))
-        run_mod._fill = fill
+        patches.append((run_mod, "fill", real_fill))
+        run_mod.fill = fill
         wrap(teacher, "forward", "teacher forward")
-        wrap(sources_mod, "recipe_targets", "target math")
-        wrap(run_mod, "_place", "place in shard buffer")
-        wrap(run_mod.ShardQueue, "put", "wait for the writer")
-        wrap(run_mod.ShardQueue, "drain", "wait for the writer")
+        wrap(feeders_mod, "recipe_targets", "target math")
+        wrap(fill_mod, "place", "place in shard buffer")
+        wrap(fill_mod.ShardQueue, "put", "wait for the writer")
+        wrap(fill_mod.ShardQueue, "drain", "wait for the writer")
         wrap(StoreWriter, "write_shard", "writer busy (wall, beside the rest)")
         try:
             yield self
@@ -136,8 +138,8 @@ class Meter:
 
 def _extract(cfg: ExtractConfig, teacher, meter: Meter | None = None, profile: cProfile.Profile | None = None):
     """``extract(cfg)`` with the already loaded teacher (loading is not what is measured)."""
-    real = run_mod.create_teacher
-    run_mod.create_teacher = lambda *a, **kw: teacher
+    real = prepare_mod.create_teacher
+    prepare_mod.create_teacher = lambda *a, **kw: teacher
     try:
         with meter.installed(teacher) if meter else contextlib.nullcontext():
             if profile is not None:
@@ -148,7 +150,7 @@ def _extract(cfg: ExtractConfig, teacher, meter: Meter | None = None, profile: c
                 if profile is not None:
                     profile.disable()
     finally:
-        run_mod.create_teacher = real
+        prepare_mod.create_teacher = real
 
 
 def _spread(values: list[float]) -> str:
@@ -176,7 +178,7 @@ def main() -> None:
     root = str(SENTENCES) if SENTENCES.exists() else None
     name, opts = ("text", {}) if root else ("shapes", {"count": args.n})
     teacher = create_teacher("minilm-l6")
-    source = TextSource(create_dataset(name, root=root, **opts), teacher, args.n)
+    feeder = TextFeeder(create_dataset(name, root=root, **opts), teacher, args.n)
     dtypes = args.autocast.split(",")
     rows: dict[str, dict[str, list[float]]] = {a: defaultdict(list) for a in dtypes}
     parts: dict[str, dict[str, list[float]]] = {a: defaultdict(list) for a in dtypes}
@@ -202,7 +204,7 @@ def main() -> None:
                 s = _extract(config(autocast), teacher, meter)
                 cpu = time.process_time() - cpu - meter.seconds["set-up CPU"]
                 shard = open_store(s.path).shard_size
-                bare, bare_cpu = bare_forward(teacher, source, args.n, args.batch_size, shard, autocast)
+                bare, bare_cpu = bare_forward(teacher, feeder, args.n, args.batch_size, shard, autocast)
                 r = rows[autocast]
                 r["extract"].append(s.seconds)
                 r["bare"].append(bare)

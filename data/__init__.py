@@ -1,8 +1,15 @@
-"""Source datasets: a registry of adapters over real file formats, plus the built-in `shapes` generator."""
+"""Datasets: a registry of adapters over real file formats, plus the built-in `shapes` generator."""
 
 # The adapter modules are imported for their registrations.
 from . import captions, cifar, idx, imagefolder, labelled, paraphrase, shapes, stl10, text  # noqa: F401
-from .base import DATASETS, MODALITIES, SourceDataset, create_dataset, list_datasets
+from .base import (
+    DATASETS,
+    MODALITIES,
+    BaseDataset,
+    SourceDataset,  # noqa: F401  # SHIM: remove at integration
+    create_dataset,
+    list_datasets,
+)
 from .pairs import PairImages, caption_images
 from .paraphrase import FORMATS as PARAPHRASE_FORMATS
 
@@ -10,8 +17,8 @@ __all__ = [
     "DATASETS",
     "MODALITIES",
     "PARAPHRASE_FORMATS",
+    "BaseDataset",
     "PairImages",
-    "SourceDataset",
     "caption_images",
     "create_dataset",
     "list_datasets",

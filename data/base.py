@@ -1,4 +1,4 @@
-"""The interface every source dataset implements, and the dataset registry."""
+"""The interface every dataset implements, and the dataset registry."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ DATASETS: Registry = Registry("dataset")
 MODALITIES = ("image", "text", "image_text")
 
 
-class SourceDataset:
+class BaseDataset:
     """A dataset of samples addressed by position 0..len-1.
 
     Subclasses set ``name``, ``split``, ``modality`` and implement ``__len__``, ``fingerprint`` and
@@ -59,7 +59,10 @@ class SourceDataset:
         return {"name": self.name, "split": self.split, "num_samples": len(self)}
 
 
-class ArrayImageDataset(SourceDataset):
+SourceDataset = BaseDataset  # SHIM: remove at integration (the old name; `source` no longer names a dataset)
+
+
+class ArrayImageDataset(BaseDataset):
     """A labelled image dataset whose pixels fit in one uint8 array (MNIST, CIFAR).
 
     Subclasses set ``_labels`` (and may set ``_images``) in their constructor and implement
@@ -96,7 +99,7 @@ class ArrayImageDataset(SourceDataset):
         return int(self._labels[check_index(self.name, i, len(self._labels))])
 
 
-def create_dataset(name: str, root: str | None = None, split: str = "train", **options: Any) -> SourceDataset:
+def create_dataset(name: str, root: str | None = None, split: str = "train", **options: Any) -> BaseDataset:
     """Build a registered dataset.
 
     Args:

@@ -15,7 +15,7 @@ from typing import Any
 
 from mmkd_core.errors import MmkdError
 
-from .base import DATASETS, SourceDataset, hash_files
+from .base import DATASETS, BaseDataset, hash_files
 from .files import check_index, need_root, open_rgb, read_lines, reject_options, sample_digest
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _read_json(path: Path, split: str, images_dir: Path | None) -> Entries:
     return [(str(base / r), c, w) for r, c, w in rel]
 
 
-class CaptionsDataset(SourceDataset):
+class CaptionsDataset(BaseDataset):
     """Image-caption pairs; see the module docstring.
 
     Args:

@@ -136,8 +136,9 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
-def open_rgb(path: str | os.PathLike, source: str | os.PathLike | None = None):
-    """Open an image file as an RGB ``PIL.Image``; unreadable files are an MmkdError naming them."""
+def open_rgb(path: str | os.PathLike, listed_in: str | os.PathLike | None = None):
+    """Open an image file as an RGB ``PIL.Image``; unreadable files are an MmkdError naming them (and
+    ``listed_in``, the file that listed them)."""
     import struct
     import zlib
 
@@ -158,5 +159,5 @@ def open_rgb(path: str | os.PathLike, source: str | os.PathLike | None = None):
         zlib.error,
         Image.DecompressionBombError,
     ) as e:
-        where = f" (listed in {source})" if source else ""
+        where = f" (listed in {listed_in})" if listed_in else ""
         raise MmkdError(f"cannot read image {path}{where}: {e}") from None

@@ -9,7 +9,7 @@ from typing import Any
 
 from mmkd_core.errors import MmkdError
 
-from .base import DATASETS, SourceDataset
+from .base import DATASETS, BaseDataset
 from .files import check_index, need_root, open_rgb, reject_options, sample_digest
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _images(class_dir: Path) -> list[str]:
     return found
 
 
-class ImageFolderDataset(SourceDataset):
+class ImageFolderDataset(BaseDataset):
     """Images under ``directory/<class>/`` (searched recursively), labelled by sorted class name.
 
     Args:

@@ -18,7 +18,7 @@ from typing import Any
 
 from mmkd_core.errors import MmkdError
 
-from .base import DATASETS, SourceDataset, create_dataset
+from .base import DATASETS, BaseDataset, create_dataset
 
 NAME = "labelled-captions"
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -47,7 +47,7 @@ def check_template(template: Any) -> str:
     return template
 
 
-class LabelledCaptionsDataset(SourceDataset):
+class LabelledCaptionsDataset(BaseDataset):
     """A labelled image dataset whose samples also have the caption ``template.format(class name)``.
 
     Args:
@@ -62,7 +62,7 @@ class LabelledCaptionsDataset(SourceDataset):
 
     def __init__(
         self,
-        base: SourceDataset,
+        base: BaseDataset,
         base_name: str,
         template: str = DEFAULT_TEMPLATE,
         base_options: dict[str, Any] | None = None,

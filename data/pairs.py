@@ -14,10 +14,10 @@ import numpy as np
 
 from mmkd_core.errors import MmkdError
 
-from .base import SourceDataset
+from .base import BaseDataset
 
 
-def caption_images(dataset: SourceDataset) -> np.ndarray:
+def caption_images(dataset: BaseDataset) -> np.ndarray:
     """(M,) int64: the image number of each caption (sample) of ``dataset``, numbered by first appearance.
 
     Datasets with several captions per image say which image a caption shows (``image_id``); in the others
@@ -31,7 +31,7 @@ def caption_images(dataset: SourceDataset) -> np.ndarray:
     return np.array([number.setdefault(dataset.image_id(i), len(number)) for i in range(len(dataset))], dtype=np.int64)
 
 
-class PairImages(SourceDataset):
+class PairImages(BaseDataset):
     """The distinct images of an image–caption dataset; image j is the one its caption rows point at.
 
     Args:
@@ -40,7 +40,7 @@ class PairImages(SourceDataset):
 
     modality = "image"
 
-    def __init__(self, pairs: SourceDataset) -> None:
+    def __init__(self, pairs: BaseDataset) -> None:
         self.pairs = pairs
         self.name = pairs.name  # type: ignore[misc]
         self.split = pairs.split

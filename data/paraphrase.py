@@ -14,7 +14,7 @@ from typing import Any
 
 from mmkd_core.errors import MmkdError
 
-from .base import DATASETS, SourceDataset, hash_files
+from .base import DATASETS, BaseDataset, hash_files
 from .files import check_index, need_root, read_lines, reject_options
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def read_pairs(name: str, path: Path, max_pairs: int | None, strict: bool = True
     return pairs
 
 
-class ParaphraseDataset(SourceDataset):
+class ParaphraseDataset(BaseDataset):
     """Sentences of the positive pairs of a paraphrase corpus; see the module docstring for the order.
 
     Args:

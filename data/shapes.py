@@ -20,7 +20,7 @@ import numpy as np
 
 from mmkd_core.errors import MmkdError
 
-from .base import DATASETS, SourceDataset
+from .base import DATASETS, BaseDataset
 from .files import check_index, check_split, reject_options
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     ]
 
 
-class ShapesDataset(SourceDataset):
+class ShapesDataset(BaseDataset):
     """Generated images of coloured shapes on a 3x3 grid, with a caption and a paraphrase each.
 
     Args:

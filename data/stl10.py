@@ -11,7 +11,7 @@ import numpy as np
 
 from mmkd_core.errors import MmkdError
 
-from .base import DATASETS, SourceDataset, hash_files
+from .base import DATASETS, BaseDataset, hash_files
 from .files import check_index, check_split, need_root, read_lines, reject_options
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ SIDE = 96
 IMAGE_BYTES = 3 * SIDE * SIDE
 
 
-class Stl10Dataset(SourceDataset):
+class Stl10Dataset(BaseDataset):
     """STL-10 96x96 images, read one at a time from the ``_X.bin`` file; labels loaded at construction.
 
     Args:

@@ -8,7 +8,7 @@ from typing import Any
 
 from mmkd_core.errors import MmkdError
 
-from .base import DATASETS, SourceDataset, hash_files
+from .base import DATASETS, BaseDataset, hash_files
 from .files import check_index, need_root, read_lines, reject_options
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def _resolve(root: Path) -> Path:
     return txts[0]
 
 
-class TextDataset(SourceDataset):
+class TextDataset(BaseDataset):
     """Sentences of a UTF-8 text file, one per line; lines are stripped and empty lines skipped.
 
     Args:

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmkd.app.progress import progress_bar
 from mmkd_core.errors import MmkdError
-from mmkd_core.progress import progress_bar
 from mmkd_core.students import Student, load_student
 from mmkd_core.students.export import META_FILE, StudentTokenizer, saved_image_preprocess, saved_max_length
 from mmkd_core.targets import masked_mean
 from mmkd_core.teachers import TEACHERS, ImagePreprocess, Teacher, create_teacher
+from mmkd_core.teachers.hf_common import local_tokenizer
 from mmkd_core.views import ViewSpec, eval_params, render, view_spec
 
 logger = logging.getLogger(__name__)
@@ -234,16 +235,7 @@ class StudentEncoder(Encoder):
 
 
 def _load_tokenizer(directory: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MmkdError(
-            f"{directory}: cannot read the tokenizer saved there ({str(e).strip().splitlines()[0]})"
-        ) from None
-    tokenizer.padding_side = "right"
-    return tokenizer
+    return local_tokenizer(directory, f"{directory}: cannot read the tokenizer saved there ({{reason}})")
 
 
 def _find_tokenizer(dirs: Sequence[Path]) -> Any:
@@ -304,6 +296,42 @@ def _student_dir(path: Path) -> tuple[Path, Path | None] | None:
     return None
 
 
+def _student_encoder(
+    directory: Path, run_dir: Path | None, tokenizer: str | None, preprocess: dict[str, Any] | None, device: str
+) -> StudentEncoder:
+    """The saved student in ``directory``, with its tokenizer (``tokenizer``, else the one saved beside it or
+    in the run directory) and its recorded image preprocessing (overridden by ``preprocess``)."""
+    student = load_student(directory)
+    tok = None
+    if student.modality != "image":
+        tok = (
+            _load_tokenizer(Path(tokenizer))
+            if tokenizer
+            else _find_tokenizer([directory] + ([run_dir] if run_dir else []))
+        )
+    pre = student_preprocess(student, directory)
+    if pre is not None:
+        pre = _preprocess_override(pre, preprocess)
+    logger.info("evaluating the %s student in %s", student.name, directory)
+    return StudentEncoder(student, directory, tok, pre, device=device, run_dir=run_dir)
+
+
+def _teacher_encoder(
+    name: str, weights: str | None, random_weights: bool, device: str, teacher_options: dict[str, Any]
+) -> TeacherEncoder:
+    """The registered teacher ``name``; ``clip`` without a ``tower`` option brings both towers."""
+    if name == "clip" and "tower" not in teacher_options:
+        towers = {
+            t: create_teacher(name, weights, random_init=random_weights, device=device, tower=tower, **teacher_options)
+            for t, tower in (("text", "text"), ("image", "vision"))
+        }
+        return TeacherEncoder(name, towers["text"], towers["image"], device=device)
+    teacher = create_teacher(name, weights, random_init=random_weights, device=device, **teacher_options)
+    if teacher.modality == "text":
+        return TeacherEncoder(teacher.name, text=teacher, device=device)
+    return TeacherEncoder(teacher.name, image=teacher, device=device)
+
+
 def load_encoder(
     spec: str,
     weights: str | None = None,
@@ -320,7 +348,7 @@ def load_encoder(
         spec: A teacher registry name (``minilm-l6``, ``bert``, ``clip``, ``beitv2``, ...), a training run
             directory (holding ``student/``) or a saved student directory (holding ``mmkd_student.json``).
             ``clip`` without a ``tower`` option loads both towers, so it embeds text and images.
-        weights: Teacher checkpoint (teachers only; None: the teacher's default source).
+        weights: Teacher checkpoint (teachers only; None: the teacher's default weights).
         random_weights: Random teacher weights (tests only; ``weights`` may still give config and tokenizer).
         device: Torch device.
         tokenizer: Students: a tokenizer directory to use when none was saved beside the student.
@@ -338,20 +366,7 @@ def load_encoder(
             raise MmkdError(
                 f"{spec} is a trained student: weights, random weights and teacher options apply to teachers only"
             )
-        directory, run_dir = found
-        student = load_student(directory)
-        tok = None
-        if student.modality != "image":
-            tok = (
-                _load_tokenizer(Path(tokenizer))
-                if tokenizer
-                else _find_tokenizer([directory] + ([run_dir] if run_dir else []))
-            )
-        pre = student_preprocess(student, directory)
-        if pre is not None:
-            pre = _preprocess_override(pre, preprocess)
-        logger.info("evaluating the %s student in %s", student.name, directory)
-        return StudentEncoder(student, directory, tok, pre, device=device, run_dir=run_dir)
+        return _student_encoder(*found, tokenizer, preprocess, device)
     if spec not in TEACHERS:
         if path.exists():
             raise MmkdError(
@@ -363,14 +378,4 @@ def load_encoder(
         )
     if tokenizer or preprocess:
         raise MmkdError("tokenizer and preprocess overrides apply to students only; a teacher brings its own")
-    name = TEACHERS.canonical(spec)
-    if name == "clip" and "tower" not in teacher_options:
-        towers = {
-            t: create_teacher(name, weights, random_init=random_weights, device=device, tower=tower, **teacher_options)
-            for t, tower in (("text", "text"), ("image", "vision"))
-        }
-        return TeacherEncoder(name, towers["text"], towers["image"], device=device)
-    teacher = create_teacher(name, weights, random_init=random_weights, device=device, **teacher_options)
-    if teacher.modality == "text":
-        return TeacherEncoder(teacher.name, text=teacher, device=device)
-    return TeacherEncoder(teacher.name, image=teacher, device=device)
+    return _teacher_encoder(TEACHERS.canonical(spec), weights, random_weights, device, teacher_options)

@@ -3,16 +3,38 @@ the run's exported student as users load it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mmkd_core.errors import MmkdError
 
-from .encoders import load_encoder
-from .tasks import eval_image_text, eval_paraphrase
+from .encoders import Encoder, load_encoder
+from .tasks.image_text import eval_image_text
+from .tasks.paraphrase import eval_paraphrase
 
-RUN_TASKS = ("retrieval", "mrpc", "qqp")
 HELD_OUT_SCENES = 1000
+
+
+def _held_out_retrieval(encoder: Encoder, name: str, root: str, store_attrs: dict[str, Any]) -> dict[str, float]:
+    """Image–caption retrieval on held-out shapes scenes with two objects each, drawn as the store's were."""
+    options = dict(store_attrs["dataset"].get("options") or {})
+    options.update(count=HELD_OUT_SCENES, min_objects=2, max_objects=2)
+    return eval_image_text(encoder, "shapes", split="test", dataset_options=options)
+
+
+def _paraphrase(encoder: Encoder, name: str, root: str, store_attrs: dict[str, Any]) -> dict[str, float]:
+    """Zero-shot paraphrase retrieval on the dataset ``name`` under ``root``."""
+    return eval_paraphrase(encoder, name, root)
+
+
+# each --eval task (the name before any ":PATH") and how it is scored
+_RUNNERS: dict[str, Callable[[Encoder, str, str, dict[str, Any]], dict[str, float]]] = {
+    "retrieval": _held_out_retrieval,
+    "mrpc": _paraphrase,
+    "qqp": _paraphrase,
+}
+RUN_TASKS = tuple(_RUNNERS)
 
 
 def check_run_task(task: str) -> None:
@@ -46,10 +68,5 @@ def evaluate_run(
     results: dict[str, float] = {}
     for task in tasks:
         name, _, root = task.partition(":")
-        if name == "retrieval":
-            options = dict(store_attrs["dataset"].get("options") or {})
-            options.update(count=HELD_OUT_SCENES, min_objects=2, max_objects=2)
-            results.update(eval_image_text(encoder, "shapes", split="test", dataset_options=options))
-        else:
-            results.update(eval_paraphrase(encoder, name, root))
+        results.update(_RUNNERS[name](encoder, name, root, store_attrs))
     return results

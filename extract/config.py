@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmkd.app.options import option
 from mmkd_core.errors import MmkdError
 from mmkd_core.location import StoreURL, store_location
 from mmkd_core.quant import DTYPES
@@ -14,83 +15,138 @@ from mmkd_core.quant import DTYPES
 AUTOCAST = ("auto", "none", "bfloat16", "float16")
 
 
+def _teachers():
+    from mmkd_core.teachers import TEACHERS  # registers the teachers (imports torch: about 1.5 s of --help)
+
+    return TEACHERS
+
+
+def _datasets():
+    from mmkd.data import DATASETS
+
+    return DATASETS
+
+
+def _pools():
+    from mmkd_core.targets import POOLS
+
+    return POOLS
+
+
 @dataclass
 class ExtractConfig:
-    """Everything `mmkd-extract` needs; the CLI only fills this in.
+    """Everything `mmkd-extract` needs; the CLI only fills this in. Each field's help is its documentation
+    (``mmkd.app.options.options_of``); ``mmkd-extract --help`` prints it."""
 
-    Attributes:
-        teacher: Teacher registry name.
-        weights: Checkpoint file or directory; None uses the teacher's default source (package, hub cache).
-        random_weights: Use random weights. For tests only: the store records it.
-        teacher_options: Extra teacher options (architecture overrides, CLIP tower, ...).
-        dataset: Dataset registry name.
-        data_root: Dataset file or directory.
-        split: Dataset split.
-        dataset_options: Extra dataset options (e.g. ``count`` for shapes).
-        out: Store path, or a URL fsspec reaches (``s3://bucket/x.zarr``: a ``StoreURL``); None derives
-            ``<teacher>-<dataset>-<split>.zarr`` in the current directory.
-        views: Views per image (view 0 is the eval transform); text has one.
-        layers: "all", "last:K" or block indices.
-        pool: Pooled target; None picks teacher_mean for text teachers and teacher_cls for image teachers.
-        instance_norm: Instance-normalise each layer before averaging.
-        layer_norm: Layer-normalise the averaged targets.
-        pooled_only: Store only pooled targets; None: pooled only for pair stores (an image teacher over
-            image–caption data), per-token targets too otherwise.
-        text_tokenizer: Pair stores: the tokenizer the student's text tower reads the captions with (a
-            registered text teacher or a checkpoint directory); a two-tower teacher uses its own.
-        dtype: float16, float32, bfloat16 or int8.
-        codec: Compressor of the store's arrays (``mmkd_core.store.parse_codec``: ``lz4``, ``zstd-3``, ``none``,
-            ...); None: ``store.DEFAULT_CODEC`` for a new store, a resumed store's own.
-        batch_size: Teacher inputs per forward pass (images count each view).
-        device: torch device.
-        autocast: Teacher compute dtype: auto (what the hardware runs natively, ``mmkd_core.hardware``;
-            a resumed store keeps the one it recorded), none (float32), bfloat16 or float16.
-        limit: Use only the first N samples.
-        overwrite: Replace a store with another configuration.
-        plan: Predict the run instead (``plan.plan``: store size per dtype, time, write rate); write nothing.
-        workers: DataLoader processes decoding and augmenting images.
-        seed: Seed of the random views.
-        crop_scale: Area range of random crops.
-        chunk_size: Samples per chunk (0: about 4 MiB chunks).
-        shard_size: Samples per shard (0: 16 chunks).
-        cluster: ``local:N``: the shards spread over N worker processes of a dask.distributed LocalCluster
-            (one per GPU with a cuda device).
-        scheduler: Address of a running dask.distributed scheduler whose workers take the shards.
-        shards: ``K/N``: only the shards k ≡ K (mod N); N such commands fill one store together.
-    """
-
-    teacher: str = "minilm-l6"
-    weights: str | None = None
-    random_weights: bool = False
-    teacher_options: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "shapes"
-    data_root: str | None = None
-    split: str = "train"
-    dataset_options: dict[str, Any] = field(default_factory=dict)
-    out: Path | StoreURL | None = None
-    views: int = 1
-    layers: str = "all"
-    pool: str | None = None
-    instance_norm: bool = True
-    layer_norm: bool = True
-    pooled_only: bool | None = None
-    text_tokenizer: str | None = None
-    dtype: str = "float16"
-    codec: str | None = None
-    batch_size: int = 64
-    device: str = "cpu"
-    autocast: str = "auto"
-    limit: int | None = None
-    overwrite: bool = False
-    plan: bool = False
-    workers: int = 0
-    seed: int = 0
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    chunk_size: int = 0
-    shard_size: int = 0
-    cluster: str | None = None
-    scheduler: str | None = None
-    shards: str | None = None
+    teacher: str = option(
+        "minilm-l6",
+        choices=_teachers,
+        noun="teacher",
+        help=lambda: f"Teacher: {', '.join(_teachers().names())} (clip: --teacher-option tower=vision or tower=text).",
+    )
+    weights: str | None = option(
+        None,
+        help="Checkpoint file or directory, or a repo id in the local Hugging Face cache (default: the "
+        "teacher's own source).",
+    )
+    dataset: str = option(
+        "shapes",
+        choices=_datasets,
+        noun="dataset",
+        help=lambda: f"Dataset: {', '.join(_datasets().names())} (imagenet is imagefolder).",
+    )
+    data_root: str | None = option(None, help="Dataset file or directory.")
+    split: str = option("train", help="Dataset split.")
+    out: Path | StoreURL | None = option(
+        None,
+        metavar="PATH|URL",
+        help="Store path, or a URL fsspec reaches: s3://bucket/x.zarr, gs://..., memory://... (default: "
+        "<teacher>-<dataset>-<split>.zarr here).",
+    )
+    views: int = option(1, help="Views per image; view 0 is the eval transform. Text has one.")
+    layers: str = option("all", help="Teacher blocks to average: all, last:K, or indices like 0,5,11.")
+    pool: str | None = option(
+        None,
+        choices=_pools,
+        noun="pooled target",
+        help="Pooled target: cls or mean of the targets; teacher_cls or teacher_mean of the raw last block; "
+        "teacher_embed, the model's own output embedding (default: teacher_mean for text, teacher_cls for images, "
+        "teacher_embed for a two-tower teacher).",
+    )
+    layer_norm: bool = option(True, help="Layer-normalise the averaged targets.")
+    instance_norm: bool = option(True, help="Instance-normalise each layer before averaging.")
+    pooled_only: bool | None = option(
+        None,
+        flag="--pooled-only/--no-pooled-only",
+        help="Store only pooled targets, or per-token targets too (default: pooled only for image–caption pair "
+        "stores of an image teacher, tokens too otherwise).",
+        show_default=False,
+    )
+    text_tokenizer: str | None = option(
+        None,
+        help="Pair stores (an image teacher over image–caption data): the tokenizer of the captions the "
+        "student's text tower reads, a text teacher (e.g. minilm-l6) or a checkpoint directory.",
+    )
+    dtype: str = option(
+        "float16",
+        choices=DTYPES,
+        noun="storage dtype",
+        help=f"Storage dtype: {', '.join(DTYPES)} (bfloat16: its bits as uint16; int8: a per-token scale, "
+        "outlier channels kept).",
+    )
+    codec: str | None = option(
+        None,
+        metavar="NAME",
+        help="Compressor of the store (blosc): lz4 (the default: about 4x the speed of zstd-3 for about 10% more "
+        "bytes), zstd-3, zstd-1, lz4hc, none; NAME[-LEVEL][-bitshuffle]. Recorded; a resumed store keeps its own.",
+        show_default=False,
+    )
+    batch_size: int = option(64, help="Teacher inputs per forward pass (each view counts).")
+    device: str = option("cpu", help="torch device.")
+    autocast: str = option(
+        "auto",
+        choices=AUTOCAST,
+        noun="compute dtype",
+        help="Teacher compute dtype: auto (bfloat16 where the hardware runs it natively and a short probe finds "
+        "it faster, else float32; a resumed store keeps its own), none (float32), bfloat16, float16.",
+    )
+    limit: int | None = option(None, help="Use only the first N samples.")
+    overwrite: bool = option(False, help="Replace an existing store with another configuration.")
+    plan: bool = option(
+        False,
+        help="Only predict the run: the teacher on a few batches spread over the dataset, then the store size "
+        "(for every --dtype, compressed as stored), time and write rate it needs. Writes nothing.",
+    )
+    workers: int = option(0, help="Image decoding processes.")
+    seed: int = option(0, help="Seed of the random views.")
+    teacher_options: dict[str, Any] = option(
+        dict, flag="--teacher-option", keyvalue=True, help="Extra teacher option KEY=VALUE (repeatable)."
+    )
+    dataset_options: dict[str, Any] = option(
+        dict, flag="--dataset-option", keyvalue=True, help="Extra dataset option KEY=VALUE, e.g. count=2000."
+    )
+    random_weights: bool = option(False, help="Random teacher weights (tests only; recorded in the store).")
+    chunk_size: int = option(0, help="Samples per chunk (default: ~4 MiB chunks).")
+    shard_size: int = option(0, help="Samples per shard, the unit of work (default: 16 chunks).")
+    cluster: str | None = option(
+        None,
+        metavar="local:N",
+        help="Spread the shards over N worker processes of a dask.distributed LocalCluster started for the run "
+        "(with --device cuda: one worker per GPU).",
+    )
+    scheduler: str | None = option(
+        None,
+        metavar="ADDRESS",
+        help="Spread the shards over the workers of a running dask.distributed cluster (e.g. tcp://host:8786; "
+        "mmkd installed on the workers, the store and data at the same paths there).",
+    )
+    shards: str | None = option(
+        None,
+        metavar="K/N",
+        help="Extract only the shards k ≡ K (mod N): N such commands (a job array) fill one store together, "
+        "and the last to finish marks it complete.",
+    )
+    crop_scale: tuple[float, float] = option((0.08, 1.0), cli=False, help="Area range of random crops.")
 
     @property
     def cluster_workers(self) -> int | None:

@@ -1,6 +1,6 @@
 """Identical teacher inputs computed once per run: the teacher's work grows with distinct inputs, not rows.
 
-``labelled-captions`` over Fashion-MNIST has 60,000 rows and 10 distinct captions. A text source groups
+``labelled-captions`` over Fashion-MNIST has 60,000 rows and 10 distinct captions. A text feeder groups
 its rows by their token ids (after tokenization: what the teacher actually reads, so two spellings that
 tokenize alike are one input) and the teacher runs once per group; every row of a group is written from
 that one result. The store is unchanged: every row holds its targets, so any zarr or xarray reader gets
@@ -70,7 +70,7 @@ class DistinctInputs:
         self.computed = 0  # distinct inputs the teacher ran on in this process (a rerun batch counts again)
         self._kept: dict[int, dict[str, torch.Tensor | None]] = {}
         self._kept_bytes = 0
-        self._plans: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
+        self._canonical: dict[tuple[int, int | None], tuple[np.ndarray, list[np.ndarray]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_kept": {}, "_kept_bytes": 0}  # results stay in the process that made them
@@ -79,7 +79,7 @@ class DistinctInputs:
         """(count,) each input's canonical batch number, and each batch's inputs (batch 0: input 0 alone).
 
         Windows restart at every shard boundary (``shard_size`` rows; None: one shard)."""
-        if (batch_size, shard_size) not in self._plans:
+        if (batch_size, shard_size) not in self._canonical:
             batches = [np.zeros(1, dtype=np.int64)]
             window = WINDOW_BATCHES * batch_size
             n_rows = len(self.group)
@@ -94,8 +94,8 @@ class DistinctInputs:
             number = np.empty(self.count, dtype=np.int64)
             for b, ids in enumerate(batches):
                 number[ids] = b
-            self._plans[batch_size, shard_size] = (number, batches)
-        return self._plans[batch_size, shard_size]
+            self._canonical[batch_size, shard_size] = (number, batches)
+        return self._canonical[batch_size, shard_size]
 
     def batches(
         self, shards: list[tuple[int, int, int]], batch_size: int, make: Callable[[np.ndarray], dict[str, Any]]

@@ -4,9 +4,9 @@ independent commands that each take a slice of the shards (``--shards K/N``).
 On a cluster the client (the ``mmkd-extract`` command) probes the teacher, creates or verifies the store and
 holds its lock for the whole run, writes a pair store's captions itself (one cheap pass over short texts,
 before any image shard, as a single process does) and submits one task per pending shard. Each worker
-process builds the teacher and its input source once (a per-process cache keyed by the run's configuration)
-and writes its shards straight into the store, without the lock, through the batch loop a single process
-runs (``run._run_teacher``). One task per shard, so two workers never write one shard at once; a shard is
+process prepares the run once (``prepare``, with the client's layout: a per-process cache keyed by the run's
+configuration) and writes its shards straight into the store, without the lock, through ``fill``, as a single
+process does. One task per shard, so two workers never write one shard at once; a shard is
 marked done only after its data is written, so a worker lost mid-shard leaves it undone and the scheduler
 gives the task to another worker, which rewrites the shard whole. The first sample's first view is the
 probe's result, shipped with shard 0's task, exactly as a single process places it: the store is
@@ -44,17 +44,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 import zarr
 
+from mmkd.app.progress import progress_bar
 from mmkd_core.errors import MmkdError
-from mmkd_core.progress import progress_bar
 from mmkd_core.store import StoreLock, StoreWriter, config_diff, lock_path, open_store
 
 from .config import ExtractConfig
+from .fill import fill, shard_samples
+from .prepare import Prepared, prepare
 
 log = logging.getLogger(__name__)
 
@@ -210,99 +211,120 @@ def live_slices(store: Path) -> list[tuple[tuple[int, int], Path, dict[str, Any]
 
 
 def fill_on_cluster(
-    cfg: ExtractConfig,
-    writer: StoreWriter,
-    recipe: dict,
-    todo: list[int],
-    scope: list[int],
-    probe: dict,
-    label: str,
-    show_progress: bool,
+    prepared: Prepared, writer: StoreWriter, todo: list[int], scope: list[int], label: str, show_progress: bool
 ) -> None:
     """Compute and write the shards ``todo`` on dask.distributed workers, one task per shard, with one
     progress bar over all of them. The caller holds the store's lock (or its slice's) throughout.
 
     Args:
-        cfg: The run's configuration (``cluster`` or ``scheduler`` set).
+        prepared: The run (``prepare``; ``cluster`` or ``scheduler`` set): its configuration, recipe and the
+            probe's result, which shard 0's task places.
         writer: The store's writer: its layout, and the done shards when interrupted.
-        recipe: The target recipe, as the store records it.
         todo: Shards to write.
         scope: The run's shards (the progress bar's total).
-        probe: The layout probe's result (the first sample's first view), placed by shard 0's task.
         label: The progress bar's label.
         show_progress: Show the progress bar.
     """
-    from distributed import KilledWorker, as_completed
-
-    from .run import _samples
-
     layout = writer.layout
-    task_cfg = _portable(cfg)
     run_id = secrets.token_hex(4)
     topic = f"mmkd-extract-{run_id}"
     events: queue.SimpleQueue = queue.SimpleQueue()
-    with _connect(cfg) as (client, local):
-        resources = _resources(cfg, client, local)
+    with _connect(prepared.cfg) as (client, local):
+        resources = _resources(prepared.cfg, client, local)
         client.subscribe_topic(topic, events.put)
-        shipped = _to_cpu(probe) if 0 in todo else None
-        futures = {
-            client.submit(
-                _shard_task,
-                task_cfg,
-                layout,
-                recipe,
-                k,
-                shipped if k == 0 else None,
-                topic,
-                key=f"mmkd-shard-{k}-{run_id}",
-                resources=resources,
-                pure=False,
-            ): k
-            for k in todo
-        }
-        sizes = {k: hi - lo for k in todo for lo, hi in [layout.shard_range(k)]}
-        # samples computed per shard and attempt: a shard given to another worker counts once (its best attempt)
-        attempts: dict[int, dict[str, int]] = {k: {} for k in todo}
-        total = _samples(layout, scope)
-        shown = 0
-        finishing = as_completed(futures)
+        futures = _submit(client, prepared, layout, todo, topic, run_id, resources)
+        total = shard_samples(layout, scope)
         with progress_bar(
             label + f" on {len(client.nthreads())} workers",
             total=total,
-            completed=total - _samples(layout, todo),
+            completed=total - shard_samples(layout, todo),
             enabled=show_progress,
         ) as advance:
             try:
-                while not finishing.is_empty():
-                    for future in finishing.next_batch(block=False):
-                        k = futures[future]
-                        future.result()  # a task's error is raised here
-                        attempts[k]["done"] = sizes[k]
-                    while not events.empty():
-                        _, (k, attempt, m) = events.get()
-                        attempts[k][attempt] = attempts[k].get(attempt, 0) + m
-                    now = sum(min(sizes[k], max(a.values(), default=0)) for k, a in attempts.items())
-                    advance(now - shown)
-                    shown = now
-                    time.sleep(0.2)
-            except KilledWorker as e:
+                _follow(futures, events, _ShardProgress(layout, todo), advance)
+            except BaseException as e:
                 _stop(client, futures, local)
-                shard = next((k for f, k in futures.items() if f.key == e.task), "?")
-                raise MmkdError(
-                    f"shard {shard}: the {e.allowed_failures + 1} workers that ran it died (out of memory?); "
-                    + _progress(writer)
-                ) from None
-            except KeyboardInterrupt:
-                _stop(client, futures, local)
-                raise MmkdError(f"interrupted: {_progress(writer)}") from None
-            except ImportError as e:  # a remote worker without mmkd, or without the teacher's packages
-                _stop(client, futures, local)
-                raise MmkdError(
-                    f"a worker cannot import {e.name or e}: install mmkd and the teacher's packages on every worker"
-                ) from None
-            except BaseException:
-                _stop(client, futures, local)
-                raise
+                error = _explained(e, futures, writer)
+                if error is None:
+                    raise
+                raise error from None
+
+
+def _submit(client, prepared: Prepared, layout, todo: list[int], topic: str, run_id: str, resources) -> dict:
+    """One task per shard of ``todo`` (shard 0's with the probe's result): {future: shard}."""
+    task_cfg = _portable(prepared.cfg)
+    shipped = _to_cpu(prepared.probe) if 0 in todo else None
+    return {
+        client.submit(
+            _shard_task,
+            task_cfg,
+            layout,
+            prepared.recipe,
+            k,
+            shipped if k == 0 else None,
+            topic,
+            key=f"mmkd-shard-{k}-{run_id}",
+            resources=resources,
+            pure=False,
+        ): k
+        for k in todo
+    }
+
+
+class _ShardProgress:
+    """Samples computed per shard and attempt, from the workers' events: a shard given to another worker
+    counts once (its best attempt), a finished one whole."""
+
+    def __init__(self, layout, todo: list[int]) -> None:
+        self.sizes = {k: hi - lo for k in todo for lo, hi in [layout.shard_range(k)]}
+        self.attempts: dict[int, dict[str, int]] = {k: {} for k in todo}
+
+    def add(self, k: int, attempt: str, m: int) -> None:
+        self.attempts[k][attempt] = self.attempts[k].get(attempt, 0) + m
+
+    def done(self, k: int) -> None:
+        self.attempts[k]["done"] = self.sizes[k]
+
+    def samples(self) -> int:
+        return sum(min(self.sizes[k], max(a.values(), default=0)) for k, a in self.attempts.items())
+
+
+def _follow(futures: dict, events: queue.SimpleQueue, progress: _ShardProgress, advance: Callable) -> None:
+    """Wait for every task, advancing the progress bar by the workers' events; a task's error is raised."""
+    from distributed import as_completed
+
+    shown = 0
+    finishing = as_completed(futures)
+    while not finishing.is_empty():
+        for future in finishing.next_batch(block=False):
+            future.result()  # a task's error is raised here
+            progress.done(futures[future])
+        while not events.empty():
+            _, (k, attempt, m) = events.get()
+            progress.add(k, attempt, m)
+        now = progress.samples()
+        advance(now - shown)
+        shown = now
+        time.sleep(0.2)
+
+
+def _explained(error: BaseException, futures: dict, writer: StoreWriter) -> MmkdError | None:
+    """The one-line error a stopped cluster run reports for ``error``; None: ``error`` itself."""
+    from distributed import KilledWorker
+
+    if isinstance(error, KilledWorker):
+        shard = next((k for f, k in futures.items() if f.key == error.task), "?")
+        return MmkdError(
+            f"shard {shard}: the {error.allowed_failures + 1} workers that ran it died (out of memory?); "
+            + _progress(writer)
+        )
+    if isinstance(error, KeyboardInterrupt):
+        return MmkdError(f"interrupted: {_progress(writer)}")
+    if isinstance(error, ImportError):  # a remote worker without mmkd, or without the teacher's packages
+        return MmkdError(
+            f"a worker cannot import {error.name or error}: install mmkd and the teacher's packages on every worker"
+        )
+    return None
 
 
 def _progress(writer: StoreWriter) -> str:
@@ -440,22 +462,19 @@ def _shard_task(cfg: ExtractConfig, layout, recipe: dict, k: int, probe: dict | 
     """A worker's task: compute shard ``k`` and write it into the store (the probe's result placed in shard 0)."""
     from distributed import get_worker
 
-    from .run import ShardQueue, _run_teacher
-
     worker = get_worker()
-    ctx = _context(cfg, layout, recipe, worker)
+    prepared, writer = _context(cfg, layout, recipe, worker)
     attempt = secrets.token_hex(4)
 
     def advance(m: int = 1) -> None:
         worker.log_event(topic, (k, attempt, int(m)))
 
-    with ShardQueue(ctx.writer, ctx.source) as shard_queue:
-        _run_teacher(ctx.cfg, ctx.teacher, ctx.source, recipe, layout, [k], shard_queue, advance, probe)
+    fill(dataclasses.replace(prepared, probe=probe), writer, [k], advance)
     return k
 
 
-def _context(cfg: ExtractConfig, layout, recipe: dict, worker) -> SimpleNamespace:
-    """The teacher, source and writer of this worker process, built once per run configuration."""
+def _context(cfg: ExtractConfig, layout, recipe: dict, worker) -> tuple[Prepared, StoreWriter]:
+    """The prepared run and the writer of this worker process, built once per run configuration."""
     key = json.dumps([dataclasses.asdict(cfg), dataclasses.asdict(layout), recipe], default=str, sort_keys=True)
     with _CONTEXT_LOCK:
         if _CONTEXT.get("key") != key:
@@ -464,28 +483,25 @@ def _context(cfg: ExtractConfig, layout, recipe: dict, worker) -> SimpleNamespac
         return _CONTEXT["value"]
 
 
-def _build(cfg: ExtractConfig, layout, recipe: dict, worker) -> SimpleNamespace:
-    from .run import _inputs, _recipe, _source
-
+def _build(cfg: ExtractConfig, layout, recipe: dict, worker) -> tuple[Prepared, StoreWriter]:
     if cfg.cluster and torch.device(cfg.device).type == "cuda":
         cfg = dataclasses.replace(cfg, device=f"cuda:{int(worker.name)}")  # a local cluster: worker i, GPU i
     elif cfg.cluster:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cpus // cfg.cluster_workers))  # the host's cores shared by its workers
-    dataset, teacher, samples, n, pairs = _inputs(cfg)
+    prepared = prepare(cfg, layout)
     where = f"worker {worker.address} on {socket.gethostname()}"
     stored = open_store(cfg.out).attrs
-    mine = {k: v for k, v in teacher.describe().items() if k != "source"}  # its path may differ on this host
+    mine = {k: v for k, v in prepared.teacher.describe().items() if k != "source"}  # its path may differ here
     diff = config_diff({k: stored["teacher"].get(k) for k in mine}, mine, "teacher.")
-    if diff is None and _recipe(cfg, teacher, pairs) != recipe:
+    if diff is None and prepared.recipe != recipe:
         diff = "recipe"
-    if diff is None and n != layout.num_samples:
+    if diff is None and prepared.num_samples != layout.num_samples:
         diff = "dataset.num_samples"
     if diff is not None:
         raise MmkdError(
             f"{where}: its {diff} differs from the store's; give every worker the same mmkd, weights and data"
         )
-    source = _source(cfg, samples, teacher, n)
     writer = StoreWriter(cfg.out, layout, zarr.open_group(str(cfg.out), mode="r+"))  # the client holds the lock
     log.info("%s: teacher %s loaded", where, cfg.teacher)
-    return SimpleNamespace(cfg=cfg, teacher=teacher, source=source, writer=writer)
+    return prepared, writer

@@ -1,7 +1,7 @@
 """Teacher inputs and outputs for a joint image–text teacher (FLAVA): one sample per image–caption pair.
 
-Each pair's image views are rendered as ``ImageSource`` renders them and its caption is tokenized as
-``TextSource`` tokenizes it. Per pair and view the store gets the joint output (``pooled``) and, for MSD, the
+Each pair's image views are rendered as ``ImageFeeder`` renders them and its caption is tokenized as
+``TextFeeder`` tokenizes it. Per pair and view the store gets the joint output (``pooled``) and, for MSD, the
 teacher's output with the text removed (``pooled_without_text``: the image alone), with the image removed
 (``pooled_without_image``: the caption alone) and the ``saliency`` of each modality,
 ``[1 − cos(t, t_¬image), 1 − cos(t, t_¬text)]``. How a modality is removed is the teacher's convention,
@@ -20,15 +20,15 @@ from mmkd_core.errors import MmkdError
 from mmkd_core.losses import msd_saliency
 from mmkd_core.targets import recipe_targets
 
-from .sources import ImageSource, TextSource
+from .feeders import Extra, ImageFeeder, TextFeeder
 
 # the order of the saliency array's last axis
 MODALITIES = ("image", "text")
 OUTPUTS = ("pooled_without_text", "pooled_without_image", "saliency")
 
 
-class JointSource(ImageSource):
-    """Image views of each pair (``ImageSource``) with its tokenized caption (``TextSource``) beside them.
+class JointFeeder(ImageFeeder):
+    """Image views of each pair (``ImageFeeder``) with its tokenized caption (``TextFeeder``) beside them.
 
     The store's time axis is the caption's: ``input_ids`` (N, T) and ``lengths`` are the captions', as in a
     text store; the image's tokens are not stored (joint stores are pooled-only), ``view_params`` replay
@@ -39,7 +39,7 @@ class JointSource(ImageSource):
         if not hasattr(teacher, "forward_removed"):
             raise MmkdError(f"--teacher {teacher.name}: a joint teacher must say how it removes a modality")
         super().__init__(dataset, teacher, n, views, seed, crop_scale, workers)
-        self.text = TextSource(dataset, teacher, n)
+        self.text = TextFeeder(dataset, teacher, n)
         self.pooled_dim: int | None = None
 
     def extra_attrs(self) -> dict[str, Any]:
@@ -48,21 +48,24 @@ class JointSource(ImageSource):
     def time_steps(self, probe: dict) -> int:
         return self.text.time_steps(probe)
 
-    def extras(self) -> list[tuple[str, tuple[int, ...], str, tuple[str, ...]]]:
+    def row_lengths(self, n: int, time_steps: int) -> np.ndarray:
+        return self.text.lengths
+
+    def extras(self) -> tuple[Extra, ...]:
         """The per-modality outputs, per (sample, view), float32."""
         if self.pooled_dim is None:
-            raise RuntimeError("JointSource.extras: run targets() on the probe batch first (it fixes the width)")
+            raise RuntimeError("JointFeeder.extras: run targets() on the probe batch first (it fixes the width)")
         v, e = self.views, self.pooled_dim
         per_view = ("sample", "view", "pooled_channel")
-        return [
+        return (
             ("pooled_without_text", (v, e), "float32", per_view),
             ("pooled_without_image", (v, e), "float32", per_view),
             ("saliency", (v, len(MODALITIES)), "float32", ("sample", "view", "modality")),
-        ]
+        )
 
     def _with_text(self, batch: dict[str, Any], positions: np.ndarray) -> dict[str, Any]:
         """``batch`` with each row's caption (a pair's views share it) beside its pixels."""
-        text = self.text._batch(positions)["inputs"]
+        text = self.text.rows_batch(positions)["inputs"]
         return {**batch, "inputs": {**batch["inputs"], **text}}
 
     def probe_batch(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from mmkd_core.store import Layout, StoreWriter, open_store
 from mmkd_core.teachers import create_teacher, list_teachers
 from mmkd_core.teachers.base import TextPreprocess
 
-from .sources import TextSource
+from .feeders import Extra, TextFeeder
 
 CAPTIONS = "captions"  # the caption store's group inside a pair store
 # captions are short: a longer limit only pads (the student's text tower holds max_position tokens)
@@ -84,7 +84,7 @@ class CaptionTokenizer:
 
 
 class _Captions:
-    """The captions of the first ``n`` images, in pair order (the text a TextSource tokenizes)."""
+    """The captions of the first ``n`` images, in pair order (the text a TextFeeder tokenizes)."""
 
     def __init__(self, pairs, positions: np.ndarray) -> None:
         self.pairs, self.positions = pairs, positions
@@ -96,14 +96,14 @@ class _Captions:
         return self.pairs.text(int(self.positions[k]))
 
 
-class CaptionSource(TextSource):
+class CaptionFeeder(TextFeeder):
     """Captions tokenized, with the image row each shows; the teacher's text tower embeds them."""
 
     def __init__(self, captions: _Captions, teacher, image_rows: np.ndarray) -> None:
         super().__init__(captions, teacher, len(captions))
         self.positions, self.image_rows = captions.positions, image_rows
 
-    def extras(self):
+    def extras(self) -> tuple[Extra, ...]:
         return (("image", (), "int64", ("sample",)),)
 
     def finish_shard(self, shard: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
@@ -111,7 +111,7 @@ class CaptionSource(TextSource):
         return {**out, "index": self.positions[lo:hi], "image": self.image_rows[lo:hi]}
 
 
-class TokenizedCaptions(CaptionSource):
+class TokenizedCaptionFeeder(CaptionFeeder):
     """Captions tokenized only (no text teacher): the store holds their ids, no caption targets."""
 
     def targets(self, teacher, batch: dict, recipe: dict, autocast) -> dict[str, Any]:
@@ -137,11 +137,12 @@ class PairCaptions:
             raise MmkdError("--text-tokenizer: the two-tower teacher tokenizes its captions itself; leave it out")
         self.teacher = text_tower if text_tower is not None else CaptionTokenizer(text_tokenizer)
         keep = np.flatnonzero(images.image_of_caption < n)
-        kind = CaptionSource if text_tower is not None else TokenizedCaptions
-        self.source = kind(_Captions(pairs, keep), self.teacher, images.image_of_caption[keep])
+        kind = CaptionFeeder if text_tower is not None else TokenizedCaptionFeeder
+        self.texts = _Captions(pairs, keep)
+        self.feeder = kind(self.texts, self.teacher, images.image_of_caption[keep])
 
     def __len__(self) -> int:
-        return len(self.source.positions)
+        return len(self.feeder.positions)
 
     def extra_attrs(self) -> dict[str, Any]:
         """Recorded, not compared: where the captions' tokenizer was read (the student exports it)."""

@@ -43,9 +43,10 @@ from mmkd_core import quant
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import Layout, _codecs
 
-from . import run
 from .config import ExtractConfig
-from .sources import teacher_targets
+from .fill import empty_shard, place
+from .prepare import Prepared, open_writer, prepare
+from .report import human_bytes
 
 PLAN_BATCHES = 4
 SHARD_INDEX_BYTES = 16  # per chunk of a shard (offset and length, uint64 each); plus a crc32c per shard
@@ -84,7 +85,7 @@ class PlanSummary:
         setup_seconds: Loading, tokenizing and the layout probe, measured (the run does them too).
         teacher_seconds: Predicted teacher time of the run.
         write_seconds: Predicted encode-and-compress time of the run (overlaps the teacher).
-        autocast: The teacher's compute dtype, measured with, and why (``run.resolve_autocast``).
+        autocast: The teacher's compute dtype, measured with, and why (``autocast.resolve_autocast``).
     """
 
     samples: int
@@ -128,87 +129,82 @@ def plan(cfg: ExtractConfig) -> PlanSummary:
     Writes nothing: no store directory and no lock file (the metadata is measured in a temporary directory).
     """
     start = time.perf_counter()
-    _, teacher, samples, n, pairs = run._inputs(cfg)
-    cfg, compute = run.resolve_autocast(cfg, teacher)  # the run's own choice: the times are of that dtype
-    if pairs:
+    prepared = prepare(cfg)  # the run's own compute dtype: the times are of that dtype
+    if prepared.captions is not None:
         raise MmkdError("--plan: pair stores (an image teacher over image–caption data) are not planned yet")
-    source = run._source(cfg, samples, teacher, n)
-    recipe = run._recipe(cfg, teacher)
-    layout, _ = run._layout(cfg, teacher, source, recipe, n)
     setup = time.perf_counter() - start
 
-    parts, timings = _sample(cfg, teacher, source, recipe, layout)
+    parts, timings = _sample(prepared)
     rows = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    sampled = len(rows["index"])
     timed = timings[1:] or timings  # the first batch warms up
     rates = [inputs / max(seconds, 1e-9) for inputs, seconds in timed]
     rate = statistics.median(rates)
-    distinct = getattr(source, "distinct_inputs", None)
-    work = distinct if distinct is not None else n * source.views
-    sizes, write_seconds = [], 0.0
-    for dtype in (cfg.dtype, *[d for d in quant.DTYPES if d != cfg.dtype]):
-        lay = dataclasses.replace(layout, dtype=dtype)
-        tick = time.perf_counter()
-        data = _compressed(lay, rows)  # chunks as long as the store's, as far as the sample goes
-        if dtype == cfg.dtype:
-            write_seconds = (time.perf_counter() - tick) * n / sampled
-        units = _units(lay, source, n)
-        fixed = _shard_overhead(lay) + _metadata_bytes(cfg, samples, teacher, source, recipe, lay, n)
-        body = sum(data[name][0] / max(data[name][1], 1.0) * units[name] for name in units)
-        # each batch's own estimate: the standard error of their mean, relative
-        per_run = [_compressed(lay, run_rows) for run_rows in parts] if len(parts) > 1 else []
-        each = [sum(r[name][0] / max(r[name][1], 1.0) * units[name] for name in units) for r in per_run]
-        spread = statistics.stdev(each) / math.sqrt(len(each)) / statistics.mean(each) if each else 0.0
-        sizes.append(SizeEstimate(dtype, int(round(body + fixed)), n, spread * body / (body + fixed)))
+    n, feeder = prepared.num_samples, prepared.feeder
+    distinct = feeder.distinct_inputs
+    work = distinct if distinct is not None else n * feeder.views
+    sizes, write_seconds = _sizes(prepared, parts, rows)
     return PlanSummary(
         samples=n,
-        views=source.views,
+        views=feeder.views,
         teacher_inputs=work,
         distinct_inputs=distinct,
-        sampled=sampled,
+        sampled=len(rows["index"]),
         batches=len(timings),
-        dtype=cfg.dtype,
+        dtype=prepared.cfg.dtype,
         sizes=sizes,
         inputs_per_second=rate,
         rate_range=(min(rates), max(rates)),
         setup_seconds=setup,
         teacher_seconds=work / max(rate, 1e-9),
         write_seconds=write_seconds,
-        autocast=str(compute),
+        autocast=str(prepared.compute),
     )
 
 
-def _sample(cfg: ExtractConfig, teacher, source, recipe: dict, layout: Layout):
+def _sizes(p: Prepared, parts: list[dict[str, np.ndarray]], rows: dict[str, np.ndarray]):
+    """The predicted store of every dtype (the configured one first), and the configured one's write time."""
+    cfg, n = p.cfg, p.num_samples
+    sampled = len(rows["index"])
+    sizes, write_seconds = [], 0.0
+    for dtype in (cfg.dtype, *[d for d in quant.DTYPES if d != cfg.dtype]):
+        lay = dataclasses.replace(p.layout, dtype=dtype)
+        tick = time.perf_counter()
+        data = _compressed(lay, rows)  # chunks as long as the store's, as far as the sample goes
+        if dtype == cfg.dtype:
+            write_seconds = (time.perf_counter() - tick) * n / sampled
+        units = _units(lay, p.feeder, n)
+        fixed = _shard_overhead(lay) + _metadata_bytes(dataclasses.replace(p, layout=lay))
+        body = sum(data[name][0] / max(data[name][1], 1.0) * units[name] for name in units)
+        # each batch's own estimate: the standard error of their mean, relative
+        per_run = [_compressed(lay, run_rows) for run_rows in parts] if len(parts) > 1 else []
+        each = [sum(r[name][0] / max(r[name][1], 1.0) * units[name] for name in units) for r in per_run]
+        spread = statistics.stdev(each) / math.sqrt(len(each)) / statistics.mean(each) if each else 0.0
+        sizes.append(SizeEstimate(dtype, int(round(body + fixed)), n, spread * body / (body + fixed)))
+    return sizes, write_seconds
+
+
+def _sample(p: Prepared):
     """Per run, the sampled rows' arrays as a shard gives them to the writer (float32 targets); per batch,
-    (teacher inputs, seconds). Runs of one batch each, spread evenly; text runs its rows as one plain batch
-    (the plan needs representative rows, not the canonical batches of ``dedupe``)."""
-    n = layout.num_samples
-    per = max(1, cfg.batch_size // source.views)
+    (teacher inputs, seconds). Runs of one batch each, spread evenly; text runs its rows as one batch
+    (``Feeder.sample_batches``: the plan needs representative rows, not the canonical batches of ``dedupe``)."""
+    n, feeder = p.num_samples, p.feeder
+    per = max(1, p.cfg.batch_size // feeder.views)
     if n <= PLAN_BATCHES * per:  # all of it
         starts = list(range(0, n, per))
     else:  # the first run, the last and evenly between: they never overlap
         starts = [round(j * (n - per) / (PLAN_BATCHES - 1)) for j in range(PLAN_BATCHES)]
     ranges = [(j, lo, min(lo + per, n)) for j, lo in enumerate(starts)]
-    text = hasattr(source, "distinct")
-    if text:
-        batches = (source._batch(np.arange(lo, hi), k) for k, lo, hi in ranges)
-    else:
-        batches = source.batches(ranges, cfg.batch_size)
-    shards = [run._empty_shard(layout, lo, hi) for _, lo, hi in ranges]
+    shards = [empty_shard(p.layout, lo, hi) for _, lo, hi in ranges]
     timings = []
     with torch.inference_mode():
         tick = time.perf_counter()
-        for batch in batches:
+        for batch in feeder.sample_batches(ranges, p.cfg.batch_size):
             lo = ranges[batch["shard"]][1]
-            if text:
-                out = teacher_targets(teacher, batch, recipe, lambda: run._autocast(cfg))
-            else:
-                out = run._targets(teacher, source, batch, recipe, cfg)
-            run._place(shards[batch["shard"]], batch, out, lo)
+            place(shards[batch["shard"]], batch, p.targets(batch), lo)
             now = time.perf_counter()
             timings.append((len(batch["positions"]), now - tick))
             tick = time.perf_counter()
-    return [source.finish_shard(shard, lo, hi) for shard, (_, lo, hi) in zip(shards, ranges, strict=True)], timings
+    return [feeder.finish_shard(shard, lo, hi) for shard, (_, lo, hi) in zip(shards, ranges, strict=True)], timings
 
 
 def _encoded(layout: Layout, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -259,18 +255,10 @@ def _weights(layout: Layout, name: str, lengths: np.ndarray) -> np.ndarray:
     return lengths.astype(np.float64) if "time" in dims else np.ones(len(lengths))
 
 
-def _units(layout: Layout, source, n: int) -> dict[str, float]:
-    lengths = _all_lengths(source, n, layout.time_steps)
+def _units(layout: Layout, feeder, n: int) -> dict[str, float]:
+    """What each array's size follows, summed over the selection (tokenized text knows its lengths up front)."""
+    lengths = feeder.row_lengths(n, layout.time_steps)
     return {name: float(_weights(layout, name, lengths).sum()) for name in layout.arrays()}
-
-
-def _all_lengths(source, n: int, time_steps: int) -> np.ndarray:
-    """Every row's valid time steps: tokenized text knows them up front; images have T each."""
-    for holder in (source, getattr(source, "text", None)):
-        lengths = getattr(holder, "lengths", None)
-        if isinstance(lengths, np.ndarray) and len(lengths) == n:
-            return lengths
-    return np.full(n, time_steps)
 
 
 def _shard_overhead(layout: Layout) -> int:
@@ -279,11 +267,11 @@ def _shard_overhead(layout: Layout) -> int:
     return len(layout.arrays()) * layout.num_shards * per_shard + layout.num_shards
 
 
-def _metadata_bytes(cfg: ExtractConfig, samples, teacher, source, recipe: dict, layout: Layout, n: int) -> int:
+def _metadata_bytes(p: Prepared) -> int:
     """Every zarr.json of the store, as the run writes them, in a temporary directory removed after."""
     with tempfile.TemporaryDirectory(prefix="mmkd-plan-") as tmp:
-        out = Path(tmp) / cfg.out.name  # a local path or a StoreURL: the name only
-        writer = run._open_writer(dataclasses.replace(cfg, out=out), samples, teacher, source, recipe, layout, n)
+        out = Path(tmp) / p.cfg.out.name  # a local path or a StoreURL: the name only
+        writer = open_writer(dataclasses.replace(p, cfg=dataclasses.replace(p.cfg, out=out)))
         with contextlib.closing(writer):
             return sum(f.stat().st_size for f in out.rglob("zarr.json"))
 
@@ -310,16 +298,10 @@ def plan_tables(p: PlanSummary) -> list[Table]:
         sizes.add_column(column, justify="right" if column != "dtype" else "left")
     for s in p.sizes:
         mark = " (chosen)" if s.dtype == p.dtype else ""
-        sizes.add_row(s.dtype + mark, _human(s.bytes_per_sample), _human(s.store_bytes), f"{100 * s.spread:.1f} %")
+        sizes.add_row(
+            s.dtype + mark, human_bytes(s.bytes_per_sample), human_bytes(s.store_bytes), f"{100 * s.spread:.1f} %"
+        )
     return [run_table, sizes]
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 def _duration(seconds: float) -> str:

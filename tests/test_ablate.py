@@ -14,13 +14,10 @@ import pytest
 from conftest import WORDS, save_tiny_bert
 from typer.testing import CliRunner
 
-from mmkd.evaluate import evaluate_run
-from mmkd.extract.config import ExtractConfig
-from mmkd.extract.run import extract
-from mmkd.train.ablate import AblateConfig, ablate, parse_vary, plan
-from mmkd.train.ablate_cli import app
-from mmkd.train.ablate_grid import run_name
-from mmkd.train.ablate_report import (
+from mmkd.ablate import AblateConfig, ablate, jobs, parse_vary
+from mmkd.ablate.cli import app
+from mmkd.ablate.grid import run_name
+from mmkd.ablate.report import (
     Table,
     build_rows,
     gap_closed,
@@ -28,6 +25,9 @@ from mmkd.train.ablate_report import (
     of_teacher,
     passes_sentence,
 )
+from mmkd.evaluate import evaluate_run
+from mmkd.extract.config import ExtractConfig
+from mmkd.extract.run import extract
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import open_store
 
@@ -180,17 +180,17 @@ def test_gap_and_ratio_by_hand(store, mrpc, tmp_path):
     assert mean_spread([0.5, 0.75]) == (pytest.approx(0.625), pytest.approx(0.25 / math.sqrt(2)))
     # two seeds: each against the init of its own seed. Seed 0: (0.5-0.2)/(0.8-0.2) = 0.5, seed 1:
     # (0.7-0.4)/(0.8-0.4) = 0.75, mean 0.625; the gap of the means, (0.6-0.3)/(0.8-0.3), would be 0.6
-    p = plan(_cfg(store, mrpc, tmp_path / "hand", vary=["init=teacher"], repeat=2))
+    found = jobs(_cfg(store, mrpc, tmp_path / "hand", vary=["init=teacher"], repeat=2))
     headline = {"teacher": 0.8, "init=teacher,seed=0": 0.2, "init=teacher,seed=1": 0.4}
     headline |= {"init=teacher,seed=0#run": 0.5, "init=teacher,seed=1#run": 0.7}
 
     def record(h):
         return {"results": {"mrpc": {"metrics": {"mrpc/train/s1_to_s2_r1": h}, "headline": h}}, "seconds": {}}
 
-    records = {str(p.teacher.directory): record(0.8)}
-    records |= {str(j.directory): record(headline[j.directory.name]) for j in p.inits}
-    records |= {str(j.directory): record(headline[j.directory.name + "#run"]) for j in p.runs}
-    teacher, init, run = build_rows(p, records)
+    records = {str(found.teacher.directory): record(0.8)}
+    records |= {str(j.directory): record(headline[j.directory.name]) for j in found.inits}
+    records |= {str(j.directory): record(headline[j.directory.name + "#run"]) for j in found.runs}
+    teacher, init, run = build_rows(found, records)
     assert run.gap_closed == [pytest.approx(0.5), pytest.approx(0.75)]
     assert mean_spread(run.gap_closed)[0] == pytest.approx(0.625)
     assert run.of_teacher == [pytest.approx(0.625), pytest.approx(0.875)]
@@ -203,15 +203,15 @@ def test_gap_and_ratio_by_hand(store, mrpc, tmp_path):
         return Table(rows, [], ["mrpc"], {"mrpc": "mean"}, [], passes, {}, 2).notes()
 
     assert not any("at or above the teacher" in line for line in notes([teacher, init, run]))
-    records |= {str(j.directory): record(0.9) for j in p.inits}
-    above = [line for line in notes(build_rows(p, records)) if "at or above the teacher" in line]
+    records |= {str(j.directory): record(0.9) for j in found.inits}
+    above = [line for line in notes(build_rows(found, records)) if "at or above the teacher" in line]
     assert above == [
         "init init=teacher scores 0.9000, at or above the teacher's 0.8000: for its runs the gap (of 0.1000) "
         "is the way back to the teacher's score."
     ]
     # a teacher that cannot do the task (a text teacher, image-text retrieval): no ratio, no gap, the reason kept
-    records[str(p.teacher.directory)] = {"results": {"mrpc": {"error": "embeds text only"}}, "seconds": {}}
-    teacher, _, run = build_rows(p, records)
+    records[str(found.teacher.directory)] = {"results": {"mrpc": {"error": "embeds text only"}}, "seconds": {}}
+    teacher, _, run = build_rows(found, records)
     assert teacher.errors == {"mrpc": "embeds text only"} and all(
         math.isnan(v) for v in run.of_teacher + run.gap_closed
     )
@@ -223,18 +223,18 @@ def test_an_interrupted_ablation_continues_and_gives_the_same_table(full, store,
     ablate(_cfg(store, mrpc, out, vary=["loss=token_mse=1", "init=teacher,random"]))
     before = {name: _mtimes(out / name) for name in ("init=teacher,loss=token_mse=1,seed=0", "init", "teacher")}
     # the whole grid, killed inside the first run it trains, after that run's first checkpoint
-    from mmkd.train import loop
+    from mmkd.train.recipe import TrainRecipe
 
-    real = loop.save_checkpoint
+    real = TrainRecipe.save_checkpoint
 
-    def killed_after_first(run_dir, step, *args, **kwargs):
-        real(run_dir, step, *args, **kwargs)
+    def killed_after_first(recipe):
+        real(recipe)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "save_checkpoint", killed_after_first)
+    monkeypatch.setattr(TrainRecipe, "save_checkpoint", killed_after_first)
     with pytest.raises(KeyboardInterrupt):
         ablate(_cfg(store, mrpc, out))
-    monkeypatch.setattr(loop, "save_checkpoint", real)
+    monkeypatch.setattr(TrainRecipe, "save_checkpoint", real)
     stopped = out / "init=teacher,loss=token_mse=1+pooled_mse=1,seed=0"
     assert (stopped / "checkpoints" / "step_00000001").is_dir() and not (stopped / "eval.json").exists()
     ablate(_cfg(store, mrpc, out))
@@ -379,7 +379,7 @@ def test_the_console_script_killed_after_its_first_run_continues(full, store, mr
     out = tmp_path / "abl"
     args = ["--targets", str(store), "--out", str(out), "--eval", f"mrpc:{mrpc}", "--quiet"]
     args += [a for v in VARY for a in ("--vary", v)]
-    cmd = [sys.executable, "-m", "mmkd.train.ablate_cli", *args, "--", *TRAIN]
+    cmd = [sys.executable, "-m", "mmkd.ablate.cli", *args, "--", *TRAIN]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     first = out / "init=teacher,loss=token_mse=1,seed=0" / "eval.json"
@@ -406,13 +406,13 @@ def test_help_shows_examples():
 def test_a_grid_file_that_is_a_list_is_the_union_of_its_grids(store, mrpc, tmp_path):
     """One factor at a time: a base run and variants of it, not their product; a run two entries give is
     planned once, and --vary applies to every entry."""
-    from mmkd.train.ablate_grid import merge_grids, read_grid
+    from mmkd.ablate.grid import merge_grids, read_grid
 
     grid = tmp_path / "grid.yaml"
     grid.write_text("- {}\n- {loss: [token_mse=1, 'token_mse=1,pooled_mse=1']}\n- {init: random}\n- {init: teacher}\n")
     cfg = _cfg(store, mrpc, tmp_path / "abl", vary=[])
     cfg.grid = read_grid(grid)
-    assert {j.directory.name for j in plan(cfg).runs} == {
+    assert {j.directory.name for j in jobs(cfg).runs} == {
         "seed=0",
         "loss=token_mse=1,seed=0",
         "loss=token_mse=1+pooled_mse=1,seed=0",
@@ -420,7 +420,7 @@ def test_a_grid_file_that_is_a_list_is_the_union_of_its_grids(store, mrpc, tmp_p
         "init=teacher,seed=0",
     }  # the product of the entries would have 2 x 2 runs with both keys; {} is not given twice
     cfg.grid = merge_grids(parse_vary(["warmup=0.1,0.2"]), read_grid(grid))
-    names = {j.directory.name for j in plan(cfg).runs}
+    names = {j.directory.name for j in jobs(cfg).runs}
     assert len(names) == 10 and "init=random,warmup=0.2,seed=0" in names
     # trained and tabulated: ablation.json records the list
     grid.write_text("- {}\n- {init: random}\n")

@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
+from mmkd.extract import hardware
 from mmkd.extract import run as run_mod
+from mmkd.extract.autocast import autocast_context, resolve_autocast
 from mmkd.extract.cli import app
 from mmkd.extract.config import ExtractConfig
-from mmkd.extract.run import extract, resolve_autocast
-from mmkd_core import hardware
+from mmkd.extract.run import extract
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import open_store
 
@@ -124,7 +125,7 @@ def test_unknown_autocast_is_refused_with_the_choices():
 
 def test_auto_needs_resolving_before_the_teacher_runs():
     with pytest.raises(RuntimeError, match="resolve_autocast"):
-        run_mod._autocast(ExtractConfig())
+        autocast_context(ExtractConfig())
 
 
 def test_the_real_probe_answers_quickly_with_a_concrete_dtype():

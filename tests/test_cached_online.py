@@ -1,6 +1,9 @@
 """Training from the store gives the losses of training with the teacher run live on the same views:
 the proof that stored views replay exactly and stored targets are the teacher's."""
 
+import importlib.util
+from pathlib import Path
+
 import timm
 import torch
 
@@ -9,6 +12,13 @@ from mmkd.extract.run import extract
 from mmkd.train.config import TrainConfig
 from mmkd.train.loop import train
 from mmkd_core.teachers import create_teacher
+
+# the benchmarks' recipe variants (a script folder, not a package)
+_spec = importlib.util.spec_from_file_location(
+    "recipes", Path(__file__).resolve().parents[1] / "benchmarks" / "recipes.py"
+)
+recipes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(recipes)
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
 
@@ -51,7 +61,7 @@ def test_cached_equals_online(tmp_path):
         )
 
     cached = train(cfg("cached"))
-    online = train(cfg("online"), online_teacher=create_teacher("beitv2", str(weights), **TINY))
+    online = recipes.run(recipes.OnlineTeacherRecipe(cfg("online"), create_teacher("beitv2", str(weights), **TINY)))
     assert len(cached.losses) == len(online.losses) == 20
     # 20 steps over 4 views: batches draw different views of the same images
     for a, b in zip(cached.losses, online.losses, strict=True):

@@ -137,7 +137,7 @@ def test_did_you_mean_only_for_a_near_miss():
         (extract_app, "dataset", "s", {"shapes", "stl10"}),
         (extract_app, "dtype", "", set(DTYPES)),
         (train_app, "student", "m", {"multimodal"}),
-        (eval_app, "task", "", set(TASKS)),
+        (eval_app, "tasks", "", set(TASKS)),  # the parameter is the EvalConfig field behind --task
     ],
 )
 def test_completion_offers_the_registered_names(app, option, incomplete, expected):

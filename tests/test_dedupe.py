@@ -11,6 +11,7 @@ from mmkd.extract import run as run_mod
 from mmkd.extract.cli import app
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.dedupe import DistinctInputs, group_rows
+from mmkd.extract.feeders import TextFeeder
 from mmkd.extract.run import extract
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import open_store
@@ -30,7 +31,7 @@ def _arrays(path):
 
 
 def _count_teacher_rows(monkeypatch):
-    """Counts the inputs the teacher's forward pass sees (all teacher calls go through TextSource)."""
+    """Counts the inputs the teacher's forward pass sees (all teacher calls go through TextFeeder)."""
     seen = []
     real = dedupe.DistinctInputs.targets
 
@@ -129,7 +130,7 @@ def test_labelled_captions_run_the_teacher_once_per_caption(tmp_path, minilm, mo
     assert s.distinct_inputs == 5 and sum(seen) == 5  # the probe, then the other four captions in one batch
     monkeypatch.undo()
     # a run without dedupe: every row its own input
-    monkeypatch.setattr(run_mod.TextSource, "__init__", _without_dedupe(run_mod.TextSource.__init__))
+    monkeypatch.setattr(TextFeeder, "__init__", _without_dedupe(TextFeeder.__init__))
     plain = extract(cfg(tmp_path, "plain.zarr"), show_progress=False)
     assert plain.distinct_inputs == 40
     a, b = _arrays(tmp_path / "d.zarr"), _arrays(tmp_path / "plain.zarr")
@@ -181,11 +182,15 @@ def test_deduplicated_runs_are_bit_equal_across_shard_sizes_and_resume(tmp_path,
             np.testing.assert_array_equal(a[name], b[name], err_msg=f"{other}: {name}")
 
 
-def test_summary_table_reports_distinct_inputs(tmp_path, minilm):
+def test_summary_table_reports_distinct_inputs_and_quiet_prints_nothing(tmp_path, minilm):
     out = tmp_path / "cli.zarr"
     args = ["--dataset", "labelled-captions", "--dataset-option", "base=shapes", "--dataset-option", "count=24"]
-    result = CliRunner().invoke(app, [*args, "--out", str(out), "--quiet"], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, [*args, "--out", str(out)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     line = next(ln for ln in result.output.splitlines() if "distinct teacher inputs" in ln)
     assert " 5 " in line
     assert open_store(out).complete
+    # --quiet: errors only, so a run that has nothing left to do (or does it all) prints nothing at all
+    for store in (out, tmp_path / "quiet.zarr"):
+        result = CliRunner().invoke(app, [*args, "--out", str(store), "--quiet"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and result.output == "", result.output

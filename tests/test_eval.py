@@ -9,10 +9,10 @@ import torch
 from conftest import save_tiny_bert, save_tiny_clip
 from typer.testing import CliRunner
 
+from mmkd.evaluate import EvalConfig, run_evaluation
 from mmkd.evaluate.cli import app
 from mmkd.evaluate.encoders import Encoder, load_encoder
 from mmkd.evaluate.tasks import (
-    EvalConfig,
     available_paraphrase_splits,
     eval_bias,
     eval_image_text,
@@ -20,7 +20,6 @@ from mmkd.evaluate.tasks import (
     eval_paraphrase,
     eval_paraphrase_many,
     eval_zero_shot,
-    run_evaluation,
 )
 from mmkd_core.errors import MmkdError
 from mmkd_core.metrics import DEFAULT_GENDER_TERMS, DEFAULT_PROFESSIONS

@@ -15,6 +15,9 @@ CONFIG = {
 }
 
 
+ONE_VIEW = {**CONFIG, "views": {"count": 1}}
+
+
 def fake_data(layout, lo, hi, seed=0):
     rng = np.random.default_rng([seed, lo])
     n = hi - lo
@@ -111,13 +114,13 @@ def test_refuses_foreign_directory(tmp_path):
     (tmp_path / "x" / "keep.txt").write_text("data")
     layout = Layout(num_samples=4, views=1, time_steps=2, dim=2, pooled_dim=2)
     with pytest.raises(MmkdError, match="not an mmkd store"):
-        StoreWriter.open(tmp_path / "x", layout, CONFIG, {})
+        StoreWriter.open(tmp_path / "x", layout, ONE_VIEW, {})
     assert (tmp_path / "x" / "keep.txt").exists()
 
 
 def test_check_names_field(tmp_path):
     layout = Layout(num_samples=4, views=1, time_steps=2, dim=2, pooled_dim=2)
-    StoreWriter.open(tmp_path / "s.zarr", layout, CONFIG, {})
+    StoreWriter.open(tmp_path / "s.zarr", layout, ONE_VIEW, {})
     r = open_store(tmp_path / "s.zarr")
     r.check({"teacher": CONFIG["teacher"]})
     with pytest.raises(MmkdError, match="teacher.weights_sha256"):
@@ -138,7 +141,7 @@ def test_reader_pickles_without_open_group(tmp_path):
     import pickle
 
     layout = Layout(num_samples=4, views=1, time_steps=2, dim=2, pooled_dim=2)
-    StoreWriter.open(tmp_path / "s.zarr", layout, CONFIG, {})
+    StoreWriter.open(tmp_path / "s.zarr", layout, ONE_VIEW, {})
     r = open_store(tmp_path / "s.zarr")
     len(r)
     r2 = pickle.loads(pickle.dumps(r))
@@ -238,7 +241,7 @@ def test_extra_arrays_are_written_read_and_named(tmp_path):
         Layout(num_samples=5, views=1, time_steps=3, dim=4, pooled_dim=4, extras=extras).arrays()
     extras = (("image", (), "int64", ("sample",)), ("alone", (1, 4), "float32", ("sample", "view", "pooled_channel")))
     layout = Layout(num_samples=5, views=1, time_steps=3, dim=4, pooled_dim=4, chunk_size=2, extras=extras)
-    w = StoreWriter.open(tmp_path / "s.zarr", layout, CONFIG, {})
+    w = StoreWriter.open(tmp_path / "s.zarr", layout, ONE_VIEW, {})
     rng = np.random.default_rng(0)
     alone = rng.standard_normal((5, 1, 4)).astype(np.float32)
     for k in range(layout.num_shards):

@@ -34,12 +34,13 @@ CASES = {
     "float32_pooled_only": dict(dtype="float32", store_tokens=False, codec=parse_codec("zstd-1-bitshuffle")),
 }
 
-# recorded from the stores the code wrote before the store became a package (mmkd_core/store.py)
+# recorded from the stores the code wrote before the store became a package (mmkd_core/store.py), then again when
+# format 2 added a crc32c checksum to every chunk (metadata and format_version changed; every array's values did not)
 GOLDEN = {
-    "float16_text": "9381b07dc462a00dd9076d73dc1ed7653a3ccc8385218e129cede46e7c1eba69",
-    "bfloat16_views_extras": "95db43adcc1c1ec31a289c6054264fb38dfb1614b7225fd4e7d6c5980a9466dd",
-    "int8_text": "7370dfc9a05895bc08bcac5c95e7f76ddbab2bf23fd34fbf53da833fa2104796",
-    "float32_pooled_only": "b12c1875250787405851355176327d1616375bc29a1edfcfe3b23ae4b660f985",
+    "float16_text": "527093ad4d0e6100cb0213b47705179ef133a82d04ff8c6bb436d86898ef8004",
+    "bfloat16_views_extras": "286987c731d4d962150797bf5a54d61c800ab584050efec4b1aab4c9018a44d1",
+    "int8_text": "a5ff1739f2f2beb8f2858fb9065c5fc6b8f9ae771531fca9a0e493d53d38be88",
+    "float32_pooled_only": "15614f9bfb2c3f0430ca7fae949d2f2da17a474119ec9724d8070098ee7caf5a",
 }
 
 

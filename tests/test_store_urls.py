@@ -171,9 +171,10 @@ def test_pair_store_captions_live_inside_the_url_store():
         num_samples=6, views=1, time_steps=5, dim=1, pooled_dim=0, store_tokens=False, input_ids=True,
         extras=(("image", (), "int64", ("sample",)),),
     )  # fmt: skip
-    config = {**CONFIG, "dataset": {"name": "d", "unit": "image", "captions_group": "captions"}}
+    one = {**CONFIG, "views": {"count": 1}}
+    config = {**one, "dataset": {"name": "d", "unit": "image", "captions_group": "captions"}}
     with StoreWriter.open(url, images, config, {}) as w:  # the captions are written under the pair store's lock
-        with caption_writer(store_location(url), caps, CONFIG, {}) as c:
+        with caption_writer(store_location(url), caps, one, {}) as c:
             c.write_shard(
                 0,
                 {

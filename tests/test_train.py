@@ -86,18 +86,18 @@ def test_text_student_trains_and_exports_to_transformers(tmp_path, text_store, b
 
 def test_resume_continues_exactly(tmp_path, text_store, monkeypatch):
     full = train(_cfg(tmp_path / "a", text_store))
-    from mmkd.train import loop
+    from mmkd.train.recipe import TrainRecipe
 
-    real = loop.save_checkpoint
+    real = TrainRecipe.save_checkpoint
 
-    def crash_after_first(run_dir, step, *args, **kwargs):
-        real(run_dir, step, *args, **kwargs)
+    def crash_after_first(recipe):
+        real(recipe)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_first)
+    monkeypatch.setattr(TrainRecipe, "save_checkpoint", crash_after_first)
     with pytest.raises(MmkdError, match="--resume"):
         train(_cfg(tmp_path / "b", text_store))
-    monkeypatch.setattr(loop, "save_checkpoint", real)
+    monkeypatch.setattr(TrainRecipe, "save_checkpoint", real)
     with pytest.raises(MmkdError, match="already holds a run"):
         train(_cfg(tmp_path / "b", text_store))
     resumed = train(_cfg(tmp_path / "b", text_store, resume=True))
@@ -211,7 +211,7 @@ def test_embedded_default_path_multimodal(tmp_path, minilm):
 
 
 def test_memory_bank_holds_store_targets(text_store):
-    from mmkd.train.loop import memory_bank
+    from mmkd.train.bank import memory_bank
     from mmkd_core.store import open_store
 
     reader = open_store(text_store)

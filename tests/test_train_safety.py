@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
-from mmkd.train.checkpoint import KEEP, latest_checkpoint, load_checkpoint, save_checkpoint
+from mmkd.train.checkpoint import KEEP, latest_checkpoint, read_checkpoint, write_checkpoint
 from mmkd.train.cli import app
 from mmkd.train.config import TrainConfig
-from mmkd.train.loop import _param_groups, train
+from mmkd.train.loop import train
+from mmkd.train.optim import param_groups
 from mmkd_core.errors import MmkdError
 
 
@@ -120,16 +121,16 @@ def test_resume_without_flags_is_the_same_run_and_differing_flags_are_refused(tm
         "--quiet",
     ]
     assert runner.invoke(app, [*args, "--run-dir", str(tmp_path / "full")]).exit_code == 0
-    from mmkd.train import loop
+    from mmkd.train.recipe import TrainRecipe
 
-    real = loop.save_checkpoint
+    real = TrainRecipe.save_checkpoint
     with pytest.MonkeyPatch.context() as mp:
 
-        def crash_after_first(*a, **kw):
-            real(*a, **kw)
+        def crash_after_first(recipe):
+            real(recipe)
             raise KeyboardInterrupt
 
-        mp.setattr(loop, "save_checkpoint", crash_after_first)
+        mp.setattr(TrainRecipe, "save_checkpoint", crash_after_first)
         res = runner.invoke(app, [*args, "--run-dir", str(tmp_path / "cut")])
     assert res.exit_code != 0 and "--resume --run-dir" in res.output
     for flag, value in [
@@ -216,10 +217,10 @@ def test_leftover_tmp_checkpoints_are_removed_and_do_not_count(tmp_path):
     state = {"optimizer": {}, "scheduler": {}, "step": 0, "rng": []}
     (tmp_path / "checkpoints" / "step_00000009.tmp").mkdir(parents=True)
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, model, {**state, "step": step})
+        write_checkpoint(tmp_path, step, model, {**state, "step": step})
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == [f"step_{s:08d}" for s in (2, 3)][-KEEP:]
-    assert load_checkpoint(latest_checkpoint(tmp_path), model)["step"] == 3
+    assert read_checkpoint(latest_checkpoint(tmp_path), model)["step"] == 3
 
 
 @pytest.mark.parametrize("kind", ["vit", "beit", "multimodal"])
@@ -253,7 +254,7 @@ def test_no_weight_decay_on_cls_position_and_relative_position_tables(kind):
         )
         expect = {"model.cls_token"} | ({"model.pos_embed"} if kind == "vit" else set())
     names = {id(p): n for n, p in student.named_parameters()}
-    groups = _param_groups(student, 0.05)
+    groups = param_groups(student, 0.05)
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert expect <= no_decay and decay and not (decay & no_decay)
@@ -295,9 +296,9 @@ def test_eval_options_fail_before_the_first_step(tmp_path, store, task, message)
 
 
 def test_a_run_stopped_before_its_first_checkpoint_starts_over_with_clean_metrics(tmp_path, store, monkeypatch):
-    from mmkd.train import loop
+    from mmkd.train.recipe import TrainRecipe
 
-    real = loop._step
+    real = TrainRecipe.train_step
     calls = []
 
     def stop_at_third(*a, **kw):
@@ -316,10 +317,10 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over_with_clean_metric
         run_dir=tmp_path / "r",
         progress=False,
     )
-    monkeypatch.setattr(loop, "_step", stop_at_third)
+    monkeypatch.setattr(TrainRecipe, "train_step", stop_at_third)
     with pytest.raises(MmkdError, match="interrupted at step 2"):
         train(cfg)
-    monkeypatch.setattr(loop, "_step", real)
+    monkeypatch.setattr(TrainRecipe, "train_step", real)
     assert latest_checkpoint(tmp_path / "r") is None
     train(cfg)  # nothing to resume: the same command starts over
     steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]

@@ -30,7 +30,7 @@ def _complete(run_dir: Path) -> list[Path]:
     return [p for p in sorted((run_dir / "checkpoints").glob("step_*")) if not p.name.endswith(".tmp")]
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any]) -> Path:
+def write_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any]) -> Path:
     """Write checkpoint ``step``: into a temporary directory first, renamed when complete, so a crash
     mid-write never leaves a checkpoint that looks whole. Keeps the newest KEEP and removes the leftovers
     of interrupted writes."""
@@ -58,7 +58,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+def read_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     """Load the weights into ``model`` and return the saved state (optimiser, schedule, progress, RNG)."""
     try:
         weights = load_file(str(path / "model.safetensors"))

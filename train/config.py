@@ -1,14 +1,23 @@
-"""The resolved configuration of one training run."""
+"""The resolved configuration of one training run: every mmkd-train option declared once, as a field.
+
+Each field's ``option()`` carries its flag, help, choices and parser; the command, ``--config`` files,
+``--resume``'s comparison with the recorded run and mmkd-ablate's grids are derived from them
+(``mmkd.app.options``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mmkd.evaluate import check_run_task
+from mmkd.app.cli import did_you_mean
+from mmkd.app.options import Extra, option
+from mmkd.evaluate import RUN_TASKS, check_run_task
 from mmkd_core.errors import MmkdError
 from mmkd_core.location import StoreURL, looks_like_url, store_location
+from mmkd_core.losses import LOSSES, parse_loss_spec
+from mmkd_core.teachers import TEACHERS
 
 STUDENT_KINDS = ("auto", "text", "vit", "beit", "data2vec2", "multimodal")
 # Defaults that depend on the student. The multimodal ones train the embedded default (a 128-wide student on
@@ -25,93 +34,134 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "multimodal": {"init": "random", "batch_size": 128, "lr": 1e-3, "epochs": 20.0},
 }
 AUTOCAST = ("none", "bfloat16")
+INITS = ("teacher", "random", "data2vec2")
+TOKEN_PREDS = ("recipe", "head")
+
+
+def _loss(value: str) -> str:
+    """--loss: every term a registered loss (a near miss is named)."""
+    for name in parse_loss_spec(value):
+        if name not in LOSSES:
+            known = LOSSES.names()
+            raise MmkdError(f"--loss: unknown term {name!r}{did_you_mean(name, known)} (known: {', '.join(known)})")
+    return value
+
+
+def _eval_task(value: str) -> str:
+    """--eval: the task's name checked here, for the near miss; TrainConfig checks the rest (paths)."""
+    name = value.partition(":")[0]
+    if name not in RUN_TASKS:
+        raise MmkdError(
+            f"--eval {value!r}: unknown task{did_you_mean(name, RUN_TASKS)} (choose retrieval, mrpc:PATH or qqp:PATH)"
+        )
+    return value
+
+
+def _init_help() -> str:
+    return (
+        "teacher (its first blocks; for text students evenly spaced ones ending at the top, see --student-option "
+        "init_blocks), random, data2vec2 (fairseq's data2vec 2.0 image checkpoint in "
+        "--init-weights: a post-norm data2vec2 student), or a teacher name whose checkpoint (--init-weights) "
+        f"gives the blocks: {', '.join(TEACHERS.names())}. Default: teacher; random for multimodal; data2vec2 for "
+        "data2vec2 students."
+    )
+
+
+def _loss_help() -> str:
+    return (
+        f"Loss terms with weights, e.g. token_mse=1,pooled_mse=1; terms: {', '.join(LOSSES.names())} "
+        "(default per student: text pooled_cosine+contrastive_kd, image token_mse, multimodal contrastive_kd+itc)."
+    )
 
 
 @dataclass
 class TrainConfig:
     """Everything `mmkd-train` needs; the CLI only fills this in.
 
-    Attributes:
-        targets: The store written by mmkd-extract: a directory or a URL (``s3://bucket/x.zarr``).
-        student: text, vit, beit, data2vec2, multimodal, or auto (chosen from the store: text teacher over
-            text -> text; over image–caption data -> multimodal; image teacher -> vit, beit for BEiT-like
-            teachers or inits; ``init="data2vec2"`` -> data2vec2).
-        depth: Student depth (the image tower's for multimodal students); None: half the teacher's.
-        student_options: Extra student config (width, heads, ...).
-        init: random, teacher (blocks of the store's teacher: the first ones, for text students evenly
-            spaced ones ending at the top; ``student_options["init_blocks"]`` picks others), data2vec2 (fairseq's
-            data2vec 2.0 image checkpoint in ``init_weights``: a post-norm data2vec2 student) or a teacher
-            registry name whose checkpoint (``init_weights``) gives the blocks; None: teacher, except random for
-            multimodal students (the caption teacher is wider than a CPU-sized student).
-        init_weights: Checkpoint of ``init`` when it names another model.
-        init_image: Multimodal students: the model whose patch embedding and first blocks seed the image
-            tower (a registered image teacher, or ``teacher``: the store's image teacher); None: ``init``.
-        init_image_weights: Checkpoint of ``init_image``.
-        init_text: Multimodal students: the BERT-like model whose embeddings and first layers seed the text
-            tower (a registered text teacher); it must share the captions' tokenizer. None: ``init``.
-        init_text_weights: Checkpoint of ``init_text``.
-        freeze_embeddings: Freeze token and position embeddings copied from the teacher (text).
-        token_pred: Student token prediction: recipe (its own layers through the target recipe) or head.
-        loss: Loss terms and weights, e.g. "token_mse=1,pooled_mse=1"; None picks per student kind.
-        loss_options: Loss options (temperature, margin, ...).
-        bank_size: Teacher targets of this many other samples, drawn from the store each epoch, as extra
-            negatives for contrastive_kd (0: the batch's targets only).
-        batch_size: Samples per step (per rank); None: per student kind (KIND_DEFAULTS).
-        lr: Peak learning rate; None: per student kind.
-        weight_decay: AdamW weight decay (not on biases and norms).
-        warmup: Warmup steps (>= 1) or a fraction of all steps (< 1).
-        epochs: Passes over the store (ignored when ``steps`` is given); None: per student kind.
-        steps: Total optimiser steps.
-        grad_clip: Max gradient norm (0: off).
-        autocast: none (fp32) or bfloat16.
-        workers: DataLoader processes.
-        seed: Seed of the student init, data order and view choice.
-        run_dir: Output directory.
-        resume: Continue the run in ``run_dir`` from its last checkpoint.
-        ckpt_every: Checkpoint every N steps (and at the end).
-        log_every: Log metrics every N steps.
-        data_root: Source dataset location, for stores whose student reads images.
-        device: torch device.
-        eval: Evaluations to run at the end (e.g. "retrieval", "mrpc:PATH").
-        progress: Show a progress bar.
-        verify_views: Re-render every stored view and compare it with its checksum before training
-            (otherwise a deterministic sample of them).
+    Each field's ``help`` is its documentation; beyond it: ``student`` auto chooses from the store (text
+    teacher over text -> text; over image–caption data -> multimodal; image teacher -> vit, beit for BEiT-like
+    teachers or inits; ``init="data2vec2"`` -> data2vec2). ``init`` None is the student kind's default
+    (KIND_DEFAULTS): the teacher's blocks (``student_options["init_blocks"]`` picks others), except random for
+    multimodal students (the caption teacher is wider than a CPU-sized student) and data2vec2 for data2vec2
+    students. ``batch_size``, ``lr`` and ``epochs`` None are per student kind as well; ``batch_size`` is per
+    rank.
     """
 
-    targets: Path | StoreURL
-    student: str = "auto"
-    depth: int | None = None
-    student_options: dict[str, Any] = field(default_factory=dict)
-    init: str | None = None
-    init_weights: str | None = None
-    init_image: str | None = None
-    init_image_weights: str | None = None
-    init_text: str | None = None
-    init_text_weights: str | None = None
-    freeze_embeddings: bool = False
-    token_pred: str = "recipe"
-    loss: str | None = None
-    loss_options: dict[str, Any] = field(default_factory=dict)
-    bank_size: int = 0
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float = 0.01
-    warmup: float = 0.05
-    epochs: float | None = None
-    steps: int | None = None
-    grad_clip: float = 1.0
-    autocast: str = "none"
-    workers: int = 0
-    seed: int = 0
-    run_dir: Path | None = None
-    resume: bool = False
-    ckpt_every: int = 500
-    log_every: int = 10
-    data_root: str | None = None
-    device: str = "cpu"
-    eval: list[str] = field(default_factory=list)
-    progress: bool = True
-    verify_views: bool = False
+    targets: Path | StoreURL = option(help="Store written by mmkd-extract (a path or a URL).", metavar="PATH|URL")
+    student: str = option(
+        "auto",
+        help=f"Student kind: {', '.join(STUDENT_KINDS)} (auto: from the store).",
+        choices=STUDENT_KINDS,
+        noun="student kind",
+    )
+    depth: int | None = option(None, help="Student depth (image tower for multimodal); default half the teacher's.")
+    student_options: dict[str, Any] = option(
+        dict, flag="--student-option", keyvalue=True, help="Student option KEY=VALUE, e.g. width=192."
+    )
+    init: str | None = option(None, help=_init_help, choices=(INITS, TEACHERS), noun="init")
+    init_weights: str | None = option(None, help="Checkpoint for --init <teacher name> or --init data2vec2.")
+    init_image: str | None = option(
+        None,
+        metavar="NAME",
+        help="Multimodal: seed the image tower from this image teacher's first blocks (teacher: the store's).",
+    )
+    init_image_weights: str | None = option(None, help="Checkpoint for --init-image.")
+    init_text: str | None = option(
+        None,
+        metavar="NAME",
+        help="Multimodal: seed the text tower from this BERT-like teacher's first layers (it must read the "
+        "captions' tokenizer).",
+    )
+    init_text_weights: str | None = option(None, help="Checkpoint for --init-text.")
+    freeze_embeddings: bool = option(False, help="Freeze token/position embeddings copied from the teacher.")
+    token_pred: str = option(
+        "recipe",
+        help="Student token prediction: recipe (own layers through the target recipe) or head (linear head on "
+        "the last layer).",
+        choices=TOKEN_PREDS,
+        noun="token prediction",
+    )
+    loss: str | None = option(None, help=_loss_help, parser=_loss, metavar="TERM=W,...")
+    loss_options: dict[str, Any] = option(
+        dict, flag="--loss-option", keyvalue=True, help="Loss option KEY=VALUE, e.g. temperature=0.05."
+    )
+    bank_size: int = option(
+        0, help="Memory bank: teacher targets of this many other samples per epoch as extra contrastive_kd negatives."
+    )
+    batch_size: int | None = option(None, help="Samples per step (default 64; text and multimodal 128).")
+    lr: float | None = option(None, help="Peak learning rate (default 5e-4; text 2e-4; multimodal 1e-3).")
+    weight_decay: float = option(0.01, help="AdamW weight decay.")
+    warmup: float = option(0.05, help="Warmup steps, or a fraction of all steps when < 1.")
+    epochs: float | None = option(None, help="Passes over the store (default 1; multimodal 20).")
+    steps: int | None = option(None, help="Total steps (overrides --epochs).")
+    grad_clip: float = option(1.0, help="Max gradient norm (0: off).")
+    autocast: str = option(
+        "none", help=f"Student compute dtype: {', '.join(AUTOCAST)}.", choices=AUTOCAST, noun="compute dtype"
+    )
+    workers: int = option(0, help="DataLoader processes.")
+    seed: int = option(0, help="Seed of init, data order and views.")
+    run_dir: Path | None = option(None, help="Output directory (default runs/<store name>).")
+    resume: bool = option(False, help="Continue the run in --run-dir from its last checkpoint.")
+    ckpt_every: int = option(500, help="Checkpoint every N steps.")
+    log_every: int = option(10, help="Log metrics every N steps.")
+    data_root: str | None = option(
+        None,
+        help="Source data, for students that read images (default: where the store was extracted from).",
+    )
+    device: str = option("cpu", help="torch device.")
+    eval: list[str] = option(
+        list,
+        repeat=True,
+        parser=_eval_task,
+        metavar="TASK",
+        help="Evaluate at the end: retrieval (image-text, held-out), mrpc:PATH, qqp:PATH (repeatable). "
+        "Default: retrieval for image-caption stores.",
+    )
+    progress: bool = option(True, flag="--quiet/--no-quiet", invert=True, help="No progress bar.")
+    verify_views: bool = option(
+        False,
+        help="Re-render every stored view and compare it with its checksum before training (default: a sample of 64).",
+    )
 
     def __post_init__(self) -> None:
         self.targets = store_location(self.targets, "--targets")
@@ -154,3 +204,18 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         return {k: str(v) if isinstance(v, Path | StoreURL) else v for k, v in d.items()}
+
+
+# mmkd-train's options that are no TrainConfig field
+EXTRAS = (
+    Extra(
+        "nproc",
+        option(
+            1,
+            help="Train with N DDP ranks on this machine (torchrun started for you); "
+            "or launch `torchrun --nproc-per-node N $(which mmkd-train) ...` yourself.",
+        ),
+        after="workers",
+    ),
+    Extra("verbose", option(False, help="Log what happens.")),
+)

@@ -5,24 +5,47 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from mmkd.app.progress import console
 from mmkd.evaluate import default_run_tasks, evaluate_run
-from mmkd_core.progress import console
 from mmkd_core.store import open_store
 
 from .config import TrainConfig
-from .loop import TrainResult, tensorboard_writer
+from .run_log import METRICS_FILE, tensorboard_writer
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class TrainResult:
+    """What :func:`~mmkd.train.loop.train` returns.
+
+    Attributes:
+        run_dir: The run's directory.
+        steps: Steps taken, over every attempt of the run.
+        seconds: Wall time of this attempt's training loop.
+        final_loss: The last step's loss (NaN without a step).
+        losses: This attempt's losses, one per step.
+        rank: This process's rank (0 without DDP).
+    """
+
+    run_dir: Path
+    steps: int
+    seconds: float
+    final_loss: float = math.nan
+    losses: list[float] = field(default_factory=list)
+    rank: int = 0
+
+
 def plot_curves(run_dir: Path) -> Path | None:
     """Loss (and each term) against step, from metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     if not rows:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -66,6 +89,16 @@ def plot_results(results: dict[str, float], path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
+
+
+def report(cfg: TrainConfig, result: TrainResult) -> dict[str, Any]:
+    """What mmkd-train prints when a run ends: steps, time and final loss, then :func:`final_report`."""
+    table = Table(title=f"run {result.run_dir}", show_header=False)
+    table.add_row("steps", f"{result.steps:,}")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("final loss", f"{result.final_loss:.4f}")
+    console.print(table)
+    return final_report(cfg, result)
 
 
 def final_report(cfg: TrainConfig, result: TrainResult) -> dict[str, Any]:

@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mmkd.app.options import differences, options_of, plain
 from mmkd_core.errors import MmkdError
-from mmkd_core.store import config_diff
+from mmkd_core.store import CONFIG_FIELDS, config_diff
 
 from .config import TrainConfig
 
@@ -34,22 +35,12 @@ FREE_FIELDS = frozenset(
         "verify_views",
     }
 )
-# what a resumed run must find unchanged in the store
-STORE_FIELDS = ("format_version", "teacher", "recipe", "preprocess", "views", "dataset", "storage")
-
-
-def flag(name: str) -> str:
-    return "--" + {"student_options": "student-option", "loss_options": "loss-option"}.get(name, name.replace("_", "-"))
 
 
 def given_fields(cfg: TrainConfig) -> set[str]:
     """The fields a library caller set: those that differ from TrainConfig's defaults."""
     default = TrainConfig(targets=cfg.targets, run_dir=cfg.run_dir)
-    return {f.name for f in dataclasses.fields(cfg) if _plain(getattr(cfg, f.name)) != _plain(getattr(default, f.name))}
-
-
-def _plain(v: Any) -> Any:
-    return json.loads(json.dumps(v, default=str))
+    return set(differences(cfg, default, [f.name for f in dataclasses.fields(cfg)]))
 
 
 def read_record(run_dir: Path) -> dict[str, Any]:
@@ -77,14 +68,16 @@ def resumed_config(cfg: TrainConfig, record: dict[str, Any], given: set[str] | N
         recorded = TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig) if f.name in values})
     except (KeyError, TypeError, MmkdError) as e:
         raise MmkdError(f"--resume: {path} does not hold a training configuration ({e})") from None
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    for name in sorted(((given_fields(cfg) if given is None else given) & names) - FREE_FIELDS):
-        now, then = _plain(getattr(cfg, name)), _plain(getattr(recorded, name))
-        if now != then:
-            raise MmkdError(
-                f"--resume: {flag(name)} {now!r} differs from this run's {then!r} ({path}); "
-                "drop it to continue the same run, or start a new one in another --run-dir"
-            )
+    options = options_of(TrainConfig)
+    compared = sorted(((given_fields(cfg) if given is None else given) & set(options)) - FREE_FIELDS)
+    differ = differences(cfg, recorded, compared)
+    if differ:
+        name = differ[0]
+        raise MmkdError(
+            f"--resume: {options[name].long_flag} {plain(getattr(cfg, name))!r} differs from this run's "
+            f"{plain(getattr(recorded, name))!r} ({path}); drop it to continue the same run, or start a new one in "
+            "another --run-dir"
+        )
     ranks = int(record.get("world_size", 1))
     if ranks != world:
         raise MmkdError(
@@ -105,4 +98,5 @@ def check_store(reader, record: dict[str, Any]) -> None:
 
 
 def store_record(reader) -> dict[str, Any]:
-    return {k: reader.attrs.get(k) for k in STORE_FIELDS}
+    """What a resumed run must find unchanged in the store: its provenance (``CONFIG_FIELDS``)."""
+    return {k: reader.attrs.get(k) for k in CONFIG_FIELDS}

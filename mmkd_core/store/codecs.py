@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from ..errors import MmkdError
 
@@ -109,18 +109,21 @@ def recorded_codec(storage: dict[str, Any] | None) -> dict[str, Any]:
     return dict(codec) if isinstance(codec, dict) else dict(LEGACY_CODEC)
 
 
-def compressors(dtype: str, codec: dict[str, Any] | None = None) -> list[BloscCodec] | None:
-    """The zarr compressors of an array of ``dtype`` under ``codec`` (default DEFAULT_CODEC).
+def compressors(dtype: str, codec: dict[str, Any] | None = None) -> list[BloscCodec | Crc32cCodec]:
+    """The zarr bytes-to-bytes codecs of an array of ``dtype`` under ``codec`` (default DEFAULT_CODEC): the
+    compressor (none for ``codec`` none), then a crc32c checksum of each compressed chunk, which zarr checks
+    on every read (a flipped byte, a truncated or foreign chunk raises instead of decoding to other numbers).
 
     Returns:
-        What ``zarr.Group.create_array`` takes as ``compressors``; None for an uncompressed array.
+        What ``zarr.Group.create_array`` takes as ``compressors``.
     """
     codec = codec or DEFAULT_CODEC
     if codec["cname"] == "none":
-        return None
+        return [Crc32cCodec()]
     size = np.dtype(dtype).itemsize
     shuffle = BloscShuffle(codec["shuffle"]) if size > 1 else BloscShuffle.noshuffle
-    return [BloscCodec(cname=codec["cname"], clevel=int(codec["clevel"]), shuffle=shuffle, typesize=size)]
+    blosc = BloscCodec(cname=codec["cname"], clevel=int(codec["clevel"]), shuffle=shuffle, typesize=size)
+    return [blosc, Crc32cCodec()]
 
 
 if os.environ.get(ZARRS_ENV, "").strip().lower() in ("1", "true", "yes", "on"):

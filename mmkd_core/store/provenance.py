@@ -12,7 +12,10 @@ import zarr
 from ..location import Location
 from .codecs import recorded_codec
 
-FORMAT_VERSION = 1
+# 2: every chunk carries a crc32c checksum (format 1 had them on the shard index only); stores of format 1
+# are still read, without the check
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # provenance fields that must agree for a store to be resumed or reused; `versions` is recorded, not compared
 CONFIG_FIELDS = ("format_version", "teacher", "recipe", "preprocess", "views", "dataset", "storage")
 # keys of ``storage`` that describe the dtype's decoding and were added after format 1 was first written: a

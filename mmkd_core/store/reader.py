@@ -15,6 +15,7 @@ from ..errors import MmkdError
 from ..location import Location, store_location
 from .layout import DIMS, TARGETS, dimension_names
 from .provenance import config_diff, describe_diff
+from .schema import SchemaError, check_arrays, validate_attrs
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -38,15 +39,82 @@ class StoreReader:
         self._group: zarr.Group | None = None
         try:
             attrs = self.group.attrs.get("mmkd")
+            zarr_format = self.group.metadata.zarr_format
         except Exception as e:  # noqa: BLE001
             raise MmkdError(f"{self.path}: not a zarr store ({type(e).__name__})") from None
         if attrs is None:
             raise MmkdError(f"{self.path}: not an mmkd store (no 'mmkd' attribute)")
-        self.attrs: dict[str, Any] = dict(attrs)
+        if zarr_format != 3:
+            raise SchemaError(f"{self.path}: a zarr v{zarr_format} group; mmkd stores are zarr v3")
+        self.attrs: dict[str, Any] = validate_attrs(attrs, str(self.path))
         self.storage: dict[str, Any] = self.attrs["storage"]
+        check_arrays(self.attrs, self._array_specs(), str(self.path))
+        self._checked_shards: set[tuple[str, int]] = set()
+        self._done: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_group": None}
+
+    def _array_specs(self) -> dict[str, tuple[tuple[int, ...], str, int]]:
+        try:
+            arrays = dict(self.group.arrays())
+        except Exception as e:  # noqa: BLE001 -- a damaged array's zarr.json
+            raise SchemaError(f"{self.path}: an array's metadata cannot be read ({type(e).__name__}: {e})") from None
+        return {name: (tuple(a.shape), str(a.dtype), int(a.chunks[0]) if a.chunks else 0) for name, a in arrays.items()}
+
+    def raw(self, name: str, start: int, stop: int, rest: tuple[Any, ...] = ()) -> np.ndarray:
+        """Samples [start, stop) of array ``name`` as stored (no decoding), checked: every chunk's checksum
+        (zarr verifies it as it reads), and that the shards the store records as done are all there (a deleted
+        or never-copied shard file would otherwise read as zeros).
+
+        Args:
+            rest: Selections along the array's further axes.
+
+        Raises:
+            MmkdError: the store is damaged there (one line naming the store, the array and the samples).
+        """
+        self._check_present(name, start, stop)
+        try:
+            return self.group[name][(slice(start, stop), *rest)]
+        except MmkdError:
+            raise
+        except _READ_ERRORS as e:
+            lo, hi = self._locate(name, start, stop, rest)
+            raise DamagedStore(self._damage(name, lo, hi, f"{type(e).__name__}: {e}")) from None
+
+    def _locate(self, name: str, start: int, stop: int, rest: tuple[Any, ...]) -> tuple[int, int]:
+        """The first chunk's samples in [start, stop) whose read fails (the range itself when none does)."""
+        step = self.chunk_size
+        for lo in range(start - start % step, stop, step):
+            a, b = max(lo, start), min(lo + step, stop)
+            try:
+                self.group[name][(slice(a, b), *rest)]
+            except _READ_ERRORS:
+                return lo, min(lo + step, len(self))
+        return start, stop
+
+    def _damage(self, name: str, start: int, stop: int, reason: str) -> str:
+        reason = " ".join(reason.split())[:160]
+        return (
+            f"{self.path}: array {name}, samples {start}-{stop - 1}: damaged ({reason}); "
+            f"mmkd-verify {self.path} --repair re-extracts the damaged shards"
+        )
+
+    def _check_present(self, name: str, start: int, stop: int) -> None:
+        if name == "shards_done" or stop <= start:
+            return
+        if self._done is None:
+            self._done = self.group["shards_done"][:] if "shards_done" in self.group else np.zeros(0, np.uint8)
+        arr = None
+        for k in range(start // self.shard_size, (stop - 1) // self.shard_size + 1):
+            if (name, k) in self._checked_shards or k >= len(self._done) or not self._done[k]:
+                continue
+            arr = arr if arr is not None else self.group[name]
+            key = f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}"
+            if not _exists(self.group, key):
+                lo, hi = k * self.shard_size, min((k + 1) * self.shard_size, len(self))
+                raise DamagedStore(self._damage(name, lo, hi, f"shard {k} is marked done but its data is missing"))
+            self._checked_shards.add((name, k))
 
     @property
     def group(self) -> zarr.Group:
@@ -110,27 +178,50 @@ class StoreReader:
         out: dict[str, np.ndarray] = {}
         for name in names:
             if name in ("tokens", "pooled"):
-                out[name] = self._target(name, slice(start, stop))
+                out[name] = self._target(name, start, stop)
             else:
-                out[name] = g[name][start:stop]
+                out[name] = self.raw(name, start, stop)
+        if "lengths" in out:
+            self.check_lengths(out["lengths"], start)
         return out
 
-    def _target(self, name: str, sel) -> np.ndarray:
-        g = self.group
-        if name not in g:
+    def check_lengths(self, lengths: np.ndarray, start: int) -> None:
+        """Refuse stored lengths outside 1..T (T the store's time steps): a damaged ``lengths`` array would
+        otherwise surface as a shape error deep in a loss."""
+        steps = self.time_steps
+        bad = np.flatnonzero((lengths < 1) | (lengths > steps)) if steps else np.zeros(0, np.int64)
+        if bad.size:
+            i = int(bad[0])
+            raise DamagedStore(
+                f"{self.path}: array lengths, sample {start + i}: length {int(lengths[i])} is outside 1-{steps}; "
+                f"mmkd-verify {self.path} --repair re-extracts it"
+            )
+
+    @functools.cached_property
+    def time_steps(self) -> int:
+        """T: the time steps of per-token targets or token ids; 0 for a store of pooled targets only."""
+        for name, axis in (("tokens", 2), ("input_ids", 1)):
+            if name in self.group:
+                return int(self.group[name].shape[axis])
+        return 0
+
+    def _target(self, name: str, start: int, stop: int, rest: tuple[Any, ...] = ()) -> np.ndarray:
+        if name not in self.group:
             raise MmkdError(f"{self.path}: this store has no {name!r} targets (recipe: {self.attrs['recipe']})")
         if self.storage["dtype"] == "int8":
-            return quant.decode_int8(*(g[name + part][sel] for part in quant.INT8_PARTS))
-        return quant.decode_float(g[name][sel], self.storage["dtype"])
+            # every part shares the target's leading axes (sample, view, time)
+            return quant.decode_int8(*(self.raw(name + part, start, stop, rest) for part in quant.INT8_PARTS))
+        return quant.decode_float(self.raw(name, start, stop, rest), self.storage["dtype"])
 
     def tokens(self, i: int, view: int = 0) -> np.ndarray:
         """Sample i's per-token targets for one view: (L_i, D) float32, valid time steps only."""
-        n = int(self.group["lengths"][i])
-        return self._target("tokens", (slice(i, i + 1), slice(view, view + 1), slice(0, n)))[0, 0]
+        lengths = self.raw("lengths", i, i + 1)
+        self.check_lengths(lengths, i)
+        return self._target("tokens", i, i + 1, (slice(view, view + 1), slice(0, int(lengths[0]))))[0, 0]
 
     def pooled(self, i: int, view: int = 0) -> np.ndarray:
         """Sample i's whole-sample target for one view: (E,) float32."""
-        return self._target("pooled", (slice(i, i + 1), slice(view, view + 1)))[0, 0]
+        return self._target("pooled", i, i + 1, (slice(view, view + 1),))[0, 0]
 
     def nbytes_stored(self) -> int:
         """Bytes on disk (or in the bucket)."""
@@ -272,7 +363,31 @@ class _ZarrSource:
     def __getitem__(self, key) -> np.ndarray:
         if self._array is None:
             self._array = zarr.open_group(str(self.path), mode="r")[self.name]
-        return self._array[key]
+        try:
+            return self._array[key]
+        except (ValueError, RuntimeError, OSError, EOFError) as e:
+            first = key[0] if isinstance(key, tuple) else key
+            where = f"samples {first.start}-{first.stop - 1}" if isinstance(first, slice) else "a chunk"
+            reason = " ".join(str(e).split())[:160]
+            raise DamagedStore(
+                f"{self.path}: array {self.name}, {where}: damaged ({type(e).__name__}: {reason}); "
+                f"mmkd-verify {self.path} --repair re-extracts the damaged shards"
+            ) from None
+
+
+# what zarr and its codecs raise on bytes that are not what was written: a checksum mismatch (ValueError), a
+# truncated or garbled chunk or index (ValueError, RuntimeError from blosc, IndexError), a vanished file
+_READ_ERRORS = (ValueError, RuntimeError, OSError, KeyError, EOFError, IndexError)
+
+
+class DamagedStore(MmkdError):
+    """A store's bytes are not what was written: a checksum mismatch, a shard missing, a value out of range."""
+
+
+def _exists(group: zarr.Group, key: str) -> bool:
+    from zarr.core.sync import sync
+
+    return bool(sync(group.store.exists(key)))
 
 
 def open_store(path: str | Location) -> StoreReader:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from .. import location, quant
 from ..errors import MmkdError
@@ -71,6 +72,9 @@ class StoreWriter:
                 configuration differs without ``overwrite``.
         """
         path = store_location(path)
+        count = (config.get("views") or {}).get("count")
+        if count != layout.views:  # a store's record agrees with its arrays (readers check that it does)
+            raise MmkdError(f"{path}: the configuration records {count!r} views, the layout has {layout.views}")
         if not locked:
             return cls(path, layout, _open_group(path, layout, config, versions, overwrite, extra))
         lock = StoreLock(lock_path(path))
@@ -245,7 +249,7 @@ def _create_group(path: Location, layout: Layout, attrs: dict[str, Any]) -> zarr
         dtype="uint8",
         chunks=(1,),
         fill_value=0,
-        compressors=None,
+        compressors=[Crc32cCodec()],
         dimension_names=DIMS["shards_done"],
     )
     return group

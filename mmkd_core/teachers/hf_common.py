@@ -172,7 +172,8 @@ def local_tokenizer(path: str | Path, error: str) -> Any:
 
     Args:
         path: The directory ``save_pretrained`` wrote.
-        error: The one-line MmkdError when it cannot be read; ``{reason}`` in it becomes the first line of why.
+        error: The one-line MmkdError when it cannot be read; ``{reason}`` in it becomes the first line of why
+            (replaced as text: braces in a path stay as they are).
 
     Raises:
         MmkdError: ``error``.
@@ -182,7 +183,7 @@ def local_tokenizer(path: str | Path, error: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MmkdError(error.format(reason=_first_line(e))) from None
+        raise MmkdError(error.replace("{reason}", _first_line(e))) from None
     tokenizer.padding_side = "right"
     return tokenizer
 

@@ -13,16 +13,13 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from mmkd_core.cli_utils import did_you_mean, parse_options, read_config
+from mmkd.app.cli import read_config
+from mmkd.app.options import config_kwargs, field_for, options_of
+from mmkd.train import TrainConfig, train_command
 from mmkd_core.errors import MmkdError
-
-from .config import TrainConfig
 
 MAX_NAME = 100  # longer run names are cut and end in a hash of the whole name
 
-# parameters of mmkd-train that are no TrainConfig field, and TrainConfig fields under another name
-_NOT_FIELDS = {"config", "nproc", "verbose", "install_completion", "show_completion"}
-FIELD_OF = {"student_option": "student_options", "loss_option": "loss_options", "quiet": "progress"}
 # what the ablation decides itself for every run, and why it is refused after -- and in the grid
 _OWN = {
     "targets": "give --targets to mmkd-ablate itself",
@@ -33,15 +30,8 @@ _OWN = {
     "nproc": "mmkd-ablate trains each run in one process (--cluster runs several at once)",
 }
 # accepted after -- but not varied: a recorded run's config.json as the base, and how runs are shown
-_NOT_VARIED = {"config": "not a setting", "quiet": "give --quiet to mmkd-ablate", "verbose": "not a setting"}
+_NOT_VARIED = {"config": "not a setting", "progress": "give --quiet to mmkd-ablate", "verbose": "not a setting"}
 _NOT_PASSED = ("--help", "--install-completion", "--show-completion")
-
-
-def train_command() -> Any:
-    """mmkd-train's click command: its options, types and checks are those of the ablation's settings."""
-    from . import cli  # the CLI module of this stage, imported late: the library works without typer's app
-
-    return typer.main.get_command(cli.app)
 
 
 class TrainOptions:
@@ -52,6 +42,7 @@ class TrainOptions:
         self.store = store
         self.args = list(args)
         self.command = train_command()
+        self.options = options_of(TrainConfig)
         self.params = {
             p.name: p for p in self.command.params if p.name not in ("install_completion", "show_completion")
         }
@@ -70,6 +61,10 @@ class TrainOptions:
     def flag(self, name: str) -> str:
         return self.params[name].opts[0]
 
+    def option_name(self, name: str) -> str:
+        """A field's option name, as grid keys and run names show it (``student-option``)."""
+        return self.options[name].long_flag.lstrip("-")
+
     def _context(self, args: list[str], where: str) -> Any:
         try:
             return TyperCommand.make_context(
@@ -81,22 +76,22 @@ class TrainOptions:
             raise MmkdError(f"{where}: {e.format_message()}") from None
 
     def _config(self, params: Mapping[str, Any]) -> TrainConfig:
-        values = {FIELD_OF.get(k, k): v for k, v in params.items() if k not in _NOT_FIELDS}
-        values["student_options"] = parse_options(list(values["student_options"] or []), "--student-option")
-        values["loss_options"] = parse_options(list(values["loss_options"] or []), "--loss-option")
-        values.update(progress=not values["progress"], eval=[], targets=self.store, seed=0, resume=False)
-        return TrainConfig(**values)
+        # a parameter holds what its flag says: an inverted flag's (--quiet) is read under the flag's name
+        values = {
+            self.options[k].long_flag if self.options[k].invert else k: list(v) if isinstance(v, tuple) else v
+            for k, v in params.items()
+            if k in self.options and v is not None
+        }
+        kwargs = config_kwargs(TrainConfig, values, "mmkd-train options")
+        kwargs.update(eval=[], targets=self.store, seed=0, resume=False)
+        return TrainConfig(**kwargs)
 
     def key(self, key: str, where: str) -> str:
         """A grid key (an mmkd-train option name: ``batch-size``, ``--batch-size`` or ``batch_size``) as its
-        parameter name; unknown keys and what the ablation sets itself are refused."""
+        TrainConfig field; unknown keys and what the ablation sets itself are refused."""
         name = key.strip().lstrip("-").replace("-", "_")
-        if name not in self.params:
-            names = [n.replace("_", "-") for n in self.params if n not in _OWN and n not in _NOT_VARIED]
-            raise MmkdError(
-                f"{where}: unknown key {key!r}{did_you_mean(name.replace('_', '-'), names)} "
-                "(keys are mmkd-train's option names)"
-            )
+        if name not in _OWN and name not in _NOT_VARIED:
+            name = field_for(TrainConfig, key.strip(), where)[0]
         if name in _OWN or name in _NOT_VARIED:
             raise MmkdError(f"{where}: {key!r} cannot be varied: {({**_OWN, **_NOT_VARIED})[name]}")
         return name

@@ -1,10 +1,12 @@
-"""Teacher inputs for a range of samples: tokenized text, or rendered image views."""
+"""Feeders: what gives a teacher its inputs for a range of samples (tokenized text, or rendered image views)
+and turns its outputs into a shard's arrays. Every kind (text, image, joint, captions) has the ``Feeder``
+protocol; the run, ``--plan`` and the cluster's workers use no other name of a feeder."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -17,8 +19,72 @@ from .dedupe import DistinctInputs, group_rows
 
 TOKENIZE_CHUNK = 4096
 
+# (name, trailing shape, dtype, dimension names): an array a feeder adds to the store (``Layout.extras``)
+Extra = tuple[str, tuple[int, ...], str, tuple[str, ...]]
 
-class TextSource:
+
+class Feeder(Protocol):
+    """What feeds a teacher: the store's samples as teacher inputs, the teacher's outputs as shard arrays.
+
+    A batch is a dict: ``inputs`` (the teacher's keyword arguments), ``positions`` (the store row each result
+    goes to), ``view_ids`` (its view), ``shard``, and optionally ``take`` (row j gets result ``take[j]``).
+
+    Attributes:
+        views: Views per sample.
+        view_params: Augmentation parameters per view (``view_params``' last axis; 0: none stored).
+        distinct_inputs: Distinct teacher inputs among the samples, each computed once; None: every sample
+            and view is computed (images).
+    """
+
+    views: int
+    view_params: int
+
+    @property
+    def distinct_inputs(self) -> int | None: ...
+
+    def probe_batch(self) -> dict[str, Any]:
+        """The first sample's first view: the layout probe's input."""
+        ...
+
+    def batches(self, shards: list[tuple[int, int, int]], batch_size: int) -> Iterator[dict[str, Any]]:
+        """The batches of each ``(shard, lo, hi)`` in turn; a batch never straddles two shards."""
+        ...
+
+    def sample_batches(self, ranges: list[tuple[int, int, int]], batch_size: int) -> Iterator[dict[str, Any]]:
+        """``--plan``'s batches: each ``(j, lo, hi)`` as the rows the teacher would read (``shard`` is j)."""
+        ...
+
+    def targets(self, teacher, batch: dict[str, Any], recipe: dict, autocast: Callable) -> dict[str, Any]:
+        """The batch's results: ``tokens`` (or None), ``pooled``, ``mask`` and any per-view extras."""
+        ...
+
+    def time_steps(self, probe: dict) -> int:
+        """The store's T, from the probe's result."""
+        ...
+
+    def row_lengths(self, n: int, time_steps: int) -> np.ndarray:
+        """(n,) every row's valid time steps (``--plan`` sizes the arrays with a time axis by them)."""
+        ...
+
+    def extras(self) -> tuple[Extra, ...]:
+        """Arrays beside the targets: those whose second axis is ``view`` are scattered from ``targets``' outputs
+        like ``pooled``; the others come from ``finish_shard``."""
+        ...
+
+    def describe_views(self) -> dict[str, Any]:
+        """The store's ``views`` attribute."""
+        ...
+
+    def extra_attrs(self) -> dict[str, Any]:
+        """Provenance recorded beside the compared fields."""
+        ...
+
+    def finish_shard(self, shard: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
+        """A computed shard with the arrays the feeder knows itself (lengths, ids, view parameters, index)."""
+        ...
+
+
+class TextFeeder:
     """Tokenizes the whole selection up front (it fixes the store's T) and batches by length.
 
     Rows with the same token ids are one teacher input, computed once per run and written to every row
@@ -54,6 +120,12 @@ class TextSource:
     def time_steps(self, probe: dict) -> int:
         return self.input_ids.shape[1]
 
+    def row_lengths(self, n: int, time_steps: int) -> np.ndarray:
+        return self.lengths
+
+    def extras(self) -> tuple[Extra, ...]:
+        return ()
+
     @property
     def distinct_inputs(self) -> int:
         return self.distinct.count
@@ -62,7 +134,8 @@ class TextSource:
     def teacher_inputs(self) -> int:
         return self.distinct.computed
 
-    def _batch(self, rows: np.ndarray, shard: int = -1) -> dict[str, Any]:
+    def rows_batch(self, rows: np.ndarray, shard: int = -1) -> dict[str, Any]:
+        """The token ids of ``rows``, one teacher input each (no deduplication), padded to the longest."""
         t = int(self.lengths[rows].max())
         ids = torch.from_numpy(self.input_ids[rows, :t].astype(np.int64))
         mask = (torch.arange(t)[None] < torch.from_numpy(self.lengths[rows]).long()[:, None]).long()
@@ -75,7 +148,7 @@ class TextSource:
         }
 
     def _inputs(self, groups: np.ndarray) -> dict[str, Any]:
-        return {"inputs": self._batch(self.distinct.first[groups])["inputs"]}
+        return {"inputs": self.rows_batch(self.distinct.first[groups])["inputs"]}
 
     def probe_batch(self) -> dict[str, Any]:
         """Row 0's input, its canonical batch: its result is kept and placed like any other (no positions)."""
@@ -85,8 +158,15 @@ class TextSource:
         """Each (shard, lo, hi) in turn: the distinct inputs it needs (``DistinctInputs.batches``)."""
         return self.distinct.batches(shards, batch_size, self._inputs)
 
-    def targets(self, teacher, batch: dict[str, Any], recipe: dict, autocast) -> dict[str, Any]:
-        """One result per distinct input of the batch: kept from an earlier batch, or computed now."""
+    def sample_batches(self, ranges: list[tuple[int, int, int]], batch_size: int) -> Iterator[dict[str, Any]]:
+        """Each range's rows as one batch (``--plan`` needs representative rows, not the canonical batches)."""
+        return (self.rows_batch(np.arange(lo, hi), j) for j, lo, hi in ranges)
+
+    def targets(self, teacher, batch: dict[str, Any], recipe: dict, autocast: Callable) -> dict[str, Any]:
+        """One result per distinct input of a batch of ``batches`` (kept from an earlier batch, or computed
+        now); one per row of a batch of ``sample_batches``, which has no ``groups``."""
+        if "groups" not in batch:
+            return teacher_targets(teacher, batch, recipe, autocast)
         return self.distinct.targets(batch, lambda b: teacher_targets(teacher, b, recipe, autocast))
 
     def finish_shard(self, shard: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
@@ -98,7 +178,7 @@ class TextSource:
         }
 
 
-def teacher_targets(teacher, batch: dict[str, Any], recipe: dict, autocast) -> dict[str, Any]:
+def teacher_targets(teacher, batch: dict[str, Any], recipe: dict, autocast: Callable) -> dict[str, Any]:
     """A batch through the teacher and the recipe: ``tokens``, ``pooled`` and ``mask``."""
     with autocast():  # the teacher only: the target statistics are taken in float32 outside autocast
         out = teacher(**batch["inputs"])
@@ -149,11 +229,12 @@ class _Views(Dataset):
         return render_views(image, params, self.spec), torch.from_numpy(params), i
 
 
-class ImageSource:
+class ImageFeeder:
     """Renders K views per image (view 0 the eval transform) and records their parameters and the checksum
     of each view's teacher input (``view_checksum``), computed from the very batch tensor the teacher reads."""
 
     view_params = NUM_PARAMS
+    distinct_inputs = None  # every sample and view is computed (see ``dedupe`` for why images are not grouped)
 
     def __init__(self, dataset, teacher, n: int, views: int, seed: int, crop_scale, workers: int) -> None:
         pre = teacher.preprocess
@@ -184,6 +265,15 @@ class ImageSource:
     def time_steps(self, probe: dict) -> int:
         return int(probe["mask"].shape[1])
 
+    def row_lengths(self, n: int, time_steps: int) -> np.ndarray:
+        return np.full(n, time_steps)
+
+    def extras(self) -> tuple[Extra, ...]:
+        return ()
+
+    def targets(self, teacher, batch: dict[str, Any], recipe: dict, autocast: Callable) -> dict[str, Any]:
+        return teacher_targets(teacher, batch, recipe, autocast)
+
     def _device(self):
         return _device(self.teacher)
 
@@ -199,12 +289,12 @@ class ImageSource:
         """Batches of each (shard, lo, hi) in turn, from one DataLoader: workers start once per run, not per
         shard (an ImageNet run with several views has tens of thousands of shards)."""
         per_batch = max(1, batch_size // self.views)
-        plan = [(k, list(range(s, min(s + per_batch, hi)))) for k, lo, hi in shards for s in range(lo, hi, per_batch)]
+        rows = [(k, list(range(s, min(s + per_batch, hi)))) for k, lo, hi in shards for s in range(lo, hi, per_batch)]
         loader = DataLoader(
-            _Views(self.dataset, self.spec), batch_sampler=[b for _, b in plan], num_workers=self.workers
+            _Views(self.dataset, self.spec), batch_sampler=[b for _, b in rows], num_workers=self.workers
         )
         v = self.views
-        for (k, _), (pixels, params, idx) in zip(plan, loader, strict=True):
+        for (k, _), (pixels, params, idx) in zip(rows, loader, strict=True):
             b = pixels.shape[0]
             checksums = view_checksum(pixels, self.spec)  # (b, V): of the tensor that goes to the teacher
             for i, p, c in zip(idx.tolist(), params.numpy(), checksums, strict=True):
@@ -216,6 +306,9 @@ class ImageSource:
                 "view_ids": np.tile(np.arange(v), b),
                 "shard": k,
             }
+
+    def sample_batches(self, ranges: list[tuple[int, int, int]], batch_size: int) -> Iterator[dict[str, Any]]:
+        return self.batches(ranges, batch_size)
 
     def finish_shard(self, shard: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
         params = np.stack([self._params.pop(i) for i in range(lo, hi)])

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .ablate import Job, Plan
+from .jobs import Job, Jobs
 
 SPREAD = "sample standard deviation over seeds"
 
@@ -249,16 +249,16 @@ def _add_seed(row: Row, job: Job, record: dict[str, Any]) -> None:
             row.resumed.append(row.seeds[-1])
 
 
-def build_rows(p: Plan, records: dict[str, dict[str, Any]]) -> list[Row]:
-    first = p.tasks[0].label
+def build_rows(found: Jobs, records: dict[str, dict[str, Any]]) -> list[Row]:
+    first = found.tasks[0].label
     teacher = Row("teacher", "teacher", {})
-    _add_seed(teacher, p.teacher, records[str(p.teacher.directory)])
+    _add_seed(teacher, found.teacher, records[str(found.teacher.directory)])
     t = teacher.headlines.get(first, [None])[0]
     if t is not None:
         teacher.of_teacher, teacher.gap_closed = [1.0], [1.0]
     rows: dict[tuple[str, str], Row] = {}
     init_headline: dict[str, float] = {}
-    for job in [*p.inits, *p.runs]:
+    for job in [*found.inits, *found.runs]:
         row = rows.setdefault((job.kind, job.row), Row(job.kind, job.row, dict(job.settings)))
         record = records[str(job.directory)]
         _add_seed(row, job, record)
@@ -267,7 +267,7 @@ def build_rows(p: Plan, records: dict[str, dict[str, Any]]) -> list[Row]:
             init_headline[job.directory.name] = s
             i = s
         else:
-            i = init_headline[p.init_of[job.directory.name]]
+            i = init_headline[found.init_of[job.directory.name]]
         row.of_teacher.append(of_teacher(s, t))
         row.gap_closed.append(gap_closed(s, i, t))
     return [teacher, *rows.values()]
@@ -286,22 +286,22 @@ def samples_seen(run_dir: Path, num_samples: int) -> int:
     return epochs * min(num_samples, per_epoch * batch) + rest * batch
 
 
-def teacher_passes(p: Plan) -> dict[str, Any]:
+def teacher_passes(found: Jobs) -> dict[str, Any]:
     """The teacher passes the cache made (samples × views, once, at extraction) against those an online
     ablation would have made (every sample every run drew), with their times: the extraction's as recorded
     in the store (``mmkd_extract_seconds``), the online one estimated at the extraction's time per pass."""
-    n = int(p.attrs["dataset"]["num_samples"])
-    views = int(p.attrs["views"]["count"])
+    n = int(found.attrs["dataset"]["num_samples"])
+    views = int(found.attrs["views"]["count"])
     made = n * views
-    seconds = p.extract_seconds
-    online = sum(samples_seen(job.directory, n) for job in p.runs)
+    seconds = found.extract_seconds
+    online = sum(samples_seen(job.directory, n) for job in found.runs)
     per_pass = seconds / made if seconds is not None and made else None
     return {
         "samples": n,
         "views": views,
         "made": made,
         "extract_seconds": seconds,
-        "runs": len(p.runs),
+        "runs": len(found.runs),
         "online": online,
         "online_seconds_estimated": online * per_pass if per_pass is not None else None,
         "seconds_per_pass": per_pass,
@@ -362,33 +362,33 @@ def plot(table: Table, path: Path) -> Path:
     return path
 
 
-def write_table(p: Plan, records: dict[str, dict[str, Any]]) -> Table:
+def write_table(found: Jobs, records: dict[str, dict[str, Any]]) -> Table:
     """Build the table from the records and write ablation.md, .csv, .json and .png into the ablation's directory."""
-    rows = build_rows(p, records)
+    rows = build_rows(found, records)
     metrics: list[str] = []
     for r in rows:
         metrics += [m for m in r.metrics if m not in metrics]
-    out = p.cfg.out
+    out = found.cfg.out
     files = {ext: out / f"ablation.{ext}" for ext in ("md", "csv", "json", "png")}
     table = Table(
         rows=rows,
-        keys=p.keys,
-        tasks=[t.label for t in p.tasks],
-        headline_names={t.label: t.headline_name for t in p.tasks},
+        keys=found.keys,
+        tasks=[t.label for t in found.tasks],
+        headline_names={t.label: t.headline_name for t in found.tasks},
         metrics=metrics,
-        passes=teacher_passes(p),
+        passes=teacher_passes(found),
         files=files,
-        repeat=p.cfg.repeat,
+        repeat=found.cfg.repeat,
     )
     files["md"].write_text(table.markdown())
     files["csv"].write_text(table.csv())
     record = {
         **table.to_json(),
-        "targets": str(p.cfg.targets.resolve()),
-        "grid": _grid_record(p.cfg.grid),
-        "train_args": p.cfg.train_args,
-        "eval": [t.spec for t in p.tasks],
-        "directories": {"teacher": str(p.teacher.directory), **{j.label: str(j.directory) for j in p.runs}},
+        "targets": str(found.cfg.targets.resolve()),
+        "grid": _grid_record(found.cfg.grid),
+        "train_args": found.cfg.train_args,
+        "eval": [t.spec for t in found.tasks],
+        "directories": {"teacher": str(found.teacher.directory), **{j.label: str(j.directory) for j in found.runs}},
     }
     files["json"].write_text(json.dumps(record, indent=2) + "\n")
     plot(table, files["png"])

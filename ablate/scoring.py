@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmkd.app.cli import did_you_mean
 from mmkd.data import DATASETS
 from mmkd.evaluate import RUN_TASKS, EvalConfig, check_run_task, run_evaluation
-from mmkd_core.cli_utils import did_you_mean
 from mmkd_core.errors import MmkdError
 
 

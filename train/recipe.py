@@ -1,0 +1,345 @@
+"""mmkd-train as one recipe, read top to bottom: the store, the run's configuration, the student, the loss,
+the data, the optimiser; then the epochs and their steps, the checkpoints, the export.
+
+Only the store's targets are read: the teacher never runs here (``--init teacher`` copies its weights into
+the student, that is all). Variants subclass the recipe rather than add flags to it: the benchmarks' online
+teacher and in-RAM store override :meth:`TrainRecipe.batches` and :meth:`TrainRecipe.batch_targets`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmkd.app.progress import progress_bar
+from mmkd.evaluate import default_run_tasks
+from mmkd_core.errors import MmkdError
+from mmkd_core.losses import build_loss
+from mmkd_core.store import open_store
+from mmkd_core.students import save_student
+from mmkd_core.versions import library_versions
+
+from .bank import memory_bank, without_batch
+from .build import DEFAULT_LOSS, build, loss_inputs, student_kind
+from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
+from .config import TrainConfig
+from .ddp import freeze_unused, init_ranks, leave_group, rng_states, set_rng_state
+from .loader import PlanSpec, StoreBatches, check_plan, make_loader, num_batches
+from .optim import adamw
+from .report import TrainResult
+from .resume import check_store, read_record, resumed_config, store_record
+from .run_log import MetricsLog, truncate_metrics
+from .verify_views import DEFAULT_SAMPLE, verify_views
+
+log = logging.getLogger(__name__)
+
+# a contrastive loss on a short batch has fewer negatives: it shows as a spike every epoch
+CONTRASTIVE = {"contrastive_kd", "itc"}
+
+
+class TrainRecipe:
+    """One training run: ``setup()``, ``train()``, ``export()``, ``cleanup()``, then ``result()``.
+
+    Args:
+        cfg: The run.
+        given: With ``cfg.resume``: the fields the caller set explicitly; each must equal the run's recorded
+            value (None: the fields that differ from TrainConfig's defaults).
+    """
+
+    def __init__(self, cfg: TrainConfig, given: set[str] | None = None) -> None:
+        self.cfg = cfg
+        self.given = given
+        self.step = 0  # optimiser steps taken, over every attempt of the run
+        self.losses: list[float] = []  # of this attempt's steps
+        self.seconds = 0.0
+        self._image_cache: dict | None = None  # images decoded once, kept across the epochs of train()
+
+    # ------------------------------------------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        """Everything before the first step; continues from the last checkpoint with ``cfg.resume``."""
+        self.rank, self.world, self.device = init_ranks(self.cfg.device)
+        self.reader = self._setup_store()
+        ckpt = self._setup_config()
+        torch.manual_seed(self.cfg.seed)
+        self._setup_model()
+        self._setup_loss()
+        self._setup_data()
+        self._setup_ddp()
+        self._setup_optimizer()
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+        elif self.rank == 0:
+            self._record()
+
+    def _setup_store(self):
+        reader = open_store(self.cfg.targets)
+        if not reader.complete:
+            raise MmkdError(f"{self.cfg.targets} is incomplete: run the same mmkd-extract command again to finish it")
+        return reader
+
+    def _setup_config(self) -> Path | None:
+        """Resolve the run's configuration (a resumed run's is the recorded one); returns the checkpoint to
+        continue from (None: a new run)."""
+        cfg, run_dir = self.cfg, self.cfg.run_dir
+        ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+        if ckpt is not None and not cfg.resume:
+            raise MmkdError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+        if cfg.resume:
+            if ckpt is None:
+                raise MmkdError(f"--resume: {run_dir} has no checkpoint to continue from")
+            record = read_record(run_dir)
+            check_store(self.reader, record)
+            cfg = resumed_config(cfg, record, self.given, self.world)
+        self.cfg = cfg.resolved(student_kind(cfg, self.reader.attrs))
+        return ckpt
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        self.built = build(cfg, self.reader)
+        # every rank checks the same deterministic sample, so all of them refuse together
+        sample = None if cfg.verify_views else DEFAULT_SAMPLE
+        verify_views(self.reader, self.built.source, sample=sample, seed=cfg.seed)
+        if cfg.eval and "retrieval" in cfg.eval and self.built.kind != "multimodal":
+            raise MmkdError(
+                f"--eval retrieval scores image-caption students; this store trains a {self.built.kind} student"
+            )
+        self.student = self.built.student.to(self.device)
+        self.model: torch.nn.Module = self.student  # what the steps run: the student, or its DDP wrapper
+        device_type, bf16 = torch.device(self.device).type, cfg.autocast == "bfloat16"
+        self.autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def _setup_loss(self) -> None:
+        self.loss_spec = self.cfg.loss or self.built.default_loss or DEFAULT_LOSS[self.built.kind]
+        self.loss_fn = build_loss(self.loss_spec, **self.cfg.loss_options)
+
+    def _setup_data(self) -> None:
+        """The batch order of every epoch, and the number of steps."""
+        cfg = self.cfg
+        self.plan = PlanSpec(
+            num_samples=len(self.reader),
+            chunk_size=self.reader.chunk_size,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            rank=self.rank,
+            world_size=self.world,
+            by_length=self.built.kind == "text",
+            drop_last=bool(CONTRASTIVE & set(self.loss_fn.weights)),
+        )
+        check_plan(self.plan)
+        self.per_epoch = num_batches(self.plan)  # the same in every epoch and on every rank: DDP ranks step together
+        self.total = cfg.steps or max(1, int(round(cfg.epochs * self.per_epoch)))
+        self.warmup = int(cfg.warmup if cfg.warmup >= 1 else max(1, round(cfg.warmup * self.total)))
+
+    def _setup_ddp(self) -> None:
+        if self.world == 1:
+            return
+
+        def first_batch_loss() -> torch.Tensor:
+            batch = next(iter(self.batches(0, 0)))
+            return self.loss_fn(loss_inputs(self.built, self.student, batch, self.device))[0]
+
+        freeze_unused(self.student, first_batch_loss)
+        self.model = torch.nn.parallel.DistributedDataParallel(self.student)
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.cfg
+        self.opt, self.sched = adamw(self.student, cfg.lr, cfg.weight_decay, self.total, self.warmup)
+
+    def _record(self) -> None:
+        """Write the run's resolved configuration: what --resume continues and what reproduces the run."""
+        cfg, built = self.cfg, self.built
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        if (cfg.run_dir / "config.json").exists():  # a run of ours stopped before its first checkpoint starts over
+            truncate_metrics(cfg.run_dir, 0)
+        # what ran, in full: the loss and evaluation the defaults chose, paths that work from any folder
+        recorded = {
+            **cfg.to_json(),
+            "loss": self.loss_spec,
+            "eval": cfg.eval or default_run_tasks(built.kind, self.reader.attrs),
+            "targets": str(cfg.targets.resolve()),
+            "run_dir": str(cfg.run_dir.resolve()),
+        }
+        record = {
+            "argv": sys.argv,
+            "train": recorded,
+            "student": {"kind": built.kind, **built.student.describe()},
+            "loss": self.loss_fn.weights,
+            "loss_options": self.loss_fn.options,
+            "steps": self.total,
+            "warmup": self.warmup,
+            "steps_per_epoch": self.per_epoch,
+            "world_size": self.world,
+            "store": store_record(self.reader),
+            "versions": library_versions(),
+        }
+        (cfg.run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str))
+
+    # -------------------------------------------------------------------------------------------------- data
+
+    def batches(self, epoch: int, start_batch: int, **options: Any) -> StoreBatches:
+        """The epoch's batches from ``start_batch`` on, read from the store (``options``: further StoreBatches
+        arguments, for subclasses)."""
+        built = self.built
+        return StoreBatches(
+            self.cfg.targets,
+            self.plan,
+            source=built.source,
+            epoch=epoch,
+            start_batch=start_batch,
+            image_spec=built.image_spec,
+            **built.loader_options,
+            image_cache=self._image_cache,
+            **options,
+        )
+
+    def batch_targets(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with its teacher targets: those the store holds, as read."""
+        return batch
+
+    # ------------------------------------------------------------------------------------------------- train
+
+    def train(self) -> None:
+        """Step until the planned number of steps, checkpointing and logging as configured."""
+        cfg = self.cfg
+        metrics = MetricsLog(cfg.run_dir) if self.rank == 0 else None
+        self._image_cache = {}
+        self.student.train()
+        start = time.perf_counter()
+        try:
+            with progress_bar(
+                f"train {self.built.kind} student",
+                total=self.total,
+                completed=self.step,
+                unit="steps",
+                enabled=cfg.progress and self.rank == 0,
+                extra="loss {task.fields[loss]}",
+                fields={"loss": "-"},
+            ) as advance:
+                while self.step < self.total:
+                    self._epoch(advance, metrics, start)
+        except KeyboardInterrupt:
+            if latest_checkpoint(cfg.run_dir) is None:  # nothing saved yet: the same command starts over
+                raise MmkdError(
+                    f"interrupted at step {self.step}, before the first checkpoint; run the same command again"
+                ) from None
+            raise MmkdError(
+                f"interrupted at step {self.step}; continue with --resume --run-dir {cfg.run_dir}"
+            ) from None
+        finally:
+            if metrics is not None:
+                metrics.close()
+        self.seconds = time.perf_counter() - start
+
+    def _epoch(self, advance, metrics: MetricsLog | None, start: float) -> None:
+        """The rest of the current epoch (all of it, unless the run continues from inside it)."""
+        cfg = self.cfg
+        epoch, start_batch = divmod(self.step, self.per_epoch)
+        end = min(self.total, (epoch + 1) * self.per_epoch)
+        batches = self.batches(epoch, start_batch)
+        bank = memory_bank(self.reader, cfg.bank_size, cfg.seed, epoch) if cfg.bank_size else None
+        for batch in make_loader(batches, cfg.workers):
+            batch = self.batch_targets(batch)
+            if bank is not None:
+                batch["bank"] = without_batch(bank, batch["index"])
+            value, terms = self.train_step(batch)
+            self.losses.append(value)
+            advance(1, loss=f"{value:.4f}")
+            if metrics is not None and (self.step % cfg.log_every == 0 or self.step == self.total):
+                metrics.write(self._row(epoch, value, terms, time.perf_counter() - start))
+            if self.step % cfg.ckpt_every == 0 or self.step == self.total:
+                self.save_checkpoint()
+            if self.step >= end:
+                break
+        if self.step < end:  # the plan promised more batches than the loader gave: never spin on it
+            raise RuntimeError(
+                f"epoch {epoch}: the loader stopped at step {self.step} of {end}; "
+                f"the plan has {self.per_epoch} batches per epoch"
+            )
+
+    def train_step(self, batch: dict[str, Any]) -> tuple[float, dict[str, float]]:
+        """One optimiser step on ``batch``; returns the loss and its terms."""
+        with self.autocast:
+            loss, terms = self.loss_fn(loss_inputs(self.built, self.model, batch, self.device))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        return float(loss.detach()), terms
+
+    def _row(self, epoch: int, value: float, terms: dict[str, float], seconds: float) -> dict[str, Any]:
+        lr = self.sched.get_last_lr()[0]
+        return {"step": self.step, "epoch": epoch, "loss": value, **terms, "lr": lr, "seconds": round(seconds, 3)}
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> None:
+        """Checkpoint the student, optimiser, schedule, step and every rank's RNG (rank 0 writes it)."""
+        rng = rng_states(self.world)  # a collective: every rank takes part
+        if self.rank == 0:
+            state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "step": self.step}
+            write_checkpoint(self.cfg.run_dir, self.step, self.student, {**state, "rng": rng})
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Continue from checkpoint ``path`` exactly: weights, optimiser, schedule, step and this rank's RNG."""
+        run_dir = self.cfg.run_dir
+        record = read_record(run_dir)
+        if (record.get("steps"), record.get("steps_per_epoch")) != (self.total, self.per_epoch):
+            raise MmkdError(
+                f"--resume: {run_dir} planned {record.get('steps')} steps of "
+                f"{record.get('steps_per_epoch')} per epoch; this mmkd plans {self.total} of {self.per_epoch} "
+                "for the same settings, so the run cannot continue exactly: start a new --run-dir"
+            )
+        state = read_checkpoint(path, self.student)
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            rng = state["rng"][self.rank]
+        except (KeyError, IndexError, ValueError, TypeError) as e:
+            raise MmkdError(f"{path / 'state.pt'}: does not fit this run ({type(e).__name__}: {e})") from None
+        set_rng_state(rng)
+        self.step = int(state["step"])
+        if self.rank == 0:  # drop the metrics logged after the checkpoint: they are computed again
+            truncate_metrics(run_dir, self.step)
+        log.info("resumed %s at step %d", run_dir, self.step)
+
+    # ------------------------------------------------------------------------------------------ export, end
+
+    def export(self) -> None:
+        """Rank 0 saves the trained student in its library's format (``run_dir/student``)."""
+        if self.rank != 0:
+            return
+        self.student.eval()
+        save_student(
+            self.student,
+            self.cfg.run_dir / "student",
+            tokenizer=self.built.tokenizer,
+            preprocess=self.built.preprocess,
+            max_seq_length=(self.reader.attrs.get("preprocess") or {}).get("max_length"),
+        )
+
+    def cleanup(self) -> None:
+        """Leave the process group (every rank waits for rank 0's export first)."""
+        if self.world > 1:
+            leave_group()
+
+    def result(self) -> TrainResult:
+        return TrainResult(
+            run_dir=self.cfg.run_dir,
+            steps=self.step,
+            seconds=self.seconds,
+            final_loss=self.losses[-1] if self.losses else math.nan,
+            losses=self.losses,
+            rank=self.rank,
+        )
