@@ -147,7 +147,9 @@ def main() -> None:
         text = text_store(Path(tmp) / "text.zarr", args.text_n)
         image, source = image_store(Path(tmp) / "image.zarr", args.image_n)
         print(f"stores written in {time.perf_counter() - start:.0f} s")
-        rows = measure(f"text, {args.text_n:,} samples", text, args.text_n, args.batch_size, args.repeats, by_length=True)
+        rows = measure(
+            f"text, {args.text_n:,} samples", text, args.text_n, args.batch_size, args.repeats, by_length=True
+        )
         rows += measure(
             f"image, {args.image_n:,} × 2 views", image, args.image_n, args.batch_size, args.repeats, source=source
         )

@@ -190,7 +190,7 @@ class StoreDataset(IterableDataset):
         mine = worker_buffers(rank_pieces(self.cuts(), self.rank, self.order), worker, num_workers)
         starts = chunk_starts(self.order, self.epoch)
         if self.order.by_length and self._lengths is None:
-            self._lengths = self.reader.group["lengths"][:]
+            self._lengths = self.reader.raw("lengths", 0, self.order.num_samples)
         size = self.order.buffer_samples
         for k, pieces in mine.items():
             ranges = buffer_ranges(self.order, self.epoch, k, starts)
@@ -214,12 +214,12 @@ class StoreDataset(IterableDataset):
         return tuple(n for n in out if n in g)
 
     def _read(self, lo: int, hi: int) -> dict[str, np.ndarray]:
-        """Samples [lo, hi) as stored (targets not decoded), one contiguous read per array."""
+        """Samples [lo, hi) as stored (targets not decoded), one contiguous checked read per array."""
         if self.in_memory:
             if self._memory is None:
-                self._memory = {n: self.reader.group[n][:] for n in self._array_names()}
+                self._memory = {n: self.reader.raw(n, 0, self.order.num_samples) for n in self._array_names()}
             return {k: v[lo:hi] for k, v in self._memory.items()}
-        return {n: self.reader.group[n][lo:hi] for n in self._array_names()}
+        return {n: self.reader.raw(n, lo, hi) for n in self._array_names()}
 
     def _views_for(self, indices: np.ndarray) -> np.ndarray:
         v = self.reader.views
