@@ -64,7 +64,7 @@ def test_accelerate_prepares_the_loader_and_trains(store):
             opt.zero_grad()
             accelerator.backward(loss)
             opt.step()
-            epoch.append(float(loss))
+            epoch.append(float(loss.detach()))
         losses.append(np.mean(epoch))
     assert loader.state_dict()["epoch"] == 3 and losses[-1] < losses[0]
 
