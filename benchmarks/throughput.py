@@ -81,7 +81,8 @@ def memory_rows(tmp: Path, sizes: tuple[int, int]) -> dict[int, int]:
 
 def loader_rows(store: Path, batch_size: int, repeats: int) -> dict[str, list[float]]:
     """Samples/s of a raw sequential read and of one training epoch's batches with 0, 1, 2 workers."""
-    from mmkd.train.loader import PlanSpec, StoreBatches, make_loader
+    from mmkd_core.batch_order import OrderSpec as PlanSpec
+    from mmkd_core.loader import StoreBatches, make_loader
     from mmkd_core.store import open_store
 
     reader = open_store(store)

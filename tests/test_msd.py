@@ -227,7 +227,8 @@ def test_msd_trains_with_each_weighting(joint_store, tmp_path, options):
 def test_msd_weights_per_sample_by_the_whole_store_or_fixed(joint_store, tmp_path):
     """The msd value of one real batch, computed by hand from the stored arrays for each rule."""
     from mmkd.train.build import build, loss_inputs
-    from mmkd.train.loader import PlanSpec, StoreBatches
+    from mmkd_core.batch_order import OrderSpec as PlanSpec
+    from mmkd_core.loader import StoreBatches
     from mmkd_core.losses import build_loss
     from mmkd_core.store import open_store
 

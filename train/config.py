@@ -17,22 +17,11 @@ from mmkd.evaluate import RUN_TASKS, check_run_task
 from mmkd_core.errors import MmkdError
 from mmkd_core.location import StoreURL, looks_like_url, store_location
 from mmkd_core.losses import LOSSES, parse_loss_spec
+from mmkd_core.students.kinds import STUDENT_KINDS, kind_names
 from mmkd_core.teachers import TEACHERS
 
-STUDENT_KINDS = ("auto", "text", "vit", "beit", "data2vec2", "multimodal")
-# Defaults that depend on the student. The multimodal ones train the embedded default (a 128-wide student on
-# 10,000 shapes captions): held-out i2t R@1 rose with epochs, 0.826 at 12, 0.905-0.931 at 16 (two runs), 0.962 at
-# 24; 20 leaves a margin above 0.90 and keeps the README's first command (install, extraction, training,
-# evaluation) within 10 minutes on two quiet CPU cores (417 s at 16 epochs). README has the measured times.
-KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    # contrastive KD takes its negatives from the batch: 128 of them; 2e-4 for a student cut from the teacher
-    "text": {"init": "teacher", "batch_size": 128, "lr": 2e-4, "epochs": 1.0},
-    "vit": {"init": "teacher", "batch_size": 64, "lr": 5e-4, "epochs": 1.0},
-    "beit": {"init": "teacher", "batch_size": 64, "lr": 5e-4, "epochs": 1.0},
-    # no teacher has its post-norm blocks: by default it asks for the checkpoint (--init-weights)
-    "data2vec2": {"init": "data2vec2", "batch_size": 64, "lr": 5e-4, "epochs": 1.0},
-    "multimodal": {"init": "random", "batch_size": 128, "lr": 1e-3, "epochs": 20.0},
-}
+# --student: a registered kind (each kind's defaults live in its own file, mmkd_core/students/kinds/), or auto
+STUDENT_CHOICES = ("auto", *kind_names())
 AUTOCAST = ("none", "bfloat16")
 INITS = ("teacher", "random", "data2vec2")
 TOKEN_PREDS = ("recipe", "head")
@@ -80,18 +69,18 @@ class TrainConfig:
 
     Each field's ``help`` is its documentation; beyond it: ``student`` auto chooses from the store (text
     teacher over text -> text; over image–caption data -> multimodal; image teacher -> vit, beit for BEiT-like
-    teachers or inits; ``init="data2vec2"`` -> data2vec2). ``init`` None is the student kind's default
-    (KIND_DEFAULTS): the teacher's blocks (``student_options["init_blocks"]`` picks others), except random for
-    multimodal students (the caption teacher is wider than a CPU-sized student) and data2vec2 for data2vec2
-    students. ``batch_size``, ``lr`` and ``epochs`` None are per student kind as well; ``batch_size`` is per
-    rank.
+    teachers or inits; ``init="data2vec2"`` -> data2vec2). ``init`` None is the student kind's default (each
+    kind's ``defaults`` in mmkd_core/students/kinds/): the teacher's blocks (``student_options["init_blocks"]``
+    picks others), except random for multimodal students (the caption teacher is wider than a CPU-sized
+    student) and data2vec2 for data2vec2 students. ``batch_size``, ``lr`` and ``epochs`` None are per student
+    kind as well; ``batch_size`` is per rank.
     """
 
     targets: Path | StoreURL = option(help="Store written by mmkd-extract (a path or a URL).", metavar="PATH|URL")
     student: str = option(
         "auto",
-        help=f"Student kind: {', '.join(STUDENT_KINDS)} (auto: from the store).",
-        choices=STUDENT_KINDS,
+        help=f"Student kind: {', '.join(STUDENT_CHOICES)} (auto: from the store).",
+        choices=STUDENT_CHOICES,
         noun="student kind",
     )
     depth: int | None = option(None, help="Student depth (image tower for multimodal); default half the teacher's.")
@@ -165,8 +154,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.targets = store_location(self.targets, "--targets")
-        if self.student not in STUDENT_KINDS:
-            raise MmkdError(f"--student {self.student!r}: choose one of {', '.join(STUDENT_KINDS)}")
+        if self.student not in STUDENT_CHOICES:
+            raise MmkdError(f"--student {self.student!r}: choose one of {', '.join(STUDENT_CHOICES)}")
         if self.token_pred not in ("recipe", "head"):
             raise MmkdError(f"--token-pred {self.token_pred!r}: choose recipe or head")
         if self.autocast not in AUTOCAST:
@@ -194,7 +183,7 @@ class TrainConfig:
 
     def resolved(self, kind: str) -> TrainConfig:
         """A copy with the per-kind defaults filled in where this config leaves them open."""
-        defaults = KIND_DEFAULTS[kind]
+        defaults = STUDENT_KINDS.get(kind).defaults
         values = {k: v for k, v in asdict(self).items()}
         for key, value in defaults.items():
             if values[key] is None:

@@ -21,18 +21,19 @@ import torch
 
 from mmkd.app.progress import progress_bar
 from mmkd.evaluate import default_run_tasks
+from mmkd_core.batch_order import OrderSpec, check_order, num_batches
 from mmkd_core.errors import MmkdError
+from mmkd_core.loader import StoreBatches, make_loader
 from mmkd_core.losses import build_loss
 from mmkd_core.store import open_store
 from mmkd_core.students import save_student
 from mmkd_core.versions import library_versions
 
 from .bank import memory_bank, without_batch
-from .build import DEFAULT_LOSS, build, loss_inputs, student_kind
+from .build import build, default_loss, loss_inputs, student_kind
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .ddp import freeze_unused, init_ranks, leave_group, rng_states, set_rng_state
-from .loader import PlanSpec, StoreBatches, check_plan, make_loader, num_batches
 from .optim import adamw
 from .report import TrainResult
 from .resume import check_store, read_record, resumed_config, store_record
@@ -118,13 +119,13 @@ class TrainRecipe:
         self.autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     def _setup_loss(self) -> None:
-        self.loss_spec = self.cfg.loss or self.built.default_loss or DEFAULT_LOSS[self.built.kind]
+        self.loss_spec = self.cfg.loss or self.built.default_loss or default_loss(self.built.kind)
         self.loss_fn = build_loss(self.loss_spec, **self.cfg.loss_options)
 
     def _setup_data(self) -> None:
         """The batch order of every epoch, and the number of steps."""
         cfg = self.cfg
-        self.plan = PlanSpec(
+        self.plan = OrderSpec(
             num_samples=len(self.reader),
             chunk_size=self.reader.chunk_size,
             batch_size=cfg.batch_size,
@@ -134,7 +135,7 @@ class TrainRecipe:
             by_length=self.built.kind == "text",
             drop_last=bool(CONTRASTIVE & set(self.loss_fn.weights)),
         )
-        check_plan(self.plan)
+        check_order(self.plan)
         self.per_epoch = num_batches(self.plan)  # the same in every epoch and on every rank: DDP ranks step together
         self.total = cfg.steps or max(1, int(round(cfg.epochs * self.per_epoch)))
         self.warmup = int(cfg.warmup if cfg.warmup >= 1 else max(1, round(cfg.warmup * self.total)))

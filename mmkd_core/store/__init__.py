@@ -66,10 +66,6 @@ from .provenance import CONFIG_FIELDS, FORMAT_VERSION, LATER_STORAGE_KEYS, confi
 from .reader import StoreReader, open_store
 from .writer import StoreWriter
 
-# the private names other modules imported from the one-file store, under their old names
-_codecs = compressors  # SHIM: remove at integration
-_mmkd_attrs = read_attrs  # SHIM: remove at integration
-
 __all__ = [
     "CHUNKS_PER_SHARD",
     "CODEC_NAMES",
