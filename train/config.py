@@ -7,6 +7,7 @@ Each field's ``option()`` carries its flag, help, choices and parser; the comman
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -163,12 +164,9 @@ class TrainConfig:
         for name in ("batch_size", "ckpt_every", "log_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise MmkdError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if self.lr is not None and self.lr <= 0:
-            raise MmkdError(f"--lr {self.lr}: must be positive")
+        self._check_numbers()
         if self.steps is not None and self.steps < 1:
             raise MmkdError(f"--steps {self.steps}: must be at least 1")
-        if self.epochs is not None and self.epochs <= 0:
-            raise MmkdError(f"--epochs {self.epochs}: must be positive")
         if self.bank_size < 0:
             raise MmkdError(f"--bank-size {self.bank_size}: must be 0 or more")
         if self.depth is not None and self.depth < 1:
@@ -180,6 +178,20 @@ class TrainConfig:
         if looks_like_url(self.run_dir):
             raise MmkdError(f"--run-dir {self.run_dir}: run directories are local; the store may be a URL")
         self.run_dir = Path(self.run_dir)
+
+    def _check_numbers(self) -> None:
+        """Real-valued options: finite (``nan`` and ``inf`` parse as floats), and in their range."""
+        ranges = {"lr": (0, False), "epochs": (0, False), "weight_decay": (0, True), "warmup": (0, True),
+                  "grad_clip": (0, True)}  # fmt: skip
+        for name, (low, inclusive) in ranges.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            flag = "--" + name.replace("_", "-")
+            if not math.isfinite(value):
+                raise MmkdError(f"{flag} {value}: must be a finite number")
+            if value < low or (value == low and not inclusive):
+                raise MmkdError(f"{flag} {value}: must be {'0 or more' if inclusive else 'positive'}")
 
     def resolved(self, kind: str) -> TrainConfig:
         """A copy with the per-kind defaults filled in where this config leaves them open."""

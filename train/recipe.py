@@ -25,7 +25,7 @@ from mmkd_core.batch_order import OrderSpec, check_order, num_batches
 from mmkd_core.errors import MmkdError
 from mmkd_core.loader import StoreBatches, make_loader
 from mmkd_core.losses import build_loss
-from mmkd_core.store import open_store
+from mmkd_core.store import open_store, take_reader_lease
 from mmkd_core.students import save_student
 from mmkd_core.versions import library_versions
 
@@ -38,6 +38,7 @@ from .optim import adamw
 from .report import TrainResult
 from .resume import check_store, read_record, resumed_config, store_record
 from .run_log import MetricsLog, truncate_metrics
+from .rundir import check_owned, claim
 from .verify_views import DEFAULT_SAMPLE, verify_views
 
 log = logging.getLogger(__name__)
@@ -62,13 +63,18 @@ class TrainRecipe:
         self.losses: list[float] = []  # of this attempt's steps
         self.seconds = 0.0
         self._image_cache: dict | None = None  # images decoded once, kept across the epochs of train()
+        self.locks: list[Any] = []  # the run directory's lock and the store's reader lease (rank 0)
 
     # ------------------------------------------------------------------------------------------------ set-up
 
     def setup(self) -> None:
         """Everything before the first step; continues from the last checkpoint with ``cfg.resume``."""
         self.rank, self.world, self.device = init_ranks(self.cfg.device)
+        if self.rank == 0:  # the run directory is ours (new, empty or a run) and this trainer's alone
+            self.locks.append(claim(self.cfg.run_dir))
         self.reader = self._setup_store()
+        if self.rank == 0:  # no --overwrite of the store while this run reads it
+            self.locks.append(take_reader_lease(self.cfg.targets))
         ckpt = self._setup_config()
         torch.manual_seed(self.cfg.seed)
         self._setup_model()
@@ -322,18 +328,32 @@ class TrainRecipe:
         if self.rank != 0:
             return
         self.student.eval()
-        save_student(
-            self.student,
-            self.cfg.run_dir / "student",
-            tokenizer=self.built.tokenizer,
-            preprocess=self.built.preprocess,
-            max_seq_length=(self.reader.attrs.get("preprocess") or {}).get("max_length"),
-        )
+        check_owned(self.cfg.run_dir)  # a link planted while it trained is not written through either
+        try:
+            save_student(
+                self.student,
+                self.cfg.run_dir / "student",
+                tokenizer=self.built.tokenizer,
+                preprocess=self.built.preprocess,
+                max_seq_length=(self.reader.attrs.get("preprocess") or {}).get("max_length"),
+            )
+        except KeyboardInterrupt:
+            raise MmkdError(
+                f"interrupted while exporting the student; continue with --resume --run-dir {self.cfg.run_dir}"
+            ) from None
 
     def cleanup(self) -> None:
         """Leave the process group (every rank waits for rank 0's export first)."""
         if self.world > 1:
             leave_group()
+        self.release()
+
+    def release(self) -> None:
+        """Give back the run directory's lock and the store's lease (idempotent; also after a failure)."""
+        while self.locks:
+            lock = self.locks.pop()
+            if lock is not None:
+                lock.release()
 
     def result(self) -> TrainResult:
         return TrainResult(
