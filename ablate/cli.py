@@ -4,7 +4,6 @@ options it adds); it builds an AblateConfig, calls `ablate` and prints the table
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any
 
 import typer
@@ -60,17 +59,6 @@ def run(cfg: AblateConfig, extras: dict[str, Any], given: set[str]) -> None:
     console.print(f"written: {', '.join(str(p) for p in table.files.values())}", highlight=False)
 
 
-def _mmkd_ablate_parameters(command: Any) -> None:
-    """Two changes to the derived command's parameters: the extra option ``train_args`` becomes the
-    arguments after ``--`` (its help and placeholder as declared), and ``--config`` goes, since after ``--``
-    it is mmkd-train's (a recorded run as the shared options) and mmkd-ablate takes no config file itself."""
-    sig = inspect.signature(command)
-    declared = sig.parameters["train_args"].default
-    after = typer.Argument(None, metavar=declared.metavar, help=declared.help)
-    params = [p.replace(default=after) if p.name == "train_args" else p for p in sig.parameters.values()]
-    command.__signature__ = sig.replace(parameters=[p for p in params if p.name != "config"])
-
-
 main_command = build_command(
     app,
     AblateConfig,
@@ -78,9 +66,10 @@ main_command = build_command(
     extra=EXTRAS,
     epilog=EXAMPLES,
     doc="Train a grid of students from one store; the teacher and each student's init are scored beside them.",
+    # after --, --config is mmkd-train's (a recorded run as the shared options): mmkd-ablate takes no file itself
+    config_file=False,
+    cls=AblateCommand,
 )
-_mmkd_ablate_parameters(main_command)
-app.registered_commands[-1].cls = AblateCommand
 
 
 def _rich_table(table, title: str) -> RichTable:

@@ -100,6 +100,7 @@ EXTRAS = (
         option(
             list,
             repeat=True,
+            argument=True,
             metavar="-- [MMKD-TRAIN OPTIONS]",
             help="mmkd-train options shared by every run, after --.",
         ),

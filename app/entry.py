@@ -5,6 +5,7 @@ the same one line as later in the run, with exit code 128 + the signal; the comm
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -26,38 +27,45 @@ def _early_handlers() -> None:
         signal.signal(s, _interrupted)
 
 
+# each console script's function here -> the module whose ``main`` runs its command
+STAGES = {
+    "extract": "mmkd.extract.cli",
+    "train": "mmkd.train.cli",
+    "evaluate": "mmkd.evaluate.cli",
+    "ablate": "mmkd.ablate.cli",
+    "verify": "mmkd.extract.verify_cli",
+}
+
+
+def _run(stage: str) -> None:
+    _early_handlers()
+    importlib.import_module(STAGES[stage]).main()
+
+
 def extract() -> None:
     """``mmkd-extract``."""
-    _early_handlers()
-    from mmkd.extract.cli import main
-
-    main()
+    _run("extract")
 
 
 def train() -> None:
     """``mmkd-train``."""
-    _early_handlers()
-    from mmkd.train.cli import main
-
-    main()
+    _run("train")
 
 
 def evaluate() -> None:
     """``mmkd-eval``."""
-    _early_handlers()
-    from mmkd.evaluate.cli import main
-
-    main()
+    _run("evaluate")
 
 
 def ablate() -> None:
     """``mmkd-ablate``."""
-    _early_handlers()
-    from mmkd.ablate.cli import main
+    _run("ablate")
 
-    main()
+
+def verify() -> None:
+    """``mmkd-verify``."""
+    _run("verify")
 
 
 if __name__ == "__main__":  # python -m mmkd.app.entry <stage> ...
-    stage = sys.argv.pop(1) if len(sys.argv) > 1 else ""
-    {"extract": extract, "train": train, "eval": evaluate, "ablate": ablate}[stage]()
+    _run(sys.argv.pop(1) if len(sys.argv) > 1 else "")

@@ -36,7 +36,28 @@ _SIMPLE = (bool, int, float, str, Path)
 
 @dataclass(frozen=True)
 class Option:
-    """One option as declared on its field; see :func:`option`."""
+    """One option as declared on its field with :func:`option`.
+
+    Attributes:
+        help: The option's help, or a callable giving it (help that lists a registry's names).
+        flag: The option's flag when it is not ``--<field-name>`` (``--student-option``; ``--quiet`` for an
+            inverted boolean). A boolean flag gets its ``/--no-x`` pair unless one is given.
+        choices: The accepted names: a tuple, a registry, a callable returning them, or several of these in
+            a list; the flag lists them in ``--help`` and a near miss is named in the error.
+        noun: What the choices are, for the error message ("student kind").
+        parser: Checks or converts a string value (the error is the parser's MmkdError).
+        metavar: The value's placeholder in ``--help``.
+        keyvalue: Repeatable ``KEY=VALUE`` on the command line, a mapping in the field and in config files.
+        repeat: Repeatable on the command line, a list in the field.
+        invert: A boolean flag that sets the field to False (``--quiet`` for ``progress``).
+        cli: False for a field with no command-line option.
+        show_default: Show the default in ``--help``.
+        type: The command-line value's type when the field's annotation does not say it.
+        aliases: Further flags of the same option (``--splits`` beside ``--split``).
+        argument: The command's positional arguments rather than an option (with ``repeat``: all of them,
+            such as the words after ``--``).
+        name: The field's name (filled in by :func:`options_of`).
+    """
 
     help: str | Callable[[], str] = ""
     flag: str | None = None
@@ -51,7 +72,8 @@ class Option:
     show_default: bool = True
     type: Any = None
     aliases: tuple[str, ...] = ()
-    name: str = ""  # the field's name, filled in by options_of
+    argument: bool = False
+    name: str = ""
 
     @property
     def long_flag(self) -> str:
@@ -82,47 +104,17 @@ class Option:
         return value
 
 
-def option(
-    default: Any = REQUIRED,
-    *,
-    help: str | Callable[[], str] = "",  # noqa: A002 -- the word typer and click use
-    flag: str | None = None,
-    choices: Any = None,
-    noun: str | None = None,
-    parser: Callable[[str], Any] | None = None,
-    metavar: str | None = None,
-    keyvalue: bool = False,
-    repeat: bool = False,
-    invert: bool = False,
-    cli: bool = True,
-    show_default: bool = True,
-    type: Any = None,  # noqa: A002
-    aliases: tuple[str, ...] = (),
-) -> Any:
+def option(default: Any = REQUIRED, **spec: Any) -> Any:
     """A dataclass field that is also a command-line option.
 
     Args:
         default: The field's default; ``dict``/``list``/``set``/``tuple`` (the type) is a default factory;
             left out: a required option.
-        help: The option's help, or a callable giving it (help that lists a registry's names).
-        flag: The option's flag when it is not ``--<field-name>`` (``--student-option``; ``--quiet`` for an
-            inverted boolean). A boolean flag gets its ``/--no-x`` pair unless one is given.
-        choices: The accepted names: a tuple, a registry, a callable returning them, or several of these in
-            a list; the flag lists them in ``--help`` and a near miss is named in the error.
-        noun: What the choices are, for the error message ("student kind").
-        parser: Checks or converts a string value (the error is the parser's MmkdError).
-        metavar: The value's placeholder in ``--help``.
-        keyvalue: Repeatable ``KEY=VALUE`` on the command line, a mapping in the field and in config files.
-        repeat: Repeatable on the command line, a list in the field.
-        invert: A boolean flag that sets the field to False (``--quiet`` for ``progress``).
-        cli: False for a field with no command-line option.
-        show_default: Show the default in ``--help``.
-        type: The command-line value's type when the field's annotation does not say it.
-        aliases: Further flags of the same option (``--splits`` beside ``--split``).
+        **spec: The option's declaration: :class:`Option`'s attributes (``help``, ``flag``, ``choices``, ...).
     """
-    meta = Option(
-        help, flag, choices, noun, parser, metavar, keyvalue, repeat, invert, cli, show_default, type, tuple(aliases)
-    )
+    if "aliases" in spec:
+        spec["aliases"] = tuple(spec["aliases"])
+    meta = Option(**spec)  # an unknown keyword is a TypeError here, where the option is declared
     kwargs: dict[str, Any] = {"metadata": {_META: meta}}
     if default in _FACTORIES:
         kwargs["default_factory"] = default
@@ -234,6 +226,8 @@ def _cli_type(opt: Option, annotation: Any) -> Any:
 def _typer_option(opt: Option, default: Any, annotation: Any) -> tuple[Any, Any]:
     """(annotation, typer.Option) of one option."""
     cli_type = _cli_type(opt, annotation)
+    if opt.argument:
+        return cli_type, typer.Argument(None, metavar=opt.metavar, help=opt.help_text(), show_default=False)
     decls = []
     if opt.flag is not None or opt.aliases:
         flag = opt.flag or "--" + opt.name.replace("_", "-")
@@ -288,6 +282,8 @@ def build_command(
     epilog: str | None = None,
     doc: str | None = None,
     from_file: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    config_file: bool = True,
+    cls: type = Command,
 ) -> Callable[..., Any]:
     """Register ``app``'s command: its options are ``config_cls``'s fields (declared with :func:`option`)
     and ``extra``, plus ``--config FILE``. The command builds the configuration and calls
@@ -297,16 +293,16 @@ def build_command(
     Args:
         from_file: Rewrites a ``--config`` file's mapping before it is read as option values (a stage
             reading its own recorded configuration).
+        config_file: False for a command without ``--config``.
+        cls: The click command class (:class:`mmkd.app.cli.Command` or a subclass).
     """
     hints = typing.get_type_hints(config_cls)
     specs = _ordered(config_cls, extra)
     extras = {e.name for e in extra}
-    params = [
-        inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
-        inspect.Parameter(
-            "config", inspect.Parameter.KEYWORD_ONLY, default=config_file_option(config_cls, from_file), annotation=Path
-        ),
-    ]
+    params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
+    if config_file:
+        default = config_file_option(config_cls, from_file)
+        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Path))
     for opt, default in specs:
         annotation, typer_opt = _typer_option(opt, default, hints.get(opt.name, type(default)))
         kind = inspect.Parameter.KEYWORD_ONLY
@@ -325,7 +321,7 @@ def build_command(
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = doc or (config_cls.__doc__ or "").split("\n")[0]
-    return app.command(cls=Command, epilog=epilog)(guarded(command))
+    return app.command(cls=cls, epilog=epilog)(guarded(command))
 
 
 def config_file_option(config_cls: type, from_file: Callable[[dict[str, Any]], dict[str, Any]] | None) -> Any:

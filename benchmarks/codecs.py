@@ -10,7 +10,7 @@ Sections (``--sections``, default all):
   Ratio = stored / raw bytes; MB/s per core = raw MB over the CPU seconds of the one thread that (de)compressed
   (``time.thread_time``): CPU time, not wall time, because this 2-core machine is shared while it runs.
 - ``threads``: blosc's own threads (numcodecs ``set_nthreads``) and zarr's concurrency over a shard's chunks.
-- ``writer``: ``StoreWriter.write_shard`` fed as extraction feeds it (``run._empty_shard`` / ``_place`` /
+- ``writer``: ``StoreWriter.write_shard`` fed as extraction feeds it (``fill.empty_shard`` / ``_place`` /
   ``ShardQueue``): write MB/s per core and the peak memory the shard buffers and the writer allocate.
 - ``zarrs``: writing and the loader's contiguous reads (``StoreReader.read``) with zarr's default codec pipeline
   and with ``zarrs.ZarrsCodecPipeline``, and whether the arrays are identical.
@@ -39,7 +39,7 @@ import torch
 import zarr
 from numcodecs import Blosc
 
-from mmkd.extract import run
+from mmkd.extract import fill, run
 from mmkd.extract.config import ExtractConfig
 from mmkd_core.store import Layout, StoreWriter, open_store
 
@@ -274,15 +274,15 @@ def _feed(layout: Layout, tokens: torch.Tensor, queue, batch: int, encoded: bool
     stored dtype with ``encoded``, else float32 as before), each finished shard handed to the writer queue."""
     import inspect
 
-    encoded = {"encoded": encoded} if "encoded" in inspect.signature(run._empty_shard).parameters else {}
+    encoded = {"encoded": encoded} if "encoded" in inspect.signature(fill.empty_shard).parameters else {}
     for k in range(layout.num_shards):
         lo, hi = layout.shard_range(k)
-        shard = run._empty_shard(layout, lo, hi, **encoded)
+        shard = fill.empty_shard(layout, lo, hi, **encoded)
         for s in range(lo, hi, batch):
             e = min(hi, s + batch)
             out = {"tokens": tokens[s:e, 0], "pooled": tokens[s:e, 0, 0], "mask": None}
             b = {"positions": np.arange(s, e), "view_ids": np.zeros(e - s, np.int64)}
-            run._place(shard, b, out, lo)
+            fill.place(shard, b, out, lo)
         queue.put(k, shard)
     queue.drain()
 
@@ -307,7 +307,7 @@ def write_store(
     )
     with writer, _Peak() as peak:
         w0, c0 = time.perf_counter(), time.process_time()
-        with run.ShardQueue(writer, _Source(lengths), **queue_options) as queue:
+        with fill.ShardQueue(writer, _Source(lengths), **queue_options) as queue:
             _feed(layout, tokens, queue, batch, encoded)
         w1, c1 = time.perf_counter(), time.process_time()
     shard_mb = layout.shard_size * v * t * d * 2 / MB

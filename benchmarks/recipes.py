@@ -22,8 +22,8 @@ INPUT_ARRAYS = ("lengths", "input_ids", "view_params", "index")  # the store's i
 
 
 class InMemoryRecipe(TrainRecipe):
-    def batches(self, epoch: int, start_batch: int, **options: Any):
-        return super().batches(epoch, start_batch, in_memory=True, **options)
+    def dataset_for(self, remainder: str, **options: Any):
+        return super().dataset_for(remainder, in_memory=True, **options)
 
 
 class OnlineTeacherRecipe(TrainRecipe):
@@ -31,8 +31,8 @@ class OnlineTeacherRecipe(TrainRecipe):
         super().__init__(cfg, given)
         self.teacher = teacher
 
-    def batches(self, epoch: int, start_batch: int, **options: Any):
-        return super().batches(epoch, start_batch, names=INPUT_ARRAYS, **options)
+    def dataset_for(self, remainder: str, **options: Any):
+        return super().dataset_for(remainder, names=INPUT_ARRAYS, **options)
 
     def batch_targets(self, batch: dict[str, Any]) -> dict[str, Any]:
         return live_targets(self.teacher, batch, self.reader.attrs["recipe"])
@@ -53,8 +53,11 @@ def live_targets(teacher, batch: dict[str, Any], recipe: dict[str, Any]) -> dict
 
 def run(recipe: TrainRecipe) -> TrainResult:
     """What ``mmkd.train.loop.train`` does, with any recipe."""
-    recipe.setup()
-    recipe.train()
-    recipe.export()
-    recipe.cleanup()
+    try:
+        recipe.setup()
+        recipe.train()
+        recipe.export()
+        recipe.cleanup()
+    finally:
+        recipe.release()
     return recipe.result()

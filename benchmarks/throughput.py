@@ -81,7 +81,7 @@ def memory_rows(tmp: Path, sizes: tuple[int, int]) -> dict[int, int]:
 
 def loader_rows(store: Path, batch_size: int, repeats: int) -> dict[str, list[float]]:
     """Samples/s of a raw sequential read and of one training epoch's batches with 0, 1, 2 workers."""
-    from mmkd.train.loader import PlanSpec, StoreBatches, make_loader
+    from mmkd_core.loader import store_loader
     from mmkd_core.store import open_store
 
     reader = open_store(store)
@@ -93,9 +93,9 @@ def loader_rows(store: Path, batch_size: int, repeats: int) -> dict[str, list[fl
             reader.read(lo, min(n, lo + chunk))
         rows["raw"].append(n / (time.perf_counter() - start))
         for workers, name in ((0, "0 workers"), (1, "1 worker"), (2, "2 workers")):
-            batches = StoreBatches(store, PlanSpec(n, chunk, batch_size, by_length=True))
+            loader = store_loader(store, batch_size, workers=workers, by_length=True)
             start = time.perf_counter()
-            seen = sum(len(b["lengths"]) for b in make_loader(batches, workers))
+            seen = sum(len(b["lengths"]) for b in loader)
             rows[name].append(seen / (time.perf_counter() - start))
     return rows
 

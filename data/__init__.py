@@ -6,7 +6,6 @@ from .base import (
     DATASETS,
     MODALITIES,
     BaseDataset,
-    SourceDataset,  # noqa: F401  # SHIM: remove at integration
     create_dataset,
     list_datasets,
 )

@@ -59,9 +59,6 @@ class BaseDataset:
         return {"name": self.name, "split": self.split, "num_samples": len(self)}
 
 
-SourceDataset = BaseDataset  # SHIM: remove at integration (the old name; `source` no longer names a dataset)
-
-
 class ArrayImageDataset(BaseDataset):
     """A labelled image dataset whose pixels fit in one uint8 array (MNIST, CIFAR).
 

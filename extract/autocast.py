@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from mmkd_core.store import _mmkd_attrs
+from mmkd_core.store import read_attrs
 
 from .config import ExtractConfig
 from .hardware import Choice, auto_autocast, emulation_warning
@@ -42,7 +42,7 @@ def _recorded_autocast(cfg: ExtractConfig) -> str | None:
     """``recipe.autocast`` of the store at ``cfg.out`` when this run resumes it (not ``--overwrite``)."""
     if cfg.overwrite or not cfg.out.exists():
         return None
-    recipe = (_mmkd_attrs(cfg.out) or {}).get("recipe")
+    recipe = (read_attrs(cfg.out) or {}).get("recipe")
     value = recipe.get("autocast") if isinstance(recipe, dict) else None
     return value if value in ("none", "bfloat16", "float16") else None
 

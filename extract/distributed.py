@@ -36,8 +36,6 @@ import json
 import logging
 import os
 import queue
-import random
-import re
 import secrets
 import socket
 import threading
@@ -51,7 +49,7 @@ import zarr
 
 from mmkd.app.progress import progress_bar
 from mmkd_core.errors import MmkdError
-from mmkd_core.store import StoreLock, StoreWriter, config_diff, lock_path, open_store
+from mmkd_core.store import StoreWriter, config_diff, lock_path, open_store, refuse_slices, take_slice, wait_for_lock
 
 from .config import ExtractConfig
 from .fill import fill, shard_samples
@@ -75,12 +73,6 @@ def shards_of(cfg: ExtractConfig, num_shards: int) -> list[int]:
     return list(range(k, num_shards, n))
 
 
-def slice_lock_path(store: Path, k: int, n: int) -> Path:
-    """The lock of slice K/N of a store: ``<store>.lock.K-of-N`` beside the store lock."""
-    lock = lock_path(store)
-    return lock.with_name(f"{lock.name}.{k}-of-{n}")
-
-
 def open_run_writer(cfg: ExtractConfig, open_writer: Callable[..., StoreWriter]) -> StoreWriter:
     """The run's StoreWriter. Without ``--shards``: ``open_writer()``, which holds the store lock for the run,
     refused while a slice is being written. With ``--shards K/N``: a SliceWriter (the module's lock rule).
@@ -92,21 +84,16 @@ def open_run_writer(cfg: ExtractConfig, open_writer: Callable[..., StoreWriter])
     if cfg.shard_slice is None:
         writer = open_writer()
         try:
-            _refuse_slices(cfg.out, None)
+            refuse_slices(cfg.out, None)
         except BaseException:
             writer.close()
             raise
         return writer
     k, n = cfg.shard_slice
-    store_lock = _acquire(lock_path(cfg.out), cfg.out)
+    store_lock = wait_for_lock(lock_path(cfg.out), cfg.out, LOCK_WAIT)
     try:
         writer = open_writer(locked=False)  # creates the store, or verifies its configuration
-        _refuse_slices(cfg.out, n)
-        lock = StoreLock(slice_lock_path(cfg.out, k, n))
-        try:
-            lock.acquire(cfg.out)
-        except MmkdError as e:
-            raise MmkdError(f"--shards {k}/{n}: another command writes this slice: {e}") from None
+        lock = take_slice(cfg.out, k, n)
     finally:
         store_lock.release()
     try:
@@ -124,7 +111,7 @@ class SliceWriter(StoreWriter):
         if self.closed:
             raise RuntimeError(f"StoreWriter of {self.path} is closed")
         try:
-            store_lock = _acquire(lock_path(self.path), self.path)
+            store_lock = wait_for_lock(lock_path(self.path), self.path, LOCK_WAIT)
             try:
                 if not self._captions_complete():
                     return False
@@ -143,68 +130,6 @@ class SliceWriter(StoreWriter):
             return open_store(self.path / group).complete
         except MmkdError:  # slice 0 has not begun them
             return False
-
-
-def _acquire(path: Path, store: Path, wait: float | None = None) -> StoreLock:
-    """Take the lock at ``path``, waiting up to ``wait`` seconds (default LOCK_WAIT) while another holds it."""
-    wait = LOCK_WAIT if wait is None else wait
-    lock = StoreLock(path)
-    deadline = time.monotonic() + wait
-    absent = 0
-    while True:
-        try:
-            lock.acquire(store)
-            return lock
-        except MmkdError as e:
-            if path.exists():
-                absent = 0
-            else:  # released just now, or it cannot be created at all
-                absent += 1
-                if absent > 3:
-                    raise
-            if time.monotonic() > deadline:
-                raise MmkdError(f"{e} (waited {wait:.0f} s)") from None
-            log.info("waiting for the lock %s", path)
-            time.sleep(0.05 + 0.2 * random.random())
-
-
-def _refuse_slices(store: Path, n: int | None) -> None:
-    """Refuse a run beside a live slice it could overlap: any slice for a whole run (``n`` None), a slice of
-    another N for a slice of N. Called under the store lock, which every slice takes to begin."""
-    for (k2, n2), path, info in live_slices(store):
-        if n is not None and n2 == n:
-            continue
-        who = f"slice {k2}/{n2}, pid {info.get('pid', '?')} on {info.get('host', '?')}: lock {path}"
-        if n is None:
-            raise MmkdError(
-                f"{store} is being filled by --shards commands ({who}); wait for them, or run with --shards K/{n2}"
-            )
-        raise MmkdError(
-            f"--shards K/{n}: {store} is being filled in slices of {n2} ({who}); every command of one store "
-            "takes the same N"
-        )
-
-
-def live_slices(store: Path) -> list[tuple[tuple[int, int], Path, dict[str, Any]]]:
-    """The slice locks of ``store`` held now: ((K, N), lock path, its record). A lock left by a process of
-    this host that no longer runs is not held (the next command of that slice takes it over)."""
-    lock = lock_path(store)
-    pattern = re.compile(re.escape(lock.name) + r"\.(\d+)-of-(\d+)")
-    if not lock.parent.exists():
-        return []
-    out = []
-    for path in lock.parent.iterdir():
-        m = pattern.fullmatch(path.name)
-        if m is None or StoreLock(path)._stale() is not None:
-            continue
-        try:
-            info = json.loads(path.read_text())
-        except FileNotFoundError:
-            continue
-        except ValueError:  # being written
-            info = {}
-        out.append(((int(m[1]), int(m[2])), path, info if isinstance(info, dict) else {}))
-    return out
 
 
 # ---------------------------------------------------------------------------------------- the cluster

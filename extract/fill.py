@@ -26,8 +26,8 @@ from .prepare import Prepared
 # Shards compressed and written at once, each on its own thread, while the teacher fills the next. One: zarr
 # already compresses a shard's chunks concurrently on its thread pool (async.concurrency chunks at a time, on
 # min(32, cores + 4) threads), and its one event-loop thread, which every write shares, is the serial part a
-# second shard in flight cannot spread; 2 measured within the noise of 1 here (benchmarks/codecs.py, README
-# "Codecs") for one more shard of memory.
+# second shard in flight cannot spread; 2 measured within the noise of 1 here (benchmarks/codecs.py,
+# docs/codecs.md) for one more shard of memory.
 IN_FLIGHT = 1
 
 

@@ -17,13 +17,12 @@ import numpy as np
 import torch
 
 from mmkd_core.errors import MmkdError
-from mmkd_core.losses import msd_saliency
+from mmkd_core.losses import SALIENCY_MODALITIES, msd_saliency
 from mmkd_core.targets import recipe_targets
 
 from .feeders import Extra, ImageFeeder, TextFeeder
 
 # the order of the saliency array's last axis
-MODALITIES = ("image", "text")
 OUTPUTS = ("pooled_without_text", "pooled_without_image", "saliency")
 
 
@@ -43,7 +42,7 @@ class JointFeeder(ImageFeeder):
         self.pooled_dim: int | None = None
 
     def extra_attrs(self) -> dict[str, Any]:
-        return {**super().extra_attrs(), "msd": {"saliency": list(MODALITIES), "outputs": list(OUTPUTS)}}
+        return {**super().extra_attrs(), "msd": {"saliency": list(SALIENCY_MODALITIES), "outputs": list(OUTPUTS)}}
 
     def time_steps(self, probe: dict) -> int:
         return self.text.time_steps(probe)
@@ -60,7 +59,7 @@ class JointFeeder(ImageFeeder):
         return (
             ("pooled_without_text", (v, e), "float32", per_view),
             ("pooled_without_image", (v, e), "float32", per_view),
-            ("saliency", (v, len(MODALITIES)), "float32", ("sample", "view", "modality")),
+            ("saliency", (v, len(SALIENCY_MODALITIES)), "float32", ("sample", "view", "modality")),
         )
 
     def _with_text(self, batch: dict[str, Any], positions: np.ndarray) -> dict[str, Any]:
@@ -93,7 +92,7 @@ class JointFeeder(ImageFeeder):
             "mask": outs["joint"].mask,
             "pooled_without_text": pooled["without_text"],
             "pooled_without_image": pooled["without_image"],
-            "saliency": torch.stack([sal[m] for m in MODALITIES], dim=-1),
+            "saliency": torch.stack([sal[m] for m in SALIENCY_MODALITIES], dim=-1),
         }
 
     def finish_shard(self, shard: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:

@@ -41,7 +41,7 @@ from rich.table import Table
 
 from mmkd_core import quant
 from mmkd_core.errors import MmkdError
-from mmkd_core.store import Layout, _codecs
+from mmkd_core.store import Layout, compressors
 
 from .config import ExtractConfig
 from .fill import empty_shard, place
@@ -240,7 +240,7 @@ def _compressed(layout: Layout, rows: dict[str, np.ndarray]) -> dict[str, tuple[
                 shape=piece.shape,
                 dtype=piece.dtype,
                 chunks=piece.shape,
-                compressors=_codecs(piece.dtype, layout.codec),
+                compressors=compressors(piece.dtype, layout.codec),
                 fill_value=0,
             )
             arr[...] = piece

@@ -16,9 +16,7 @@ from mmkd_core.store import StoreWriter, codec_name, open_store
 
 from .config import ExtractConfig
 from .distributed import fill_on_cluster, open_run_writer, shards_of
-from .fill import ShardQueue, fill, shard_samples  # noqa: F401  (ShardQueue: SHIM: remove at integration)
-from .fill import empty_shard as _empty_shard  # noqa: F401  SHIM: remove at integration (tests/test_codecs.py)
-from .fill import place as _place  # noqa: F401  SHIM: remove at integration (tests/test_codecs.py)
+from .fill import fill, shard_samples
 from .hardware import Choice
 from .prepare import Prepared, open_caption_writer, open_writer, prepare, prepare_captions
 

@@ -135,9 +135,8 @@ def decode_targets(batch: dict[str, Any]) -> dict[str, Any]:
         if name not in out:
             continue
         if name + "_scale" in out:
-            q, scale, idx, val = (out.pop(name + p) if p else out[name] for p in quant.INT8_PARTS)
-            x = q.float() * scale.float()[..., None] / 127
-            out[name] = x.scatter_(-1, idx.long(), val.float())
+            parts = [out.pop(name + p) if p else out[name] for p in quant.INT8_PARTS]
+            out[name] = quant.decode_int8_tensor(*parts)
         elif out[name].dtype in (torch.float16, torch.bfloat16):
             out[name] = out[name].float()
     return out

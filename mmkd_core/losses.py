@@ -225,6 +225,10 @@ def triplet(anchor: Tensor, positive: Tensor, negative: Tensor | None = None, ma
 MSD_MODES = ("sample", "dataset", "fixed")
 
 
+# the modalities MSD weighs, in the order of a joint store's ``saliency`` array (its ``modality`` axis)
+SALIENCY_MODALITIES = ("image", "text")
+
+
 def msd_saliency(t_full: Tensor, t_without: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Saliency of each modality m per sample: 1 − cos(t, t_¬m), how much the teacher's output changes
     when m is removed.

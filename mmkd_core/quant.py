@@ -19,6 +19,8 @@ stores ``rint(x / scale * 127)``, so a non-outlier channel decodes to within ``s
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .errors import MmkdError
@@ -96,3 +98,10 @@ def decode_int8(q: np.ndarray, scale: np.ndarray, idx: np.ndarray, val: np.ndarr
     x = q.astype(np.float32) * scale.astype(np.float32)[..., None] / np.float32(127)
     np.put_along_axis(x, idx.astype(np.int64), val.astype(np.float32), axis=-1)
     return x
+
+
+def decode_int8_tensor(q: Any, scale: Any, idx: Any, val: Any) -> Any:
+    """``decode_int8`` on torch tensors, wherever they are (a GPU widens its own batches): the same rule, in
+    the same float32 operations, so the values equal ``decode_int8``'s bit for bit."""
+    x = q.float() * scale.float()[..., None] / 127
+    return x.scatter_(-1, idx.long(), val.float())

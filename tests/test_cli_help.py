@@ -9,16 +9,16 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from mmkd.ablate.cli import app as ablate_app
+from mmkd.app.cli import choice, did_you_mean
 from mmkd.data import DATASETS, list_datasets
 from mmkd.evaluate import TASKS
 from mmkd.evaluate.cli import app as eval_app
 from mmkd.extract.cli import app as extract_app
 from mmkd.extract.config import AUTOCAST as EXTRACT_AUTOCAST
-from mmkd.train.ablate_cli import app as ablate_app
 from mmkd.train.cli import app as train_app
 from mmkd.train.config import AUTOCAST as TRAIN_AUTOCAST
-from mmkd.train.config import STUDENT_KINDS
-from mmkd_core.cli_utils import choice, did_you_mean
+from mmkd.train.config import STUDENT_CHOICES
 from mmkd_core.errors import MmkdError
 from mmkd_core.losses import LOSSES
 from mmkd_core.quant import DTYPES
@@ -45,7 +45,7 @@ def _error_line(result) -> str:
     "app,names",
     [
         (extract_app, lambda: [*list_teachers(), *list_datasets(), *DTYPES, *EXTRACT_AUTOCAST]),
-        (train_app, lambda: [*STUDENT_KINDS, *LOSSES.names(), *TRAIN_AUTOCAST, *list_teachers()]),
+        (train_app, lambda: [*STUDENT_CHOICES, *LOSSES.names(), *TRAIN_AUTOCAST, *list_teachers()]),
         (eval_app, lambda: [*TASKS, *list_datasets(), *list_teachers()]),
     ],
     ids=["extract", "train", "eval"],

@@ -8,7 +8,7 @@ import pytest
 import torch
 import zarr
 
-from mmkd.extract import run
+from mmkd.extract import fill
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
 from mmkd_core import quant
@@ -148,23 +148,23 @@ def test_overflow_is_refused_after_batch_encoding(tmp_path):
             w.write_shard(1, shard)
         assert w.done_shards() == set()
     # extraction's path: float16 shard buffers, each batch encoded as it is placed
-    buf = run._empty_shard(layout, 8, 16, encoded=True)
+    buf = fill.empty_shard(layout, 8, 16, encoded=True)
     assert buf["tokens"].dtype == np.float16 and buf["pooled"].dtype == np.float16
     tokens = torch.randn(4, 5, 8)
     tokens[2, 3, 0] = 70000.0
     batch = {"positions": np.arange(12, 16), "view_ids": np.zeros(4, np.int64)}
     with pytest.raises(MmkdError, match=r"array 'tokens', sample 14, view 0, time step 3: value 70000 .*float16"):
-        run._place(buf, batch, {"tokens": tokens, "pooled": torch.randn(4, 8), "mask": None}, 8)
+        fill.place(buf, batch, {"tokens": tokens, "pooled": torch.randn(4, 8), "mask": None}, 8)
     nan = torch.randn(4, 8)
     nan[1, 5] = float("nan")
     with pytest.raises(MmkdError, match=r"array 'pooled', sample 13, view 0: the teacher's target is nan"):
-        run._place(buf, batch, {"tokens": None, "pooled": nan, "mask": None}, 8)
+        fill.place(buf, batch, {"tokens": None, "pooled": nan, "mask": None}, 8)
     # a deduplicated batch: result 0 goes to rows 12 and 14, result 1 (overflowing) to rows 13 and 15
     take = np.array([0, 1, 0, 1])
     big = torch.randn(2, 8)
     big[1, 0] = -1e6
     with pytest.raises(MmkdError, match=r"array 'pooled', sample 13, view 0: value -1000000 .*float16"):
-        run._place(buf, {**batch, "take": take}, {"tokens": None, "pooled": big, "mask": None}, 8)
+        fill.place(buf, {**batch, "take": take}, {"tokens": None, "pooled": big, "mask": None}, 8)
     # an encoded shard handed to write_shard with an inf in it (a caller that skipped encode_targets)
     with np.errstate(over="ignore"):
         enc = {**shard, "tokens": shard["tokens"].astype(np.float16), "pooled": shard["pooled"].astype(np.float16)}
@@ -198,16 +198,16 @@ def test_serial_and_parallel_writing_give_identical_arrays(tmp_path, dtype):
     def write(path, in_flight, encoded):
         torch.manual_seed(0)
         w = StoreWriter.open(path, _layout(n=60, dtype=dtype), CONFIG, {})
-        with w, run.ShardQueue(w, Source(), in_flight=in_flight) as queue:
+        with w, fill.ShardQueue(w, Source(), in_flight=in_flight) as queue:
             for k in range(layout.num_shards):
                 lo, hi = layout.shard_range(k)
-                shard = run._empty_shard(layout, lo, hi, encoded=encoded)
+                shard = fill.empty_shard(layout, lo, hi, encoded=encoded)
                 for s in range(lo, hi, 3):  # batches of 3, some of them partly padded
                     e = min(hi, s + 3)
                     t = torch.zeros(e - s, 5, 8)
                     t[:, :4] = torch.randn(e - s, 4, 8) * 300
                     b = {"positions": np.arange(s, e), "view_ids": np.zeros(e - s, np.int64)}
-                    run._place(shard, b, {"tokens": t[:, :4], "pooled": t[:, 0], "mask": None}, lo)
+                    fill.place(shard, b, {"tokens": t[:, :4], "pooled": t[:, 0], "mask": None}, lo)
                 queue.put(k, shard)
             queue.drain()  # the shards in flight land before the writer closes
             w.finish()

@@ -10,10 +10,10 @@ import pytest
 from conftest import WORDS, save_tiny_bert
 from typer.testing import CliRunner
 
+from mmkd.app.cli import read_config
 from mmkd.extract.cli import app as extract_app
 from mmkd.train import cli as train_cli
 from mmkd.train.cli import app as train_app
-from mmkd_core.cli_utils import read_config
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import open_store
 

@@ -24,7 +24,7 @@ from mmkd.extract import distributed as dist
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
 from mmkd_core.errors import MmkdError
-from mmkd_core.store import StoreLock, lock_path, open_store
+from mmkd_core.store import StoreLock, lock_path, open_store, slice_lock_path
 
 # the worker-side patches below are defined here: the workers cannot import this file
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -256,7 +256,7 @@ def _hold(path: Path) -> StoreLock:
 
 def test_the_slice_lock_rule_refuses_overlapping_commands(tmp_path, bert):
     out = tmp_path / "s.zarr"
-    held = _hold(dist.slice_lock_path(out, 0, 2))  # another command writing slice 0/2 (this live pid)
+    held = _hold(slice_lock_path(out, 0, 2))  # another command writing slice 0/2 (this live pid)
     try:
         with pytest.raises(MmkdError, match="--shards 0/2: another command writes this slice"):
             extract(text_cfg(out, bert, shards="0/2"), show_progress=False)
@@ -270,7 +270,7 @@ def test_the_slice_lock_rule_refuses_overlapping_commands(tmp_path, bert):
     finally:
         held.release()
     # a slice lock left by a process that died is taken over
-    dist.slice_lock_path(out, 0, 2).write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename}))
+    slice_lock_path(out, 0, 2).write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename}))
     assert extract(text_cfg(out, bert, shards="0/2"), show_progress=False).complete
 
 

@@ -18,7 +18,7 @@ from conftest import save_tiny_bert
 from PIL import Image
 from typer.testing import CliRunner
 
-from mmkd_core.cli_utils import guarded, one_line
+from mmkd.app.cli import guarded, one_line
 from mmkd_core.errors import MmkdError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -227,7 +227,7 @@ def test_msd_trains_with_each_weighting(joint_store, tmp_path, options):
 def test_msd_weights_per_sample_by_the_whole_store_or_fixed(joint_store, tmp_path):
     """The msd value of one real batch, computed by hand from the stored arrays for each rule."""
     from mmkd.train.build import build, loss_inputs
-    from mmkd.train.loader import PlanSpec, StoreBatches
+    from mmkd_core.dataset import StoreDataset
     from mmkd_core.losses import build_loss
     from mmkd_core.store import open_store
 
@@ -235,8 +235,7 @@ def test_msd_weights_per_sample_by_the_whole_store_or_fixed(joint_store, tmp_pat
     cfg = _cfg(joint_store, tmp_path / "run").resolved("multimodal")
     built = build(cfg, reader)
     student = built.student.eval()
-    plan = PlanSpec(num_samples=len(reader), chunk_size=reader.chunk_size, batch_size=8, seed=3)
-    batch = next(iter(StoreBatches(joint_store, plan, source=built.source)))
+    batch = next(iter(StoreDataset(joint_store, 8, seed=3, source=built.source, targets="float32")))
     with torch.no_grad():
         b = loss_inputs(built, student, batch, "cpu")
     data = reader.read(0, len(reader))

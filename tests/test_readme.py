@@ -14,6 +14,7 @@ import torch
 import typer
 from conftest import save_tiny_bert
 
+from mmkd.app.entry import STAGES as STAGE_MODULES
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
 from mmkd.train.config import TrainConfig
@@ -24,7 +25,7 @@ README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
-STAGES = ("mmkd-extract", "mmkd-train", "mmkd-eval", "mmkd-ablate")
+STAGES = ("mmkd-extract", "mmkd-train", "mmkd-eval", "mmkd-ablate", "mmkd-verify")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
 
@@ -159,8 +160,9 @@ def test_python_block_runs(folder, monkeypatch, where, code):
 def _stage_command(name: str):
     """The click command behind a console script: the typer app of the module its entry point names."""
     (ep,) = entry_points(group="console_scripts", name=name)
-    apps = [v for v in vars(importlib.import_module(ep.module)).values() if isinstance(v, typer.Typer)]
-    assert len(apps) == 1, f"{ep.module} (the {name} entry point) should hold one typer app"
+    module = STAGE_MODULES[ep.attr] if ep.module == "mmkd.app.entry" else ep.module  # the early-signal entry
+    apps = [v for v in vars(importlib.import_module(module)).values() if isinstance(v, typer.Typer)]
+    assert len(apps) == 1, f"{module} (the {name} entry point) should hold one typer app"
     return typer.main.get_command(apps[0])
 
 

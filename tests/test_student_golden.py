@@ -206,9 +206,9 @@ CASES = {
 
 
 def _golden(stores: dict[str, Path], store: str, options: dict, tmp_path: Path) -> dict:
-    from mmkd.train.build import DEFAULT_LOSS, build, loss_inputs, student_kind
+    from mmkd.train.build import build, default_loss, loss_inputs, student_kind
     from mmkd.train.config import TrainConfig
-    from mmkd.train.loader import PlanSpec, StoreBatches
+    from mmkd_core.dataset import StoreDataset
     from mmkd_core.losses import build_loss
     from mmkd_core.store import open_store
 
@@ -220,10 +220,12 @@ def _golden(stores: dict[str, Path], store: str, options: dict, tmp_path: Path) 
     torch.manual_seed(0)
     built = build(cfg, reader)
     student = built.student.eval()
-    plan = PlanSpec(num_samples=len(reader), chunk_size=reader.chunk_size, batch_size=4, seed=0)
-    batches = StoreBatches(cfg.targets, plan, source=built.source, image_spec=built.image_spec, **built.loader_options)
+    batches = StoreDataset(
+        cfg.targets, 4, seed=0, source=built.source, image_spec=built.image_spec, targets="float32",
+        **built.loader_options,
+    )  # fmt: skip
     batch = next(iter(batches))
-    loss = build_loss(cfg.loss or built.default_loss or DEFAULT_LOSS[built.kind], **cfg.loss_options)
+    loss = build_loss(cfg.loss or built.default_loss or default_loss(built.kind), **cfg.loss_options)
     with torch.no_grad():
         total, terms = loss(loss_inputs(built, student, batch, "cpu"))
     return {

@@ -9,7 +9,7 @@ from typing import Any
 
 from .build import build, student_kind, teacher_source
 from .checkpoint import latest_checkpoint
-from .config import KIND_DEFAULTS, STUDENT_KINDS, TrainConfig
+from .config import STUDENT_CHOICES, TrainConfig
 from .loop import train
 from .recipe import TrainRecipe
 from .report import TrainResult, plot_curves
@@ -17,8 +17,7 @@ from .resume import FREE_FIELDS, store_record
 
 __all__ = [
     "FREE_FIELDS",
-    "KIND_DEFAULTS",
-    "STUDENT_KINDS",
+    "STUDENT_CHOICES",
     "TrainConfig",
     "TrainRecipe",
     "TrainResult",

@@ -21,13 +21,15 @@ from mmkd_core.students.kinds.base import teacher_source
 from mmkd_core.students.kinds.image import BEIT_LIKE
 from mmkd_core.teachers import create_teacher
 
-from . import msd
 from .config import TrainConfig
+from .msd import JOINT, is_joint_store
 
 log = logging.getLogger(__name__)
 
-# SHIM: remove at integration (train/loop.py reads the default loss by kind; STUDENT_KINDS has it)
-DEFAULT_LOSS = {name: STUDENT_KINDS.get(name).default_loss for name in STUDENT_KINDS.names() if name != msd.JOINT.name}
+
+def default_loss(kind: str) -> str:
+    """The loss a student of ``kind`` trains with when the run names none (the kind's own file says it)."""
+    return STUDENT_KINDS.get(kind).default_loss
 
 
 def init_checkpoint_kind(init: str | None) -> StudentKind | None:
@@ -130,12 +132,12 @@ def build(cfg: TrainConfig, reader) -> Built:
         ),
         caption_table=_caption_table,
     )
-    entry = msd.JOINT if kind == "multimodal" and msd.is_joint_store(attrs) else STUDENT_KINDS.get(kind)
+    entry = JOINT if kind == "multimodal" and is_joint_store(attrs) else STUDENT_KINDS.get(kind)
     return entry.build(ctx)
 
 
 def _caption_table(path: Path) -> Any:
-    from .loader import CaptionTable
+    from mmkd_core.loader import CaptionTable
 
     return CaptionTable(path)
 

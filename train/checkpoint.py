@@ -38,6 +38,7 @@ def write_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: di
     tmp = final.with_name(final.name + ".tmp")
     for stale in (run_dir / "checkpoints").glob("step_*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
+    check_space(run_dir, model, state)
     tmp.mkdir(parents=True)
     # clone: safetensors refuses tensors that share memory (tied embeddings)
     save_file(
@@ -51,6 +52,22 @@ def write_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: di
     for old in _complete(run_dir)[:-KEEP]:
         shutil.rmtree(old)
     return final
+
+
+def check_space(run_dir: Path, model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Refuse to begin a checkpoint that cannot fit: the model's and the optimiser's tensors (with a margin
+    for the files' framing) against the free space of the run directory's file system. The checks of the
+    writes themselves remain, as the disk may fill meanwhile."""
+    tensors = [*model.state_dict().values()]
+    for group in (state.get("optimizer") or {}).get("state", {}).values():
+        tensors += [v for v in group.values() if isinstance(v, torch.Tensor)]
+    need = int(sum(t.numel() * t.element_size() for t in tensors) * 1.1) + (1 << 20)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise MmkdError(
+            f"no space left for a checkpoint in {run_dir}: it needs about {need / 2**20:,.0f} MiB, "
+            f"{free / 2**20:,.0f} MiB are free; free space and continue with --resume --run-dir {run_dir}"
+        )
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

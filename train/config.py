@@ -7,6 +7,7 @@ Each field's ``option()`` carries its flag, help, choices and parser; the comman
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,22 +18,11 @@ from mmkd.evaluate import RUN_TASKS, check_run_task
 from mmkd_core.errors import MmkdError
 from mmkd_core.location import StoreURL, looks_like_url, store_location
 from mmkd_core.losses import LOSSES, parse_loss_spec
+from mmkd_core.students.kinds import STUDENT_KINDS, kind_names
 from mmkd_core.teachers import TEACHERS
 
-STUDENT_KINDS = ("auto", "text", "vit", "beit", "data2vec2", "multimodal")
-# Defaults that depend on the student. The multimodal ones train the embedded default (a 128-wide student on
-# 10,000 shapes captions): held-out i2t R@1 rose with epochs, 0.826 at 12, 0.905-0.931 at 16 (two runs), 0.962 at
-# 24; 20 leaves a margin above 0.90 and keeps the README's first command (install, extraction, training,
-# evaluation) within 10 minutes on two quiet CPU cores (417 s at 16 epochs). README has the measured times.
-KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    # contrastive KD takes its negatives from the batch: 128 of them; 2e-4 for a student cut from the teacher
-    "text": {"init": "teacher", "batch_size": 128, "lr": 2e-4, "epochs": 1.0},
-    "vit": {"init": "teacher", "batch_size": 64, "lr": 5e-4, "epochs": 1.0},
-    "beit": {"init": "teacher", "batch_size": 64, "lr": 5e-4, "epochs": 1.0},
-    # no teacher has its post-norm blocks: by default it asks for the checkpoint (--init-weights)
-    "data2vec2": {"init": "data2vec2", "batch_size": 64, "lr": 5e-4, "epochs": 1.0},
-    "multimodal": {"init": "random", "batch_size": 128, "lr": 1e-3, "epochs": 20.0},
-}
+# --student: a registered kind (each kind's defaults live in its own file, mmkd_core/students/kinds/), or auto
+STUDENT_CHOICES = ("auto", *kind_names())
 AUTOCAST = ("none", "bfloat16")
 INITS = ("teacher", "random", "data2vec2")
 TOKEN_PREDS = ("recipe", "head")
@@ -80,18 +70,18 @@ class TrainConfig:
 
     Each field's ``help`` is its documentation; beyond it: ``student`` auto chooses from the store (text
     teacher over text -> text; over image–caption data -> multimodal; image teacher -> vit, beit for BEiT-like
-    teachers or inits; ``init="data2vec2"`` -> data2vec2). ``init`` None is the student kind's default
-    (KIND_DEFAULTS): the teacher's blocks (``student_options["init_blocks"]`` picks others), except random for
-    multimodal students (the caption teacher is wider than a CPU-sized student) and data2vec2 for data2vec2
-    students. ``batch_size``, ``lr`` and ``epochs`` None are per student kind as well; ``batch_size`` is per
-    rank.
+    teachers or inits; ``init="data2vec2"`` -> data2vec2). ``init`` None is the student kind's default (each
+    kind's ``defaults`` in mmkd_core/students/kinds/): the teacher's blocks (``student_options["init_blocks"]``
+    picks others), except random for multimodal students (the caption teacher is wider than a CPU-sized
+    student) and data2vec2 for data2vec2 students. ``batch_size``, ``lr`` and ``epochs`` None are per student
+    kind as well; ``batch_size`` is per rank.
     """
 
     targets: Path | StoreURL = option(help="Store written by mmkd-extract (a path or a URL).", metavar="PATH|URL")
     student: str = option(
         "auto",
-        help=f"Student kind: {', '.join(STUDENT_KINDS)} (auto: from the store).",
-        choices=STUDENT_KINDS,
+        help=f"Student kind: {', '.join(STUDENT_CHOICES)} (auto: from the store).",
+        choices=STUDENT_CHOICES,
         noun="student kind",
     )
     depth: int | None = option(None, help="Student depth (image tower for multimodal); default half the teacher's.")
@@ -165,8 +155,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.targets = store_location(self.targets, "--targets")
-        if self.student not in STUDENT_KINDS:
-            raise MmkdError(f"--student {self.student!r}: choose one of {', '.join(STUDENT_KINDS)}")
+        if self.student not in STUDENT_CHOICES:
+            raise MmkdError(f"--student {self.student!r}: choose one of {', '.join(STUDENT_CHOICES)}")
         if self.token_pred not in ("recipe", "head"):
             raise MmkdError(f"--token-pred {self.token_pred!r}: choose recipe or head")
         if self.autocast not in AUTOCAST:
@@ -174,12 +164,9 @@ class TrainConfig:
         for name in ("batch_size", "ckpt_every", "log_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise MmkdError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if self.lr is not None and self.lr <= 0:
-            raise MmkdError(f"--lr {self.lr}: must be positive")
+        self._check_numbers()
         if self.steps is not None and self.steps < 1:
             raise MmkdError(f"--steps {self.steps}: must be at least 1")
-        if self.epochs is not None and self.epochs <= 0:
-            raise MmkdError(f"--epochs {self.epochs}: must be positive")
         if self.bank_size < 0:
             raise MmkdError(f"--bank-size {self.bank_size}: must be 0 or more")
         if self.depth is not None and self.depth < 1:
@@ -192,9 +179,23 @@ class TrainConfig:
             raise MmkdError(f"--run-dir {self.run_dir}: run directories are local; the store may be a URL")
         self.run_dir = Path(self.run_dir)
 
+    def _check_numbers(self) -> None:
+        """Real-valued options: finite (``nan`` and ``inf`` parse as floats), and in their range."""
+        ranges = {"lr": (0, False), "epochs": (0, False), "weight_decay": (0, True), "warmup": (0, True),
+                  "grad_clip": (0, True)}  # fmt: skip
+        for name, (low, inclusive) in ranges.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            flag = "--" + name.replace("_", "-")
+            if not math.isfinite(value):
+                raise MmkdError(f"{flag} {value}: must be a finite number")
+            if value < low or (value == low and not inclusive):
+                raise MmkdError(f"{flag} {value}: must be {'0 or more' if inclusive else 'positive'}")
+
     def resolved(self, kind: str) -> TrainConfig:
         """A copy with the per-kind defaults filled in where this config leaves them open."""
-        defaults = KIND_DEFAULTS[kind]
+        defaults = STUDENT_KINDS.get(kind).defaults
         values = {k: v for k, v in asdict(self).items()}
         for key, value in defaults.items():
             if values[key] is None:

@@ -16,8 +16,11 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
             value (None: the fields that differ from TrainConfig's defaults).
     """
     recipe = TrainRecipe(cfg, given)
-    recipe.setup()
-    recipe.train()
-    recipe.export()
-    recipe.cleanup()
+    try:
+        recipe.setup()
+        recipe.train()
+        recipe.export()
+        recipe.cleanup()
+    finally:
+        recipe.release()
     return recipe.result()

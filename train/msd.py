@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mmkd_core.errors import MmkdError
-from mmkd_core.losses import LOSSES, parse_loss_spec
+from mmkd_core.losses import LOSSES, SALIENCY_MODALITIES, parse_loss_spec
 from mmkd_core.students.export.native import save_native
 from mmkd_core.students.kinds import STUDENT_KINDS, Built, Context, StudentKind
 from mmkd_core.students.kinds.base import pooled_heads, teacher_source, view_preprocess
@@ -36,7 +36,6 @@ from mmkd_core.views import view_spec
 log = logging.getLogger(__name__)
 
 # the saliency array's last axis, as extract/joint.py writes it
-MODALITIES = ("image", "text")
 
 
 def is_joint_store(attrs: dict[str, Any]) -> bool:
@@ -56,7 +55,7 @@ class JointBuilt(Built):
     """
 
     msd: bool = False
-    modalities: tuple[str, ...] = MODALITIES
+    modalities: tuple[str, ...] = SALIENCY_MODALITIES
     dataset_saliency: dict[str, float] = field(default_factory=dict)
 
     def extra_loss_inputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
@@ -82,7 +81,7 @@ class JointBuilt(Built):
         }
 
 
-def dataset_saliency(reader, modalities: tuple[str, ...] = MODALITIES) -> dict[str, float]:
+def dataset_saliency(reader, modalities: tuple[str, ...] = SALIENCY_MODALITIES) -> dict[str, float]:
     """Mean saliency of each modality over every sample and view of a joint store, read shard by shard."""
     total, count = np.zeros(len(modalities), np.float64), 0
     for lo in range(0, len(reader), reader.shard_size):
@@ -157,7 +156,7 @@ def build_joint_student(ctx: Context) -> JointBuilt:
         **_joint_options(ctx),
     )
     preprocess = view_preprocess(attrs["views"])
-    modalities = tuple((attrs.get("msd") or {}).get("saliency") or MODALITIES)
+    modalities = tuple((attrs.get("msd") or {}).get("saliency") or SALIENCY_MODALITIES)
     return JointBuilt(
         student=student,
         kind="multimodal",

@@ -21,22 +21,25 @@ import torch
 
 from mmkd.app.progress import progress_bar
 from mmkd.evaluate import default_run_tasks
+from mmkd_core.batch_order import StepSpec, num_steps
+from mmkd_core.dataset import StoreDataset
 from mmkd_core.errors import MmkdError
+from mmkd_core.loader import StoreLoader, to_device
 from mmkd_core.losses import build_loss
-from mmkd_core.store import open_store
+from mmkd_core.store import open_store, take_reader_lease
 from mmkd_core.students import save_student
 from mmkd_core.versions import library_versions
 
 from .bank import memory_bank, without_batch
-from .build import DEFAULT_LOSS, build, loss_inputs, student_kind
+from .build import build, default_loss, loss_inputs, student_kind
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .ddp import freeze_unused, init_ranks, leave_group, rng_states, set_rng_state
-from .loader import PlanSpec, StoreBatches, check_plan, make_loader, num_batches
 from .optim import adamw
 from .report import TrainResult
 from .resume import check_store, read_record, resumed_config, store_record
 from .run_log import MetricsLog, truncate_metrics
+from .rundir import check_owned, claim
 from .verify_views import DEFAULT_SAMPLE, verify_views
 
 log = logging.getLogger(__name__)
@@ -60,14 +63,19 @@ class TrainRecipe:
         self.step = 0  # optimiser steps taken, over every attempt of the run
         self.losses: list[float] = []  # of this attempt's steps
         self.seconds = 0.0
-        self._image_cache: dict | None = None  # images decoded once, kept across the epochs of train()
+        self._image_cache: dict = {}  # images decoded once, kept across the epochs of train()
+        self.locks: list[Any] = []  # the run directory's lock and the store's reader lease (rank 0)
 
     # ------------------------------------------------------------------------------------------------ set-up
 
     def setup(self) -> None:
         """Everything before the first step; continues from the last checkpoint with ``cfg.resume``."""
         self.rank, self.world, self.device = init_ranks(self.cfg.device)
+        if self.rank == 0:  # the run directory is ours (new, empty or a run) and this trainer's alone
+            self.locks.append(claim(self.cfg.run_dir))
         self.reader = self._setup_store()
+        if self.rank == 0:  # no --overwrite of the store while this run reads it
+            self.locks.append(take_reader_lease(self.cfg.targets))
         ckpt = self._setup_config()
         torch.manual_seed(self.cfg.seed)
         self._setup_model()
@@ -118,33 +126,51 @@ class TrainRecipe:
         self.autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     def _setup_loss(self) -> None:
-        self.loss_spec = self.cfg.loss or self.built.default_loss or DEFAULT_LOSS[self.built.kind]
+        self.loss_spec = self.cfg.loss or self.built.default_loss or default_loss(self.built.kind)
         self.loss_fn = build_loss(self.loss_spec, **self.cfg.loss_options)
 
     def _setup_data(self) -> None:
-        """The batch order of every epoch, and the number of steps."""
+        """The store as a dataset (one global order per epoch, shared by the ranks), and the number of steps."""
         cfg = self.cfg
-        self.plan = PlanSpec(
-            num_samples=len(self.reader),
-            chunk_size=self.reader.chunk_size,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            rank=self.rank,
-            world_size=self.world,
-            by_length=self.built.kind == "text",
-            drop_last=bool(CONTRASTIVE & set(self.loss_fn.weights)),
-        )
-        check_plan(self.plan)
-        self.per_epoch = num_batches(self.plan)  # the same in every epoch and on every rank: DDP ranks step together
+        # contrastive losses train on full batches only: the epoch's remainder is dropped, else split
+        remainder = "drop" if CONTRASTIVE & set(self.loss_fn.weights) else "split"
+        self.dataset = self.dataset_for(remainder)
+        self.loader = StoreLoader(self.dataset, workers=cfg.workers)
+        steps = StepSpec(cfg.batch_size, self.world, remainder)
+        self.per_epoch = num_steps(len(self.reader), steps)  # the same on every rank: DDP ranks step together
+        if self.per_epoch == 0:
+            raise MmkdError(
+                f"--batch-size {cfg.batch_size}: no full batch of the store's {len(self.reader)} samples on "
+                f"{self.world} rank(s) (contrastive losses train on full batches only); use a smaller batch"
+            )
         self.total = cfg.steps or max(1, int(round(cfg.epochs * self.per_epoch)))
         self.warmup = int(cfg.warmup if cfg.warmup >= 1 else max(1, round(cfg.warmup * self.total)))
+
+    def dataset_for(self, remainder: str, **options: Any) -> StoreDataset:
+        """The run's StoreDataset (``options``: further StoreDataset arguments, for subclasses)."""
+        built = self.built
+        return StoreDataset(
+            self.cfg.targets,
+            self.cfg.batch_size,
+            seed=self.cfg.seed,
+            rank=self.rank,
+            world_size=self.world,
+            remainder=remainder,
+            by_length=built.kind == "text",
+            source=built.source,
+            image_spec=built.image_spec,
+            **built.loader_options,
+            image_cache=self._image_cache,
+            **options,
+        )
 
     def _setup_ddp(self) -> None:
         if self.world == 1:
             return
 
         def first_batch_loss() -> torch.Tensor:
-            batch = next(iter(self.batches(0, 0)))
+            probe = self.dataset_for(self.dataset.steps.remainder)
+            batch = to_device(self.batch_targets(next(iter(probe))), self.device)
             return self.loss_fn(loss_inputs(self.built, self.student, batch, self.device))[0]
 
         freeze_unused(self.student, first_batch_loss)
@@ -185,22 +211,6 @@ class TrainRecipe:
 
     # -------------------------------------------------------------------------------------------------- data
 
-    def batches(self, epoch: int, start_batch: int, **options: Any) -> StoreBatches:
-        """The epoch's batches from ``start_batch`` on, read from the store (``options``: further StoreBatches
-        arguments, for subclasses)."""
-        built = self.built
-        return StoreBatches(
-            self.cfg.targets,
-            self.plan,
-            source=built.source,
-            epoch=epoch,
-            start_batch=start_batch,
-            image_spec=built.image_spec,
-            **built.loader_options,
-            image_cache=self._image_cache,
-            **options,
-        )
-
     def batch_targets(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch with its teacher targets: those the store holds, as read."""
         return batch
@@ -211,7 +221,6 @@ class TrainRecipe:
         """Step until the planned number of steps, checkpointing and logging as configured."""
         cfg = self.cfg
         metrics = MetricsLog(cfg.run_dir) if self.rank == 0 else None
-        self._image_cache = {}
         self.student.train()
         start = time.perf_counter()
         try:
@@ -242,12 +251,12 @@ class TrainRecipe:
     def _epoch(self, advance, metrics: MetricsLog | None, start: float) -> None:
         """The rest of the current epoch (all of it, unless the run continues from inside it)."""
         cfg = self.cfg
-        epoch, start_batch = divmod(self.step, self.per_epoch)
-        end = min(self.total, (epoch + 1) * self.per_epoch)
-        batches = self.batches(epoch, start_batch)
+        epoch = self.dataset.epoch
+        left = len(self.loader)
+        end = min(self.total, self.step + left)
         bank = memory_bank(self.reader, cfg.bank_size, cfg.seed, epoch) if cfg.bank_size else None
-        for batch in make_loader(batches, cfg.workers):
-            batch = self.batch_targets(batch)
+        for batch in self.loader:  # the rest of this epoch; the loader's state advances with each batch
+            batch = to_device(self.batch_targets(batch), self.device)  # targets widened on the device
             if bank is not None:
                 batch["bank"] = without_batch(bank, batch["index"])
             value, terms = self.train_step(batch)
@@ -259,11 +268,8 @@ class TrainRecipe:
                 self.save_checkpoint()
             if self.step >= end:
                 break
-        if self.step < end:  # the plan promised more batches than the loader gave: never spin on it
-            raise RuntimeError(
-                f"epoch {epoch}: the loader stopped at step {self.step} of {end}; "
-                f"the plan has {self.per_epoch} batches per epoch"
-            )
+        if self.step < end:  # the order promised more batches than the loader gave: never spin on it
+            raise RuntimeError(f"epoch {epoch}: the loader stopped at step {self.step} of {end} ({left} were left)")
 
     def train_step(self, batch: dict[str, Any]) -> tuple[float, dict[str, float]]:
         """One optimiser step on ``batch``; returns the loss and its terms."""
@@ -288,24 +294,39 @@ class TrainRecipe:
         """Checkpoint the student, optimiser, schedule, step and every rank's RNG (rank 0 writes it)."""
         rng = rng_states(self.world)  # a collective: every rank takes part
         if self.rank == 0:
-            state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "step": self.step}
+            state = {
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "step": self.step,
+                "loader": self.loader.state_dict(),  # epoch, global samples consumed, seed: any world size
+            }
             write_checkpoint(self.cfg.run_dir, self.step, self.student, {**state, "rng": rng})
 
     def load_checkpoint(self, path: Path) -> None:
         """Continue from checkpoint ``path`` exactly: weights, optimiser, schedule, step and this rank's RNG."""
         run_dir = self.cfg.run_dir
         record = read_record(run_dir)
-        if (record.get("steps"), record.get("steps_per_epoch")) != (self.total, self.per_epoch):
+        state = read_checkpoint(path, self.student)
+        elastic = int(record.get("world_size") or 1) != self.world
+        if elastic:
+            self._replan(record, state, path)
+        elif (record.get("steps"), record.get("steps_per_epoch")) != (self.total, self.per_epoch):
             raise MmkdError(
                 f"--resume: {run_dir} planned {record.get('steps')} steps of "
                 f"{record.get('steps_per_epoch')} per epoch; this mmkd plans {self.total} of {self.per_epoch} "
                 "for the same settings, so the run cannot continue exactly: start a new --run-dir"
             )
-        state = read_checkpoint(path, self.student)
         try:
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
-            rng = state["rng"][self.rank]
+            # another number of ranks draws other dropout masks anyway: each takes a recorded rank's stream
+            rng = state["rng"][self.rank % len(state["rng"]) if elastic else self.rank]
+            if "loader" in state:
+                self.loader.load_state_dict(state["loader"])
+            else:  # a checkpoint of a run before the loader kept its state: its position, from the step
+                epoch, step_in_epoch = divmod(int(state["step"]), self.per_epoch)
+                consumed = step_in_epoch * self.world * self.cfg.batch_size
+                self.loader.load_state_dict({**self.loader.state_dict(), "epoch": epoch, "consumed": consumed})
         except (KeyError, IndexError, ValueError, TypeError) as e:
             raise MmkdError(f"{path / 'state.pt'}: does not fit this run ({type(e).__name__}: {e})") from None
         set_rng_state(rng)
@@ -314,6 +335,29 @@ class TrainRecipe:
             truncate_metrics(run_dir, self.step)
         log.info("resumed %s at step %d", run_dir, self.step)
 
+    def _replan(self, record: dict[str, Any], state: dict[str, Any], path: Path) -> None:
+        """A run continued on another number of ranks: the same epochs (the recorded steps of the recorded
+        per-epoch count), whose remaining samples are now taken in steps of this world size. The schedule
+        keeps its warmup and ends at the new last step."""
+        if "loader" not in state:
+            raise MmkdError(
+                f"--resume: {path} was written before runs could change their number of ranks; resume it with "
+                f"{record.get('world_size')} rank(s)"
+            )
+        loader, n = state["loader"], len(self.reader)
+        # the run's end and where it stands, in samples of the global order (epochs may end mid-epoch)
+        end = float(record["steps"]) / max(1, int(record["steps_per_epoch"])) * n
+        pos = int(loader["epoch"]) * n + int(loader["consumed"])
+        now = StepSpec(self.cfg.batch_size, self.world, self.dataset.steps.remainder)
+        in_epoch = num_steps(n, now, int(loader["consumed"]))
+        if end - pos <= n - int(loader["consumed"]):  # it ends in this epoch
+            left = min(in_epoch, math.ceil(max(0.0, end - pos) / (self.world * self.cfg.batch_size)))
+        else:
+            left = in_epoch + int(round((end - (int(loader["epoch"]) + 1) * n) / n * self.per_epoch))
+        self.total = int(state["step"]) + left
+        self.opt, self.sched = adamw(self.student, self.cfg.lr, self.cfg.weight_decay, self.total, self.warmup)
+        log.info("resumed on %d rank(s): %d steps in all (recorded %s)", self.world, self.total, record["steps"])
+
     # ------------------------------------------------------------------------------------------ export, end
 
     def export(self) -> None:
@@ -321,18 +365,32 @@ class TrainRecipe:
         if self.rank != 0:
             return
         self.student.eval()
-        save_student(
-            self.student,
-            self.cfg.run_dir / "student",
-            tokenizer=self.built.tokenizer,
-            preprocess=self.built.preprocess,
-            max_seq_length=(self.reader.attrs.get("preprocess") or {}).get("max_length"),
-        )
+        check_owned(self.cfg.run_dir)  # a link planted while it trained is not written through either
+        try:
+            save_student(
+                self.student,
+                self.cfg.run_dir / "student",
+                tokenizer=self.built.tokenizer,
+                preprocess=self.built.preprocess,
+                max_seq_length=(self.reader.attrs.get("preprocess") or {}).get("max_length"),
+            )
+        except KeyboardInterrupt:
+            raise MmkdError(
+                f"interrupted while exporting the student; continue with --resume --run-dir {self.cfg.run_dir}"
+            ) from None
 
     def cleanup(self) -> None:
         """Leave the process group (every rank waits for rank 0's export first)."""
         if self.world > 1:
             leave_group()
+        self.release()
+
+    def release(self) -> None:
+        """Give back the run directory's lock and the store's lease (idempotent; also after a failure)."""
+        while self.locks:
+            lock = self.locks.pop()
+            if lock is not None:
+                lock.release()
 
     def result(self) -> TrainResult:
         return TrainResult(

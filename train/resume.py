@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ FREE_FIELDS = frozenset(
         "verify_views",
     }
 )
+
+log = logging.getLogger(__name__)
 
 
 def given_fields(cfg: TrainConfig) -> set[str]:
@@ -79,11 +82,8 @@ def resumed_config(cfg: TrainConfig, record: dict[str, Any], given: set[str] | N
             "another --run-dir"
         )
     ranks = int(record.get("world_size", 1))
-    if ranks != world:
-        raise MmkdError(
-            f"--resume: {cfg.run_dir} was trained on {ranks} rank(s), not {world}; resume it with "
-            f"{ranks} so that every rank continues its own share of the data"
-        )
+    if ranks != world:  # the loader's state is global: the epoch's rest is shared among the new ranks
+        log.warning("--resume: %s was trained on %d rank(s), continues on %d", cfg.run_dir, ranks, world)
     free = {name: getattr(cfg, name) for name in FREE_FIELDS}
     return dataclasses.replace(recorded, **free)
 

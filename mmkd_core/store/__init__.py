@@ -55,20 +55,18 @@ from .lock import (
     LOCK_SUFFIX,
     LOCK_WAIT,
     StoreLock,
+    live_readers,
     live_slices,
     lock_path,
     refuse_slices,
     slice_lock_path,
+    take_reader_lease,
     take_slice,
     wait_for_lock,
 )
 from .provenance import CONFIG_FIELDS, FORMAT_VERSION, LATER_STORAGE_KEYS, config_diff, read_attrs
 from .reader import StoreReader, open_store
 from .writer import StoreWriter
-
-# the private names other modules imported from the one-file store, under their old names
-_codecs = compressors  # SHIM: remove at integration
-_mmkd_attrs = read_attrs  # SHIM: remove at integration
 
 __all__ = [
     "CHUNKS_PER_SHARD",
@@ -99,6 +97,7 @@ __all__ = [
     "config_diff",
     "dimension_names",
     "encode_targets",
+    "live_readers",
     "live_slices",
     "lock_path",
     "open_store",
@@ -107,6 +106,7 @@ __all__ = [
     "recorded_codec",
     "refuse_slices",
     "slice_lock_path",
+    "take_reader_lease",
     "take_slice",
     "use_zarrs",
     "wait_for_lock",

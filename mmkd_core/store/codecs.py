@@ -17,7 +17,7 @@ from ..errors import MmkdError
 
 log = logging.getLogger(__name__)
 
-# The default compressor, chosen by benchmarks/codecs.py on real targets (README "Codecs"; medians, CPU time of
+# The default compressor, chosen by benchmarks/codecs.py on real targets (docs/codecs.md; medians, CPU time of
 # one core): blosc lz4 with byte shuffle compresses at 3,650 MB/s per core on MiniLM WordNet targets and 2,850 on
 # float16 of ViT-B targets' entropy, zstd-3 at 950 and 630, so one core of lz4 keeps up with a GPU teacher's
 # 1-2 GB/s where zstd-3 needs two or three; it decompresses 2-13x faster for every epoch the loader reads. It
@@ -33,7 +33,7 @@ _SHUFFLES = ("shuffle", "bitshuffle", "noshuffle")
 
 
 # zarr's codec pipelines: its own (Python, blosc through numcodecs) and the Rust one of the `zarrs` package
-# (`pip install 'mmkd[zarrs]'`). Measured here (benchmarks/codecs.py, README "Codecs"; identical arrays): zarrs
+# (`pip install 'mmkd[zarrs]'`). Measured here (benchmarks/codecs.py, docs/codecs.md; identical arrays): zarrs
 # reads a store's arrays 1.6-1.7x faster per core but writes them at 0.5-0.65x, so it is for readers (set
 # MMKD_ZARRS=1 for mmkd-train), not extraction. Opt-in, not on whenever installed: it is one setting for the
 # whole process (zarr.config), it bypasses the Python store layer (where tests inject faults), and it falls

@@ -153,18 +153,18 @@ class StoreLock:
     def _stale(self) -> dict[str, Any] | None:
         """The lock's record if it was left by a process of this host that no longer runs, else None."""
         try:
-            info = _read_lock(self.path)
+            info = read_lock(self.path)
         except FileNotFoundError:
             return None
         ok = isinstance(info, dict) and isinstance(info.get("pid"), int) and info.get("host") == socket.gethostname()
-        return info if ok and not _pid_alive(info["pid"]) else None
+        return info if ok and not pid_alive(info["pid"]) else None
 
     def release(self) -> None:
         """Delete the lock if it is still this one's (a warning otherwise). Idempotent."""
         if self.token is None:
             return
         try:
-            held = _read_lock(self.path)
+            held = read_lock(self.path)
             if held is not None and held.get("token") == self.token:
                 self.path.unlink()
             else:
@@ -174,10 +174,10 @@ class StoreLock:
         self.token = None
 
     def _held_message(self, store: Path) -> str:
-        info = _read_lock(self.path)
+        info = read_lock(self.path)
         if info is None:  # created but not yet written, or damaged: look again once
             time.sleep(0.2)
-            info = _read_lock(self.path)
+            info = read_lock(self.path)
         if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
             return (
                 f"{store} is locked by {self.path}, which is unreadable; if no extraction of this store is "
@@ -189,7 +189,7 @@ class StoreLock:
                 f"{store} is locked by pid {pid} on host {host} since {started} ({self.path}); if no "
                 f"extraction of this store runs there, delete {self.path} and run again"
             )
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return (
                 f"stale lock {self.path} from pid {pid} (started {started}), which is no longer running; "
                 "delete it to continue (finished shards are kept)"
@@ -219,7 +219,7 @@ def _host_mutex(key: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _read_lock(path: Location) -> dict[str, Any] | None:
+def read_lock(path: Location) -> dict[str, Any] | None:
     """The lock's JSON; None when it is empty or unparseable. FileNotFoundError when it is gone."""
     text = path.read_text()
     try:
@@ -229,7 +229,7 @@ def _read_lock(path: Location) -> dict[str, Any] | None:
     return info if isinstance(info, dict) else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if os.name == "nt":  # os.kill there terminates; assume alive, which refuses rather than corrupts
         return True
     try:
@@ -347,3 +347,54 @@ def take_slice(store: Location, k: int, n: int) -> StoreLock:
     except MmkdError as e:
         raise MmkdError(f"--shards {k}/{n}: another command writes this slice: {e}") from None
     return lock
+
+
+# ---------------------------------------------------------------------------------------------- readers' leases
+
+READER = "reader"
+
+
+def reader_lease_path(store: str | Location) -> Location:
+    """This process's lease on a store it reads: ``<store>.lock.reader-<host>-<pid>`` beside the store lock."""
+    lock = lock_path(store)
+    return lock.with_name(f"{lock.name}.{READER}-{socket.gethostname()}-{os.getpid()}")
+
+
+def take_reader_lease(store: str | Location) -> StoreLock | None:
+    """Record that this process reads ``store`` (a trainer, for its whole run), so that ``--overwrite`` of
+    the store is refused meanwhile. Released like a lock; a lease of a process that died is ignored. None for
+    a store at a URL (object storage has no listing of leases cheap enough to check)."""
+    store = store_location(store)
+    if isinstance(store, StoreURL):
+        return None
+    lease = StoreLock(reader_lease_path(store))
+    lease.acquire(store)
+    return lease
+
+
+def live_readers(store: str | Location) -> list[tuple[Location, dict[str, Any]]]:
+    """The leases of processes reading ``store`` now: (lease path, its record)."""
+    store = store_location(store)
+    lock = lock_path(store)
+    if isinstance(store, StoreURL) or not lock.parent.exists():
+        return []
+    out = []
+    for path in lock.parent.glob(f"{lock.name}.{READER}-*"):
+        if StoreLock(path)._stale() is not None:
+            continue
+        try:
+            info = read_lock(path)
+        except FileNotFoundError:
+            continue
+        out.append((path, info if isinstance(info, dict) else {}))
+    return out
+
+
+def refuse_readers(store: Location, action: str) -> None:
+    """Refuse ``action`` (deleting or replacing the store) while a process reads it."""
+    for path, info in live_readers(store):
+        who = f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {info.get('started', '?')}"
+        raise MmkdError(
+            f"{action}: {store} is being read by a trainer ({who}; lease {path}); wait for it to finish or "
+            "choose another --out"
+        )

@@ -16,7 +16,7 @@ from ..location import Location, store_location
 from .codecs import DEFAULT_CODEC, compressors
 from .encode import check_encoded, check_finite, check_storable
 from .layout import DIMS, Layout, array_attrs
-from .lock import StoreLock, lock_path
+from .lock import StoreLock, lock_path, refuse_readers
 from .provenance import compare_recorded, describe_diff, expected_record, mark_complete, new_record, read_attrs
 
 log = logging.getLogger(__name__)
@@ -278,5 +278,6 @@ def _remove_store(path: Location) -> None:
             f"{path} is an mmkd store but also holds {foreign[0]!r}, which is not part of a store; "
             "--overwrite will not delete it: move it out or choose another --out"
         )
+    refuse_readers(path, "--overwrite")
     log.warning("--overwrite: deleting the store %s", path)
     location.remove(path)

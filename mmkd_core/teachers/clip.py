@@ -17,6 +17,7 @@ from .hf_common import (
     load_config,
     load_model,
     load_tokenizer,
+    text_max_length,
     text_preprocess,
     tokenize,
 )
@@ -66,7 +67,7 @@ class ClipTeacher(Teacher):
         self.weights_sha256 = sha256
         if tower == "text":
             limits = [n for n in (config.max_position_embeddings, tokenizer.model_max_length) if n]
-            self.max_length = int(max_length or min(limits))
+            self.max_length = text_max_length(max_length, min(limits), "clip")
             preprocess = text_preprocess(tokenizer, path, self.max_length)
         self.preprocess = preprocess
 

@@ -24,6 +24,7 @@ from .hf_common import (
     load_config,
     load_model,
     load_tokenizer,
+    text_max_length,
     text_preprocess,
     tokenize,
 )
@@ -90,7 +91,8 @@ class FlavaTeacher(Teacher):
         config = model.config
         self.num_layers = config.multimodal_config.num_hidden_layers
         self.hidden_size = config.multimodal_config.hidden_size
-        self.max_length = int(max_length or min(config.text_config.max_position_embeddings, tokenizer.model_max_length))
+        limit = min(config.text_config.max_position_embeddings, tokenizer.model_max_length)
+        self.max_length = text_max_length(max_length, limit, "flava")
         text = text_preprocess(tokenizer, path, self.max_length)
         self.preprocess = JointPreprocess(**dataclasses.asdict(preprocess), max_length=self.max_length, text=text)
         self.source = source

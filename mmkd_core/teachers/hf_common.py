@@ -197,6 +197,21 @@ def load_tokenizer(path: Path, teacher: str) -> Any:
     )
 
 
+def text_max_length(requested: Any, limit: int, teacher: str) -> int:
+    """The tokens a text teacher reads per text: ``requested`` (``--teacher-option max_length=N``) when it
+    is a whole number from 2 (a first and a last special token) to ``limit`` (the position table, the
+    tokenizer's limit), else ``limit`` when none is requested.
+
+    Raises:
+        MmkdError: one line naming the option and the range.
+    """
+    if requested is None:
+        return int(limit)
+    if isinstance(requested, bool) or not isinstance(requested, int) or not 2 <= requested <= limit:
+        raise MmkdError(f"--teacher-option max_length={requested!r}: {teacher} reads from 2 to {limit} tokens per text")
+    return requested
+
+
 def text_preprocess(tokenizer: Any, path: Path, max_length: int, **extra: Any) -> TextPreprocess:
     """Provenance of tokenization: tokenizer class, max_length, lowercasing, tokenizer files' sha256."""
     files = [path / n for n in _TOKENIZER_FILES if (path / n).is_file()]

@@ -14,7 +14,16 @@ import torch.nn.functional as F
 
 from ..errors import MmkdError
 from .base import TEACHERS, Teacher, TeacherOutput
-from .hf_common import DEFAULT_ATTN, checkpoint_dir, load_config, load_model, load_tokenizer, text_preprocess, tokenize
+from .hf_common import (
+    DEFAULT_ATTN,
+    checkpoint_dir,
+    load_config,
+    load_model,
+    load_tokenizer,
+    text_max_length,
+    text_preprocess,
+    tokenize,
+)
 from .weights import WeightsLocation, locate_weights, missing_weights_error
 
 logger = logging.getLogger(__name__)
@@ -117,7 +126,7 @@ class HFTextTeacher(Teacher):
             for n in (_position_limit(model), tokenizer.model_max_length, pooling.max_seq_length if pooling else None)
             if n
         ]
-        self.max_length = int(max_length or min(limits))
+        self.max_length = text_max_length(max_length, min(limits), name)
         extra = {"sentence_pooling": vars(pooling).copy()} if pooling else {}
         self.preprocess = text_preprocess(tokenizer, path, self.max_length, **extra)
         self.source = source

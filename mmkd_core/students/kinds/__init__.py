@@ -19,13 +19,14 @@ from .multimodal import MULTIMODAL
 from .text import TEXT
 
 STUDENT_KINDS: Registry[StudentKind] = Registry("student kind")
-for _kind in (TEXT, VIT, BEIT, DATA2VEC2, MULTIMODAL):
+_LISTED = (TEXT, VIT, BEIT, DATA2VEC2, MULTIMODAL)  # the order --help lists them in
+for _kind in _LISTED:
     STUDENT_KINDS.register(_kind.name)(_kind)
 
 
 def kind_names() -> list[str]:
-    """The kinds ``--student`` may name, sorted."""
-    return [n for n in STUDENT_KINDS.names() if STUDENT_KINDS.get(n).selectable]
+    """The kinds ``--student`` may name, in the order --help lists them."""
+    return [k.name for k in _LISTED if k.selectable]
 
 
 __all__ = ["STUDENT_KINDS", "BuildOptions", "Built", "Context", "StudentKind", "kind_names"]

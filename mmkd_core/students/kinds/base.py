@@ -44,7 +44,7 @@ class Built:
         source: The source dataset, when the student reads images.
         image_spec: How images are rendered for a student that reads images the teacher did not.
         preprocess: The image preprocessing an image-reading student exports.
-        loader_options: Further StoreBatches arguments.
+        loader_options: Further StoreDataset arguments.
         default_loss: This store's default loss, where it is not the student kind's.
     """
 

@@ -26,12 +26,12 @@ TWO_TOWER_LOSS = "mse_cosine=1,sim_kd=1"
 # The multimodal defaults train the embedded default (a 128-wide student on 10,000 shapes captions): held-out i2t
 # R@1 rose with epochs, 0.826 at 12, 0.905-0.931 at 16 (two runs), 0.962 at 24; 20 leaves a margin above 0.90 and
 # keeps the README's first command (install, extraction, training, evaluation) within 10 minutes on two quiet CPU
-# cores (417 s at 16 epochs). README has the measured times. Random init: the caption teacher is wider than a
+# cores (417 s at 16 epochs). docs/results.md has the measured times. Random init: the caption teacher is wider than a
 # CPU-sized student.
 DEFAULTS = {"init": "random", "batch_size": 128, "lr": 1e-3, "epochs": 20.0}
 # A CPU-sized multimodal student: 48 px images in 16 px patches (shapes' 3x3 cells, one patch each), 128 wide.
 # 8 px patches at 48 px were four times slower per step and reached i2t R@1 0.14 in the time that 16 px
-# patches reached 0.27; the README has the embedded default's measured R@1 and time.
+# patches reached 0.27; docs/results.md has the embedded default's measured R@1 and time.
 MULTIMODAL_DEFAULTS = {
     "img_size": 48,
     "patch_size": 16,

@@ -15,14 +15,14 @@ from .base import Built, Context, StudentKind, token_heads
 # all-MiniLM-L6-v2's 6 blocks, MRPC mean at init: 0.9492 for 0,4,5 ("ends"), 0.9483 for 3,4,5, 0.9392 for 1,3,5
 # ("spread"), 0.9290 for the first three, the teacher 0.9484. After an epoch of the default loss: 0.9484, 0.9473
 # (88 % of its gap) and 0.9432 (73 %). "ends" leaves no gap to close, so on resampled halves of MRPC its share
-# closed is noise (>= 75 % in 35 % of them); "spread" keeps 99.9 % and closes >= 75 % in 83 % (README "Real text
-# distillation")
+# closed is noise (>= 75 % in 35 % of them); "spread" keeps 99.9 % and closes >= 75 % in 83 % (docs/results.md,
+# "Real text distillation")
 INIT_BLOCKS = "spread"
 # the sentence embedding is what text students are used for: its direction (cosine) and its place among the
 # batch's teacher embeddings (contrastive KD); token targets carry nothing of it (zero mean over tokens). WordNet
 # ablation from blocks 0,4,5 (0.9492 at init), 300 steps of 128, MRPC mean: 0.9497 for this pair, 0.9488 for
 # token_mse + pooled_mse, 0.9487 for pooled_mse, 0.9394 for token_mse alone, which pulls the last block toward the
-# average of all the teacher's (README "Real text distillation")
+# average of all the teacher's (docs/results.md, "Real text distillation")
 DEFAULT_LOSS = "pooled_cosine=1,contrastive_kd=1"
 # contrastive KD takes its negatives from the batch: 128 of them; 2e-4 for a student cut from the teacher
 DEFAULTS = {"init": "teacher", "batch_size": 128, "lr": 2e-4, "epochs": 1.0}
