@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mmkd.app.progress import console, silence_foreign_bars
-from mmkd.train import build, latest_checkpoint, plot_curves, student_kind, teacher_source, train
+from mmkd.train import build, latest_checkpoint, mark_run, plot_curves, student_kind, teacher_source, train
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import open_store
 from mmkd_core.students import save_student
@@ -47,8 +47,9 @@ def _run_job(job: Job) -> dict[str, Any]:
     import transformers  # noqa: F401  (loaded now, so that its bars can be switched off before any export)
 
     silence_foreign_bars()  # transformers' "Writing model shards" bars at every export
-    job.check_directory()
+    job.check_directory()  # the ablation's own check that the directory is this job's
     job.directory.mkdir(parents=True, exist_ok=True)
+    mark_run(job.directory)  # a run directory of ours before the ablation writes into it
     _write_json(job.directory / STAMP_FILE, {"request": job.request})
     attrs = open_store(job.store).attrs
     done: dict[str, Any] = {}

@@ -14,6 +14,7 @@ from .loop import train
 from .recipe import TrainRecipe
 from .report import TrainResult, plot_curves
 from .resume import FREE_FIELDS, store_record
+from .rundir import check_owned, mark_run
 
 __all__ = [
     "FREE_FIELDS",
@@ -22,7 +23,9 @@ __all__ = [
     "TrainRecipe",
     "TrainResult",
     "build",
+    "check_owned",
     "latest_checkpoint",
+    "mark_run",
     "plot_curves",
     "store_record",
     "student_kind",

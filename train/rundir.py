@@ -65,10 +65,16 @@ def claim(run_dir: Path) -> RunLock:
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir / LOCK)
     lock.acquire(run_dir)
+    mark_run(run_dir)
+    return lock
+
+
+def mark_run(run_dir: Path) -> None:
+    """Record that ``run_dir`` (an existing directory) is an mmkd run: a tool that prepares a run directory
+    before training in it (mmkd-ablate) marks it first, so the trainer recognises it as ours."""
     record = run_dir / RECORD
     if not record.exists():
         record.write_text(json.dumps({"kind": "mmkd-run", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-    return lock
 
 
 class RunLock(StoreLock):
