@@ -12,6 +12,7 @@ Sections (``--sections``, default all):
 - ``threads``: blosc's own threads (numcodecs ``set_nthreads``) and zarr's concurrency over a shard's chunks.
 - ``writer``: ``StoreWriter.write_shard`` fed as extraction feeds it (``fill.empty_shard`` / ``_place`` /
   ``ShardQueue``): write MB/s per core and the peak memory the shard buffers and the writer allocate.
+- ``checksums``: the writer's and the reader's CPU MB/s with the crc32c of every chunk (format 2) and without.
 - ``zarrs``: writing and the loader's contiguous reads (``StoreReader.read``) with zarr's default codec pipeline
   and with ``zarrs.ZarrsCodecPipeline``, and whether the arrays are identical.
 
@@ -303,7 +304,10 @@ def write_store(
     layout = Layout(num_samples=n, views=v, time_steps=t, dim=d, pooled_dim=d, input_ids=True, **extra)
     tokens = torch.from_numpy(x16.astype(np.float32))
     writer = StoreWriter.open(
-        path, layout, {"teacher": {}, "recipe": {}, "preprocess": {}, "views": {}, "dataset": {}}, {}
+        path,
+        layout,
+        {"teacher": {"name": "t"}, "recipe": {}, "preprocess": {}, "views": {"count": v}, "dataset": {}},
+        {},
     )
     with writer, _Peak() as peak:
         w0, c0 = time.perf_counter(), time.process_time()
@@ -347,6 +351,56 @@ def writer_section(x16: np.ndarray, lengths: np.ndarray, repeats: int) -> None:
             f"{med(pick['traced'])} | {med(pick['rss'])} | {rows[0]['shard_mb']:.0f} |",
             flush=True,
         )
+
+
+# ------------------------------------------------------------------------------------------------ checksums
+
+
+@contextlib.contextmanager
+def without_checksums():
+    """Stores written as format 1 wrote them: the compressor alone, no crc32c per chunk."""
+    from mmkd_core.store import writer as writer_module
+
+    original = writer_module.compressors
+
+    def plain(dtype, codec=None):
+        return [c for c in original(dtype, codec) if type(c).__name__ != "Crc32cCodec"] or None
+
+    writer_module.compressors = plain
+    try:
+        yield
+    finally:
+        writer_module.compressors = original
+
+
+def checksums_section(x16: np.ndarray, lengths: np.ndarray, repeats: int, batch: int) -> None:
+    """What the per-chunk crc32c costs: the writer's and the reader's CPU MB/s with and without it, side by
+    side in one run, interleaved so that the machine's load falls on both alike."""
+    raw = x16.nbytes / MB
+    rows: dict[str, dict[str, list[float]]] = {"crc32c per chunk (format 2)": {}, "none (format 1)": {}}
+    for i in range(repeats):
+        for label in rows:
+            ctx = without_checksums() if label.startswith("none") else contextlib.nullcontext()
+            with tempfile.TemporaryDirectory() as tmp, ctx:
+                path = Path(tmp) / f"c{i}.zarr"
+                w = write_store(path, x16, lengths, codec="lz4")
+                c0 = time.process_time()
+                reader = open_store(path)
+                for lo in range(0, len(reader), batch):
+                    reader.read(lo, min(len(reader), lo + batch), ("tokens",))
+                read_cpu = time.process_time() - c0
+            rows[label].setdefault("write", []).append(raw / w["cpu"])
+            rows[label].setdefault("read", []).append(raw / read_cpu)
+    print(f"\n### checksums: {raw:.0f} MB of float16 tokens, lz4; load average {os.getloadavg()[0]:.1f}\n")
+    print("| chunks carry | write MB/s per core (CPU) | read MB/s per core (CPU) |")
+    print("|---|---|---|")
+    for label, r in rows.items():
+        print(f"| {label} | {med(r['write'])} | {med(r['read'])} |")
+    base = rows["none (format 1)"]
+    crc = rows["crc32c per chunk (format 2)"]
+    ratio = [a / b for a, b in zip(crc["write"], base["write"], strict=True)]
+    ratio_read = [a / b for a, b in zip(crc["read"], base["read"], strict=True)]
+    print(f"| crc32c / none | {med(ratio, '{:.3f}')} | {med(ratio_read, '{:.3f}')} |")
 
 
 # ---------------------------------------------------------------------------------------------------- zarrs
@@ -465,7 +519,7 @@ def pipeline_only(x16: np.ndarray, repeats: int, batch: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="codecs,threads,writer,zarrs")
+    ap.add_argument("--sections", default="codecs,threads,writer,checksums,zarrs")
     ap.add_argument("--text", type=int, default=2000, help="MiniLM WordNet samples")
     ap.add_argument("--images", type=int, default=64, help="BEiT v2 (random weights) shapes images")
     ap.add_argument("--depth", type=int, default=12, help="blocks of the random BEiT v2 base")
@@ -492,6 +546,8 @@ def main() -> None:
         threads_section(text, args.repeats, "lz4", 5)
     if "writer" in sections:
         writer_section(text, lengths, args.repeats)
+    if "checksums" in sections:
+        checksums_section(text, lengths, args.repeats, args.batch)
     if "zarrs" in sections:
         zarrs_section(text, lengths, args.repeats, args.batch)
 
