@@ -197,35 +197,6 @@ def config_values(ctx: typer.Context, path: Path, data: Mapping[str, Any]) -> di
     return out
 
 
-def config_option(translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Any:
-    """The ``--config FILE`` option: the file's values become the command's defaults, so options given on
-    the command line override them. Eager: it is read before the options it sets.
-
-    Args:
-        translate: Rewrites the file's mapping first (a stage reading its own recorded configuration).
-    """
-
-    def load(ctx: typer.Context, param: Any, value: Path | None) -> Path | None:
-        if value is None or ctx.resilient_parsing:
-            return value
-        data = read_config(value)
-        if translate is not None:
-            data = translate(data)
-        ctx.default_map = {**(ctx.default_map or {}), **config_values(ctx, value, data)}
-        ctx.meta["mmkd.config"] = value
-        return value
-
-    return typer.Option(
-        None,
-        "--config",
-        metavar="FILE",
-        is_eager=True,
-        callback=load,
-        help="YAML or JSON file of option values, keyed by option name (batch_size: 32); options on the "
-        "command line override it.",
-    )
-
-
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,

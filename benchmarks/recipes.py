@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from mmkd.train.config import TrainConfig
+from mmkd.train.loop import run  # noqa: F401  (the benchmarks run their variants with it)
 from mmkd.train.recipe import TrainRecipe
-from mmkd.train.report import TrainResult
 from mmkd_core.targets import recipe_targets
 
 INPUT_ARRAYS = ("lengths", "input_ids", "view_params", "index")  # the store's inputs, without its targets
@@ -49,15 +49,3 @@ def live_targets(teacher, batch: dict[str, Any], recipe: dict[str, Any]) -> dict
     if tokens is not None:
         live["tokens"] = tokens.clone()
     return live
-
-
-def run(recipe: TrainRecipe) -> TrainResult:
-    """What ``mmkd.train.loop.train`` does, with any recipe."""
-    try:
-        recipe.setup()
-        recipe.train()
-        recipe.export()
-        recipe.cleanup()
-    finally:
-        recipe.release()
-    return recipe.result()

@@ -15,7 +15,12 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> TrainResult:
         given: With ``cfg.resume``: the fields the caller set explicitly; each must equal the run's recorded
             value (None: the fields that differ from TrainConfig's defaults).
     """
-    recipe = TrainRecipe(cfg, given)
+    return run(TrainRecipe(cfg, given))
+
+
+def run(recipe: TrainRecipe) -> TrainResult:
+    """Set up, train, export and clean up ``recipe`` (a TrainRecipe or a variant of it); its locks are given
+    back whatever happens."""
     try:
         recipe.setup()
         recipe.train()
