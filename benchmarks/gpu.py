@@ -49,6 +49,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -72,6 +73,7 @@ STORES = {  # name -> ExtractConfig fields
     "pooled only": {"dtype": "float16", "pooled_only": True},
 }
 RESULT_NAME = "gpu_benchmark"
+TIMEOUT_S = 240  # each subprocess of the ranks section: a hang must not take the machine's whole lease
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,27 +477,16 @@ def ranks(store: Path, sizes: Sizes, device: str, tmp: Path) -> tuple[list[list[
     """``mmkd-train --nproc 1`` on this device, and the DDP path with a process group of one rank."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     cfg = dataclasses.replace(train_config(store, sizes, device, tmp / "run-cli"), steps=sizes.ddp_steps, depth=2)
-    start = time.perf_counter()
-    cli = subprocess.run(
-        [*mmkd_train_command(), "--nproc", "1", *cli_args(cfg)], capture_output=True, text=True, env=env
-    )
-    cli_s = time.perf_counter() - start
-    exported = (cfg.run_dir / "student").is_dir()
+    cli_ok, cli_said, cli_s = command([*mmkd_train_command(), "--nproc", "1", *cli_args(cfg)], env, TIMEOUT_S)
+    cli_ok = cli_ok and (cfg.run_dir / "student").is_dir()  # exported
     spec = {"config": {**cli_args_dict(cfg), "run_dir": str(tmp / "run-ddp")}, "steps": sizes.ddp_steps}
     result_path = tmp / "ddp.json"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
-    start = time.perf_counter()
-    ddp = subprocess.run(
-        [*launcher, __file__, "--ddp-check", json.dumps(spec), "--out", str(result_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    ddp_s = time.perf_counter() - start
-    ddp_result = json.loads(result_path.read_text()) if ddp.returncode == 0 and result_path.exists() else {}
+    check = [*launcher, __file__, "--ddp-check", json.dumps(spec), "--out", str(result_path)]
+    ddp_ok, ddp_said, ddp_s = command(check, env, TIMEOUT_S)
+    ddp_result = json.loads(result_path.read_text()) if ddp_ok and result_path.exists() else {}
+    ddp_ok = ddp_ok and ddp_result.get("steps") == sizes.ddp_steps
     backend = "NCCL" if device.startswith("cuda") else "gloo (CPU)"
-    cli_ok = cli.returncode == 0 and exported
-    ddp_ok = ddp.returncode == 0 and ddp_result.get("steps") == sizes.ddp_steps
     rows = [
         [
             "mmkd-train --nproc 1",
@@ -511,16 +502,29 @@ def ranks(store: Path, sizes: Sizes, device: str, tmp: Path) -> tuple[list[list[
         ],
     ]
     results = {
-        "mmkd_train_nproc_1": {"ok": cli_ok, "seconds": cli_s, "tail": (cli.stdout + cli.stderr)[-2000:]},
-        "ddp_one_rank": {"ok": ddp_ok, "seconds": ddp_s, **ddp_result, "tail": (ddp.stdout + ddp.stderr)[-2000:]},
+        "mmkd_train_nproc_1": {"ok": cli_ok, "seconds": cli_s, "tail": cli_said},
+        "ddp_one_rank": {"ok": ddp_ok, "seconds": ddp_s, **ddp_result, "tail": ddp_said},
     }
     return rows, results
 
 
 def cli_args_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The TrainConfig fields the one-rank DDP check is built from (JSON values)."""
+    fields = ("targets", "student", "depth", "init", "student_options", "batch_size", "device", "autocast")
+    fields += ("progress", "ckpt_every", "log_every")
     d = cfg.to_json()
-    return {k: d[k] for k in ("targets", "student", "depth", "init", "student_options", "batch_size", "device",
-                              "autocast", "progress", "ckpt_every", "log_every")} | {"steps": 10**6}  # fmt: skip
+    return {**{k: d[k] for k in fields}, "steps": 10**6}
+
+
+def command(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[bool, str, float]:
+    """Run ``cmd``: (exit status 0, the end of its output, seconds); a command past ``timeout`` is stopped."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        ok, said = done.returncode == 0, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as e:
+        ok, said = False, f"stopped after {timeout:.0f} s: {(e.stdout or b'')[-1000:]!r} {(e.stderr or b'')[-1000:]!r}"
+    return ok, said[-2000:], time.perf_counter() - start
 
 
 def ddp_check(spec: dict[str, Any], out: Path) -> None:
@@ -606,29 +610,45 @@ def main() -> None:
     out = Path(args.out or os.environ.get("OUT") or tempfile.mkdtemp(prefix="mmkd-gpu-"))
     out.mkdir(parents=True, exist_ok=True)
     rows, results = machine(device, sizes), {"device": device, "sizes": dataclasses.asdict(sizes)}
+    failed = []
     with tempfile.TemporaryDirectory(prefix="mmkd-gpu-stores-") as tmp:
-        r, results["extraction"], stores = extraction(sizes, device, Path(tmp))
-        rows += r
-        print(f"extraction: done at {time.perf_counter() - START:.0f} s", flush=True)
+        stores: dict[str, Path] = {}
+
+        def extraction_section():
+            r, res, made = extraction(sizes, device, Path(tmp))
+            stores.update(made)
+            return r, res
+
         for name, run in [
+            ("extraction", extraction_section),
             ("decoding", lambda: decoding(stores, sizes, device)),
             ("training", lambda: training(stores["float16 tokens"], sizes, device, Path(tmp))),
             ("ranks", lambda: ranks(stores["float16 tokens"], sizes, device, Path(tmp))),
         ]:
             t = time.perf_counter()
-            r, res = run()
+            try:  # one section failing must not cost the others' figures (the GPU is lent for minutes)
+                r, res = run()
+            except Exception as e:
+                failed.append(name)
+                r, res = [[name, "FAILED", f"{type(e).__name__}: {e}"[:300].replace("|", "/"), ""]], {}
+                res["error"] = traceback.format_exc()
+                print(res["error"], file=sys.stderr)
             rows += r
             results[name] = {**res, "seconds": time.perf_counter() - t}
-            print(f"{name}: done at {time.perf_counter() - START:.0f} s", flush=True)
+            print(
+                f"{name}: {'FAILED' if name in failed else 'done'} at {time.perf_counter() - START:.0f} s", flush=True
+            )
     elapsed = time.perf_counter() - START
     rows.append(["whole script", "elapsed s (imports included)", f"{elapsed:.0f}", "< 480 on a GPU"])
-    rows.insert(4, ["machine", "extraction compute dtype", results["extraction"]["autocast"], ""])
-    results["elapsed_s"] = elapsed
+    rows.insert(4, ["machine", "extraction compute dtype", str(results["extraction"].get("autocast", "-")), ""])
+    results["elapsed_s"], results["failed"] = elapsed, failed
     text = table(rows)
     print("\n" + text)
     (out / f"{RESULT_NAME}.md").write_text(text + "\n")
     (out / f"{RESULT_NAME}.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwritten: {out / (RESULT_NAME + '.json')}")
+    if failed:
+        raise SystemExit(f"sections that failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
