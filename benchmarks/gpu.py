@@ -25,8 +25,7 @@ Sections (each timed in steady state: set-up and the first batches left out; med
 - ``mmkd-train --nproc 1`` as a command on this device, and the DDP path with a process group of one rank
   (NCCL on CUDA, gloo on the CPU: ``torch.distributed.run`` with one process, the student wrapped in
   ``DistributedDataParallel`` and stepped by ``TrainRecipe.train_step``). ``mmkd-train --nproc 1`` itself
-  starts no process group (``init_ranks`` makes one for more than one rank), so the second check is the
-  one that runs NCCL.
+  runs under torchrun with a process group of one rank (NCCL on CUDA), the single-GPU DDP path.
 
 The table and a JSON file go to ``$OUT`` when it is set, else to ``--out`` (default: a temporary folder).
 
@@ -491,7 +490,7 @@ def ranks(store: Path, sizes: Sizes, device: str, tmp: Path) -> tuple[list[list[
         [
             "mmkd-train --nproc 1",
             f"{sizes.ddp_steps} steps on {device}, student exported",
-            f"{'ran' if cli_ok else 'FAILED'} ({cli_s:.0f} s with start-up; no process group: one rank)",
+            f"{'ran' if cli_ok else 'FAILED'} ({cli_s:.0f} s with start-up; torchrun, a process group of one rank)",
             "runs",
         ],
         [

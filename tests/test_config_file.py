@@ -162,7 +162,8 @@ def test_nproc_comes_from_the_command_line_else_the_file(tmp_path):
     record = tmp_path / "config.json"
     record.write_text(json.dumps({"train": {"targets": "t.zarr"}, "world_size": 4}))
     assert train_cli._nproc(["--config", str(record), "--seed", "1"])[0] == 4
-    assert train_cli._nproc(["--seed", "1"]) == (1, ["--seed", "1"])
+    assert train_cli._nproc(["--seed", "1"]) == (None, ["--seed", "1"])  # one plain process
+    assert train_cli._nproc(["--nproc", "1", "--seed", "1"]) == (1, ["--seed", "1"])  # one DDP rank under torchrun
 
 
 @pytest.fixture(scope="module")

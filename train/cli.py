@@ -63,9 +63,9 @@ main_command = build_command(
 )
 
 
-def _nproc(argv: list[str]) -> tuple[int, list[str]]:
+def _nproc(argv: list[str]) -> tuple[int | None, list[str]]:
     """``--nproc N`` taken out of the arguments: (N, the rest). Without it, N comes from the --config file
-    (a recorded run's number of ranks), else 1."""
+    (a recorded run's number of ranks), else None (one plain process)."""
     n, rest, i, config = None, [], 0, None
     while i < len(argv):
         a = argv[i]
@@ -84,22 +84,27 @@ def _nproc(argv: list[str]) -> tuple[int, list[str]]:
             if a.startswith("--config="):
                 config = a.partition("=")[2]
         i += 1
-    if n is None and config is not None:
-        n = recorded_run(read_config(Path(config))).get("nproc")
+    if n is None and config is not None:  # a recorded run of one rank ran as a plain process
+        recorded = recorded_run(read_config(Path(config))).get("nproc")
+        n = None if recorded in (None, 1) else recorded
     try:
-        return int(1 if n is None else n), rest
+        return (None if n is None else int(n)), rest
     except ValueError:
         raise MmkdError(f"--nproc {n!r}: expected a number of ranks") from None
 
 
 def main() -> None:
-    """The console script: with ``--nproc N`` (N > 1) it runs itself under torchrun with N ranks."""
+    """The console script: with ``--nproc N`` it runs itself under torchrun with N ranks (N = 1 too: the
+    single-GPU DDP path, NCCL on CUDA); without it, as one plain process."""
     try:
         n, rest = _nproc(sys.argv[1:])
     except MmkdError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         raise SystemExit(2) from None
-    if n > 1 and "WORLD_SIZE" not in os.environ:
+    if n is not None and n < 1:
+        console.print(f"[bold red]error:[/] --nproc {n}: expected at least one rank", highlight=False)
+        raise SystemExit(2)
+    if n is not None and "WORLD_SIZE" not in os.environ:
         cmd = [
             sys.executable,
             "-m",

@@ -14,13 +14,14 @@ log = logging.getLogger(__name__)
 
 
 def init_ranks(device: str) -> tuple[int, int, str]:
-    """(rank, world size, this rank's device); initialises the process group when launched with torchrun.
+    """(rank, world size, this rank's device); initialises the process group when launched with torchrun,
+    one rank included (``--nproc 1``: the single-GPU DDP path, as a cluster job of one GPU runs it).
 
     CUDA ranks use NCCL and the GPU named by ``LOCAL_RANK``; CPU ranks use gloo.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if "WORLD_SIZE" not in os.environ:  # a plain process: no process group
         return 0, 1, device
+    world = int(os.environ["WORLD_SIZE"])
     cuda = torch.device(device).type == "cuda"
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
@@ -28,6 +29,11 @@ def init_ranks(device: str) -> tuple[int, int, str]:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     return torch.distributed.get_rank(), world, device
+
+
+def distributed() -> bool:
+    """Whether this process is one rank of a process group (torchrun started it)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def leave_group() -> None:

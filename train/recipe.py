@@ -34,7 +34,7 @@ from .bank import memory_bank, without_batch
 from .build import build, default_loss, loss_inputs, student_kind
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from .config import TrainConfig
-from .ddp import freeze_unused, init_ranks, leave_group, rng_states, set_rng_state
+from .ddp import distributed, freeze_unused, init_ranks, leave_group, rng_states, set_rng_state
 from .optim import adamw
 from .report import TrainResult
 from .resume import check_store, read_record, resumed_config, store_record
@@ -165,7 +165,7 @@ class TrainRecipe:
         )
 
     def _setup_ddp(self) -> None:
-        if self.world == 1:
+        if not distributed():
             return
 
         def first_batch_loss() -> torch.Tensor:
@@ -381,7 +381,7 @@ class TrainRecipe:
 
     def cleanup(self) -> None:
         """Leave the process group (every rank waits for rank 0's export first)."""
-        if self.world > 1:
+        if distributed():
             leave_group()
         self.release()
 
