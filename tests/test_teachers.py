@@ -40,6 +40,7 @@ def test_registry_lists_every_teacher():
         "data2vec-text",
         "bert",
         "minilm-l6",
+        "mpnet-base",
         "clip",
         "clip-vision",
         "clip-text",

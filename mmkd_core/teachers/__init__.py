@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from . import beit, clip, flava, hf_text, hf_vision  # noqa: F401  (register the teachers)
+from . import beit, clip, flava, hf_text, hf_vision, mpnet  # noqa: F401  (register the teachers)
 from .base import TEACHERS, ImagePreprocess, Teacher, TeacherOutput, TextPreprocess
+from .hf_common import attention_used
 
 __all__ = [
     "TEACHERS",
@@ -22,6 +23,7 @@ __all__ = [
     "TextPreprocess",
     "create_teacher",
     "list_teachers",
+    "teacher_runtime",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,3 +72,19 @@ def create_teacher(
 def list_teachers(pattern: str = "*") -> list[str]:
     """Registered teacher names matching a glob pattern."""
     return TEACHERS.names(pattern)
+
+
+def teacher_runtime(teacher: Teacher) -> dict[str, Any]:
+    """How ``teacher`` computes, as opposed to what: recorded beside a store's ``teacher`` record, not compared
+    on resume (the targets do not depend on it within float tolerance, and stores written before it was
+    recorded must still resume).
+
+    Returns:
+        ``{"attn_implementation": ...}`` for a teacher on a transformers model (the outermost one's, e.g.
+        ``"sdpa"`` or ``"eager"``); ``{}`` for others (timm).
+    """
+    for module in teacher.modules():
+        attn = attention_used(module)
+        if attn is not None:
+            return {"attn_implementation": attn}
+    return {}

@@ -17,8 +17,10 @@ from .weights import WeightsLocation, hf_weight_files, report_keys, sha256_of
 
 logger = logging.getLogger(__name__)
 
-# eager and sdpa both keep a sample's outputs independent of padding and batch (tests check); sdpa is faster
-DEFAULT_ATTN = "sdpa"
+# eager and sdpa both keep a sample's outputs independent of padding and batch, and give the same targets
+# within float tolerance (tests check); sdpa is faster. None: sdpa where the model class has it, else eager
+# (see attention_for)
+DEFAULT_ATTN = None
 # parts of transformers checkpoints a teacher never runs (pretraining heads, poolers, stale buffers)
 DROP = (
     "pooler.*",
@@ -101,17 +103,34 @@ def _apply(config: Any, overrides: dict[str, Any], teacher: str) -> None:
             setattr(config, key, value)
 
 
+def attention_for(model_cls: type, requested: str | None = None) -> str:
+    """The attention implementation a teacher asks transformers for: ``requested`` when given (the teacher
+    option ``attn_implementation``), else ``"sdpa"`` where transformers has it for ``model_cls``
+    (its ``_supports_sdpa``) and ``"eager"`` where it does not (MPNet, FLAVA)."""
+    if requested is not None:
+        return requested
+    return "sdpa" if getattr(model_cls, "_supports_sdpa", False) else "eager"
+
+
+def attention_used(model: Any) -> str | None:
+    """The attention implementation a loaded transformers model runs (None for other models)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
 def load_model(
     model_cls: type,
     config: Any,
     path: Path | None,
     *,
     teacher: str,
-    attn: str = DEFAULT_ATTN,
+    attn: str | None = DEFAULT_ATTN,
     init_kwargs: dict[str, Any] | None = None,
     ignore_missing: Iterable[str] = (),
 ) -> tuple[Any, str]:
     """Build ``model_cls`` from ``config``: random when ``path`` is None, else with the weights in ``path``.
+
+    Args:
+        attn: The attention implementation; None chooses it per architecture (:func:`attention_for`).
 
     Returns:
         The float32 model and the sha256 of the weight files read (``"random"`` when none).
@@ -120,6 +139,7 @@ def load_model(
         MmkdError: Unreadable weights, shape mismatches or missing weights (named with the file).
     """
     init_kwargs = init_kwargs or {}
+    attn = attention_for(model_cls, attn)
     if path is None:
         return model_cls._from_config(config, dtype=torch.float32, attn_implementation=attn, **init_kwargs), "random"
     files = hf_weight_files(path)

@@ -167,14 +167,15 @@ def build_text_teacher(
     """Shared factory: load (or randomly initialise) a text encoder plus the tokenizer in its directory.
 
     Options: ``max_length`` (default: the smallest of the position table, the tokenizer's limit and
-    sentence-transformers' ``max_seq_length``), ``attn_implementation`` (default sdpa); any other option is
-    a config attribute override (e.g. ``num_hidden_layers``).
+    sentence-transformers' ``max_seq_length``), ``attn_implementation`` (default: sdpa where transformers has
+    it for the model's class, else eager; see :func:`~.hf_common.attention_for`); any other option is a config
+    attribute override (e.g. ``num_hidden_layers``).
     """
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     max_length = options.pop("max_length", None)
-    attn = options.pop("attn_implementation", DEFAULT_ATTN)
+    attn = options.pop("attn_implementation", DEFAULT_ATTN)  # None: chosen per architecture
     if location is None:
         if random_init:
             raise MmkdError(
