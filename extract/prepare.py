@@ -18,7 +18,7 @@ from mmkd.data import PairImages, create_dataset
 from mmkd_core.errors import MmkdError
 from mmkd_core.store import Layout, StoreWriter, parse_codec
 from mmkd_core.targets import select_layers
-from mmkd_core.teachers import create_teacher
+from mmkd_core.teachers import create_teacher, teacher_runtime
 from mmkd_core.versions import library_versions
 
 from .autocast import autocast_context, resolve_autocast
@@ -243,6 +243,8 @@ def open_writer(prepared: Prepared, locked: bool = True) -> StoreWriter:
         "data_root": data_root,
         # what rebuilds the teacher (a student's --init teacher): the registry entry and its options
         "teacher_build": {"name": cfg.teacher, "options": cfg.teacher_options},
+        # how it computed (the attention implementation chosen for its architecture): recorded, not compared
+        "teacher_runtime": teacher_runtime(prepared.teacher),
         **prepared.feeder.extra_attrs(),
         **(captions.extra_attrs() if captions else {}),
     }

@@ -154,11 +154,14 @@ class TextStudent(Student):
 
 
 def bert_like(init_model: Any, what: str = "text student") -> nn.Module:
-    """The BERT-layout encoder in ``init_model`` (``embeddings.word_embeddings`` + ``encoder.layer``)."""
+    """The BERT-layout encoder in ``init_model`` (``embeddings.word_embeddings`` and ``token_type_embeddings``
+    + ``encoder.layer``; MPNet has the first and the last but keeps its relative position bias in the encoder,
+    which a BERT-shaped student has no place for)."""
     model = unwrap_init(init_model)
     if not (
         hasattr(model, "embeddings")
         and hasattr(model.embeddings, "word_embeddings")
+        and hasattr(model.embeddings, "token_type_embeddings")
         and hasattr(model, "encoder")
         and hasattr(model.encoder, "layer")
     ):
