@@ -430,7 +430,7 @@ _REPAIR_FAILS = pytest.mark.xfail(
 @pytest.mark.parametrize(
     "kind",
     [
-        "flipped data bytes",
+        pytest.param("flipped data bytes", marks=pytest.mark.slow),
         pytest.param("deleted shard file", marks=pytest.mark.slow),
         pytest.param("flipped index bytes", marks=[pytest.mark.slow, _REPAIR_FAILS]),
         pytest.param("truncated shard file", marks=[pytest.mark.slow, _REPAIR_FAILS]),
@@ -451,6 +451,7 @@ def test_a_folder_of_user_files_is_kept(ws):
     assert problem is None, problem
 
 
+@pytest.mark.slow
 def test_a_student_link_is_not_followed(ws):
     problem, _ = fs.trial_student_link(ws)
     assert problem is None, problem
