@@ -6,6 +6,9 @@ checkpoint: --random-weights would differ from process to process) and small sto
 a fault lands mid-store and a trial takes seconds. Prints ONE table: each row a fault, its trials, and how
 many ended whole:
 
+Random fault moments are drawn uniformly over the whole uninterrupted run, from process start to exit; the
+table counts them per fifth of the run.
+
 - kill -9 of mmkd-extract (text; images with 3 views) at random moments -> re-run -> every array bit-equal to
   an uninterrupted run's, and the killed store never reads as complete unless it already equals it;
 - kill -9 of mmkd-train at random moments and inside checkpoint writes -> --resume -> the final student's
@@ -18,7 +21,11 @@ many ended whole:
 - bad inputs -> one error line naming the file or flag, no traceback, nothing written that looks valid
   (and images in CMYK/RGBA/grey/palette/16-bit modes are converted and work);
 - stale stores: teacher weights, recipe, dtype, views, preprocessing, dataset content or limit changed
-  between an extraction and its re-run or a resumed training -> refused, naming the field.
+  between an extraction and its re-run or a resumed training -> refused, naming the field;
+- damaged shards (flipped data or index bytes, truncated, deleted) -> mmkd-train refuses naming the array,
+  mmkd-verify reports it, mmkd-verify --repair restores the pristine arrays; hostile attributes -> one line;
+- run directories: a folder of user files kept, a student/ link not followed, two trainers -> one refused;
+  disk full during mmkd-train; SIGINT/SIGTERM 0.3 s after each command starts -> one line.
 
     HF_HUB_OFFLINE=1 python benchmarks/fault_suite.py --trials 10
     HF_HUB_OFFLINE=1 python benchmarks/fault_suite.py --quick          # one trial per row, smaller data
