@@ -6,6 +6,9 @@ checkpoint: --random-weights would differ from process to process) and small sto
 a fault lands mid-store and a trial takes seconds. Prints ONE table: each row a fault, its trials, and how
 many ended whole:
 
+Random fault moments are drawn uniformly over the whole uninterrupted run, from process start to exit; the
+table counts them per fifth of the run.
+
 - kill -9 of mmkd-extract (text; images with 3 views) at random moments -> re-run -> every array bit-equal to
   an uninterrupted run's, and the killed store never reads as complete unless it already equals it;
 - kill -9 of mmkd-train at random moments and inside checkpoint writes -> --resume -> the final student's
@@ -18,7 +21,11 @@ many ended whole:
 - bad inputs -> one error line naming the file or flag, no traceback, nothing written that looks valid
   (and images in CMYK/RGBA/grey/palette/16-bit modes are converted and work);
 - stale stores: teacher weights, recipe, dtype, views, preprocessing, dataset content or limit changed
-  between an extraction and its re-run or a resumed training -> refused, naming the field.
+  between an extraction and its re-run or a resumed training -> refused, naming the field;
+- damaged shards (flipped data or index bytes, truncated, deleted) -> mmkd-train refuses naming the array,
+  mmkd-verify reports it, mmkd-verify --repair restores the pristine arrays; hostile attributes -> one line;
+- run directories: a folder of user files kept, a student/ link not followed, two trainers -> one refused;
+  disk full during mmkd-train; SIGINT/SIGTERM 0.3 s after each command starts -> one line.
 
     HF_HUB_OFFLINE=1 python benchmarks/fault_suite.py --trials 10
     HF_HUB_OFFLINE=1 python benchmarks/fault_suite.py --quick          # one trial per row, smaller data
@@ -30,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import random
@@ -52,7 +58,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY_BEIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
-# the tiny BERT's vocabulary (tests/conftest.py) minus the special tokens: every sentence tokenizes fully
+# the tiny BERT's vocabulary minus the special tokens: every sentence tokenizes fully
 WORDS = (
     "a the cat dog sat on mat ran far red blue green circle square triangle star cross in at top left "
     "right center bottom and photo of is there are picture shows small big runs jumps over lazy fox"
@@ -289,11 +295,27 @@ def checkpoint_in_flight(run_dir: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- workspace
 
 
-def _load_conftest():
-    spec = importlib.util.spec_from_file_location("mmkd_tests_conftest", REPO / "tests" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def save_tiny_bert(root: Path) -> Path:
+    """A tiny random 2-block BERT and its tokenizer, saved as users' checkpoints are (the suite runs without
+    pytest and the tests' helpers)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizer(vocab=str(root / "vocab.txt"))
+    tokenizer.save_pretrained(str(root))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(str(root))
+    return root
 
 
 def sentences(n: int, seed: int = 0) -> str:
@@ -308,12 +330,15 @@ class Workspace:
     root: Path
     quick: bool = False
     refs: dict[str, Outcome] = field(default_factory=dict)
+    # the moment of the running trial's fault as a fraction of the uninterrupted run's wall time (None when
+    # the fault waits for a state instead)
+    moment: float | None = None
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.bert = self.root / "bert"
         if not (self.bert / "config.json").exists():
-            _load_conftest().save_tiny_bert(self.bert)
+            save_tiny_bert(self.bert)
         # a saved checkpoint, not --random-weights: random weights differ from process to process, so a
         # re-run would finish a store with another teacher
         self.beit = self.root / "tiny_beitv2.pth"
@@ -325,7 +350,8 @@ class Workspace:
             model = timm.create_model("beitv2_base_patch16_224", pretrained=False, num_classes=0, **TINY_BEIT)
             torch.save({"model": model.state_dict()}, self.beit)
         self.text = self.root / "sentences.txt"
-        self.text.write_text(sentences(240 if self.quick else 600))
+        self.samples = 240 if self.quick else 600
+        self.text.write_text(sentences(self.samples))
         self.train_steps = 16 if self.quick else 40
         self._trial = 0
 
@@ -464,9 +490,19 @@ class Workspace:
             self.refs[name] = o
         return path
 
-    def window(self, name: str) -> float:
-        self.ref(name)
-        return max(self.refs[name].window, 0.05)
+    def wall(self, name: str) -> float:
+        """Seconds the uninterrupted command ran, from its process's start to its exit."""
+        if name not in self.refs:
+            self.ref(name)
+        return max(self.refs[name].seconds, 0.05)
+
+    def draw(self, name: str, rng: random.Random) -> float:
+        """A fault moment drawn uniformly over the whole uninterrupted run, from process start to exit:
+        start-up, lock creation, the teacher's load, each write, checkpoints, the export, the teardown."""
+        wall = self.wall(name)
+        delay = rng.uniform(0, wall)
+        self.moment = delay / wall
+        return delay
 
 
 # -------------------------------------------------------------------------------------------------- trials
@@ -478,6 +514,16 @@ class Row:
     trials: int = 0
     whole: int = 0
     notes: list[str] = field(default_factory=list)
+    moments: list[float] = field(default_factory=list)  # fault moments, fractions of the uninterrupted run
+
+    def spread(self) -> str:
+        """How many trials' faults fell in each fifth of the uninterrupted run ("" when none were drawn)."""
+        if not self.moments:
+            return ""
+        fifths = [0] * 5
+        for m in self.moments:
+            fifths[min(4, max(0, int(m * 5)))] += 1
+        return " ".join(map(str, fifths))
 
     def add(self, problem: str | None, note: str | None = None) -> None:
         self.trials += 1
@@ -507,8 +553,8 @@ def trial_kill_extract(ws: Workspace, kind: str, rng: random.Random) -> tuple[st
     d = ws.trial_dir(f"kill-extract-{kind}")
     out = d / "s.zarr"
     cmd = ws.text_cmd(out) if kind == "text" else ws.image_cmd(out)
-    delay = rng.uniform(0, 1.1 * ws.window(kind))  # a tenth past the result: its exit
-    o = run_faulted(cmd, d, marker=out.exists, delay=delay, sig=signal.SIGKILL, group=True)
+    delay = ws.draw(kind, rng)
+    o = run_faulted(cmd, d, marker=lambda: True, delay=delay, sig=signal.SIGKILL, group=True)
     state = store_state(out)
     if not o.signalled:
         note = f"finished before the kill at +{delay:.2f}s"
@@ -566,14 +612,30 @@ def continue_train(
     return run(cmd, cwd), None
 
 
-def trial_kill_train(ws: Workspace, rng: random.Random, in_checkpoint: bool) -> tuple[str | None, str | None]:
+def complete_checkpoints(run_dir: Path) -> int:
+    try:
+        return sum(1 for e in os.scandir(run_dir / "checkpoints") if CKPT_NAME.fullmatch(e.name))
+    except FileNotFoundError:
+        return 0
+
+
+def trial_kill_train(ws: Workspace, rng: random.Random, where: str = "anywhere") -> tuple[str | None, str | None]:
+    """kill -9 of mmkd-train ``anywhere`` (a moment drawn over the whole run), inside a ``checkpoint`` write
+    (its temporary directory present), or in the ``rotation`` (a new checkpoint renamed into place, the
+    oldest not yet deleted); then --resume, and compare with the uninterrupted run."""
     ref_run = ws.ref("train")
     store = ws.ref("text")
-    d = ws.trial_dir("kill-train" + ("-ckpt" if in_checkpoint else ""))
+    d = ws.trial_dir(f"kill-train-{where}")
     run_dir = d / "run"
     cmd = ws.train_cmd(store, run_dir)
     marker = lambda: (run_dir / "config.json").exists()  # noqa: E731
-    if in_checkpoint:
+    if where == "rotation":
+        o = run_faulted(
+            cmd, d, marker, sig=signal.SIGKILL, group=True, trigger=lambda: complete_checkpoints(run_dir) > 2
+        )
+        caught = complete_checkpoints(run_dir) > 2
+        when = "between a checkpoint's rename and the oldest one's deletion" if caught else "after the rotation"
+    elif where == "checkpoint":
         # the n-th checkpoint write of the run, caught while it is in flight
         skip = rng.randrange(0, max(1, ws.train_steps // 2 - 1))
         seen = {"n": 0, "was": False}
@@ -589,19 +651,38 @@ def trial_kill_train(ws: Workspace, rng: random.Random, in_checkpoint: bool) -> 
         caught = seen["n"] > skip and seen["was"]
         when = f"in checkpoint write #{skip + 1}" if caught else f"after waiting for checkpoint write #{skip + 1}"
     else:
-        delay = rng.uniform(0, 1.1 * ws.window("train"))
-        o = run_faulted(cmd, d, marker, delay=delay, sig=signal.SIGKILL, group=True)
-        when = f"at +{delay:.2f}s"
+        delay = ws.draw("train", rng)
+        o = run_faulted(cmd, d, lambda: True, delay=delay, sig=signal.SIGKILL, group=True)
+        when = f"at +{delay:.2f}s of {ws.wall('train'):.1f}s"
     ckpt = latest_checkpoint(run_dir)
     when += f" (last checkpoint {ckpt.name if ckpt else 'none'})"
     note = None if o.signalled else f"finished before the kill {when}"
     o2, how = continue_train(ws, cmd, d, run_dir)
     if o2.rc != 0:
         return f"killed {when}; continuing failed: {shell(o2.cmd[1:])} -> {o2.brief()}", None
-    problem = weights_diff(ref_run, run_dir)
+    problem = weights_diff(ref_run, run_dir) or metrics_diff(ref_run, run_dir)
     if problem:
         return f"killed {when}; after {shell(o2.cmd[1:])}: {problem}", None
-    return None, how or note or (f"killed {when}" if in_checkpoint else None)
+    return None, how or note or (f"killed {when}" if where != "anywhere" else None)
+
+
+def metrics_diff(ref_run: Path, run: Path) -> str | None:
+    """None when the run's metrics.jsonl logs the reference's steps, each once, in order (a resumed run must
+    neither repeat nor skip a row, also one logged exactly at a checkpoint step)."""
+
+    def rows(r: Path) -> list[tuple[int, float]] | str:
+        try:
+            lines = (r / "metrics.jsonl").read_text().splitlines()
+            return [(int(x["step"]), x["loss"]) for x in map(json.loads, lines) if "loss" in x]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"unreadable ({type(e).__name__}: {e})"
+
+    a, b = rows(ref_run), rows(run)
+    if isinstance(b, str) or a == b:
+        return None if a == b else f"metrics.jsonl {b}"
+    if [s for s, _ in a] != [s for s, _ in b]:
+        return f"metrics.jsonl logs steps {[s for s, _ in b]}, the uninterrupted run {[s for s, _ in a]}"
+    return f"metrics.jsonl losses differ at steps {[x[0] for x, y in zip(a, b, strict=True) if x != y]}"
 
 
 def trial_signal(ws: Workspace, command: str, sig: int, rng: random.Random) -> tuple[str | None, str | None]:
@@ -611,14 +692,13 @@ def trial_signal(ws: Workspace, command: str, sig: int, rng: random.Random) -> t
     if command == "extract":
         ref = ws.ref("text")
         out = d / "s.zarr"
-        cmd, marker, window = ws.text_cmd(out), out.exists, ws.window("text")
+        cmd = ws.text_cmd(out)
     else:
         ref_run, store = ws.ref("train"), ws.ref("text")
         run_dir = d / "run"
-        cmd, window = ws.train_cmd(store, run_dir), ws.window("train")
-        marker = lambda: (run_dir / "config.json").exists()  # noqa: E731
-    delay = rng.uniform(0, window)
-    o = run_faulted(cmd, d, marker, delay=delay, sig=sig, group=sig == signal.SIGINT)
+        cmd = ws.train_cmd(store, run_dir)
+    delay = ws.draw("text" if command == "extract" else "train", rng)
+    o = run_faulted(cmd, d, lambda: True, delay=delay, sig=sig, group=sig == signal.SIGINT)
     note = None
     finished = (
         (store_state(out) == "complete")
@@ -688,7 +768,7 @@ if _local is not None:
 class DiskFull:
     """A small file system to fill: a tmpfs when this user may mount one, else a write shim."""
 
-    def __init__(self, base: Path, mode: str = "auto") -> None:
+    def __init__(self, base: Path, mode: str = "auto", shim: str = SHIM) -> None:
         self.base = base
         self.mnt = base / "mnt"
         self.mnt.mkdir(parents=True, exist_ok=True)
@@ -701,7 +781,7 @@ class DiskFull:
                 self.mode = "tmpfs"
         self.shim_dir = base / "shim"
         self.shim_dir.mkdir(exist_ok=True)
-        (self.shim_dir / "sitecustomize.py").write_text(SHIM)
+        (self.shim_dir / "sitecustomize.py").write_text(shim)
 
     def close(self) -> None:
         if self.mode == "tmpfs":
@@ -1216,10 +1296,344 @@ def random_weights_trial(ws: Workspace) -> list[tuple[str | None, str | None]]:
     ]
 
 
+# ------------------------------------------------------------------------------------------- damaged stores
+
+DAMAGES = ("flipped data bytes", "flipped index bytes", "truncated shard file", "deleted shard file")
+DATA_ARRAYS = ("tokens", "pooled", "lengths", "input_ids", "index")
+
+
+def shard_index_bytes(array: Path) -> int:
+    """Bytes of a shard's index (at the file's end): 16 per inner chunk and a 4-byte crc32c."""
+    meta = json.loads((array / "zarr.json").read_text())
+    codec = next(c for c in meta["codecs"] if c["name"] == "sharding_indexed")
+    inner = codec["configuration"]["chunk_shape"]
+    outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    return 16 * int(np.prod([o // i for o, i in zip(outer, inner, strict=True)])) + 4
+
+
+def damage(store: Path, kind: str, rng: random.Random) -> tuple[str, str]:
+    """Damage one shard file of a random data array of ``store``; returns (array, what was done)."""
+    array = rng.choice([a for a in DATA_ARRAYS if (store / a / "zarr.json").exists()])
+    files = sorted(f for f in (store / array / "c").rglob("*") if f.is_file())
+    f = rng.choice(files)
+    rel = f.relative_to(store)
+    data = bytearray(f.read_bytes())
+    index = shard_index_bytes(store / array)
+    if kind == "deleted shard file":
+        f.unlink()
+        return array, f"deleted {rel}"
+    if kind == "truncated shard file":
+        keep = rng.randrange(1, len(data))
+        f.write_bytes(bytes(data[:keep]))
+        return array, f"cut {rel} to {keep} of {len(data)} bytes"
+    lo, hi = (0, len(data) - index) if kind == "flipped data bytes" else (len(data) - index, len(data))
+    at = rng.randrange(lo, max(lo + 1, hi - 4))
+    for i in range(at, min(at + 4, len(data))):
+        data[i] ^= 0xFF
+    f.write_bytes(bytes(data))
+    return array, f"flipped bytes {at}..{at + 3} of {rel} ({len(data)} bytes, index {index})"
+
+
+def trial_damage(ws: Workspace, kind: str, rng: random.Random) -> tuple[str | None, str | None]:
+    """A damaged shard: mmkd-train refuses in one line naming the array (trained over a whole epoch, so it
+    reads every chunk), mmkd-verify reports the array, --repair restores arrays equal to the pristine store."""
+    ref = ws.ref("text")
+    d = ws.trial_dir(f"damage-{kind}")
+    store = d / "s.zarr"
+    shutil.copytree(ref, store)
+    array, what = damage(store, kind, rng)
+    epoch = -(-ws.samples // 8)
+    o = run(ws.train_cmd(store, d / "run", steps=epoch + 2), d)
+    problem = one_error_line(o, array)
+    if problem:
+        return f"{what}: mmkd-train: {problem}", None
+    o2 = run([script("mmkd-verify"), str(store)], d)
+    if o2.rc == 0 or "Traceback" in o2.text or array not in o2.text:
+        return f"{what}: mmkd-verify rc={o2.rc} does not report {array}: {o2.text.strip()[-400:]!r}", None
+    o3 = run([script("mmkd-verify"), str(store), "--repair", "--quiet"], d)
+    if o3.rc != 0:
+        return f"{what}: mmkd-verify --repair: {o3.brief()}", None
+    problem = store_diff(ref, store)
+    if problem:
+        return f"{what}: after --repair {problem}", None
+    return None, f"{what}: {o.error_lines()[0][:160]}"
+
+
+# ---------------------------------------------------------------------------------------- hostile attributes
+
+
+def _set_attr(store: Path, dotted: str, value: object) -> None:
+    meta = json.loads((store / "zarr.json").read_text())
+    node = meta["attributes"]
+    *parents, last = ["mmkd", *dotted.split(".")] if dotted else ["mmkd"]
+    for k in parents:
+        node = node[k]
+    node[last] = value
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+def _set_array(store: Path, name: str, value: int) -> None:
+    import zarr
+
+    a = zarr.open_group(str(store), mode="r+")[name]
+    a[...] = value
+
+
+# (name, attribute path, value, what the refusal must name); "=lengths" writes the lengths array itself
+HOSTILE: list[tuple[str, str, object, str]] = [
+    ("storage.chunk_samples 0", "storage.chunk_samples", 0, "chunk_samples"),
+    ('storage.chunk_samples "abc"', "storage.chunk_samples", "abc", "chunk_samples"),
+    ("storage.shard_samples 6 (chunk 4)", "storage.shard_samples", 6, "shard_samples"),
+    ("views.count -1", "views.count", -1, "views.count"),
+    ("recipe null", "recipe", None, "recipe"),
+    ("recipe.layers [0, 7] of 2 blocks", "recipe.layers", [0, 7], "recipe.layers"),
+    ("storage.dtype int8 on a float store", "storage.dtype", "int8", "dtype"),
+    ('storage.dtype "float128"', "storage.dtype", "float128", "storage.dtype"),
+    ("format_version 99", "format_version", 99, "format_version"),
+    ('complete "no"', "complete", "no", "complete"),
+    ("dataset.num_samples 10**18", "dataset.num_samples", 10**18, "num_samples"),
+    ("mmkd attributes a list", "", [1, 2], "mmkd"),
+    ("every length 0", "=lengths", 0, "lengths"),
+    ("a negative length", "=lengths", -3, "lengths"),
+]
+
+
+def trial_hostile(ws: Workspace, name: str, dotted: str, value: object, needle: str) -> tuple[str | None, str | None]:
+    ref = ws.ref("text")
+    d = ws.trial_dir(f"hostile-{name}")
+    store = d / "s.zarr"
+    shutil.copytree(ref, store)
+    if dotted == "=lengths":
+        _set_array(store, "lengths", value)
+    else:
+        _set_attr(store, dotted, value)
+    o = run(ws.train_cmd(store, d / "run"), d)
+    problem = one_error_line(o, needle) or run_ok_after(d / "run")
+    return (f"{name}: {problem}", None) if problem else (None, f"{name}: {o.error_lines()[0][:160]}")
+
+
+def trial_zarr_v2(ws: Workspace) -> tuple[str | None, str | None]:
+    """A zarr v2 group holding a store's attributes is refused."""
+    d = ws.trial_dir("zarr-v2")
+    store = d / "v2.zarr"
+    store.mkdir()
+    (store / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+    attrs = json.loads((ws.ref("text") / "zarr.json").read_text())["attributes"]
+    (store / ".zattrs").write_text(json.dumps(attrs))
+    o = run(ws.train_cmd(store, d / "run"), d)
+    problem = one_error_line(o, "v2.zarr")
+    return (f"zarr v2 group: {problem}", None) if problem else (None, f"zarr v2: {o.error_lines()[0][:160]}")
+
+
+# ------------------------------------------------------------------------------------------ run directories
+
+
+def snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every entry under ``root`` (links as their targets, not followed) and its bytes."""
+    out: dict[str, bytes | str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            key = str(p.relative_to(root))
+            if p.is_symlink():
+                out[key] = f"-> {os.readlink(p)}"
+            elif p.is_file():
+                out[key] = p.read_bytes()
+            else:
+                out[key] = "dir"
+    return out
+
+
+def changed(before: dict[str, bytes | str], after: dict[str, bytes | str]) -> str | None:
+    diff = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    return f"changed: {diff[:6]}" if diff else None
+
+
+def trial_user_folder(ws: Workspace) -> tuple[str | None, str | None]:
+    """--run-dir on a folder of the user's own files: refused naming it, every file kept."""
+    d = ws.trial_dir("rundir-user-files")
+    mine = d / "my-results"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": true}\n')
+    (mine / "training.png").write_bytes(b"\x89PNG not really\n")
+    (mine / "metrics.jsonl").write_text('{"epoch": 1, "acc": 0.5}\n')
+    (mine / "notes.txt").write_text("keep me\n")
+    before = snapshot(mine)
+    o = run(ws.train_cmd(ws.ref("text"), mine), d)
+    problem = one_error_line(o, "my-results") or changed(before, snapshot(mine))
+    return (f"folder of user files: {problem}", None) if problem else (None, o.error_lines()[0][:160])
+
+
+def trial_student_link(ws: Workspace) -> tuple[str | None, str | None]:
+    """A run whose ``student`` is a link to a folder outside it, resumed: nothing written through the link."""
+    d = ws.trial_dir("rundir-student-link")
+    run_dir = d / "run"
+    shutil.copytree(ws.ref("train"), run_dir)
+    outside = d / "elsewhere"
+    outside.mkdir()
+    (outside / "config.json").write_text('{"mine": true}\n')
+    (outside / "model.safetensors").write_bytes(b"my own weights\n")
+    shutil.rmtree(run_dir / "student")
+    (run_dir / "student").symlink_to(outside, target_is_directory=True)
+    before = snapshot(outside)
+    o = run([*ws.train_cmd(ws.ref("text"), run_dir), "--resume"], d)
+    problem = changed(before, snapshot(outside))
+    if problem is None and o.rc != 0:
+        problem = one_error_line(o, "student")
+    if problem is None and not (run_dir / "student").is_symlink():
+        problem = "the link was replaced"
+    how = o.error_lines()[0][:160] if o.rc else "exit 0, the link left alone"
+    return (f"student link: {problem}", None) if problem else (None, how)
+
+
+def trial_two_trainers(ws: Workspace, rng: random.Random) -> tuple[str | None, str | None]:
+    """Two mmkd-train into one run directory, the second started at a moment drawn over the first's run:
+    one is refused in one line, the other finishes as an uninterrupted run."""
+    ref_run = ws.ref("train")
+    d = ws.trial_dir("two-trainers")
+    run_dir = d / "run"
+    cmd = ws.train_cmd(ws.ref("text"), run_dir)
+    delay = ws.draw("train", rng)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(run, cmd, d)
+        time.sleep(delay)
+        second = pool.submit(run, cmd, d)
+        a, b = first.result(), second.result()
+    when = f"second started at +{delay:.2f}s"
+    if a.rc == 0 and b.rc == 0:
+        return f"{when}: both ran to the end in one run directory", None
+    refused = b if a.rc == 0 else a
+    if a.rc != 0 and b.rc != 0:
+        return f"{when}: neither finished: {a.brief()} / {b.brief()}", None
+    problem = one_error_line(refused)
+    if problem:
+        return f"{when}: the refused one: {problem}", None
+    problem = weights_diff(ref_run, run_dir) or metrics_diff(ref_run, run_dir)
+    return (f"{when}: {problem}", None) if problem else (None, f"{when}: {refused.error_lines()[0][:160]}")
+
+
+# ------------------------------------------------------------------------------------ disk full in training
+
+
+TRAIN_SHIM = '''
+"""Test shim: files opened for writing under MMKD_FAULT_ROOT fail with ENOSPC once the files there hold more
+than MMKD_FAULT_BUDGET bytes, and shutil.disk_usage reports what is left of the budget."""
+import errno, os, shutil, sys
+from collections import namedtuple
+_root, _budget = os.environ["MMKD_FAULT_ROOT"], int(os.environ["MMKD_FAULT_BUDGET"])
+
+
+def _used():
+    return sum(os.path.getsize(os.path.join(p, f)) for p, _, fs in os.walk(_root) for f in fs)
+
+
+def _hook(event, args):
+    if event == "open" and isinstance(args[0], str) and args[0].startswith(_root):
+        if any(c in str(args[1] or "r") for c in "wax+") and _used() >= _budget:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), args[0])
+
+
+sys.addaudithook(_hook)
+_usage, _Usage = shutil.disk_usage, namedtuple("usage", "total used free")
+
+
+def _disk_usage(path):
+    if str(path).startswith(_root):
+        return _Usage(_budget, _used(), max(0, _budget - _used()))
+    return _usage(path)
+
+
+shutil.disk_usage = _disk_usage
+'''
+
+
+def trial_disk_full_train(ws: Workspace, disk: DiskFull, budget: int) -> tuple[str | None, str | None]:
+    """mmkd-train with ``budget`` bytes free for its run directory: one line, then space freed and the run
+    continued as the line says ends with the uninterrupted run's weights."""
+    ref_run = ws.ref("train")
+    d = ws.trial_dir("disk-full-train")
+    for p in disk.mnt.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    run_dir = disk.mnt / "run"
+    cmd = ws.train_cmd(ws.ref("text"), run_dir)
+    if disk.mode == "tmpfs":
+        ballast = disk.fill(budget)
+        o = run(cmd, d)
+        ballast.unlink()
+    else:
+        o = run(cmd, d, extra_env=disk.limited_env(budget))
+    if o.rc == 0:
+        return None, f"{budget:,} bytes sufficed"
+    problem = one_error_line(o)
+    line = o.error_lines()[0] if not problem else ""
+    if problem is None and "space" not in line.lower():
+        problem = f"the error does not say the disk is full: {line}"
+    if problem:
+        return f"{budget:,} bytes free: {problem}", None
+    o2, how = continue_train(ws, cmd, d, run_dir, line)
+    if o2.rc != 0:
+        return f"{budget:,} bytes free ({line}); after freeing space: {o2.brief()}", None
+    problem = weights_diff(ref_run, run_dir)
+    return (f"{budget:,} bytes free: {problem}", None) if problem else (None, how or f"{budget:,} free: {line[:140]}")
+
+
+def measure_train_need(ws: Workspace, disk: DiskFull) -> int:
+    run_dir = disk.mnt / "run"
+    before = disk.free()
+    o = run(ws.train_cmd(ws.ref("text"), run_dir), ws.root)
+    need = before - disk.free() if disk.mode == "tmpfs" else sum(f.stat().st_size for f in run_dir.rglob("*"))
+    if o.rc != 0:
+        raise RuntimeError(f"training onto {disk.mnt} failed: {o.text[-1000:]}")
+    shutil.rmtree(run_dir)
+    return need
+
+
+# ------------------------------------------------------------------------------------ signals at start-up
+
+EARLY = 0.3  # seconds after the process starts
+
+
+def early_commands(ws: Workspace, d: Path) -> dict[str, list[str]]:
+    store = ws.ref("text")
+    return {
+        "mmkd-extract": ws.text_cmd(d / "s.zarr"),
+        "mmkd-train": ws.train_cmd(store, d / "run"),
+        "mmkd-eval": [script("mmkd-eval"), "--model", str(ws.bert), "--task", "paraphrase", "--dataset", "mrpc"],
+        "mmkd-ablate": [script("mmkd-ablate"), "--targets", str(store), "--out", str(d / "ab"), "--vary", "lr=1e-3"],
+        "mmkd-verify": [script("mmkd-verify"), str(store)],
+    }
+
+
+def trial_early_signal(ws: Workspace, command: str, sig: int) -> tuple[str | None, str | None]:
+    d = ws.trial_dir(f"early-{command}-{signal.Signals(sig).name}")
+    cmd = early_commands(ws, d)[command]
+    o = run_faulted(cmd, d, lambda: True, delay=EARLY, sig=sig, group=sig == signal.SIGINT)
+    if not o.signalled:
+        return f"{command} ended before {EARLY} s: {o.brief()}", None
+    problem = one_error_line(o)
+    if o.rc == -sig and not o.text.strip():
+        # the default action: the signal came before the entry point installed its handlers
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import mmkd.app.entry"], env=env(), check=False)
+        problem += f" (killed silently; importing the entry point takes {time.perf_counter() - start:.2f} s now)"
+    if problem is None and o.rc != 128 + sig:
+        problem = f"exit code {o.rc}, expected {128 + sig}"
+    extra = [ln for ln in o.text.strip().splitlines() if ln.strip() and not ln.startswith("error:")]
+    if problem is None and extra:
+        problem = f"more output than the line: {extra[:3]}"
+    return (f"{signal.Signals(sig).name} at {EARLY} s: {problem}", None) if problem else (None, None)
+
+
 # ------------------------------------------------------------------------------------------------------ main
 
 
+SPREAD = "fault moments per fifth of the run"
+
+
 def print_table(rows: list[Row], title: str) -> None:
+    if not rows:
+        print(f"{title}: no rows")
+        return
     try:
         from rich.console import Console
         from rich.table import Table
@@ -1230,16 +1644,17 @@ def print_table(rows: list[Row], title: str) -> None:
         table.add_column("fault")
         table.add_column("trials", justify="right")
         table.add_column("nothing lost", justify="right")
+        table.add_column(SPREAD)
         for r in rows:
             ok = r.whole == r.trials
-            table.add_row(r.fault, str(r.trials), f"[{'green' if ok else 'bold red'}]{r.whole}[/]")
-        Console(width=140).print(table)
+            table.add_row(r.fault, str(r.trials), f"[{'green' if ok else 'bold red'}]{r.whole}[/]", r.spread())
+        Console(width=160).print(table)
     else:
         w = max(len(r.fault) for r in rows)
         print(title)
-        print(f"{'fault':<{w}}  trials  nothing lost")
+        print(f"{'fault':<{w}}  trials  nothing lost  {SPREAD}")
         for r in rows:
-            print(f"{r.fault:<{w}}  {r.trials:>6}  {r.whole:>12}")
+            print(f"{r.fault:<{w}}  {r.trials:>6}  {r.whole:>12}  {r.spread()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1248,7 +1663,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--trials", type=int, default=None, help="trials of each random fault (default 10; --quick 1)")
     ap.add_argument("--quick", action="store_true", help="one trial per random fault, smaller data")
-    ap.add_argument("--only", default=None, help="run only rows whose name contains this (case-insensitive)")
+    ap.add_argument(
+        "--only", default=None, help="run only rows whose name contains this (case-insensitive; A|B: either)"
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the fault moments")
     ap.add_argument("--jobs", type=int, default=2, help="bad-input and stale checks run this many at a time")
     ap.add_argument(
@@ -1274,18 +1691,21 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     def wanted(name: str) -> bool:
-        return args.only is None or args.only.lower() in name.lower()
+        return args.only is None or any(part.lower() in name.lower() for part in args.only.split("|"))
 
     def trial_row(name: str, n: int, fn: Callable[[], tuple[str | None, str | None]]) -> None:
         if not wanted(name):
             return
         row = Row(name)
         for _ in range(n):
+            ws.moment = None
             try:
                 problem, note = fn()
             except Exception as e:  # noqa: BLE001 - a trial that crashes the suite lost its answer: count it
                 problem, note = f"trial crashed: {type(e).__name__}: {e}", None
             row.add(problem, note)
+            if ws.moment is not None:
+                row.moments.append(ws.moment)
             if args.verbose:
                 print(f"    {'LOST' if problem else 'whole'}: {problem or note or ''}", file=sys.stderr)
         rows.append(row)
@@ -1322,15 +1742,16 @@ def main(argv: list[str] | None = None) -> int:
             2,
             lambda: trial_creation(ws, next(creation)),
         )
-        trial_row(
-            "kill -9 mmkd-train at a random moment -> --resume",
-            trials - n_ckpt if trials > 1 else 1,
-            lambda: trial_kill_train(ws, rng, in_checkpoint=False),
-        )
+        trial_row("kill -9 mmkd-train at a random moment -> --resume", trials, lambda: trial_kill_train(ws, rng))
         trial_row(
             "kill -9 mmkd-train inside a checkpoint write -> --resume",
             n_ckpt,
-            lambda: trial_kill_train(ws, rng, in_checkpoint=True),
+            lambda: trial_kill_train(ws, rng, "checkpoint"),
+        )
+        trial_row(
+            "kill -9 mmkd-train between a checkpoint's rename and the oldest one's deletion -> --resume",
+            n_ckpt,
+            lambda: trial_kill_train(ws, rng, "rotation"),
         )
 
     def disk_rows() -> None:
@@ -1384,8 +1805,66 @@ def main(argv: list[str] | None = None) -> int:
             + [(RANDOM_WEIGHTS_ROW, lambda: random_weights_trial(ws))]
         )
 
+    def damage_rows() -> None:
+        for kind in DAMAGES:
+            trial_row(
+                f"damaged store: {kind} -> refused, reported, repaired", trials, lambda k=kind: trial_damage(ws, k, rng)
+            )
+
+    def hostile_rows() -> None:
+        items = [
+            (f"hostile attribute: {name}", lambda h=(name, dotted, value, needle): [trial_hostile(ws, *h)])
+            for name, dotted, value, needle in HOSTILE
+        ] + [("hostile store: a zarr v2 group", lambda: [trial_zarr_v2(ws)])]
+        if any(wanted(n) for n, _ in items):
+            ws.ref("text")
+        parallel_rows(items)
+
+    def rundir_rows() -> None:
+        trial_row("run dir: a folder of user files as --run-dir -> refused, kept", 1, lambda: trial_user_folder(ws))
+        trial_row(
+            "run dir: student/ a link out of the run, --resume -> not followed", 1, lambda: trial_student_link(ws)
+        )
+        trial_row(
+            "run dir: two mmkd-train at once -> one refused, one whole", trials, lambda: trial_two_trainers(ws, rng)
+        )
+
+    def disk_train_rows() -> None:
+        name = "disk full during mmkd-train -> free space -> continue as told"
+        if not wanted(name):
+            return
+        disk = DiskFull(root / "disk-train", args.disk, shim=TRAIN_SHIM)
+        try:
+            need = measure_train_need(ws, disk)
+            notes.append(f"disk full in training: {disk.mode}; a run needs {need:,} bytes there; free space drawn")
+            budgets = iter(disk_budgets(trials, need, disk.mode, rng))
+            trial_row(f"{name} ({disk.mode})", trials, lambda: trial_disk_full_train(ws, disk, next(budgets)))
+        finally:
+            disk.close()
+
+    def early_signal_rows() -> None:
+        for command in ("mmkd-extract", "mmkd-train", "mmkd-eval", "mmkd-ablate", "mmkd-verify"):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                trial_row(
+                    f"{signal.Signals(sig).name} {EARLY} s after {command} starts -> one line",
+                    1,
+                    lambda c=command, s=sig: trial_early_signal(ws, c, s),
+                )
+
+    sections = (
+        kill_rows,
+        disk_rows,
+        disk_train_rows,
+        signal_rows,
+        early_signal_rows,
+        damage_rows,
+        hostile_rows,
+        rundir_rows,
+        bad_input_rows,
+        stale_rows,
+    )
     try:
-        for section in (kill_rows, disk_rows, signal_rows, bad_input_rows, stale_rows):
+        for section in sections:
             try:
                 section()
             except Exception as e:  # noqa: BLE001 - a section that cannot run is a row that lost its answer
@@ -1403,8 +1882,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, ref in ws.refs.items():
         notes.append(
-            f"reference {name}: {ref.seconds:.1f} s, of it {ref.window:.2f} s from the start of the work "
-            "to its result (the window faults are drawn from)"
+            f"reference {name}: {ref.seconds:.1f} s from its process's start to its exit; random fault moments "
+            "are drawn uniformly over it"
         )
     title = f"fault suite: {trials} trial(s) per random fault, {time.perf_counter() - started:.0f} s" + (
         " (quick)" if args.quick else ""
@@ -1421,7 +1900,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(
             json.dumps(
-                [{"fault": r.fault, "trials": r.trials, "whole": r.whole, "notes": r.notes} for r in rows], indent=2
+                [
+                    {"fault": r.fault, "trials": r.trials, "whole": r.whole, "notes": r.notes, "moments": r.moments}
+                    for r in rows
+                ],
+                indent=2,
             )
         )
     lost = [r for r in rows if r.whole != r.trials]
