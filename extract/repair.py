@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import zarr
+from zarr.core.sync import sync
 
 from mmkd_core.errors import MmkdError
 from mmkd_core.location import Location
@@ -87,7 +88,8 @@ def repair(
 
 
 def _mark_not_done(path: Location, shards: list[int]) -> None:
-    """Under the store's lock: the shards not done, the store not complete."""
+    """Under the store's lock: the shards not done, their files deleted (a shard's damaged index would be read
+    back when it is written again), the store not complete."""
     lock = StoreLock(lock_path(path))
     lock.acquire(path)
     try:
@@ -95,6 +97,12 @@ def _mark_not_done(path: Location, shards: list[int]) -> None:
         done = group["shards_done"]
         for k in shards:
             done[k] = 0
+        for name, arr in group.arrays():
+            if name == "shards_done":
+                continue
+            for k in shards:
+                key = f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}"
+                sync(group.store.delete(key))
         attrs = dict(group.attrs["mmkd"])
         attrs["complete"] = False
         group.attrs["mmkd"] = attrs

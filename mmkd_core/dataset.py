@@ -218,8 +218,13 @@ class StoreDataset(IterableDataset):
         if self.in_memory:
             if self._memory is None:
                 self._memory = {n: self.reader.raw(n, 0, self.order.num_samples) for n in self._array_names()}
+                if "lengths" in self._memory:
+                    self.reader.check_lengths(self._memory["lengths"], 0)
             return {k: v[lo:hi] for k, v in self._memory.items()}
-        return {n: self.reader.raw(n, lo, hi) for n in self._array_names()}
+        data = {n: self.reader.raw(n, lo, hi) for n in self._array_names()}
+        if "lengths" in data:  # a length outside 1..T is damage, named by sample (not a shape error in a loss)
+            self.reader.check_lengths(data["lengths"], lo)
+        return data
 
     def _views_for(self, indices: np.ndarray) -> np.ndarray:
         v = self.reader.views

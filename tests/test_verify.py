@@ -60,11 +60,14 @@ def test_damage_is_named_and_repaired_to_the_same_store(store, pristine):
     data[30] ^= 0xFF
     tokens.write_bytes(bytes(data))
     (store / "pooled" / "c" / "2" / "0" / "0").unlink()
+    index = store / "lengths" / "c" / "0"  # a truncated shard: its index (at the end) is damaged
+    index.write_bytes(index.read_bytes()[:-7])
     report = verify(store)
-    assert report.damaged_shards == [1, 2] and report.repairable
+    assert report.damaged_shards == [0, 1, 2] and report.repairable
     result, out = invoke(str(store))
     assert result.exit_code == 1
     assert "DAMAGED tokens: shard 1 (samples 16-31)" in out and "DAMAGED pooled: shard 2 (samples 32-39)" in out
+    assert "DAMAGED lengths: shard 0 (samples 0-15)" in out
     assert "shard 2 is marked done but its data is missing" in out and "--repair" in out
     result, out = invoke(str(store), "--repair", "--quiet")
     assert result.exit_code == 0, out

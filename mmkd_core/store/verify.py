@@ -156,6 +156,10 @@ def describe(report: Report) -> list[str]:
         lines.append(f"  read {len(report.arrays)} arrays, {report.bytes_read / 2**20:,.1f} MiB of values")
     if report.ok:
         lines.append("  ok: every chunk read back and matched its checksum")
+        if not report.complete:
+            lines.append(
+                f"  {report.shards - report.done} shard(s) not written yet: the extraction's own command continues it"
+            )
         return lines
     shown = report.problems[:12]
     lines += [f"  DAMAGED {p.line()}" for p in shown]
