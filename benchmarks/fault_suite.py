@@ -809,6 +809,16 @@ class DiskFull:
         pp = os.pathsep.join(p for p in (str(self.shim_dir), os.environ.get("PYTHONPATH")) if p)
         return {"PYTHONPATH": pp, "MMKD_FAULT_ROOT": str(self.mnt), "MMKD_FAULT_BUDGET": str(budget)}
 
+    def run_with_free(self, budget: int, cmd: list[str], cwd: Path) -> Outcome:
+        """Run ``cmd`` with ``budget`` bytes free on the small file system (ballast on a tmpfs, else the shim)."""
+        if self.mode == "tmpfs":
+            ballast = self.fill(budget)
+            try:
+                return run(cmd, cwd)
+            finally:
+                ballast.unlink()
+        return run(cmd, cwd, extra_env=self.limited_env(budget))
+
 
 def disk_budgets(n: int, need: int, mode: str, rng: random.Random) -> list[int]:
     """Free bytes of each trial: none at all (the lock or the first metadata file fails), room for a few
@@ -825,12 +835,7 @@ def trial_disk_full(ws: Workspace, disk: DiskFull, budget: int) -> tuple[str | N
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     out = disk.mnt / "s.zarr"
     cmd = ws.text_cmd(out)
-    if disk.mode == "tmpfs":
-        ballast = disk.fill(budget)
-        o = run(cmd, d)
-        ballast.unlink()
-    else:
-        o = run(cmd, d, extra_env=disk.limited_env(budget))
+    o = disk.run_with_free(budget, cmd, d)
     if o.rc == 0:
         note = f"{budget} bytes sufficed"
     else:
@@ -1556,12 +1561,7 @@ def trial_disk_full_train(ws: Workspace, disk: DiskFull, budget: int) -> tuple[s
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     run_dir = disk.mnt / "run"
     cmd = ws.train_cmd(ws.ref("text"), run_dir)
-    if disk.mode == "tmpfs":
-        ballast = disk.fill(budget)
-        o = run(cmd, d)
-        ballast.unlink()
-    else:
-        o = run(cmd, d, extra_env=disk.limited_env(budget))
+    o = disk.run_with_free(budget, cmd, d)
     if o.rc == 0:
         return None, f"{budget:,} bytes sufficed"
     problem = one_error_line(o)
