@@ -58,6 +58,7 @@ class StoreLoader:
                 num_workers=self.workers,
                 prefetch_factor=self.prefetch_factor,
                 generator=generator,
+                multiprocessing_context=_worker_start(),
             )
         for batch in ds.assemble(pieces):
             yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
@@ -82,6 +83,16 @@ class StoreLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (taken with any world size, worker count or batch size)."""
         self.dataset.load_state_dict(state)
+
+
+def _worker_start() -> str | None:
+    """How workers start: forked (torch's default on Linux), except under zarrs' Rust codec pipeline, whose
+    threads a fork copies mid-lock (workers hung, reading nothing): spawned fresh then."""
+    import zarr
+
+    from .store.codecs import ZARRS_PIPELINE
+
+    return "spawn" if zarr.config.get("codec_pipeline.path") == ZARRS_PIPELINE else None
 
 
 class _Pieces(IterableDataset):

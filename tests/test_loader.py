@@ -192,3 +192,16 @@ def test_a_dataloaders_own_workers_are_refused_with_what_to_use(store):
     with pytest.raises(Exception, match="store_loader"):
         next(iter(loader))
     assert ids(torch.utils.data.DataLoader(StoreDataset(store, 4), batch_size=None)) == ids(StoreDataset(store, 4))
+
+
+def test_workers_are_spawned_under_the_zarrs_pipeline():
+    """zarrs' Rust threads do not survive a fork (forked workers hung reading nothing): its workers spawn."""
+    import zarr
+
+    from mmkd_core.loader import _worker_start
+    from mmkd_core.store.codecs import DEFAULT_PIPELINE, ZARRS_PIPELINE
+
+    with zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE}):
+        assert _worker_start() == "spawn"
+    with zarr.config.set({"codec_pipeline.path": DEFAULT_PIPELINE}):
+        assert _worker_start() is None
