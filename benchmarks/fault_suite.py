@@ -383,6 +383,10 @@ class Workspace:
             "--batch-size",
             "8",
             "--quiet",
+            # float32 in every process: --autocast auto probes bf16 per process, and a loaded machine can tell
+            # the reference run and a trial apart (a difference that is not a lost trial)
+            "--autocast",
+            "none",
             *extra,
         ]
 
@@ -413,6 +417,8 @@ class Workspace:
             "--batch-size",
             "6",
             "--quiet",
+            "--autocast",
+            "none",
             *extra,
         ]
 
