@@ -108,7 +108,7 @@ class EvalConfig:
         parser=model_name("--teacher"),
         metavar="NAME|DIR",
         type=TeacherName,
-        help="Reference model of the bias probe (teacher name or directory).",
+        help="Reference model of the bias probe and of --task agreement (teacher name or directory).",
     )
     teacher_weights: str | None = option(None, help="Checkpoint of --teacher.")
     templates: list[str] | None = option(

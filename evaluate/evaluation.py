@@ -32,7 +32,7 @@ class EvalReport:
     """What :func:`run_evaluation` returns.
 
     Attributes:
-        results: Every number, flat; ``mean`` is the mean of all scores (bias statistics excluded), for
+        results: Every number, flat; ``mean`` is the mean of all scores (bias and agreement statistics excluded), for
             paraphrase alone the protocol's headline.
         seconds: Wall time per task.
         out_file: The JSON written, or None.
@@ -46,7 +46,7 @@ class EvalReport:
 
 
 def _is_score(key: str) -> bool:
-    return key != "mean" and not key.startswith(("bias/", "bias_teacher/"))
+    return key != "mean" and not key.startswith(("bias/", "bias_teacher/", "agreement/"))
 
 
 def default_tasks(encoder: Encoder) -> list[str]:

@@ -324,3 +324,49 @@ def plot_bias(table_teacher: BiasTable, table_student: BiasTable, path: str) -> 
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
     return path
+
+
+def _neighbours(emb: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """(n, k) indices of each row's k most cosine-similar other rows (itself excluded), in order."""
+    out = []
+    for start in range(0, emb.shape[0], block):
+        sim = emb[start : start + block] @ emb.T
+        rows = torch.arange(start, start + sim.shape[0])
+        sim[torch.arange(sim.shape[0]), rows] = -float("inf")
+        out.append(sim.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+def embedding_agreement(
+    model: ArrayLike, reference: ArrayLike, ks: Sequence[int] = (1, 10), block: int = 1024
+) -> dict[str, float]:
+    """How closely one model's embeddings of n texts reproduce a reference model's (a student's its
+    teacher's), both (n, E) in the same space.
+
+    Returns:
+        ``cosine_mean`` and ``cosine_p05`` (row-wise cosine of model and reference embedding, its mean and
+        5th percentile); ``nn_agree`` (share of texts whose nearest other text is the same under both);
+        ``nn{k}_overlap`` for each k > 1 (mean share of the k nearest others both agree on).
+
+    Raises:
+        MmkdError: Shapes differ (an embedding in another space has no cosine to the reference), or fewer
+            than ``max(ks) + 1`` texts.
+    """
+    a, b = _unit(model), _unit(reference)
+    if a.shape != b.shape or a.dim() != 2:
+        raise MmkdError(
+            f"embedding agreement: the model embeds as {tuple(a.shape)}, the reference as {tuple(b.shape)}; "
+            "both must embed the same texts in the same space"
+        )
+    kmax = max(ks)
+    if a.shape[0] <= kmax:
+        raise MmkdError(f"embedding agreement: {a.shape[0]} texts; give more than {kmax}")
+    cos = (a * b).sum(1)
+    na, nb = _neighbours(a, kmax, block), _neighbours(b, kmax, block)
+    out = {"cosine_mean": float(cos.mean()), "cosine_p05": float(torch.quantile(cos, 0.05))}
+    out["nn_agree"] = float((na[:, 0] == nb[:, 0]).float().mean())
+    for k in ks:
+        if k > 1:
+            hits = (na[:, :k, None] == nb[:, None, :k]).any(2).float().sum(1) / k
+            out[f"nn{k}_overlap"] = float(hits.mean())
+    return out
