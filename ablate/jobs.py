@@ -151,20 +151,21 @@ def jobs(cfg: AblateConfig) -> Jobs:
         raise MmkdError(f"{cfg.targets} is incomplete: run the same mmkd-extract command again to finish it")
     attrs = reader.attrs
     options = TrainOptions(store, cfg.train_args)
-    grids = [_grid_values(options, g) for g in (cfg.grid if isinstance(cfg.grid, list) else [cfg.grid])]
-    keys = list(dict.fromkeys(options.option_name(n) for names, _ in grids for n in names))
+    entries = [_trains(g) for g in (cfg.grid if isinstance(cfg.grid, list) else [cfg.grid])]
+    grids = [(*_grid_values(options, g), trains) for g, trains in entries]
+    keys = list(dict.fromkeys(options.option_name(n) for names, _, _ in grids for n in names))
     tasks = _tasks(cfg, options.base, attrs)
     on_dask = bool(cfg.cluster or cfg.scheduler)
     runs: list[Job] = []
     inits: dict[str, Job] = {}
     init_of: dict[str, str] = {}
-    combos = [(names, combo) for names, columns in grids for combo in itertools.product(*columns)]
-    seen: set[str] = set()
-    for names, combo in combos:
+    combos = [(names, combo, t) for names, columns, t in grids for combo in itertools.product(*columns)]
+    seen: set[tuple[str, bool]] = set()
+    for names, combo, trains in combos:
         settings = {options.option_name(n): shown for n, (_, shown) in zip(names, combo, strict=True)}
-        if run_name(settings) in seen:  # two grids of a list give this run: it is trained once
+        if (run_name(settings), trains) in seen:  # two grids of a list give this run: it is trained once
             continue
-        seen.add(run_name(settings))
+        seen.add((run_name(settings), trains))
         init_keys = {options.option_name(n) for n in names if n not in TRAINING_ONLY}
         init_settings = {k: v for k, v in settings.items() if k in init_keys}
         grid_args = [a for args, _ in combo for a in args]
@@ -172,8 +173,10 @@ def jobs(cfg: AblateConfig) -> Jobs:
             run_cfg = _run_config(cfg, options, grid_args, run_name(settings, seed), seed, out, on_dask)
             _check_run(run_cfg, tasks, attrs, on_dask)
             request = _request(run_cfg, reader, frozenset())
-            runs.append(Job("run", run_name(settings), settings, seed, run_cfg.run_dir, run_cfg, request, tasks, store))
-            init_name = init_of[run_cfg.run_dir.name] = run_name(init_settings, seed)
+            init_name = run_name(init_settings, seed)
+            if trains:
+                runs.append(Job("run", run_name(settings), settings, seed, run_cfg.run_dir, run_cfg, request, tasks, store))
+                init_of[run_cfg.run_dir.name] = init_name
             init_cfg = dataclasses.replace(run_cfg, run_dir=out / "init" / init_name)
             request = _request(init_cfg, reader, TRAINING_ONLY)
             if init_name not in inits:
@@ -193,6 +196,17 @@ def jobs(cfg: AblateConfig) -> Jobs:
         job.progress = cfg.progress and not on_dask
         job.check_directory()
     return found
+
+
+def _trains(grid: dict[str, list[Any]]) -> tuple[dict[str, list[Any]], bool]:
+    """A grid entry without its ``train`` key, and whether its runs are trained: ``train: false`` scores the
+    students at their initialisation only (the free truncations of a teacher, say)."""
+    if "train" not in grid:
+        return grid, True
+    values = [str(v).lower() for v in grid["train"]]
+    if len(values) != 1 or values[0] not in ("true", "false"):
+        raise MmkdError(f"--grid train={','.join(values)}: give one value, true or false")
+    return {k: v for k, v in grid.items() if k != "train"}, values[0] == "true"
 
 
 def _run_config(

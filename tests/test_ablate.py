@@ -431,3 +431,32 @@ def test_a_grid_file_that_is_a_list_is_the_union_of_its_grids(store, mrpc, tmp_p
     grid.write_text("- {loss: token_mse=1}\n- 3\n")
     with pytest.raises(MmkdError, match="--grid .*: expected a list of mappings of option names to values, found int"):
         read_grid(grid)
+
+
+def test_an_entry_with_train_false_scores_its_inits_only(store, mrpc, tmp_path):
+    """The free truncations of a teacher beside the distilled students: an entry marked ``train: false``
+    builds, exports and scores its students at their initialisation and trains nothing."""
+    from mmkd.ablate.grid import read_grid
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "- {train: false, student-option: [{init_blocks: first}, {init_blocks: last}]}\n"
+        "- {student-option: {init_blocks: last}}\n"
+    )
+    cfg = _cfg(store, mrpc, tmp_path / "abl", vary=[])
+    cfg.grid = read_grid(grid)
+    found = jobs(cfg)
+    assert [j.directory.name for j in found.runs] == ["student-option=init_blocks=last,seed=0"]
+    assert sorted(j.directory.name for j in found.inits) == [
+        "student-option=init_blocks=first,seed=0",
+        "student-option=init_blocks=last,seed=0",
+    ]
+    table = ablate(cfg)
+    assert [r.kind for r in table.rows] == ["teacher", "init", "init", "run"]
+    out = tmp_path / "abl"
+    assert (out / "init" / "student-option=init_blocks=first,seed=0" / "eval.json").is_file()
+    assert not (out / "student-option=init_blocks=first,seed=0").exists()
+    grid.write_text("- {train: [true, false]}\n")
+    cfg.grid = read_grid(grid)
+    with pytest.raises(MmkdError, match="train=true,false: give one value, true or false"):
+        jobs(cfg)
