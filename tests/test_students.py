@@ -206,10 +206,11 @@ def test_text_init_copies_first_layers_and_freezes_embeddings():
     assert not torch.equal(student.bert.embeddings.LayerNorm.weight, teacher.embeddings.LayerNorm.weight)
 
 
-def test_text_init_from_roberta_skips_the_position_offset():
+def test_text_init_from_roberta_is_a_roberta_with_its_position_offset():
     teacher = tiny_bert(RobertaModel, RobertaConfig, pad_token_id=1, type_vocab_size=1, extra_positions=2)
     student = create_student("text", depth=2, init="pretrained", init_from=teacher).eval()
-    assert student.config.max_position == T_MAX
+    assert type(student.bert) is RobertaModel
+    assert student.config.max_position == T_MAX and student.config.position_offset == 2
     ids = torch.randint(3, V, (2, 7))
     want = teacher(input_ids=ids, output_hidden_states=True).hidden_states[2]
     torch.testing.assert_close(student(input_ids=ids).hidden_states[1], want, atol=1e-5, rtol=0)

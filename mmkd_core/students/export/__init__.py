@@ -3,7 +3,8 @@
 An exported student gives the embedding ``mmkd-eval`` scores when its own ecosystem's library loads it,
 without mmkd:
 
-- **text**: a sentence-transformers directory around a transformers ``BertModel``: Transformer -> Pooling
+- **text**: a sentence-transformers directory around the student's transformers encoder (``BertModel``,
+  ``MPNetModel``, ... the architecture it was cut from): Transformer -> Pooling
   (the student's ``mean`` or ``cls``) -> Dense (the trained pooled projection, identity activation) ->
   Normalize. ``SentenceTransformer(DIR).encode(texts)`` is the (unit-length) embedding mmkd evaluates;
   ``AutoModel.from_pretrained(DIR)`` loads the encoder alone (``last_hidden_state``).

@@ -81,13 +81,13 @@ def load_student(directory: str | Path) -> Student:
     student.init_info = meta.get("init", {})
     what = f"{directory}: saved {meta['student']} student"
     if isinstance(student, TextStudent):
-        from transformers import BertModel
+        from transformers import AutoModel
 
         from ...teachers.hf_common import quiet_transformers_load
 
         with quiet_transformers_load():  # the strict load below reports any key that does not fit
-            bert = BertModel.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True)
-        state = {k: v for k, v in bert.state_dict().items() if not k.startswith("pooler.")}
+            encoder = AutoModel.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True)
+        state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.")}
         _strict_load(student.bert, state, what)
         _strict_load(student.heads, _head_state(directory, meta, {}), what)
     elif isinstance(student, TimmStudent):

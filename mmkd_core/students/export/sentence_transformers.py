@@ -1,4 +1,5 @@
-"""Text students as sentence-transformers directories around a transformers ``BertModel``."""
+"""Text students as sentence-transformers directories around their transformers encoder (``BertModel``,
+``MPNetModel``, ... the student's own architecture)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from ...errors import MmkdError
-from ..text import TextStudent
+from ..text import TextStudent, build_encoder
 from .common import (
     WEIGHTS_FILE,
     save_other_heads,
@@ -96,13 +97,14 @@ def _write_sentence_transformers(student: TextStudent, directory: Path, max_leng
 def save_text_student(
     student: TextStudent, directory: str | Path, tokenizer: Any = None, max_seq_length: int | None = None
 ) -> Path:
-    """Write a text student as a sentence-transformers directory around a transformers ``BertModel``.
+    """Write a text student as a sentence-transformers directory around its transformers encoder.
 
     ``SentenceTransformer(directory).encode(texts)`` gives the student's sentence embedding exactly as
     ``mmkd-eval`` computes it (pooled as trained, the pooled projection, L2 normalisation), and
-    ``AutoModel.from_pretrained(directory)`` the ``BertModel`` (``last_hidden_state``). The ``BertModel``
-    pooler, which the student does not have, is written as tanh(identity) of the CLS state so that loading
-    reports no missing weights; it was never trained and the sentence embedding does not use it.
+    ``AutoModel.from_pretrained(directory)`` the encoder, of the student's own architecture (``BertModel``,
+    ``MPNetModel``, ...; ``last_hidden_state``). Where the architecture has a pooler, which the student does
+    not, it is written as tanh(identity) of the CLS state so that loading reports no missing weights; it was
+    never trained and the sentence embedding does not use it.
 
     Args:
         student: A text student.
@@ -115,20 +117,20 @@ def save_text_student(
     Returns:
         The directory.
     """
-    from transformers import BertModel
-
     if not isinstance(student, TextStudent):
         raise MmkdError(f"save_text_student: a {student.name!r} student is not a text student")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):  # building the copy must not move the caller's random stream
-        full = BertModel._from_config(student.bert.config, dtype=torch.float32, add_pooling_layer=True)
+        full = build_encoder(student.bert.config, pooler=True)
     result = full.load_state_dict(student.bert.state_dict(), strict=False)
     if result.unexpected_keys or any(not k.startswith("pooler.") for k in result.missing_keys):
-        raise MmkdError(f"save_text_student: BertModel keys differ: {result}")
-    with torch.no_grad():
-        nn.init.eye_(full.pooler.dense.weight)
-        nn.init.zeros_(full.pooler.dense.bias)
+        raise MmkdError(f"save_text_student: {type(full).__name__} keys differ: {result}")
+    pooler = getattr(full, "pooler", None)
+    if pooler is not None:
+        with torch.no_grad():
+            nn.init.eye_(pooler.dense.weight)
+            nn.init.zeros_(pooler.dense.bias)
     full.save_pretrained(str(directory))
     max_length = text_max_length(student.config.max_position, tokenizer, max_seq_length)
     save_tokenizer(tokenizer, directory, max_length)

@@ -1,15 +1,18 @@
-"""The ``text`` kind: a BERT-layout student cut from a BERT-family teacher's blocks (or random with its
-vocabulary and widths), exported as a sentence-transformers directory."""
+"""The ``text`` kind: a student in the teacher's own transformers architecture, cut from its blocks (or random
+with its architecture, vocabulary and widths), exported as a sentence-transformers directory."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from ...errors import MmkdError
 from ..export.sentence_transformers import save_text_student
-from ..text import TextStudent, TextStudentConfig, bert_arch, bert_like, create_text_student
+from ..text import TextStudent, TextStudentConfig, bert_like, create_text_student, encoder_arch
 from .base import Built, Context, StudentKind, token_heads
+
+logger = logging.getLogger(__name__)
 
 # a shallow copy of a sentence encoder keeps its output space when it keeps the top block. WordNet ablation, 3 of
 # all-MiniLM-L6-v2's 6 blocks, MRPC mean at init: 0.9492 for 0,4,5 ("ends"), 0.9483 for 3,4,5, 0.9392 for 1,3,5
@@ -27,13 +30,15 @@ DEFAULT_LOSS = "pooled_cosine=1,contrastive_kd=1"
 # contrastive KD takes its negatives from the batch: 128 of them; 2e-4 for a student cut from the teacher
 DEFAULTS = {"init": "teacher", "batch_size": 128, "lr": 2e-4, "epochs": 1.0}
 
-# why a teacher's blocks cannot seed a BERT-layout text tower (text and multimodal students)
+# why a teacher's blocks cannot seed a text student (text kind) or a BERT-layout text tower (multimodal kind)
 NOT_BERT = {"clip-text": "a causal, pre-norm CLIP text tower with quick_gelu"}
+NOT_TEXT_STUDENT = {"clip-text": "a causal CLIP text tower, pooled at its end-of-text token"}
 
 
-def check_bert_init(model: Any, flag: str, kind: str = "text") -> None:
-    """Refuse, in one line naming an init that works, a text model whose blocks a BERT-layout tower would not
-    compute as the model does (image models pass: their kinds check them when they copy).
+def check_bert_init(model: Any, flag: str, kind: str = "multimodal") -> None:
+    """Refuse, in one line naming an init that works, a text model whose blocks a BERT-layout tower (the
+    multimodal student's) would not compute as the model does (image models pass: their kinds check them when
+    they copy).
 
     Args:
         model: The init model (a Teacher).
@@ -52,13 +57,30 @@ def check_bert_init(model: Any, flag: str, kind: str = "text") -> None:
         ) from None
 
 
+def check_text_init(model: Any, flag: str) -> None:
+    """Refuse, in one line, a text model a text student cannot be cut from (it is built as the model's own
+    encoder class, so any transformers encoder with embeddings and one list of layers passes)."""
+    if getattr(model, "modality", "") != "text":
+        return
+    reason = NOT_TEXT_STUDENT.get(model.name)
+    if reason is None:
+        try:
+            encoder_arch(model)
+            return
+        except MmkdError as e:
+            reason = str(e)
+    raise MmkdError(f"{flag}: a text student cannot be cut from {model.name} ({reason}); use --init random")
+
+
 def random_text_arch(model: Any) -> dict[str, Any]:
-    """Text-student widths and vocabulary a randomly initialised student takes from the store's teacher: all
-    of ``bert_arch`` for a BERT-like one, else what any transformers text encoder's config has."""
+    """Text-student config values a randomly initialised student takes from the store's teacher: all of
+    ``encoder_arch`` (its architecture) where a text student can be one, else (CLIP's text tower) a
+    ``BertModel`` with the widths and vocabulary of the teacher's config."""
     try:
-        return bert_arch(bert_like(model))
+        return encoder_arch(model)
     except MmkdError:
-        c = model.config
+        c = model.model.config
+        logger.info("text student: %s cannot be a text student's architecture; a BertModel of its widths", model.name)
         return {
             "hidden_size": c.hidden_size,
             "num_heads": c.num_attention_heads,
@@ -73,16 +95,16 @@ def text_width(ctx: Context, opts: dict[str, Any]) -> int:
     if "hidden_size" in opts:
         return int(opts["hidden_size"])
     if ctx.init_model is not None:
-        return int(bert_arch(bert_like(ctx.init_model))["hidden_size"])
+        return int(encoder_arch(ctx.init_model)["hidden_size"])
     return TextStudentConfig.hidden_size
 
 
 def build_text(ctx: Context) -> Built:
-    """A text student over the store's token ids: the teacher's blocks (``INIT_BLOCKS``) or random with the
-    teacher's vocabulary and widths, mean pooled."""
+    """A text student over the store's token ids, in the teacher's architecture: its blocks (``INIT_BLOCKS``)
+    or random with its architecture, vocabulary and widths, mean pooled."""
     opts: dict[str, Any] = dict(ctx.cfg.student_options)
     if ctx.cfg.init == "random" and ctx.arch_model is not None:
-        opts = {**random_text_arch(ctx.arch_model.model), **opts}
+        opts = {**random_text_arch(ctx.arch_model), **opts}
     if "pooled_head" not in opts and text_width(ctx, opts) == ctx.heads["pooled_dim"]:
         # the distilled embedding is the encoder's own mean-pooled output, so every way a user loads the export
         # (AutoModel + mean pooling, sentence-transformers, mmkd) gives what was trained
@@ -124,5 +146,5 @@ TEXT = StudentKind(
     build=build_text,
     export=export_text,
     init_blocks=INIT_BLOCKS,
-    check_init=check_bert_init,
+    check_init=check_text_init,
 )
