@@ -290,6 +290,28 @@ def test_the_same_tokenizer_reads_the_stored_ids(tmp_path, bert_dir, corpus, cap
     assert result.exit_code == 0, result.output
 
 
+def test_a_caption_store_refuses_another_tokenizer_in_one_line(tmp_path, bert_dir):
+    """Caption and pair stores keep the captions' ids only: a text tower with another tokenizer is refused."""
+    teacher = save_wide_mpnet(tmp_path / "teacher")
+    out = tmp_path / "captions.zarr"
+    extract(
+        ExtractConfig(
+            teacher="mpnet-base",
+            weights=str(teacher),
+            dataset="shapes",
+            dataset_options={"count": 8, "resolution": 32},
+            out=out,
+            dtype="float32",
+            chunk_size=4,
+            shard_size=8,
+            batch_size=8,
+        ),
+        show_progress=False,
+    )
+    line = _one_error_line(CliRunner().invoke(app, _args(out, tmp_path / "run", bert_dir)))
+    assert "--init minilm-l6" in line and "MPNetTokenizer" in line and "BertTokenizer" in line
+
+
 def test_tokenizer_mismatch_compares_class_vocabulary_and_files():
     base = {"tokenizer": "BertTokenizerFast", "extra": {"vocab_size": 30522, "files_sha256": "ab" * 32}}
     assert tokenizer_mismatch(base, base) is None

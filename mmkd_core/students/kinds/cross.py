@@ -50,6 +50,25 @@ def tokenizer_mismatch(own: Any, store_preprocess: Mapping[str, Any]) -> tuple[s
     return None if mine == theirs else (_name(mine, theirs), _name(theirs, mine))
 
 
+def refuse_other_tokenizer(model: Any, stored: Mapping[str, Any], flag: str, whose: str) -> None:
+    """A text tower of a caption or pair store reads the stored caption ids: refuse, in one line naming both, an
+    init model whose tokenizer is not the one they were stored under.
+
+    Args:
+        model: The text init model (a Teacher with ``preprocess``).
+        stored: The ``preprocess`` attribute the caption ids were stored under.
+        flag: The option that named the model, for the message.
+        whose: Whose ids they are, for the message ("the store's", "the captions'").
+    """
+    names = tokenizer_mismatch(model.preprocess, stored) if getattr(model, "preprocess", None) else None
+    if names is not None:
+        raise MmkdError(
+            f"{flag}: its tokenizer ({names[0]}) is not {whose} ({names[1]}); its text tower would read the stored "
+            "caption ids as words of another vocabulary: use a model with their tokenizer, extract the captions "
+            "under this one, or use --init random"
+        )
+
+
 def own_tokenizer_fields(ctx: Context) -> dict[str, Any]:
     """Built fields of a text student: none beyond ``source=None`` when its init model's tokenizer is the
     store's; else the source dataset, a loader that retokenises its texts, the student's own length and why
