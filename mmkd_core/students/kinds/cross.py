@@ -15,7 +15,7 @@ from dataclasses import asdict, is_dataclass
 from typing import Any
 
 from ...errors import MmkdError
-from ..export.loading import StudentTokenizer
+from ..export.common import StudentTokenizer
 from .base import Context
 
 logger = logging.getLogger(__name__)
