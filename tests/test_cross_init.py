@@ -320,3 +320,41 @@ def test_tokenizer_mismatch_compares_class_vocabulary_and_files():
     assert "files sha256 cdcdcdcdcdcd" in mine and "files sha256 abababababab" in theirs
     mpnet = {"tokenizer": "MPNetTokenizerFast", "extra": {"vocab_size": 30527, "files_sha256": "ef" * 32}}
     assert tokenizer_mismatch(base, mpnet) == ("BertTokenizerFast, vocab 30522", "MPNetTokenizerFast, vocab 30527")
+
+
+def test_a_run_on_its_own_tokens_resumes_exactly(tmp_path, store, bert_dir, monkeypatch):
+    from mmkd.train.loop import train
+    from mmkd.train.recipe import TrainRecipe
+    from mmkd_core.errors import MmkdError
+
+    def cfg(run_dir, **kw):
+        return TrainConfig(
+            targets=store,
+            depth=2,
+            init="minilm-l6",
+            init_weights=str(bert_dir),
+            batch_size=8,
+            steps=4,
+            ckpt_every=2,
+            lr=1e-3,
+            run_dir=run_dir,
+            progress=False,
+            **kw,
+        )
+
+    full = train(cfg(tmp_path / "a"))
+    real = TrainRecipe.save_checkpoint
+
+    def crash_after_first(recipe):
+        real(recipe)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainRecipe, "save_checkpoint", crash_after_first)
+    with pytest.raises(MmkdError, match="--resume"):
+        train(cfg(tmp_path / "b"))
+    monkeypatch.setattr(TrainRecipe, "save_checkpoint", real)
+    resumed = train(cfg(tmp_path / "b", resume=True))
+    assert resumed.losses == full.losses[2:]
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000004" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000004" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
