@@ -15,7 +15,7 @@ first in DataLoader workers and the second in the main process.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,9 @@ class StoreDataset(IterableDataset):
         captions: A pair store's ``CaptionTable``: each image comes with one of its captions, drawn per
             (seed, epoch, image), as ``input_ids``/``attention_mask``, its row ``caption`` and, for a two-tower
             store, its text target ``caption_pooled``.
+        retokenize: Texts -> ``{"input_ids", "attention_mask"}``: each sample's ``input_ids`` come from its
+            source text (``source.text(index)``) through this tokenizer instead of the store's ids (a student
+            whose tokenizer is not the teacher's); ``mask`` and ``lengths`` stay the stored tokens'.
         in_memory: Read the whole store into memory first (benchmarks: the cost of streaming).
     """
 
@@ -94,11 +97,15 @@ class StoreDataset(IterableDataset):
         image_cache: dict[int, np.ndarray] | None = None,
         names: tuple[str, ...] | None = None,
         captions: CaptionTable | None = None,
+        retokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
         in_memory: bool = False,
     ) -> None:
         super().__init__()
         if targets not in TARGET_MODES:
             raise MmkdError(f"targets {targets!r}: choose one of {', '.join(TARGET_MODES)}")
+        if retokenize is not None and source is None:
+            raise MmkdError("StoreDataset(retokenize=...) reads the source texts: pass the store's source dataset")
+        self.retokenize = retokenize
         self.store_path, self.seed, self.view, self.targets = store, seed, view, targets
         self.source, self.render_spec, self.image_spec, self.image_cache = source, render_spec, image_spec, image_cache
         self.names, self.captions, self.in_memory = names, captions, in_memory
@@ -209,6 +216,8 @@ class StoreDataset(IterableDataset):
         g = self.reader.group
         default = ("tokens", "pooled", "lengths", "input_ids", "view_params", "index", *self.reader.extra_names)
         names = self.names or default
+        if self.retokenize is not None:  # the ids come from the source texts
+            names = tuple(n for n in names if n != "input_ids")
         parts = quant.INT8_PARTS if self.reader.storage["dtype"] == "int8" else ("",)
         out = [n + p for n in names for p in (parts if n in ("tokens", "pooled") else ("",))]
         return tuple(n for n in out if n in g)
@@ -253,7 +262,9 @@ class StoreDataset(IterableDataset):
                 per_view = self.reader.dims(name)[1:2] == ("view",)
                 x = data[name][rows, views] if per_view else data[name][rows]
                 out[name] = torch.from_numpy(np.ascontiguousarray(x))
-        if "input_ids" in data:
+        if self.retokenize is not None:
+            out.update(self.retokenize([self.source.text(int(i)) for i in out["index"]]))
+        elif "input_ids" in data:
             out["input_ids"] = torch.from_numpy(data["input_ids"][rows, :t].astype(np.int64))
             out["attention_mask"] = out["mask"].long()
         if self.captions is not None:

@@ -464,6 +464,8 @@ def _pooled(name: str, fn: Callable[[Tensor, Tensor, LossInputs, Mapping[str, An
     return lambda b, o: _each_student(b, name, lambda s, t: fn(s, t, b, o))
 
 
+# the terms that compare time step with time step (they need the student's tokens to be the teacher's)
+TOKEN_TERMS = ("token_mse", "cls_mse")
 LOSSES.register("token_mse", "d2v")(lambda b, o: token_mse(*_get(b, "token_mse", "tokens", "tokens_target", "mask")))
 LOSSES.register("cls_mse")(lambda b, o: cls_mse(*_get(b, "cls_mse", "tokens", "tokens_target")))
 LOSSES.register("pooled_mse", "mse")(_pooled("pooled_mse", lambda s, t, b, o: pooled_mse(s, t)))

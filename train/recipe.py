@@ -25,7 +25,7 @@ from mmkd_core.batch_order import StepSpec, num_steps
 from mmkd_core.dataset import StoreDataset
 from mmkd_core.errors import MmkdError
 from mmkd_core.loader import StoreLoader, to_device
-from mmkd_core.losses import build_loss
+from mmkd_core.losses import TOKEN_TERMS, build_loss
 from mmkd_core.store import open_store, take_reader_lease
 from mmkd_core.students import save_student
 from mmkd_core.versions import library_versions
@@ -128,6 +128,9 @@ class TrainRecipe:
     def _setup_loss(self) -> None:
         self.loss_spec = self.cfg.loss or self.built.default_loss or default_loss(self.built.kind)
         self.loss_fn = build_loss(self.loss_spec, **self.cfg.loss_options)
+        token = [t for t in self.loss_fn.weights if t in TOKEN_TERMS]
+        if token and self.built.whole_sample_only:
+            raise MmkdError(f"--loss {token[0]}: {self.built.whole_sample_only}")
 
     def _setup_data(self) -> None:
         """The store as a dataset (one global order per epoch, shared by the ranks), and the number of steps."""
@@ -372,7 +375,8 @@ class TrainRecipe:
                 self.cfg.run_dir / "student",
                 tokenizer=self.built.tokenizer,
                 preprocess=self.built.preprocess,
-                max_seq_length=(self.reader.attrs.get("preprocess") or {}).get("max_length"),
+                max_seq_length=self.built.max_seq_length
+                or (self.reader.attrs.get("preprocess") or {}).get("max_length"),
             )
         except KeyboardInterrupt:
             raise MmkdError(

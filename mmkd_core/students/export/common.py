@@ -102,3 +102,24 @@ def save_tokenizer(tokenizer: Any, directory: Path, max_length: int | None = Non
         config = json.loads(config_file.read_text())
         config["model_max_length"] = int(max_length)
         write_json(config_file, config)
+
+
+class StudentTokenizer:
+    """Texts -> ``{"input_ids", "attention_mask"}`` (B, T) long tensors, right-padded to the longest text and
+    truncated at ``max_length``: exactly how ``mmkd-eval`` feeds a student, and how a student with its own
+    tokenizer reads a store's source texts in training.
+
+    Attributes:
+        tokenizer: The transformers tokenizer saved beside the student.
+        max_length: The longest input the student reads.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "right"
+        self.max_length = int(max_length)
+
+    def __call__(self, texts: str | list[str]) -> dict[str, torch.Tensor]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}

@@ -23,6 +23,7 @@ from .common import (
     READABLE_VERSIONS,
     STATE_FILE,
     WEIGHTS_FILE,
+    StudentTokenizer,
     load_tensors,
     text_max_length,
 )
@@ -111,26 +112,6 @@ def load_exported_vit(directory: str | Path) -> nn.Module:
     if not (directory / "config.json").is_file():
         raise MmkdError(f"{directory} is not an exported image student: config.json is missing")
     return timm.create_model(f"local-dir:{directory}", pretrained=True).eval()
-
-
-class StudentTokenizer:
-    """Texts -> ``{"input_ids", "attention_mask"}`` (B, T) long tensors, right-padded to the longest text and
-    truncated at ``max_length``: exactly how ``mmkd-eval`` feeds a student.
-
-    Attributes:
-        tokenizer: The transformers tokenizer saved beside the student.
-        max_length: The longest input the student reads.
-    """
-
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.tokenizer.padding_side = "right"
-        self.max_length = int(max_length)
-
-    def __call__(self, texts: str | list[str]) -> dict[str, torch.Tensor]:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 
 
 class ImageTransform:

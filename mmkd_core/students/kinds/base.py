@@ -46,6 +46,9 @@ class Built:
         preprocess: The image preprocessing an image-reading student exports.
         loader_options: Further StoreDataset arguments.
         default_loss: This store's default loss, where it is not the student kind's.
+        max_seq_length: The longest text the student reads, where it is not the store's ``preprocess.max_length``
+            (a student with its own tokenizer counts its own tokens).
+        whole_sample_only: Why per-token loss terms do not apply to this student ("" where they do).
     """
 
     student: torch.nn.Module
@@ -56,6 +59,8 @@ class Built:
     preprocess: ImagePreprocess | None
     loader_options: dict[str, Any] = field(default_factory=dict)
     default_loss: str | None = None
+    max_seq_length: int | None = None
+    whole_sample_only: str = ""
 
     def extra_loss_inputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         """LossInputs fields beyond the student's outputs and the stored targets (none here; the joint kind's

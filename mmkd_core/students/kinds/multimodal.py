@@ -16,6 +16,7 @@ from ...views import view_spec
 from ..export.native import save_native
 from ..multimodal import MultimodalStudent, MultimodalStudentConfig, create_multimodal_student, text_arch
 from .base import Built, Context, StudentKind, pooled_heads
+from .cross import refuse_other_tokenizer
 from .text import check_bert_init
 
 # distillation of the teacher's caption embedding into both towers, plus image–text contrast between them
@@ -77,6 +78,8 @@ def build_multimodal(ctx: Context) -> Built:
     if cfg.depth:
         opts["image_depth"] = cfg.depth
     text_init = init_model if init_model is not None and init_model.modality == "text" else None
+    if text_init is not None:
+        refuse_other_tokenizer(text_init, ctx.attrs["preprocess"], f"--init {cfg.init}", "the store's")
     if cfg.init == "random" and ctx.arch_model is not None:
         opts = {"vocab_size": text_arch(ctx.arch_model.model)["vocab_size"], **opts}
     student = create_multimodal_student(
@@ -134,11 +137,9 @@ def _pair_options(ctx: Context, captions: Any, image_from: Any, text_from: Any) 
     cfg = ctx.cfg
     vocab = int(captions.attrs["preprocess"]["extra"]["vocab_size"])
     length = int(captions.group["input_ids"].shape[1])
-    if text_from is not None and len(text_from.tokenizer) != vocab:
-        raise MmkdError(
-            f"--init-text {cfg.init_text}: its vocabulary ({len(text_from.tokenizer)}) is not the captions' "
-            f"tokenizer's ({vocab}); extract with --text-tokenizer {cfg.init_text}"
-        )
+    if text_from is not None:
+        flag = f"--init-text {cfg.init_text}" if cfg.init_text else f"--init {cfg.init}"
+        refuse_other_tokenizer(text_from, captions.attrs["preprocess"], flag, "the captions'")
     given = cfg.student_options
     opts: dict[str, Any] = {**MULTIMODAL_DEFAULTS, "vocab_size": vocab, **given}
     opts["max_position"] = max(int(opts["max_position"]), length)

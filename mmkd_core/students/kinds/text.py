@@ -11,6 +11,7 @@ from ...errors import MmkdError
 from ..export.sentence_transformers import save_text_student
 from ..text import TextStudent, TextStudentConfig, bert_like, create_text_student, encoder_arch
 from .base import Built, Context, StudentKind, token_heads
+from .cross import own_tokenizer_fields
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ def text_width(ctx: Context, opts: dict[str, Any]) -> int:
 
 def build_text(ctx: Context) -> Built:
     """A text student over the store's token ids, in the teacher's architecture: its blocks (``INIT_BLOCKS``)
-    or random with its architecture, vocabulary and widths, mean pooled."""
+    or random with its architecture, vocabulary and widths, mean pooled. Cut from another model with another
+    tokenizer, it has that model's architecture and width, a linear pooled head to the store's pooled width,
+    and reads the source texts through its own tokenizer."""
     opts: dict[str, Any] = dict(ctx.cfg.student_options)
     if ctx.cfg.init == "random" and ctx.arch_model is not None:
         opts = {**random_text_arch(ctx.arch_model), **opts}
@@ -111,22 +114,27 @@ def build_text(ctx: Context) -> Built:
         opts["pooled_head"] = "identity"
     if ctx.init_model is not None:
         opts.setdefault("init_blocks", INIT_BLOCKS)
+    # an init model with another tokenizer than the store's: its own tokens, from the source texts (cross.py)
+    feed = own_tokenizer_fields(ctx)
+    heads = token_heads(ctx)
+    if feed.get("whole_sample_only"):
+        heads["token_pred"] = "none"  # the per-token targets are another tokenizer's tokens
     student = create_text_student(
         depth=ctx.depth,
         init=ctx.init,
         init_from=ctx.init_model,
         freeze_embeddings=ctx.cfg.freeze_embeddings,
         pool="mean",
-        **token_heads(ctx),
+        **heads,
         **opts,
     )
     return Built(
         student=student,
         kind="text",
         tokenizer=getattr(ctx.arch_model, "tokenizer", None),
-        source=None,
         image_spec=None,
         preprocess=None,
+        **feed,
     )
 
 
