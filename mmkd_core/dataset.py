@@ -72,6 +72,7 @@ class StoreDataset(IterableDataset):
             (seed, epoch, image), as ``input_ids``/``attention_mask``, its row ``caption`` and, for a two-tower
             store, its text target ``caption_pooled``.
         in_memory: Read the whole store into memory first (benchmarks: the cost of streaming).
+        teacher: Which of the store's teachers' targets to read (``StoreReader.teachers``); default the first.
     """
 
     def __init__(
@@ -95,13 +96,14 @@ class StoreDataset(IterableDataset):
         names: tuple[str, ...] | None = None,
         captions: CaptionTable | None = None,
         in_memory: bool = False,
+        teacher: str | None = None,
     ) -> None:
         super().__init__()
         if targets not in TARGET_MODES:
             raise MmkdError(f"targets {targets!r}: choose one of {', '.join(TARGET_MODES)}")
         self.store_path, self.seed, self.view, self.targets = store, seed, view, targets
         self.source, self.render_spec, self.image_spec, self.image_cache = source, render_spec, image_spec, image_cache
-        self.names, self.captions, self.in_memory = names, captions, in_memory
+        self.names, self.captions, self.in_memory, self.teacher = names, captions, in_memory, teacher
         self._reader: StoreReader | None = None
         self.rank, world = _ranks(rank, world_size)
         self.steps = StepSpec(batch_size, world, remainder)
@@ -117,9 +119,9 @@ class StoreDataset(IterableDataset):
 
     @property
     def reader(self) -> StoreReader:
-        """The store, opened on first use in this process."""
+        """The store (its teacher ``teacher``'s arrays), opened on first use in this process."""
         if self._reader is None:
-            self._reader = open_store(self.store_path)
+            self._reader = open_store(self.store_path).teacher(self.teacher)
         return self._reader
 
     # ------------------------------------------------------------------------------------------------ state
