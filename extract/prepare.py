@@ -83,9 +83,8 @@ def prepare(cfg: ExtractConfig, layout: Layout | None = None) -> Prepared:
     if cfg.add_teacher:  # the store's record first: its refusals come before the teacher loads
         cfg = settle(cfg)
         root = open_root(cfg)
-    dataset, teacher, samples, n, pairs = _load(cfg)
+    dataset, teacher, samples, n, pairs = _load(cfg, root)
     if root is not None:
-        check_teacher(root, teacher, cfg)
         check_data(root, dataset_record(cfg, samples, n), cfg)
     compute = None
     if layout is None:
@@ -99,12 +98,15 @@ def prepare(cfg: ExtractConfig, layout: Layout | None = None) -> Prepared:
     return prepared
 
 
-def _load(cfg: ExtractConfig) -> tuple[Any, Any, Any, int, bool]:
-    """The dataset, the teacher, the samples it runs over, their number and whether they make a pair store."""
+def _load(cfg: ExtractConfig, root: Root | None = None) -> tuple[Any, Any, Any, int, bool]:
+    """The dataset, the teacher, the samples it runs over, their number and whether they make a pair store
+    (a teacher added to the store ``root``: first checked against the store's modality)."""
     dataset = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split, **cfg.dataset_options)
     teacher = create_teacher(
         cfg.teacher, cfg.weights, random_init=cfg.random_weights, device=cfg.device, **cfg.teacher_options
     )
+    if root is not None:
+        check_teacher(root, teacher, cfg)
     _check_modalities(cfg, teacher, dataset)
     pairs = is_pair_store(teacher, dataset, cfg.text_tokenizer)
     if cfg.text_tokenizer and not pairs:

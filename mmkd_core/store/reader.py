@@ -440,6 +440,12 @@ def _exists(group: zarr.Group, key: str) -> bool:
     return bool(sync(group.store.exists(key)))
 
 
-def open_store(path: str | Location) -> StoreReader:
-    """Open a store for reading: a directory, or a URL fsspec reaches (``s3://bucket/x.zarr``)."""
-    return StoreReader(path)
+def open_store(path: str | Location, *, teachers: bool = True) -> StoreReader:
+    """Open a store for reading: a directory, or a URL fsspec reaches (``s3://bucket/x.zarr``). Its first
+    teacher's arrays are read; ``reader.teachers`` lists every teacher and ``reader.teacher(name)`` reads one.
+
+    Args:
+        teachers: Open and check the added teachers' groups too (False: the first teacher alone, e.g. when a
+            group is damaged).
+    """
+    return StoreReader(path, teachers=teachers)

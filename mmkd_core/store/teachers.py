@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..location import Location
-from .schema import SchemaError
+from .schema import SchemaError, _excerpt
 
 TEACHERS_GROUP = "teachers"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -69,7 +69,7 @@ def check_group_record(
     recorded = group.get("teacher_group")
     if recorded != name:
         raise SchemaError(
-            f"{where}: teacher group {TEACHERS_GROUP}/{name}: attribute teacher_group is {recorded!r}, "
+            f"{where}: teacher group {TEACHERS_GROUP}/{name}: attribute teacher_group is {_excerpt(recorded)}, "
             f"expected {name!r}"
         )
     if samples != root_samples:
@@ -85,6 +85,6 @@ def check_group_record(
     mine, theirs = (group["dataset"].get("fingerprint"), root["dataset"].get("fingerprint"))
     if mine != theirs:
         raise SchemaError(
-            f"{where}: teacher {name} was extracted from data of fingerprint {mine!r}, the store's first "
-            f"teacher from {theirs!r}"
+            f"{where}: teacher {name} was extracted from data of fingerprint {_excerpt(mine)}, the store's first "
+            f"teacher from {_excerpt(theirs)}"
         )

@@ -197,7 +197,7 @@ def _make_parents(outer: Location, path: Location) -> None:
     for part in inner[len(base) + 1 :].split("/")[:-1]:
         node = node / part
         if not (node / "zarr.json").exists():
-            zarr.open_group(str(node), mode="w-")
+            zarr.open_group(str(node), mode="a")  # a plain group, created only where none is
 
 
 def _open_group(
