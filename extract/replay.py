@@ -83,7 +83,9 @@ class ReplayImageFeeder(ImageFeeder):
         row, view = (int(x) for x in bad[0])
         recorded = (self.root.attrs.get("view_render") or {}).get("versions") or {}
         now = render_versions()
-        changed = [f"{k} {recorded.get(k)} then, {now.get(k)} now" for k in sorted(now) if recorded.get(k) != now.get(k)]
+        changed = [
+            f"{k} {recorded.get(k)} then, {now.get(k)} now" for k in sorted(now) if recorded.get(k) != now.get(k)
+        ]
         why = "; rendering versions differ: " + ", ".join(changed) if changed else "; the source image changed"
         raise MmkdError(
             f"{self.root.path}: sample {lo + row}, view {view} does not replay (checksum "

@@ -5,8 +5,8 @@ arrays those of a store of that teacher alone, its refusals, resuming after an i
 import hashlib
 import importlib.util
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import sys
@@ -63,7 +63,9 @@ def work(tmp_path_factory):
 
 def _first(w, weights: Path, out: Path, *extra: str):
     data = ["--dataset", "text", "--data-root", str(w["text"])]
-    return CliRunner().invoke(app, ["--teacher", "bert", "--weights", str(weights), *data, "--out", str(out), *STORAGE, *extra])
+    return CliRunner().invoke(
+        app, ["--teacher", "bert", "--weights", str(weights), *data, "--out", str(out), *STORAGE, *extra]
+    )
 
 
 def _add(w, out: Path, *extra: str, name: str = "bert3"):
@@ -86,7 +88,9 @@ def _error_line(result) -> str:
 
 def _files(path: Path) -> dict[str, str]:
     return {
-        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.rglob("*")) if f.is_file()
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
     }
 
 
@@ -163,8 +167,15 @@ def test_readers_see_every_teacher(work):
 def test_the_library_takes_the_store_record(work):
     """``settle`` fills what the store records; without it a differing option is refused, never overridden."""
     out = _copy(work, "library.zarr")
-    cfg = ExtractConfig(add_teacher="bert", teacher_name="bert3", weights=str(work["b"]), out=out, chunk_size=4,
-                        shard_size=8, autocast="none")
+    cfg = ExtractConfig(
+        add_teacher="bert",
+        teacher_name="bert3",
+        weights=str(work["b"]),
+        out=out,
+        chunk_size=4,
+        shard_size=8,
+        autocast="none",
+    )
     with pytest.raises(MmkdError, match="not the store's"):  # dataset 'shapes' (the default) is not this store's
         extract(cfg, show_progress=False)
     with pytest.raises(MmkdError, match="--views 2: the store"):

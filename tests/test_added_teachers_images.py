@@ -38,7 +38,9 @@ def _ok(result) -> None:
 
 
 def _files(path: Path) -> dict[str, str]:
-    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in path.rglob("*") if f.is_file()}
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in path.rglob("*") if f.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
