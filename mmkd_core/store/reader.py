@@ -73,6 +73,8 @@ class StoreReader:
             raise SchemaError(f"{self.path}: its {TEACHERS_GROUP} group cannot be read ({type(e).__name__})") from None
         out = {}
         for name in names:
+            if "shards_done" not in self.group[TEACHERS_GROUP][name]:
+                continue  # created last: a group without it is being created (or its creation was cut short)
             if name == self.teacher_name:
                 raise SchemaError(f"{self.path}: teacher group {TEACHERS_GROUP}/{name} has the first teacher's name")
             reader = StoreReader(teacher_path(self.path, name), teachers=False)
