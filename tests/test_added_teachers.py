@@ -266,6 +266,18 @@ def test_a_damaged_teacher_group_is_refused_in_one_line(work, damage, needle):
     assert report.exit_code == 1 and "teacher bert3's attributes or layout are damaged" in report.output
 
 
+@pytest.mark.parametrize("text", ["{not json", '{"zarr_format": 3, "node_type": "array"}', ""])
+def test_a_damaged_teacher_group_zarr_json_is_one_line(work, text):
+    out = _copy(work, "garbled.zarr")
+    _ok(_add(work, out))
+    (out / "teachers" / "bert3" / "zarr.json").write_text(text)
+    with pytest.raises(MmkdError) as e:
+        open_store(out)
+    assert "teachers" in str(e.value) and "\n" not in str(e.value)
+    report = CliRunner().invoke(verify_app, [str(out)])
+    assert report.exit_code == 1 and "Traceback" not in report.output, report.output
+
+
 def test_teachers_that_disagree_on_the_sample_count_are_refused(work):
     out = _copy(work, "count.zarr")
     short = work["root"] / "trials" / "short.zarr"

@@ -64,20 +64,18 @@ class StoreReader:
         return {**self.__dict__, "_group": None}
 
     def _open_teachers(self) -> dict[str, StoreReader]:
-        """The store's teacher groups, each opened and checked against the root (one line if one is not)."""
-        try:
-            if TEACHERS_GROUP not in self.group:
-                return {}
-            names = sorted(self.group[TEACHERS_GROUP].group_keys())
-        except Exception as e:  # noqa: BLE001 -- a damaged teachers/zarr.json
-            raise SchemaError(f"{self.path}: its {TEACHERS_GROUP} group cannot be read ({type(e).__name__})") from None
+        """The store's teacher groups, each opened and checked against the root (one line if one is not). Every
+        directory in ``teachers`` is one, except one still being created (``shards_done`` is created last)."""
+        groups = self.path / TEACHERS_GROUP
+        names = sorted(e.name for e in groups.iterdir() if e.is_dir()) if groups.is_dir() else []
         out = {}
         for name in names:
-            if "shards_done" not in self.group[TEACHERS_GROUP][name]:
-                continue  # created last: a group without it is being created (or its creation was cut short)
+            where = teacher_path(self.path, name)
+            if not (where / "shards_done" / "zarr.json").exists():
+                continue
             if name == self.teacher_name:
                 raise SchemaError(f"{self.path}: teacher group {TEACHERS_GROUP}/{name} has the first teacher's name")
-            reader = StoreReader(teacher_path(self.path, name), teachers=False)
+            reader = StoreReader(where, teachers=False)
             check_group_record(self.attrs, reader.attrs, name, len(reader), len(self), str(self.path))
             out[name] = reader
         return out
