@@ -389,3 +389,14 @@ def test_verify_repairs_a_damaged_teacher_group(work):
     assert {k: v for k, v in after.items() if "zarr.json" not in k} == {
         k: v for k, v in before.items() if "zarr.json" not in k
     }
+
+
+def test_overwrite_extracts_that_teacher_again_and_nothing_else(work):
+    out = _copy(work, "overwrite.zarr")
+    before = _files(out)
+    _ok(_add(work, out))
+    group = out / "teachers" / "bert3"
+    (group / "tokens" / "c" / "0" / "0" / "0" / "0").unlink()  # to see that the group is written afresh
+    _ok(_add(work, out, "--overwrite"))
+    _same_arrays(work["alone"], group)
+    assert {k: v for k, v in _files(out).items() if not k.startswith("teachers/")} == before
