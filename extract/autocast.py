@@ -39,10 +39,10 @@ def resolve_autocast(cfg: ExtractConfig, teacher) -> tuple[ExtractConfig, Choice
 
 
 def _recorded_autocast(cfg: ExtractConfig) -> str | None:
-    """``recipe.autocast`` of the store at ``cfg.out`` when this run resumes it (not ``--overwrite``)."""
-    if cfg.overwrite or not cfg.out.exists():
+    """``recipe.autocast`` of the store at ``cfg.target`` when this run resumes it (not ``--overwrite``)."""
+    if cfg.overwrite or not cfg.target.exists():
         return None
-    recipe = (read_attrs(cfg.out) or {}).get("recipe")
+    recipe = (read_attrs(cfg.target) or {}).get("recipe")
     value = recipe.get("autocast") if isinstance(recipe, dict) else None
     return value if value in ("none", "bfloat16", "float16") else None
 

@@ -10,6 +10,7 @@ import typer
 from mmkd.app.cli import setup_logging
 from mmkd.app.options import Extra, build_command, option
 from mmkd.app.progress import console
+from mmkd_core.errors import MmkdError
 
 from .config import ExtractConfig
 from .report import summary_table
@@ -23,6 +24,7 @@ EXAMPLES = """Examples:
   mmkd-extract --config extract.yaml --limit 1000  # options from a file; the command line overrides it
   mmkd-extract --dataset text --data-root sentences.txt --cluster local:4    # shards over 4 processes
   mmkd-extract --dataset text --data-root sentences.txt --shards $SLURM_ARRAY_TASK_ID/8  # one of 8 jobs
+  mmkd-extract --add-teacher mpnet-base --out minilm-l6-text-train.zarr   # a second teacher, same samples
 
 Run an interrupted command again to continue where it stopped."""
 
@@ -38,6 +40,12 @@ def run_command(cfg: ExtractConfig, extras: dict[str, Any], given: set[str]) -> 
     """What ``mmkd-extract`` does with its configuration: predict the run (``--plan``) or extract, then print
     the result unless ``--quiet``."""
     setup_logging(extras["verbose"])
+    if cfg.add_teacher:
+        from .added import settle  # the store's record gives the data and the views
+
+        if "teacher" in given:
+            raise MmkdError("--teacher and --add-teacher: --add-teacher names the teacher added to the store --out")
+        cfg = settle(cfg, given)
     if cfg.plan:
         from .plan import plan as predict
         from .plan import plan_tables

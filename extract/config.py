@@ -44,6 +44,20 @@ class ExtractConfig:
         noun="teacher",
         help=lambda: f"Teacher: {', '.join(_teachers().names())} (clip: --teacher-option tower=vision or tower=text).",
     )
+    add_teacher: str | None = option(
+        None,
+        metavar="TEACHER",
+        noun="teacher",
+        choices=_teachers,
+        help="Add this teacher to the existing store --out, in its own group teachers/<name>: on the store's own "
+        "samples and views (dataset, split, views and seed come from the store; --data-root if the data moved). "
+        "--weights, --teacher-option, --random-weights and the target and storage options apply to it.",
+    )
+    teacher_name: str | None = option(
+        None,
+        metavar="NAME",
+        help="With --add-teacher: the teacher's name in the store (default: the teacher's, e.g. mpnet-base).",
+    )
     weights: str | None = option(
         None,
         help="Checkpoint file or directory, or a repo id in the local Hugging Face cache (default: the "
@@ -154,6 +168,15 @@ class ExtractConfig:
         return int(self.cluster.split(":")[1]) if self.cluster else None
 
     @property
+    def target(self) -> Path | StoreURL:
+        """The store this run writes: ``out``, or with ``--add-teacher`` its teacher group inside ``out``."""
+        if not self.add_teacher:
+            return self.out
+        from mmkd_core.store.teachers import teacher_path  # here: mmkd-extract --help loads no zarr
+
+        return teacher_path(self.out, self.teacher_name)
+
+    @property
     def shard_slice(self) -> tuple[int, int] | None:
         """(K, N) of ``--shards K/N``."""
         return tuple(map(int, self.shards.split("/"))) if self.shards else None
@@ -181,6 +204,7 @@ class ExtractConfig:
         if self.chunk_size and self.shard_size and self.shard_size % self.chunk_size:
             raise MmkdError(f"--shard-size {self.shard_size}: must be a multiple of --chunk-size {self.chunk_size}")
         self._check_distribution()
+        self._check_added()
         if self.data_root is not None and not str(self.data_root).strip():
             raise MmkdError("--data-root is empty: give the dataset's file or directory")
         if self.out is None:
@@ -188,6 +212,20 @@ class ExtractConfig:
         self.out = store_location(self.out, "--out")
         if self.out.exists() and not self.out.is_dir():
             raise MmkdError(f"--out {self.out}: is a file, not a store directory; choose another --out")
+
+    def _check_added(self) -> None:
+        if self.teacher_name is not None and not self.add_teacher:
+            raise MmkdError("--teacher-name names a teacher added to a store: use it with --add-teacher")
+        if not self.add_teacher:
+            return
+        from mmkd_core.store.teachers import check_teacher_name
+
+        if self.out is None:
+            raise MmkdError("--add-teacher: give the store to add it to with --out")
+        self.teacher = self.add_teacher
+        self.teacher_name = check_teacher_name(self.teacher_name or self.add_teacher)
+        if self.text_tokenizer:
+            raise MmkdError("--add-teacher with --text-tokenizer: teachers are added to stores of one modality only")
 
     def _check_distribution(self) -> None:
         if self.cluster is not None:

@@ -97,7 +97,7 @@ def open_run_writer(cfg: ExtractConfig, open_writer: Callable[..., StoreWriter])
     finally:
         store_lock.release()
     try:
-        return SliceWriter(writer.path, writer.layout, writer.group, lock)
+        return SliceWriter(writer.path, writer.layout, writer.group, lock, writer.lock_of)
     except BaseException:
         lock.release()
         raise
@@ -111,7 +111,7 @@ class SliceWriter(StoreWriter):
         if self.closed:
             raise RuntimeError(f"StoreWriter of {self.path} is closed")
         try:
-            store_lock = wait_for_lock(lock_path(self.path), self.path, LOCK_WAIT)
+            store_lock = wait_for_lock(lock_path(self.lock_of), self.lock_of, LOCK_WAIT)
             try:
                 if not self._captions_complete():
                     return False
@@ -416,7 +416,7 @@ def _build(cfg: ExtractConfig, layout, recipe: dict, worker) -> tuple[Prepared, 
         torch.set_num_threads(max(1, cpus // cfg.cluster_workers))  # the host's cores shared by its workers
     prepared = prepare(cfg, layout)
     where = f"worker {worker.address} on {socket.gethostname()}"
-    stored = open_store(cfg.out).attrs
+    stored = open_store(cfg.target).attrs
     mine = {k: v for k, v in prepared.teacher.describe().items() if k != "source"}  # its path may differ here
     diff = config_diff({k: stored["teacher"].get(k) for k in mine}, mine, "teacher.")
     if diff is None and prepared.recipe != recipe:
@@ -427,6 +427,7 @@ def _build(cfg: ExtractConfig, layout, recipe: dict, worker) -> tuple[Prepared, 
         raise MmkdError(
             f"{where}: its {diff} differs from the store's; give every worker the same mmkd, weights and data"
         )
-    writer = StoreWriter(cfg.out, layout, zarr.open_group(str(cfg.out), mode="r+"))  # the client holds the lock
+    target = cfg.target  # the store, or an added teacher's group in it; the client holds the store's lock
+    writer = StoreWriter(target, layout, zarr.open_group(str(target), mode="r+"), lock_of=cfg.out)
     log.info("%s: teacher %s loaded", where, cfg.teacher)
     return prepared, writer

@@ -293,19 +293,23 @@ class ImageFeeder:
         loader = DataLoader(
             _Views(self.dataset, self.spec), batch_sampler=[b for _, b in rows], num_workers=self.workers
         )
-        v = self.views
         for (k, _), (pixels, params, idx) in zip(rows, loader, strict=True):
-            b = pixels.shape[0]
-            checksums = view_checksum(pixels, self.spec)  # (b, V): of the tensor that goes to the teacher
-            for i, p, c in zip(idx.tolist(), params.numpy(), checksums, strict=True):
-                self._params[i] = p
-                self._checksums[i] = c
-            yield {
-                "inputs": {"pixel_values": pixels.reshape(b * v, *pixels.shape[2:]).to(self._device())},
-                "positions": np.repeat(idx.numpy(), v),
-                "view_ids": np.tile(np.arange(v), b),
-                "shard": k,
-            }
+            yield self.teacher_batch(k, pixels, params, idx)
+
+    def teacher_batch(self, k: int, pixels: torch.Tensor, params: torch.Tensor, idx: torch.Tensor) -> dict[str, Any]:
+        """Shard ``k``'s batch of rendered views (b, V, 3, H, W) as the teacher reads it; the views' parameters
+        and the checksums of their teacher inputs are kept for ``finish_shard``."""
+        b, v = pixels.shape[0], self.views
+        checksums = view_checksum(pixels, self.spec)  # (b, V): of the tensor that goes to the teacher
+        for i, p, c in zip(idx.tolist(), params.numpy(), checksums, strict=True):
+            self._params[i] = p
+            self._checksums[i] = c
+        return {
+            "inputs": {"pixel_values": pixels.reshape(b * v, *pixels.shape[2:]).to(self._device())},
+            "positions": np.repeat(idx.numpy(), v),
+            "view_ids": np.tile(np.arange(v), b),
+            "shard": k,
+        }
 
     def sample_batches(self, ranges: list[tuple[int, int, int]], batch_size: int) -> Iterator[dict[str, Any]]:
         return self.batches(ranges, batch_size)

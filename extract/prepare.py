@@ -21,11 +21,13 @@ from mmkd_core.targets import select_layers
 from mmkd_core.teachers import create_teacher, teacher_runtime
 from mmkd_core.versions import library_versions
 
+from .added import Root, check_data, check_teacher, open_root, settle
 from .autocast import autocast_context, resolve_autocast
 from .config import ExtractConfig
 from .feeders import Feeder, ImageFeeder, TextFeeder
 from .hardware import Choice
 from .pairs import PairCaptions, caption_writer, is_pair_store
+from .replay import ReplayImageFeeder
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Prepared:
             None where another process places it (a cluster worker without shard 0).
         compute: The compute dtype and why (``resolve_autocast``); None where another process resolved it.
         captions: A pair store's captions (``pairs.PairCaptions``); None otherwise.
+        root: With ``--add-teacher``, the store the teacher is added to (``added.Root``); None otherwise.
     """
 
     cfg: ExtractConfig
@@ -59,6 +62,7 @@ class Prepared:
     probe: dict[str, Any] | None = None
     compute: Choice | None = None
     captions: PairCaptions | None = None
+    root: Root | None = None
 
     def targets(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """A batch's results through the feeder, the teacher in the run's autocast."""
@@ -75,25 +79,34 @@ def prepare(cfg: ExtractConfig, layout: Layout | None = None) -> Prepared:
             compute dtype is taken as ``cfg`` gives it, and a pair store's captions (the client writes them)
             are left out.
     """
-    dataset, teacher, samples, n, pairs = _load(cfg)
+    root = None
+    if cfg.add_teacher:  # the store's record first: its refusals come before the teacher loads
+        cfg = settle(cfg)
+        root = open_root(cfg)
+    dataset, teacher, samples, n, pairs = _load(cfg, root)
+    if root is not None:
+        check_data(root, dataset_record(cfg, samples, n), cfg)
     compute = None
     if layout is None:
         cfg, compute = resolve_autocast(cfg, teacher)
     captions = PairCaptions(dataset, samples, n, teacher, cfg.text_tokenizer) if pairs and layout is None else None
-    feeder = feeder_for(cfg, samples, teacher, n)
+    feeder = feeder_for(cfg, samples, teacher, n, root)
     recipe = target_recipe(cfg, teacher, pairs)
-    prepared = Prepared(cfg, dataset, teacher, samples, n, feeder, recipe, layout, None, compute, captions)
+    prepared = Prepared(cfg, dataset, teacher, samples, n, feeder, recipe, layout, None, compute, captions, root)
     if layout is None:
         prepared.layout, prepared.probe = _probe_layout(prepared)
     return prepared
 
 
-def _load(cfg: ExtractConfig) -> tuple[Any, Any, Any, int, bool]:
-    """The dataset, the teacher, the samples it runs over, their number and whether they make a pair store."""
+def _load(cfg: ExtractConfig, root: Root | None = None) -> tuple[Any, Any, Any, int, bool]:
+    """The dataset, the teacher, the samples it runs over, their number and whether they make a pair store
+    (a teacher added to the store ``root``: first checked against the store's modality)."""
     dataset = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split, **cfg.dataset_options)
     teacher = create_teacher(
         cfg.teacher, cfg.weights, random_init=cfg.random_weights, device=cfg.device, **cfg.teacher_options
     )
+    if root is not None:
+        check_teacher(root, teacher, cfg)
     _check_modalities(cfg, teacher, dataset)
     pairs = is_pair_store(teacher, dataset, cfg.text_tokenizer)
     if cfg.text_tokenizer and not pairs:
@@ -116,14 +129,17 @@ def _check_modalities(cfg: ExtractConfig, teacher, dataset) -> None:
         raise MmkdError(f"--views {cfg.views}: text has one view")
 
 
-def feeder_for(cfg: ExtractConfig, samples, teacher, n: int) -> Feeder:
-    """What feeds the teacher the first ``n`` samples: tokenized text, rendered image views, or both."""
+def feeder_for(cfg: ExtractConfig, samples, teacher, n: int, root: Root | None = None) -> Feeder:
+    """What feeds the teacher the first ``n`` samples: tokenized text, rendered image views (a teacher added to
+    the store ``root``: its stored views), or both."""
     if teacher.modality == "text":
         return TextFeeder(samples, teacher, n)
     if teacher.modality == "image_text":  # a joint teacher (FLAVA, ViLT): one sample per pair
         from .joint import JointFeeder
 
         return JointFeeder(samples, teacher, n, cfg.views, cfg.seed, cfg.crop_scale, cfg.workers)
+    if root is not None:
+        return ReplayImageFeeder(samples, teacher, n, root.reader, cfg.workers)
     return ImageFeeder(samples, teacher, n, cfg.views, cfg.seed, cfg.crop_scale, cfg.workers)
 
 
@@ -212,30 +228,35 @@ def _preprocess_attrs(teacher) -> dict[str, Any]:
     return asdict(pre) if is_dataclass(pre) else dict(pre)
 
 
+def dataset_record(cfg: ExtractConfig, samples, n: int, captions: PairCaptions | None = None) -> dict[str, Any]:
+    """The store's ``dataset`` record: the samples' description, modality, fingerprint, count and limit."""
+    return {
+        "options": cfg.dataset_options,
+        **samples.describe(),
+        "modality": samples.modality,
+        "fingerprint": samples.fingerprint(),
+        "num_samples": n,
+        "limit": cfg.limit,
+        "source_size": len(samples),
+        **(captions.describe() if captions is not None else {}),
+    }
+
+
 def open_writer(prepared: Prepared, locked: bool = True) -> StoreWriter:
-    """Create the store ``prepared.cfg.out`` or resume it (its configuration verified).
+    """Create the store ``prepared.cfg.target`` or resume it (its configuration verified): the store ``--out``,
+    or with ``--add-teacher`` the teacher's group inside it, under the store's lock.
 
     Args:
         prepared: The run.
         locked: Hold the store lock until the writer closes; False leaves the lock to the caller.
     """
     cfg, samples, captions = prepared.cfg, prepared.samples, prepared.captions
-    dataset_attrs = {
-        "options": cfg.dataset_options,
-        **samples.describe(),
-        "modality": samples.modality,
-        "fingerprint": samples.fingerprint(),
-        "num_samples": prepared.num_samples,
-        "limit": cfg.limit,
-        "source_size": len(samples),
-        **(captions.describe() if captions is not None else {}),
-    }
     config = {
         "teacher": prepared.teacher.describe(),
         "recipe": prepared.recipe,
         "preprocess": _preprocess_attrs(prepared.teacher),
         "views": prepared.feeder.describe_views(),
-        "dataset": dataset_attrs,
+        "dataset": dataset_record(cfg, samples, prepared.num_samples, captions),
     }
     # where the data was read is recorded for the loader, not compared: moving the data is fine
     data_root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None
@@ -247,9 +268,17 @@ def open_writer(prepared: Prepared, locked: bool = True) -> StoreWriter:
         "teacher_runtime": teacher_runtime(prepared.teacher),
         **prepared.feeder.extra_attrs(),
         **(captions.extra_attrs() if captions else {}),
+        **({"teacher_group": cfg.teacher_name} if cfg.add_teacher else {}),
     }
     return StoreWriter.open(
-        cfg.out, prepared.layout, config, library_versions(), overwrite=cfg.overwrite, locked=locked, extra=extra
+        cfg.target,
+        prepared.layout,
+        config,
+        library_versions(),
+        overwrite=cfg.overwrite,
+        locked=locked,
+        extra=extra,
+        inside=cfg.out if cfg.add_teacher else None,
     )
 
 

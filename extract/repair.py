@@ -1,6 +1,7 @@
 """Repairing a damaged store: the shards ``verify`` found damaged are marked not done and extracted again
 with the configuration the store records, so the result equals the undamaged store (the extraction is
-deterministic per shard, and resuming a store checks every compared field against the run)."""
+deterministic per shard, and resuming a store checks every compared field against the run). An added
+teacher's damaged shards are extracted again the same way, as ``--add-teacher`` with its group's record."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 def config_from_store(
     path: Location, attrs: dict[str, Any], weights: str | None = None, device: str = "cpu"
 ) -> ExtractConfig:
-    """The ExtractConfig that wrote the store at ``path``, from its recorded provenance.
+    """The ExtractConfig that wrote the store at ``path``, from its recorded provenance (a teacher group's:
+    the ``--add-teacher`` run that wrote it into the store it lies in).
 
     Args:
         weights: The teacher's weights when they are no longer where the store says (``teacher.source``).
@@ -38,6 +40,8 @@ def config_from_store(
     random = source == "random"
     if weights is None and not random and not source.startswith(("package:", "hub:")) and Path(source).exists():
         weights = source
+    group = attrs.get("teacher_group")
+    added = {"add_teacher": build["name"], "teacher_name": group} if group else {}
     return ExtractConfig(
         teacher=build["name"],
         teacher_options=dict(build.get("options") or {}),
@@ -48,7 +52,7 @@ def config_from_store(
         dataset_options=dict(dataset.get("options") or {}),
         data_root=attrs.get("data_root"),
         limit=dataset.get("limit"),
-        out=path,
+        out=path.parent.parent if group else path,  # a teacher group lies in teachers/ of its store
         views=int(views["count"]),
         seed=int(views.get("seed", 0)),
         crop_scale=tuple(views.get("scale", (0.08, 1.0))),
@@ -63,35 +67,45 @@ def config_from_store(
         chunk_size=int(storage["chunk_samples"]),
         shard_size=int(storage["shard_samples"]),
         device=device,
+        **added,
     )
 
 
 def repair(
     report: Report, weights: str | None = None, device: str = "cpu", show_progress: bool = True
-) -> ExtractSummary:
-    """Extract the damaged shards of ``report`` again, in place.
+) -> list[ExtractSummary]:
+    """Extract the damaged shards of ``report`` again, in place: the store's, then each added teacher's.
+
+    Args:
+        weights: The weights of the teacher whose shards are damaged, when no longer where its record says
+            (with several teachers damaged, each is found where its record says).
 
     Raises:
-        MmkdError: the store is not repairable (its attributes or layout are damaged), or the recorded
-            configuration no longer reproduces it (the resume check names the field).
+        MmkdError: the store is not repairable (attributes or layout damaged, its own or a teacher's), or the
+            recorded configuration no longer reproduces it (the resume check names the field).
     """
-    path = report.path
     if not report.repairable:
-        raise MmkdError(f"{path}: its attributes or layout are damaged, which re-extracting shards cannot mend")
+        raise MmkdError(f"{report.path}: attributes or layout are damaged, which re-extracting shards cannot mend")
+    damaged = [r for r in (report, *report.teachers.values()) if r.damaged_shards]
+    return [_repair_one(r, weights if len(damaged) == 1 else None, device, show_progress) for r in damaged]
+
+
+def _repair_one(report: Report, weights: str | None, device: str, show_progress: bool) -> ExtractSummary:
+    path = report.path
     attrs = read_attrs(path)
     if attrs is None:
         raise MmkdError(f"{path}: not an mmkd store")
     cfg = config_from_store(path, attrs, weights, device)
-    _mark_not_done(path, report.damaged_shards)
+    _mark_not_done(path, report.damaged_shards, cfg.out)
     log.warning("%s: extracting shards %s again", path, ", ".join(map(str, report.damaged_shards)))
     return extract(cfg, show_progress=show_progress)
 
 
-def _mark_not_done(path: Location, shards: list[int]) -> None:
-    """Under the store's lock: the shards not done, their files deleted (a shard's damaged index would be read
-    back when it is written again), the store not complete."""
-    lock = StoreLock(lock_path(path))
-    lock.acquire(path)
+def _mark_not_done(path: Location, shards: list[int], store: Location) -> None:
+    """Under the lock of ``store`` (the store ``path`` is, or lies in): the shards not done, their files deleted
+    (a shard's damaged index would be read back when it is written again), the store not complete."""
+    lock = StoreLock(lock_path(store))
+    lock.acquire(store)
     try:
         group = zarr.open_group(str(path), mode="r+")
         done = group["shards_done"]

@@ -52,7 +52,8 @@ class ExtractSummary:
 
 
 def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
-    """Run the teacher over the dataset and write (or finish writing) the store ``cfg.out``.
+    """Run the teacher over the dataset and write (or finish writing) the store ``cfg.out`` (with
+    ``--add-teacher``: the teacher's group in it, ``added``).
 
     An image teacher over image–caption pairs writes a pair store (see ``pairs``): its samples are the
     distinct images, the teacher runs once per image and view, and its captions are a store inside it.
@@ -63,7 +64,7 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
     writer = open_run_writer(cfg, functools.partial(open_writer, prepared))
     scope = shards_of(cfg, layout.num_shards)
     todo = [k for k in scope if k not in writer.done_shards()]
-    label = f"extract {cfg.teacher} → {cfg.out.name}"
+    label = f"extract {cfg.teacher} → {cfg.out.name}" + (f"/teachers/{cfg.teacher_name}" if cfg.add_teacher else "")
     start = time.perf_counter()
     with writer:  # closed (its lock released) on leaving, after the shard in flight has landed
         if prepared.captions is not None and scope[:1] == [0]:  # by the run with shard 0 (--shards: slice 0)
@@ -76,14 +77,14 @@ def extract(cfg: ExtractConfig, show_progress: bool = True) -> ExtractSummary:
             _add_seconds(writer, time.perf_counter() - start)
         complete = writer.finish()
     return ExtractSummary(
-        path=str(cfg.out),
+        path=str(cfg.target),
         samples=prepared.num_samples,
         views=prepared.feeder.views,
         shards_written=len(todo),
         shards_total=layout.num_shards,
         samples_written=shard_samples(layout, todo),
         seconds=time.perf_counter() - start,
-        bytes_on_disk=open_store(cfg.out).nbytes_stored(),
+        bytes_on_disk=open_store(cfg.target).nbytes_stored(),
         complete=complete,
         distinct_inputs=prepared.feeder.distinct_inputs,
         autocast=prepared.compute,

@@ -75,6 +75,7 @@ class StoreDataset(IterableDataset):
             source text (``source.text(index)``) through this tokenizer instead of the store's ids (a student
             whose tokenizer is not the teacher's); ``mask`` and ``lengths`` stay the stored tokens'.
         in_memory: Read the whole store into memory first (benchmarks: the cost of streaming).
+        teacher: Which of the store's teachers' targets to read (``StoreReader.teachers``); default the first.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class StoreDataset(IterableDataset):
         captions: CaptionTable | None = None,
         retokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
         in_memory: bool = False,
+        teacher: str | None = None,
     ) -> None:
         super().__init__()
         if targets not in TARGET_MODES:
@@ -108,7 +110,7 @@ class StoreDataset(IterableDataset):
         self.retokenize = retokenize
         self.store_path, self.seed, self.view, self.targets = store, seed, view, targets
         self.source, self.render_spec, self.image_spec, self.image_cache = source, render_spec, image_spec, image_cache
-        self.names, self.captions, self.in_memory = names, captions, in_memory
+        self.names, self.captions, self.in_memory, self.teacher = names, captions, in_memory, teacher
         self._reader: StoreReader | None = None
         self.rank, world = _ranks(rank, world_size)
         self.steps = StepSpec(batch_size, world, remainder)
@@ -124,9 +126,9 @@ class StoreDataset(IterableDataset):
 
     @property
     def reader(self) -> StoreReader:
-        """The store, opened on first use in this process."""
+        """The store (its teacher ``teacher``'s arrays), opened on first use in this process."""
         if self._reader is None:
-            self._reader = open_store(self.store_path)
+            self._reader = open_store(self.store_path).teacher(self.teacher)
         return self._reader
 
     # ------------------------------------------------------------------------------------------------ state

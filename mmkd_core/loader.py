@@ -123,7 +123,7 @@ def store_loader(
         workers: Reading processes.
         pin_memory: Pin batches (default: when CUDA is available).
         **options: ``StoreDataset`` options: seed, rank, world_size, remainder, by_length, view, targets,
-            source, render_spec, captions, ...
+            source, render_spec, captions, teacher (which of the store's teachers; default the first), ...
 
     Returns:
         A ``StoreLoader``: iterate it once per epoch; ``state_dict()``/``load_state_dict()`` resume it.

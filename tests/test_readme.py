@@ -15,6 +15,7 @@ import typer
 from conftest import save_tiny_bert
 
 from mmkd.app.entry import STAGES as STAGE_MODULES
+from mmkd.extract.added import settle
 from mmkd.extract.config import ExtractConfig
 from mmkd.extract.run import extract
 from mmkd.train.config import TrainConfig
@@ -125,6 +126,9 @@ def folder(tmp_path_factory, minilm):
         ),
         **q,
     )
+    # docs/store.md reads a second teacher of wordnet.zarr, mpnet-base: here a tiny BERT under that name
+    added = ExtractConfig(add_teacher="bert", teacher_name="mpnet-base", weights=str(bert), out=root / "wordnet.zarr")
+    extract(settle(added, given={"add_teacher", "teacher_name", "weights", "out"}), **q)
     torch.manual_seed(0)
     beit = root / "beit.pth"
     torch.save({"model": timm.create_model("beitv2_base_patch16_224", num_classes=0, **TINY_VIT).state_dict()}, beit)

@@ -16,6 +16,7 @@ from ..location import Location, store_location
 from .layout import DIMS, TARGETS, dimension_names
 from .provenance import config_diff, describe_diff
 from .schema import SchemaError, check_arrays, validate_attrs
+from .teachers import TEACHERS_GROUP, check_group_record, root_teacher_name, teacher_path
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -25,14 +26,20 @@ class StoreReader:
     """Reads a store. Opening it reads its provenance (and refuses what is not an mmkd store); the zarr group
     itself is not pickled with the reader, so a reader sent to DataLoader workers opens it again there.
 
+    A store may hold several teachers (``teachers``): the reader reads the first (the root's arrays), and
+    ``teacher(name)`` gives a reader of another, with this same API.
+
     Args:
         path: Store directory or URL (``location.store_location``).
+        teachers: Open and check the store's further teacher groups (``mmkd_core.store.teachers``); False
+            reads the root alone (``mmkd-verify`` checks each group apart).
 
     Raises:
-        MmkdError: nothing is at ``path``, or it is not an mmkd store.
+        MmkdError: nothing is at ``path``, it is not an mmkd store, or a teacher group's attributes are
+            damaged or disagree with the store's (sample count, views, data).
     """
 
-    def __init__(self, path: str | Location) -> None:
+    def __init__(self, path: str | Location, *, teachers: bool = True) -> None:
         self.path = store_location(path)
         if not self.path.exists():
             raise MmkdError(f"{self.path}: no such store")
@@ -51,9 +58,50 @@ class StoreReader:
         check_arrays(self.attrs, self._array_specs(), str(self.path))
         self._checked_shards: set[tuple[str, int]] = set()
         self._done: np.ndarray | None = None
+        self._teachers: dict[str, StoreReader] = self._open_teachers() if teachers else {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_group": None}
+
+    def _open_teachers(self) -> dict[str, StoreReader]:
+        """The store's teacher groups, each opened and checked against the root (one line if one is not). Every
+        directory in ``teachers`` is one, except one still being created (``shards_done`` is created last)."""
+        groups = self.path / TEACHERS_GROUP
+        names = sorted(e.name for e in groups.iterdir() if e.is_dir()) if groups.is_dir() else []
+        out = {}
+        for name in names:
+            where = teacher_path(self.path, name)
+            if not (where / "shards_done" / "zarr.json").exists():
+                continue
+            if name == self.teacher_name:
+                raise SchemaError(f"{self.path}: teacher group {TEACHERS_GROUP}/{name} has the first teacher's name")
+            reader = StoreReader(where, teachers=False)
+            check_group_record(self.attrs, reader.attrs, name, len(reader), len(self), str(self.path))
+            out[name] = reader
+        return out
+
+    @property
+    def teacher_name(self) -> str:
+        """The name of the teacher this reader reads: a group's own name, or the root teacher's."""
+        group = self.attrs.get("teacher_group")
+        return group if isinstance(group, str) else root_teacher_name(self.attrs)
+
+    @property
+    def teachers(self) -> list[str]:
+        """The store's teachers: the first (the root's arrays), then the added ones, by name."""
+        return [self.teacher_name, *self._teachers]
+
+    def teacher(self, name: str | None = None) -> StoreReader:
+        """A reader of teacher ``name``'s arrays (None or the first teacher's name: this reader).
+
+        Raises:
+            MmkdError: the store holds no teacher of that name (the message lists those it holds).
+        """
+        if name is None or name == self.teacher_name:
+            return self
+        if name not in self._teachers:
+            raise MmkdError(f"{self.path}: no teacher {name!r} in this store; it holds {', '.join(self.teachers)}")
+        return self._teachers[name]
 
     def _array_specs(self) -> dict[str, tuple[tuple[int, ...], str, int]]:
         try:
@@ -346,6 +394,8 @@ class StoreReader:
         except Exception as e:  # noqa: BLE001 — a repr never raises
             return f"<StoreReader {self.path}: unreadable ({type(e).__name__}: {e})>"
         lines = [f"<StoreReader {self.path}: {head}" + (f"; {origin}" if origin else "")]
+        if getattr(self, "_teachers", None):
+            rows.append(f"  teachers: {', '.join(self.teachers)} (reader.teacher(name))")
         return "\n".join([*lines, *rows]) + ">"
 
 
@@ -390,6 +440,12 @@ def _exists(group: zarr.Group, key: str) -> bool:
     return bool(sync(group.store.exists(key)))
 
 
-def open_store(path: str | Location) -> StoreReader:
-    """Open a store for reading: a directory, or a URL fsspec reaches (``s3://bucket/x.zarr``)."""
-    return StoreReader(path)
+def open_store(path: str | Location, *, teachers: bool = True) -> StoreReader:
+    """Open a store for reading: a directory, or a URL fsspec reaches (``s3://bucket/x.zarr``). Its first
+    teacher's arrays are read; ``reader.teachers`` lists every teacher and ``reader.teacher(name)`` reads one.
+
+    Args:
+        teachers: Open and check the added teachers' groups too (False: the first teacher alone, e.g. when a
+            group is damaged).
+    """
+    return StoreReader(path, teachers=teachers)

@@ -24,10 +24,22 @@ log = logging.getLogger(__name__)
 
 class StoreWriter:
     """Creates or resumes a store and writes it shard by shard, holding the store's lock (``lock_path``)
-    from ``open`` until ``close`` (``finish`` closes too; so does leaving a ``with`` block)."""
+    from ``open`` until ``close`` (``finish`` closes too; so does leaving a ``with`` block).
 
-    def __init__(self, path: Location, layout: Layout, group: zarr.Group, lock: StoreLock | None = None) -> None:
+    A store nested in another (a teacher group, ``teachers``) is locked by the outer store's lock: ``lock_of``
+    is the store whose lock guards this one's writes.
+    """
+
+    def __init__(
+        self,
+        path: Location,
+        layout: Layout,
+        group: zarr.Group,
+        lock: StoreLock | None = None,
+        lock_of: Location | None = None,
+    ) -> None:
         self.path, self.layout, self.group = path, layout, group
+        self.lock_of = lock_of if lock_of is not None else path
         self._lock = lock
         missing = [name for name in (*layout.arrays(), "shards_done") if name not in group]
         if missing:
@@ -52,6 +64,7 @@ class StoreWriter:
         overwrite: bool = False,
         extra: dict[str, Any] | None = None,
         locked: bool = True,
+        inside: str | Location | None = None,
     ) -> StoreWriter:
         """Lock the store, then create it, or resume it when its configuration equals ``config``.
 
@@ -64,8 +77,10 @@ class StoreWriter:
                 zarr group whose zarr.json carries the ``mmkd`` attribute) is ever deleted; any other
                 existing path except an empty directory is refused, with or without it.
             extra: Further attributes recorded but not compared (e.g. where the source data was read).
-            locked: Take the store's lock. False only for a store inside another whose writer holds the
-                lock (a pair store's captions).
+            locked: Take the store's lock. False only where the caller holds it (a pair store's captions,
+                whose pair store's writer holds it; a ``--shards`` slice).
+            inside: The store that ``path`` lies in (a teacher group's): its lock is the one taken, and the
+                groups between the two are created (as plain zarr groups) when absent.
 
         Raises:
             MmkdError: another writer holds the lock (or left a stale one), the path is not a store, or the
@@ -75,12 +90,19 @@ class StoreWriter:
         count = (config.get("views") or {}).get("count")
         if count != layout.views:  # a store's record agrees with its arrays (readers check that it does)
             raise MmkdError(f"{path}: the configuration records {count!r} views, the layout has {layout.views}")
+        outer = store_location(inside) if inside is not None else None
+
+        def opened(lock: StoreLock | None) -> StoreWriter:
+            if outer is not None:
+                _make_parents(outer, path)
+            return cls(path, layout, _open_group(path, layout, config, versions, overwrite, extra), lock, outer)
+
         if not locked:
-            return cls(path, layout, _open_group(path, layout, config, versions, overwrite, extra))
-        lock = StoreLock(lock_path(path))
-        lock.acquire(path)
+            return opened(None)
+        lock = StoreLock(lock_path(outer if outer is not None else path))
+        lock.acquire(outer if outer is not None else path)
         try:
-            return cls(path, layout, _open_group(path, layout, config, versions, overwrite, extra), lock)
+            return opened(lock)
         except BaseException:
             lock.release()
             raise
@@ -162,6 +184,20 @@ class StoreWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _make_parents(outer: Location, path: Location) -> None:
+    """The zarr groups between the store ``outer`` and the store ``path`` inside it, created where absent (each
+    a ``zarr.json`` of its own: nothing of ``outer``'s own is written)."""
+    inner = str(path.resolve())
+    base = str(outer.resolve()).rstrip("/")
+    if not inner.startswith(base + "/"):
+        raise ValueError(f"{path} is not inside {outer}")
+    node = outer
+    for part in inner[len(base) + 1 :].split("/")[:-1]:
+        node = node / part
+        if not (node / "zarr.json").exists():
+            zarr.open_group(str(node), mode="a")  # a plain group, created only where none is
 
 
 def _open_group(
