@@ -162,7 +162,7 @@ def test_the_total_is_the_weighted_sum_of_each_teachers_loss(work):
         targets = {"bert": batch["pooled"], "wide": batch["wide/pooled"], "other": batch["other/pooled"]}
         each = {t: pooled_cosine(preds[t], targets[t]) + contrastive_kd(preds[t], targets[t]) for t in preds}
         expected = each["bert"] + 2 * each["wide"] + 0.5 * each["other"]
-        assert float(total) == pytest.approx(float(expected), rel=1e-6)
+        assert float(total.detach()) == pytest.approx(float(expected), rel=1e-6)
         assert terms["wide/loss"] == pytest.approx(float(each["wide"]), rel=1e-6)
     finally:
         recipe.release()
@@ -225,17 +225,23 @@ def test_resume_continues_exactly_and_other_teachers_are_another_run(work, train
 # --------------------------------------------------------------------------------------------------- export
 
 
-def test_every_head_is_exported_and_loads_as_trained(work):
-    from sentence_transformers import SentenceTransformer
-
+@pytest.fixture(scope="module")
+def exported(work):
+    """Trained and exported through the library's recipe: (run directory, the trained student)."""
     recipe = _recipe(work, "export", teachers="bert,wide,other")
     try:
         recipe.train()
         recipe.export()
-        model = recipe.student.eval()
+        return work["root"] / "export", recipe.student.eval()
     finally:
         recipe.release()
-    out = work["root"] / "export" / "student"
+
+
+def test_every_head_is_exported_and_loads_as_trained(exported):
+    from sentence_transformers import SentenceTransformer
+
+    run, model = exported
+    out = run / "student"
     enc = load_encoder(str(out))._tokenize(SENTENCES)
     with torch.no_grad():
         o = model(**enc)
@@ -263,13 +269,10 @@ def test_every_head_is_exported_and_loads_as_trained(work):
     torch.testing.assert_close(hidden, o.last_hidden_state, atol=1e-5, rtol=0)
     with pytest.raises(MmkdError, match="no heads for teacher 'nope'; it has heads for bert, wide, other"):
         load_student(out, teacher="nope")
-    work["export"] = (work["root"] / "export", model)
 
 
-def test_mmkd_eval_scores_each_head_as_the_trained_model(work, tmp_path):
-    if "export" not in work:
-        pytest.skip("needs test_every_head_is_exported_and_loads_as_trained")
-    run, model = work["export"]
+def test_mmkd_eval_scores_each_head_as_the_trained_model(exported, tmp_path):
+    run, model = exported
     rng = np.random.default_rng(1)
     header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
     rows = []
@@ -360,3 +363,42 @@ def test_the_loader_refuses_tokens_of_another_tokenizer(work):
             pass
     with pytest.raises(MmkdError, match="no teacher 'nope'"):
         store_loader(work["store"], 8, teachers=["nope"])
+
+
+# --------------------------------------------------------------------------------------------------- ablate
+
+
+def _mrpc(directory: Path) -> Path:
+    """MRPC's format, a train split whose pairs share about half their words (so students score apart)."""
+    rng = np.random.default_rng(1)
+    header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
+    rows = []
+    for i in range(16):
+        a = list(rng.choice(WORDS, size=6))
+        b = [w if rng.random() < 0.5 else str(rng.choice(WORDS)) for w in a]
+        rows.append(f"1\t{i}\t{i + 100}\t{' '.join(a)}\t{' '.join(b)}")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "msr_paraphrase_train.txt").write_text("\n".join([header, *rows]) + "\n")
+    return directory
+
+
+def test_an_ablation_varies_the_teachers(work, tmp_path):
+    from mmkd.ablate.cli import app as ablate_app
+
+    mrpc = _mrpc(tmp_path / "mrpc")
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"teachers": ["bert", "bert,wide"], "teacher-weight": ["wide=1", "wide=2"]}))
+    base = ["--targets", str(work["store"]), "--eval", f"mrpc:{mrpc}", "--quiet"]
+    train = ["--", "--steps", "2", "--batch-size", "8"]
+    # a bad grid value is refused before anything runs: a weight for a teacher of no run, a name not in the store
+    line = _error_line(CliRunner().invoke(ablate_app, [*base, "--out", str(tmp_path / "bad"), "--grid", str(grid), *train]))
+    assert "--teacher-weight wide=1: wide is not a teacher this run trains against (--teachers bert)" in line
+    line = _error_line(CliRunner().invoke(ablate_app, [*base, "--out", str(tmp_path / "bad"), "--vary", "teachers=bert|bert,nope", *train]))
+    assert "--teachers nope:" in line and not (tmp_path / "bad").exists()
+    grid.write_text(json.dumps([{"teachers": ["bert"]}, {"teachers": ["bert,wide"], "teacher-weight": ["wide=2"]}]))
+    out = tmp_path / "abl"
+    _ok(CliRunner().invoke(ablate_app, [*base, "--out", str(out), "--grid", str(grid), *train]))
+    runs = sorted(p.name for p in out.iterdir() if (p / "config.json").is_file())
+    assert runs == ["teacher-weight=wide=2,teachers=bert+wide,seed=0", "teachers=bert,seed=0"], runs
+    rows = _metrics(out / runs[0])
+    assert "wide/pooled_cosine" in rows[-1] and (out / runs[0] / "student" / "teachers" / "wide").is_dir()
