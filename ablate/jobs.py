@@ -176,7 +176,9 @@ def jobs(cfg: AblateConfig) -> Jobs:
             request = _request(run_cfg, reader, frozenset())
             init_name = run_name(init_settings, seed)
             if trains:
-                runs.append(Job("run", run_name(settings), settings, seed, run_cfg.run_dir, run_cfg, request, tasks, store))
+                runs.append(
+                    Job("run", run_name(settings), settings, seed, run_cfg.run_dir, run_cfg, request, tasks, store)
+                )
                 init_of[run_cfg.run_dir.name] = init_name
             init_cfg = dataclasses.replace(run_cfg, run_dir=out / "init" / init_name)
             request = _request(init_cfg, reader, TRAINING_ONLY)

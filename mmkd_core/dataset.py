@@ -370,7 +370,9 @@ def _further(teachers: Sequence[str] | Mapping[str, Sequence[str]], first: str) 
     for name, arrays in further.items():
         arrays = (arrays,) if isinstance(arrays, str) else tuple(arrays)
         if name == first:
-            raise MmkdError(f"StoreDataset(teachers=...): {name} is the dataset's own teacher (teacher=), not a further one")
+            raise MmkdError(
+                f"StoreDataset(teachers=...): {name} is the dataset's own teacher (teacher=), not a further one"
+            )
         if not arrays or not set(arrays) <= set(TARGET_NAMES):
             raise MmkdError(f"StoreDataset(teachers=...): {name}: {arrays!r}: name tokens, pooled or both")
         out[name] = arrays

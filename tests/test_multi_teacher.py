@@ -93,7 +93,11 @@ def work(tmp_path_factory):
     text.write_text("\n".join(" ".join(rng.choice(WORDS, size=rng.integers(2, 10))) for _ in range(N)) + "\n")
     store = root / "t.zarr"
     data = ["--dataset", "text", "--data-root", str(text)]
-    _ok(CliRunner().invoke(extract_app, ["--teacher", "bert", "--weights", str(first), *data, "--out", str(store), *STORAGE]))
+    _ok(
+        CliRunner().invoke(
+            extract_app, ["--teacher", "bert", "--weights", str(first), *data, "--out", str(store), *STORAGE]
+        )
+    )
     for name, weights in (("wide", wide), ("other", other)):
         args = ["--add-teacher", "bert", "--weights", str(weights), "--teacher-name", name, "--out", str(store)]
         _ok(CliRunner().invoke(extract_app, [*args, *STORAGE]))
@@ -102,7 +106,9 @@ def work(tmp_path_factory):
 
 
 def _train(work, run: str, *args: str):
-    return CliRunner().invoke(train_app, ["--targets", str(work["store"]), "--run-dir", str(work["root"] / run), *TRAIN, *args])
+    return CliRunner().invoke(
+        train_app, ["--targets", str(work["store"]), "--run-dir", str(work["root"] / run), *TRAIN, *args]
+    )
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -177,7 +183,11 @@ def test_teachers_loss_is_the_weighted_sum(w, seed):
     g = torch.Generator().manual_seed(seed)
     loss = build_loss("pooled_mse=1,pooled_cosine=0.5")
     inputs = {
-        f"t{i}": {"mask": None, "pooled": torch.randn(4, d, generator=g, requires_grad=True), "pooled_target": torch.randn(4, d, generator=g)}
+        f"t{i}": {
+            "mask": None,
+            "pooled": torch.randn(4, d, generator=g, requires_grad=True),
+            "pooled_target": torch.randn(4, d, generator=g),
+        }
         for i, d in enumerate((8, 16, 8))
     }
     weights = {f"t{i}": x for i, x in enumerate(w)}
@@ -208,16 +218,33 @@ def test_a_weight_of_zero_leaves_that_teachers_head_untouched(work):
 
 def test_resume_continues_exactly_and_other_teachers_are_another_run(work, trained):
     run = work["root"] / "resumed"
-    _ok(_train(work, "resumed", "--teachers", "bert,wide,other", "--teacher-weight", "wide=2", "--log-every", "1", "--ckpt-every", "2"))
+    _ok(
+        _train(
+            work,
+            "resumed",
+            "--teachers",
+            "bert,wide,other",
+            "--teacher-weight",
+            "wide=2",
+            "--log-every",
+            "1",
+            "--ckpt-every",
+            "2",
+        )
+    )
     shutil.rmtree(run / "checkpoints" / "step_00000003")
     shutil.rmtree(run / "student")
     _ok(CliRunner().invoke(train_app, ["--targets", str(work["store"]), "--run-dir", str(run), "--resume", "--quiet"]))
     a = load_file(str(run / "checkpoints" / "step_00000003" / "model.safetensors"))
     b = load_file(str(trained / "checkpoints" / "step_00000003" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _metrics(run) == [{**r, "seconds": s["seconds"]} for r, s in zip(_metrics(trained), _metrics(run), strict=True)]
+    assert _metrics(run) == [
+        {**r, "seconds": s["seconds"]} for r, s in zip(_metrics(trained), _metrics(run), strict=True)
+    ]
     line = _error_line(
-        CliRunner().invoke(train_app, ["--targets", str(work["store"]), "--run-dir", str(run), "--resume", "--teachers", "bert,wide"])
+        CliRunner().invoke(
+            train_app, ["--targets", str(work["store"]), "--run-dir", str(run), "--resume", "--teachers", "bert,wide"]
+        )
     )
     assert "--teachers 'bert,wide' differs from this run's 'bert,wide,other'" in line
 
@@ -284,11 +311,20 @@ def test_mmkd_eval_scores_each_head_as_the_trained_model(exported, tmp_path):
     scores = {}
     for name, spec in (("bert", run), ("wide", run / "student" / "teachers" / "wide")):
         args = ["--model", str(spec), "--task", "paraphrase", "--dataset", "mrpc", "--data-root", str(tmp_path)]
-        result = _ok(CliRunner().invoke(eval_app, [*args, "--splits", "train", "--json", "--quiet", "--out", str(tmp_path / name)]))
+        result = _ok(
+            CliRunner().invoke(
+                eval_app, [*args, "--splits", "train", "--json", "--quiet", "--out", str(tmp_path / name)]
+            )
+        )
         scores[name] = json.loads(result.stdout)
         head = model if name == "bert" else with_teacher_head(model, name)
         directory = teacher_directory(run / "student", name)
-        ours = eval_paraphrase(StudentEncoder(head, directory, load_encoder(str(directory)).tokenizer), "mrpc", str(tmp_path), splits=["train"])
+        ours = eval_paraphrase(
+            StudentEncoder(head, directory, load_encoder(str(directory)).tokenizer),
+            "mrpc",
+            str(tmp_path),
+            splits=["train"],
+        )
         assert scores[name] == pytest.approx(ours, abs=1e-6)
     assert scores["bert"] != scores["wide"]
 
@@ -296,20 +332,42 @@ def test_mmkd_eval_scores_each_head_as_the_trained_model(exported, tmp_path):
 # ------------------------------------------------------------------------------------------------ refusals
 
 REFUSALS = {
-    "an unknown teacher": (["--teachers", "bert,nope"], "--teachers nope: ", "holds no such teacher (it holds bert, other, wide)"),
-    "a weight for a teacher not trained against": (["--teachers", "bert,wide", "--teacher-weight", "other=1"], "--teacher-weight other=1: other is not a teacher this run trains against"),
-    "a weight beside the default teacher": (["--teacher-weight", "wide=1"], "--teacher-weight wide=1: wide is not a teacher this run trains against (bert)"),
-    "a negative weight": (["--teachers", "bert,wide", "--teacher-weight", "wide=-1"], "--teacher-weight wide=-1: a teacher's weight is a finite number, 0 or more"),
-    "a nan weight": (["--teachers", "bert,wide", "--teacher-weight", "wide=NaN"], "--teacher-weight wide=nan: a teacher's weight is a finite number"),
+    "an unknown teacher": (
+        ["--teachers", "bert,nope"],
+        "--teachers nope: ",
+        "holds no such teacher (it holds bert, other, wide)",
+    ),
+    "a weight for a teacher not trained against": (
+        ["--teachers", "bert,wide", "--teacher-weight", "other=1"],
+        "--teacher-weight other=1: other is not a teacher this run trains against",
+    ),
+    "a weight beside the default teacher": (
+        ["--teacher-weight", "wide=1"],
+        "--teacher-weight wide=1: wide is not a teacher this run trains against (bert)",
+    ),
+    "a negative weight": (
+        ["--teachers", "bert,wide", "--teacher-weight", "wide=-1"],
+        "--teacher-weight wide=-1: a teacher's weight is a finite number, 0 or more",
+    ),
+    "a nan weight": (
+        ["--teachers", "bert,wide", "--teacher-weight", "wide=NaN"],
+        "--teacher-weight wide=nan: a teacher's weight is a finite number",
+    ),
     "a word as weight": (["--teachers", "bert,wide", "--teacher-weight", "wide=heavy"], "--teacher-weight wide=heavy"),
-    "every weight 0": (["--teachers", "bert,wide", "--teacher-weight", "wide=0", "--teacher-weight", "bert=0"], "every teacher of --teachers bert,wide has weight 0"),
+    "every weight 0": (
+        ["--teachers", "bert,wide", "--teacher-weight", "wide=0", "--teacher-weight", "bert=0"],
+        "every teacher of --teachers bert,wide has weight 0",
+    ),
     "a teacher named twice": (["--teachers", "bert,wide,bert"], "teacher bert is named twice"),
     "token terms toward another tokenizer": (
         ["--teachers", "bert,other", "--loss", "token_mse=1,pooled_cosine=1"],
         "--loss token_mse: teacher other's tokenizer (BertTokenizer",
         "is not the student's (BertTokenizer",
     ),
-    "a memory bank": (["--teachers", "bert,wide", "--bank-size", "8"], "--bank-size 8: the memory bank holds the first teacher's targets only"),
+    "a memory bank": (
+        ["--teachers", "bert,wide", "--bank-size", "8"],
+        "--bank-size 8: the memory bank holds the first teacher's targets only",
+    ),
 }
 
 
@@ -344,7 +402,9 @@ def test_the_first_listed_teacher_builds_the_student(work):
 @given(batch=st.integers(1, 16), seed=st.integers(0, 1000), dtype=st.sampled_from(["stored", "float32"]))
 def test_the_loader_reads_each_teachers_targets_for_the_same_rows(work, batch, seed, dtype):
     store = open_store(work["store"])
-    loader = store_loader(work["store"], batch, seed=seed, targets=dtype, teachers={"wide": ("tokens", "pooled"), "other": "pooled"})
+    loader = store_loader(
+        work["store"], batch, seed=seed, targets=dtype, teachers={"wide": ("tokens", "pooled"), "other": "pooled"}
+    )
     for b in loader:
         rows = b["index"].numpy()
         for name in ("wide", "other"):
@@ -391,9 +451,15 @@ def test_an_ablation_varies_the_teachers(work, tmp_path):
     base = ["--targets", str(work["store"]), "--eval", f"mrpc:{mrpc}", "--quiet"]
     train = ["--", "--steps", "2", "--batch-size", "8"]
     # a bad grid value is refused before anything runs: a weight for a teacher of no run, a name not in the store
-    line = _error_line(CliRunner().invoke(ablate_app, [*base, "--out", str(tmp_path / "bad"), "--grid", str(grid), *train]))
+    line = _error_line(
+        CliRunner().invoke(ablate_app, [*base, "--out", str(tmp_path / "bad"), "--grid", str(grid), *train])
+    )
     assert "--teacher-weight wide=1: wide is not a teacher this run trains against (--teachers bert)" in line
-    line = _error_line(CliRunner().invoke(ablate_app, [*base, "--out", str(tmp_path / "bad"), "--vary", "teachers=bert|bert,nope", *train]))
+    line = _error_line(
+        CliRunner().invoke(
+            ablate_app, [*base, "--out", str(tmp_path / "bad"), "--vary", "teachers=bert|bert,nope", *train]
+        )
+    )
     assert "--teachers nope:" in line and not (tmp_path / "bad").exists()
     grid.write_text(json.dumps([{"teachers": ["bert"]}, {"teachers": ["bert,wide"], "teacher-weight": ["wide=2"]}]))
     out = tmp_path / "abl"

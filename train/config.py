@@ -240,7 +240,9 @@ class TrainConfig:
                 )
         weights = [self.teacher_weights.get(n, 1) for n in names]
         if names and not any(weights):
-            raise MmkdError(f"--teacher-weight: every teacher of --teachers {self.teachers} has weight 0; nothing trains")
+            raise MmkdError(
+                f"--teacher-weight: every teacher of --teachers {self.teachers} has weight 0; nothing trains"
+            )
         if len(names) > 1 and self.bank_size:
             raise MmkdError(
                 f"--bank-size {self.bank_size}: the memory bank holds the first teacher's targets only; with several "

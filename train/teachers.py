@@ -54,7 +54,9 @@ def select_teachers(store: Any, cfg: TrainConfig) -> RunTeachers:
     readers = {}
     for name in names:
         if name not in store.teachers:
-            raise MmkdError(f"--teachers {name}: {store.path} holds no such teacher (it holds {', '.join(store.teachers)})")
+            raise MmkdError(
+                f"--teachers {name}: {store.path} holds no such teacher (it holds {', '.join(store.teachers)})"
+            )
         reader = store.teacher(name)
         if not reader.complete:
             raise MmkdError(

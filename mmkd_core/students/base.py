@@ -120,7 +120,9 @@ class PredictionHeads(nn.Module):
         self.token_pred = config.token_pred
         self.pool = pool or config.pool
         # the settings these heads were built with (what a student with these heads records in its config)
-        self.settings = HeadConfig(**{**{f.name: getattr(config, f.name) for f in fields(HeadConfig)}, "pool": self.pool})
+        self.settings = HeadConfig(
+            **{**{f.name: getattr(config, f.name) for f in fields(HeadConfig)}, "pool": self.pool}
+        )
         self.instance_norm_layers = config.instance_norm_layers
         self.layer_norm_targets = config.layer_norm_targets
         self.recipe_layers = select_layers(config.recipe_layers, num_layers) if config.token_pred == "recipe" else []
