@@ -168,8 +168,8 @@ def test_the_total_is_the_weighted_sum_of_each_teachers_loss(work):
         targets = {"bert": batch["pooled"], "wide": batch["wide/pooled"], "other": batch["other/pooled"]}
         each = {t: pooled_cosine(preds[t], targets[t]) + contrastive_kd(preds[t], targets[t]) for t in preds}
         expected = each["bert"] + 2 * each["wide"] + 0.5 * each["other"]
-        assert float(total.detach()) == pytest.approx(float(expected), rel=1e-6)
-        assert terms["wide/loss"] == pytest.approx(float(each["wide"]), rel=1e-6)
+        assert float(total.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+        assert terms["wide/loss"] == pytest.approx(float(each["wide"].detach()), rel=1e-6)
     finally:
         recipe.release()
 
@@ -412,8 +412,11 @@ def test_the_loader_reads_each_teachers_targets_for_the_same_rows(work, batch, s
             expected = np.stack([reader.pooled(int(i)) for i in rows]).reshape(len(rows), -1).astype(np.float32)
             np.testing.assert_array_equal(b[f"{name}/pooled"].float().numpy(), expected)
         assert "other/tokens" not in b and b["wide/tokens"].shape[:2] == b["tokens"].shape[:2]
-        one = next(iter(store_loader(work["store"], batch, seed=seed, teacher="wide", targets="float32")))
-        assert one is not None
+        # the same rows read as that teacher's own loader reads them (its tokens are the first's: the same order)
+        alone = next(iter(store_loader(work["store"], batch, seed=seed, teacher="wide", targets="float32")))
+        np.testing.assert_array_equal(alone["index"].numpy(), rows)
+        for name in ("tokens", "pooled"):
+            np.testing.assert_array_equal(alone[name].numpy(), b[f"wide/{name}"].float().numpy())
         break
 
 
