@@ -13,7 +13,7 @@ from typing import Any
 from mmkd.app.cli import parse_options
 from mmkd.app.options import plain
 from mmkd.evaluate import default_run_tasks
-from mmkd.train import FREE_FIELDS, TrainConfig, store_record, student_kind
+from mmkd.train import FREE_FIELDS, TrainConfig, select_teachers, store_record, student_kind
 from mmkd_core.errors import MmkdError
 from mmkd_core.location import StoreURL
 from mmkd_core.store import open_store
@@ -31,6 +31,7 @@ TRAINING_ONLY = frozenset(
         "loss",
         "loss_options",
         "bank_size",
+        "teacher_weights",
         "batch_size",
         "lr",
         "weight_decay",
@@ -171,11 +172,13 @@ def jobs(cfg: AblateConfig) -> Jobs:
         grid_args = [a for args, _ in combo for a in args]
         for seed in range(cfg.repeat):
             run_cfg = _run_config(cfg, options, grid_args, run_name(settings, seed), seed, out, on_dask)
-            _check_run(run_cfg, tasks, attrs, on_dask)
+            _check_run(run_cfg, tasks, reader, on_dask)
             request = _request(run_cfg, reader, frozenset())
             init_name = run_name(init_settings, seed)
             if trains:
-                runs.append(Job("run", run_name(settings), settings, seed, run_cfg.run_dir, run_cfg, request, tasks, store))
+                runs.append(
+                    Job("run", run_name(settings), settings, seed, run_cfg.run_dir, run_cfg, request, tasks, store)
+                )
                 init_of[run_cfg.run_dir.name] = init_name
             init_cfg = dataclasses.replace(run_cfg, run_dir=out / "init" / init_name)
             request = _request(init_cfg, reader, TRAINING_ONLY)
@@ -218,9 +221,11 @@ def _run_config(
     return dataclasses.replace(run_cfg, seed=seed, run_dir=out / name, progress=progress)
 
 
-def _check_run(run_cfg: TrainConfig, tasks: list[EvalTask], attrs: dict[str, Any], on_dask: bool) -> None:
-    """Refuse a run its evaluation cannot score, or that would start DataLoader processes in a dask worker."""
-    check_fits(tasks, student_kind(run_cfg, attrs))
+def _check_run(run_cfg: TrainConfig, tasks: list[EvalTask], reader: Any, on_dask: bool) -> None:
+    """Refuse a run its evaluation cannot score, whose teachers the store does not hold, or that would start
+    DataLoader processes in a dask worker."""
+    teachers = select_teachers(reader, run_cfg)
+    check_fits(tasks, student_kind(run_cfg, teachers.readers[teachers.names[0]].attrs))
     if on_dask and run_cfg.workers:
         raise MmkdError(
             f"--workers {run_cfg.workers}: dask worker processes cannot start DataLoader processes; "

@@ -105,7 +105,8 @@ def _score_teacher(job: Job, attrs: dict[str, Any]) -> dict[str, Any]:
 def _build_init(job: Job) -> dict[str, Any]:
     """The student at its initialisation: what a run of these settings starts from (same builder, same seed),
     exported without a step of training (TrainConfig refuses --steps 0)."""
-    reader = open_store(job.store)
+    # the run's first teacher builds its student (the further teachers' heads come after, from the same seed)
+    reader = open_store(job.store).teacher((job.cfg.teacher_names or [None])[0])
     cfg = job.cfg.resolved(student_kind(job.cfg, reader.attrs))
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)  # as train() seeds before it builds

@@ -15,7 +15,7 @@ first in DataLoader workers and the second in the main process.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ from .views import ViewSpec, eval_params, normalize, render, render_pixels, view
 
 STATE_FORMAT = "mmkd-store-dataset/1"
 TARGET_MODES = ("stored", "float32")
+TARGET_NAMES = ("tokens", "pooled")
 
 
 class StoreDataset(IterableDataset):
@@ -76,6 +77,11 @@ class StoreDataset(IterableDataset):
             whose tokenizer is not the teacher's); ``mask`` and ``lengths`` stay the stored tokens'.
         in_memory: Read the whole store into memory first (benchmarks: the cost of streaming).
         teacher: Which of the store's teachers' targets to read (``StoreReader.teachers``); default the first.
+        teachers: Further teachers whose targets are read for the same rows and views, as ``<name>/tokens``
+            and ``<name>/pooled`` (int8 parts ``<name>/pooled_scale``, ...): a sequence of names reads both
+            arrays of each, a mapping name -> arrays reads those (``{"b": ("pooled",)}``: its pooled targets
+            only, for a teacher whose tokens are another tokenizer's). Their tokens must be the same tokens
+            as ``teacher``'s (equal lengths, checked as read).
     """
 
     def __init__(
@@ -101,6 +107,7 @@ class StoreDataset(IterableDataset):
         retokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
         in_memory: bool = False,
         teacher: str | None = None,
+        teachers: Sequence[str] | Mapping[str, Sequence[str]] = (),
     ) -> None:
         super().__init__()
         if targets not in TARGET_MODES:
@@ -112,6 +119,10 @@ class StoreDataset(IterableDataset):
         self.source, self.render_spec, self.image_spec, self.image_cache = source, render_spec, image_spec, image_cache
         self.names, self.captions, self.in_memory, self.teacher = names, captions, in_memory, teacher
         self._reader: StoreReader | None = None
+        self.further = _further(teachers, self.reader.teacher_name)
+        self._further_readers: dict[str, StoreReader] = {}
+        for name in self.further:  # an unknown name is refused here, not in a worker
+            self.teacher_reader(name)
         self.rank, world = _ranks(rank, world_size)
         self.steps = StepSpec(batch_size, world, remainder)
         self.order = OrderSpec(len(self.reader), self.reader.chunk_size, seed, buffer_chunks, by_length, length_group)
@@ -122,7 +133,7 @@ class StoreDataset(IterableDataset):
         self._memory: dict[str, np.ndarray] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_memory": None}  # workers read for themselves
+        return {**self.__dict__, "_memory": None, "_further_readers": {}}  # workers read for themselves
 
     @property
     def reader(self) -> StoreReader:
@@ -130,6 +141,12 @@ class StoreDataset(IterableDataset):
         if self._reader is None:
             self._reader = open_store(self.store_path).teacher(self.teacher)
         return self._reader
+
+    def teacher_reader(self, name: str) -> StoreReader:
+        """Further teacher ``name``'s arrays, opened on first use in this process."""
+        if name not in self._further_readers:
+            self._further_readers[name] = open_store(self.store_path).teacher(name)
+        return self._further_readers[name]
 
     # ------------------------------------------------------------------------------------------------ state
 
@@ -228,13 +245,19 @@ class StoreDataset(IterableDataset):
         """Samples [lo, hi) as stored (targets not decoded), one contiguous checked read per array."""
         if self.in_memory:
             if self._memory is None:
-                self._memory = {n: self.reader.raw(n, 0, self.order.num_samples) for n in self._array_names()}
-                if "lengths" in self._memory:
-                    self.reader.check_lengths(self._memory["lengths"], 0)
+                self._memory = self._read_arrays(0, self.order.num_samples)
             return {k: v[lo:hi] for k, v in self._memory.items()}
+        return self._read_arrays(lo, hi)
+
+    def _read_arrays(self, lo: int, hi: int) -> dict[str, np.ndarray]:
         data = {n: self.reader.raw(n, lo, hi) for n in self._array_names()}
         if "lengths" in data:  # a length outside 1..T is damage, named by sample (not a shape error in a loss)
             self.reader.check_lengths(data["lengths"], lo)
+        for teacher, arrays in self.further.items():
+            reader = self.teacher_reader(teacher)
+            for n in (*arrays, "lengths") if "tokens" in arrays else arrays:
+                for p in quant.INT8_PARTS if reader.storage["dtype"] == "int8" and n != "lengths" else ("",):
+                    data[f"{teacher}/{n}{p}"] = reader.raw(n + p, lo, hi)
         return data
 
     def _views_for(self, indices: np.ndarray) -> np.ndarray:
@@ -259,6 +282,12 @@ class StoreDataset(IterableDataset):
         for name in ("tokens", "pooled"):
             if name in data:
                 out.update(self._targets(name, data, rows, views, t if name == "tokens" else None))
+        for teacher, arrays in self.further.items():
+            if "tokens" in arrays:
+                self._same_tokens(teacher, lengths, data[f"{teacher}/lengths"][rows], out["index"])
+            for name in arrays:
+                t_name = t if name == "tokens" else None
+                out.update(self._targets(name, data, rows, views, t_name, self.teacher_reader(teacher), f"{teacher}/"))
         for name in self.reader.extra_names:  # per view like the targets when the array has a view axis
             if name in data:
                 per_view = self.reader.dims(name)[1:2] == ("view",)
@@ -274,11 +303,26 @@ class StoreDataset(IterableDataset):
         out.update(self._pixels(data, rows, views, out["index"]))
         return out
 
-    def _targets(self, name: str, data, rows, views, t: int | None) -> dict[str, torch.Tensor]:
-        """One target array's rows (and, for int8, its scale and outliers) as stored, or decoded to float32."""
-        dtype = self.reader.storage["dtype"]
+    def _same_tokens(self, teacher: str, lengths: np.ndarray, theirs: np.ndarray, index: torch.Tensor) -> None:
+        """Refuse a further teacher's tokens that are not the first's (another tokenizer or length limit)."""
+        differ = np.flatnonzero(theirs.astype(np.int64) != lengths)
+        if differ.size:
+            i = int(differ[0])
+            raise MmkdError(
+                f"{self.teacher_reader(teacher).path}: sample {int(index[i])} has {int(theirs[i])} tokens for teacher "
+                f"{teacher}, {int(lengths[i])} for {self.reader.teacher_name}: its tokens are not the same tokens; "
+                "read its pooled targets only"
+            )
+
+    def _targets(
+        self, name: str, data, rows, views, t: int | None, reader: StoreReader | None = None, prefix: str = ""
+    ) -> dict[str, torch.Tensor]:
+        """One target array's rows (and, for int8, its scale and outliers) as stored, or decoded to float32;
+        of ``reader``'s teacher (default this dataset's), under keys ``prefix + name``."""
+        dtype = (reader or self.reader).storage["dtype"]
         parts = quant.INT8_PARTS if dtype == "int8" else ("",)
-        sel = {name + p: data[name + p][rows, views] for p in parts}
+        sel = {prefix + name + p: data[prefix + name + p][rows, views] for p in parts}
+        name = prefix + name
         if t is not None:
             sel = {k: v[:, :t] for k, v in sel.items()}
         if self.targets == "float32":
@@ -315,6 +359,24 @@ class StoreDataset(IterableDataset):
         if cache is not None:
             cache[i] = pixels
         return pixels
+
+
+def _further(teachers: Sequence[str] | Mapping[str, Sequence[str]], first: str) -> dict[str, tuple[str, ...]]:
+    """``StoreDataset(teachers=...)`` as name -> the target arrays read, checked."""
+    further = dict(teachers) if isinstance(teachers, Mapping) else {n: TARGET_NAMES for n in teachers}
+    if len(further) != len(teachers):
+        raise MmkdError(f"StoreDataset(teachers={teachers!r}): a teacher is named twice")
+    out = {}
+    for name, arrays in further.items():
+        arrays = (arrays,) if isinstance(arrays, str) else tuple(arrays)
+        if name == first:
+            raise MmkdError(
+                f"StoreDataset(teachers=...): {name} is the dataset's own teacher (teacher=), not a further one"
+            )
+        if not arrays or not set(arrays) <= set(TARGET_NAMES):
+            raise MmkdError(f"StoreDataset(teachers=...): {name}: {arrays!r}: name tokens, pooled or both")
+        out[name] = arrays
+    return out
 
 
 def join_pieces(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -138,11 +138,13 @@ def to_device(batch: dict[str, Any], device: str | torch.device, non_blocking: b
 
 
 def decode_targets(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch with ``tokens``/``pooled`` as float32, wherever they are: float16 and bfloat16 widened
-    (bfloat16 is exactly ``quant.BFLOAT16_RULE``), int8 by ``quant.INT8_RULE`` (its scale and outlier
-    entries consumed); the same values, bit for bit, as ``quant.decode_int8``/``decode_float`` give."""
+    """The batch with ``tokens``/``pooled`` (and further teachers' ``<name>/tokens``, ``<name>/pooled``) as
+    float32, wherever they are: float16 and bfloat16 widened (bfloat16 is exactly ``quant.BFLOAT16_RULE``),
+    int8 by ``quant.INT8_RULE`` (its scale and outlier entries consumed); the same values, bit for bit, as
+    ``quant.decode_int8``/``decode_float`` give."""
     out = dict(batch)
-    for name in TARGETS:
+    further = [k for k in batch if "/" in k and k.rpartition("/")[2] in TARGETS]
+    for name in (*TARGETS, *further):
         if name not in out:
             continue
         if name + "_scale" in out:

@@ -8,6 +8,7 @@ as NaN. Pooled ("whole-sample") functions take (B, E); ``reduction="none"`` give
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -542,6 +543,40 @@ class CombinedLoss:
             total = total + w * value
             values[name] = float(value.detach())
         return total, values
+
+
+def teachers_loss(
+    loss: CombinedLoss, inputs: Mapping[str, LossInputs], weights: Mapping[str, float]
+) -> tuple[Tensor, dict[str, float]]:
+    """A student against several teachers: Σ_t w_t · loss(inputs[t]), each teacher's terms on the student's
+    heads for that teacher and that teacher's targets.
+
+    A teacher of weight 0 is computed and logged but left out of the sum: its heads get no gradient, so AdamW
+    leaves them untouched (weight decay included).
+
+    Args:
+        loss: The terms every teacher is trained with.
+        inputs: Teacher name -> its LossInputs.
+        weights: Teacher name -> its weight (0 or more; one for every teacher of ``inputs``).
+
+    Returns:
+        The weighted total, and per teacher its own total as ``"<teacher>/loss"`` and each term's unweighted
+        value as ``"<teacher>/<term>"`` (for logging).
+    """
+    total: Tensor | float = 0.0
+    values: dict[str, float] = {}
+    for name, batch in inputs.items():
+        w = float(weights[name])
+        if not (math.isfinite(w) and w >= 0):
+            raise MmkdError(f"teacher {name}: weight {w}: a teacher's weight is a finite number, 0 or more")
+        value, terms = loss(batch)
+        if w > 0:
+            total = total + w * value
+        values[f"{name}/loss"] = float(value.detach())
+        values.update({f"{name}/{term}": v for term, v in terms.items()})
+    if not torch.is_tensor(total):
+        raise MmkdError(f"every teacher ({', '.join(inputs)}) has weight 0: nothing to train")
+    return total, values
 
 
 def parse_loss_spec(text: str) -> dict[str, float]:

@@ -147,6 +147,8 @@ def folder(tmp_path_factory, minilm):
     for store, run, kw in [
         ("minilm-l6-shapes-train.zarr", "minilm-l6-shapes-train", {"student_options": mm}),
         ("wordnet.zarr", "wordnet", {"depth": 1}),
+        # docs/train.md's student of both teachers (the first is listed by its registry name here, bert)
+        ("wordnet.zarr", "both", {"depth": 1, "teachers": "bert,mpnet-base", "teacher_weights": {"mpnet-base": 2}}),
         ("imagenet.zarr", "imagenet", {"student": "beit", "init": "random", "depth": 1}),
     ]:
         train(

@@ -15,6 +15,7 @@ from .recipe import TrainRecipe
 from .report import TrainResult, plot_curves
 from .resume import FREE_FIELDS, store_record
 from .rundir import check_owned, mark_run
+from .teachers import select_teachers
 
 __all__ = [
     "FREE_FIELDS",
@@ -27,6 +28,7 @@ __all__ = [
     "latest_checkpoint",
     "mark_run",
     "plot_curves",
+    "select_teachers",
     "store_record",
     "student_kind",
     "teacher_source",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,32 @@ def source_dataset(cfg: TrainConfig, attrs: dict[str, Any]) -> Any:
 def loss_inputs(built: Built, model: torch.nn.Module, batch: dict[str, Any], device: str) -> LossInputs:
     """Run the student (through ``model``, which may be its DDP wrapper) on a batch and pair its outputs
     with the batch's targets, as CombinedLoss reads them."""
+    return run_student(built, model, batch, device)[0]
+
+
+def teachers_inputs(
+    built: Built, model: torch.nn.Module, batch: dict[str, Any], device: str, names: Sequence[str]
+) -> dict[str, LossInputs]:
+    """One forward of the student, paired with each teacher's targets: the first teacher's as
+    :func:`loss_inputs` pairs them, each further teacher's (the batch's ``<name>/tokens``, ``<name>/pooled``)
+    with the student's heads for it."""
+    first, o = run_student(built, model, batch, device)
+    out = {names[0]: first}
+    for name in names[1:]:
+        tokens, pooled = o.teachers[name]
+        target = batch.get(f"{name}/tokens")
+        out[name] = LossInputs(
+            mask=first.mask,
+            tokens=tokens,
+            tokens_target=None if target is None else target.to(device),
+            pooled=pooled,
+            pooled_target=batch[f"{name}/pooled"].to(device),
+        )
+    return out
+
+
+def run_student(built: Built, model: torch.nn.Module, batch: dict[str, Any], device: str) -> tuple[LossInputs, Any]:
+    """(the first teacher's LossInputs, the student's output) of one forward on ``batch``."""
     mv = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     pooled_target = mv.get("pooled")
     if "caption_pooled" in mv:  # a two-tower store: each student tower regresses its own teacher tower
@@ -175,4 +202,4 @@ def loss_inputs(built: Built, model: torch.nn.Module, batch: dict[str, Any], dev
     else:
         out.tokens, out.pooled = o.tokens, o.pooled
     # a joint teacher's store: the joint and per-modality outputs of MSD
-    return dataclasses.replace(out, **built.extra_loss_inputs(model, mv))
+    return dataclasses.replace(out, **built.extra_loss_inputs(model, mv)), o

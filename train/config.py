@@ -37,6 +37,17 @@ def _loss(value: str) -> str:
     return value
 
 
+def _teachers(value: str | list[str] | tuple[str, ...]) -> str:
+    """--teachers: a comma-separated list of teacher names (a list in config files and grids), each once."""
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else [str(n).strip() for n in value]
+    if not names or not all(names):
+        raise MmkdError(f"--teachers {value!r}: give teacher names separated by commas, e.g. minilm-l6,mpnet-base")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise MmkdError(f"--teachers {value!r}: teacher {twice[0]} is named twice")
+    return ",".join(names)
+
+
 def _eval_task(value: str) -> str:
     """--eval: the task's name checked here, for the near miss; TrainConfig checks the rest (paths)."""
     name = value.partition(":")[0]
@@ -78,6 +89,20 @@ class TrainConfig:
     """
 
     targets: Path | StoreURL = option(help="Store written by mmkd-extract (a path or a URL).", metavar="PATH|URL")
+    teachers: str | None = option(
+        None,
+        parser=_teachers,
+        metavar="NAME,NAME,...",
+        help="Train against these teachers of the store (names as the store lists them, the first teacher's "
+        "model builds the student; each further one gets its own prediction heads). Default: the store's first.",
+    )
+    teacher_weights: dict[str, Any] = option(
+        dict,
+        flag="--teacher-weight",
+        keyvalue=True,
+        metavar="NAME=W",
+        help="Weight of one teacher's loss in the total (default 1 each; 0: logged, not trained).",
+    )
     student: str = option(
         "auto",
         help=f"Student kind: {', '.join(STUDENT_CHOICES)} (auto: from the store).",
@@ -165,6 +190,7 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise MmkdError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         self._check_numbers()
+        self._check_teachers()
         if self.steps is not None and self.steps < 1:
             raise MmkdError(f"--steps {self.steps}: must be at least 1")
         if self.bank_size < 0:
@@ -192,6 +218,36 @@ class TrainConfig:
                 raise MmkdError(f"{flag} {value}: must be a finite number")
             if value < low or (value == low and not inclusive):
                 raise MmkdError(f"{flag} {value}: must be {'0 or more' if inclusive else 'positive'}")
+
+    @property
+    def teacher_names(self) -> list[str]:
+        """The teachers ``--teachers`` names, first first; empty: the store's first teacher alone."""
+        return self.teachers.split(",") if self.teachers else []
+
+    def _check_teachers(self) -> None:
+        """--teachers and --teacher-weight on their own (the store checks the names): weights finite and 0
+        or more, not all 0, for teachers the run trains against; no memory bank beside further teachers."""
+        if self.teachers is not None:
+            self.teachers = _teachers(self.teachers)
+        names = self.teacher_names
+        for name, w in self.teacher_weights.items():
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+                raise MmkdError(f"--teacher-weight {name}={w}: a teacher's weight is a finite number, 0 or more")
+            if names and name not in names:
+                raise MmkdError(
+                    f"--teacher-weight {name}={w}: {name} is not a teacher this run trains against "
+                    f"(--teachers {self.teachers})"
+                )
+        weights = [self.teacher_weights.get(n, 1) for n in names]
+        if names and not any(weights):
+            raise MmkdError(
+                f"--teacher-weight: every teacher of --teachers {self.teachers} has weight 0; nothing trains"
+            )
+        if len(names) > 1 and self.bank_size:
+            raise MmkdError(
+                f"--bank-size {self.bank_size}: the memory bank holds the first teacher's targets only; with several "
+                "--teachers leave it 0"
+            )
 
     def resolved(self, kind: str) -> TrainConfig:
         """A copy with the per-kind defaults filled in where this config leaves them open."""

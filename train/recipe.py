@@ -8,6 +8,7 @@ teacher and in-RAM store override :meth:`TrainRecipe.batches` and :meth:`TrainRe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,13 +26,14 @@ from mmkd_core.batch_order import StepSpec, num_steps
 from mmkd_core.dataset import StoreDataset
 from mmkd_core.errors import MmkdError
 from mmkd_core.loader import StoreLoader, to_device
-from mmkd_core.losses import TOKEN_TERMS, build_loss
+from mmkd_core.losses import TOKEN_TERMS, LossInputs, build_loss, teachers_loss
 from mmkd_core.store import open_store, take_reader_lease
 from mmkd_core.students import save_student
+from mmkd_core.students.teacher_heads import add_teacher_heads
 from mmkd_core.versions import library_versions
 
 from .bank import memory_bank, without_batch
-from .build import build, default_loss, loss_inputs, student_kind
+from .build import build, default_loss, loss_inputs, student_kind, teachers_inputs
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .ddp import distributed, freeze_unused, init_ranks, leave_group, rng_states, set_rng_state
@@ -40,6 +42,7 @@ from .report import TrainResult
 from .resume import check_store, read_record, resumed_config, store_record
 from .run_log import MetricsLog, truncate_metrics
 from .rundir import check_owned, claim
+from .teachers import check_token_terms, dataset_teachers, further_heads, select_teachers
 from .verify_views import DEFAULT_SAMPLE, verify_views
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ class TrainRecipe:
         self.rank, self.world, self.device = init_ranks(self.cfg.device)
         if self.rank == 0:  # the run directory is ours (new, empty or a run) and this trainer's alone
             self.locks.append(claim(self.cfg.run_dir))
-        self.reader = self._setup_store()
+        self.store = self._setup_store()
         if self.rank == 0:  # no --overwrite of the store while this run reads it
             self.locks.append(take_reader_lease(self.cfg.targets))
         ckpt = self._setup_config()
@@ -105,14 +108,27 @@ class TrainRecipe:
             if ckpt is None:
                 raise MmkdError(f"--resume: {run_dir} has no checkpoint to continue from")
             record = read_record(run_dir)
-            check_store(self.reader, record)
             cfg = resumed_config(cfg, record, self.given, self.world)
-        self.cfg = cfg.resolved(student_kind(cfg, self.reader.attrs))
+        # the first teacher's arrays are the run's store: its teacher builds the student
+        self.teachers = select_teachers(self.store, cfg)
+        self.reader = self.teachers.readers[self.teachers.names[0]]
+        if cfg.resume:
+            check_store(self.reader, record)
+        kind = student_kind(cfg, self.reader.attrs)
+        if self.teachers.further and kind != "text":
+            raise MmkdError(
+                f"--teachers {cfg.teachers}: a student against several teachers is a text student; this store "
+                f"trains a {kind} student"
+            )
+        self.cfg = dataclasses.replace(cfg.resolved(kind), teachers=",".join(self.teachers.names))
         return ckpt
 
     def _setup_model(self) -> None:
         cfg = self.cfg
         self.built = build(cfg, self.reader)
+        self.heads, self.no_tokens = further_heads(self.teachers, self.built)
+        if self.heads:  # one set of prediction heads per further teacher, on the same blocks
+            add_teacher_heads(self.built.student, self.heads)
         # every rank checks the same deterministic sample, so all of them refuse together
         sample = None if cfg.verify_views else DEFAULT_SAMPLE
         verify_views(self.reader, self.built.source, sample=sample, seed=cfg.seed)
@@ -131,6 +147,7 @@ class TrainRecipe:
         token = [t for t in self.loss_fn.weights if t in TOKEN_TERMS]
         if token and self.built.whole_sample_only:
             raise MmkdError(f"--loss {token[0]}: {self.built.whole_sample_only}")
+        check_token_terms(self.loss_fn, self.no_tokens)
 
     def _setup_data(self) -> None:
         """The store as a dataset (one global order per epoch, shared by the ranks), and the number of steps."""
@@ -164,6 +181,8 @@ class TrainRecipe:
             image_spec=built.image_spec,
             **built.loader_options,
             image_cache=self._image_cache,
+            teacher=self.teachers.names[0],
+            teachers=dataset_teachers(self.teachers, self.heads, self.loss_fn),
             **options,
         )
 
@@ -174,7 +193,7 @@ class TrainRecipe:
         def first_batch_loss() -> torch.Tensor:
             probe = self.dataset_for(self.dataset.steps.remainder)
             batch = to_device(self.batch_targets(next(iter(probe))), self.device)
-            return self.loss_fn(loss_inputs(self.built, self.student, batch, self.device))[0]
+            return self.objective(self.student, batch)[0]
 
         freeze_unused(self.student, first_batch_loss)
         self.model = torch.nn.parallel.DistributedDataParallel(self.student)
@@ -274,10 +293,18 @@ class TrainRecipe:
         if self.step < end:  # the order promised more batches than the loader gave: never spin on it
             raise RuntimeError(f"epoch {epoch}: the loader stopped at step {self.step} of {end} ({left} were left)")
 
+    def objective(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of ``batch`` through ``model`` (the student or its DDP wrapper), and its terms for logging:
+        the run's loss terms toward its teacher, or toward each of several, weighted (``teachers_loss``)."""
+        if not self.teachers.further:
+            return self.loss_fn(loss_inputs(self.built, model, batch, self.device))
+        inputs: dict[str, LossInputs] = teachers_inputs(self.built, model, batch, self.device, self.teachers.names)
+        return teachers_loss(self.loss_fn, inputs, self.teachers.weights)
+
     def train_step(self, batch: dict[str, Any]) -> tuple[float, dict[str, float]]:
         """One optimiser step on ``batch``; returns the loss and its terms."""
         with self.autocast:
-            loss, terms = self.loss_fn(loss_inputs(self.built, self.model, batch, self.device))
+            loss, terms = self.objective(self.model, batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
@@ -377,6 +404,7 @@ class TrainRecipe:
                 preprocess=self.built.preprocess,
                 max_seq_length=self.built.max_seq_length
                 or (self.reader.attrs.get("preprocess") or {}).get("max_length"),
+                teacher=self.teachers.names[0] if self.teachers.further else None,
             )
         except KeyboardInterrupt:
             raise MmkdError(

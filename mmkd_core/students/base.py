@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
 import torch
@@ -43,6 +43,9 @@ class StudentOutput:
         modality: ``"image"`` or ``"text"``: the modality of the top-level fields.
         image: Multimodal students: the image tower's output when images were given.
         text: Multimodal students: the text tower's output when text was given.
+        teachers: A student trained against several teachers: each further teacher's name -> ``(tokens,
+            pooled)`` of that teacher's prediction heads (``tokens`` None where it has no token head); the
+            fields above are the first teacher's.
     """
 
     hidden_states: list[torch.Tensor]
@@ -53,6 +56,7 @@ class StudentOutput:
     modality: str
     image: StudentOutput | None = None
     text: StudentOutput | None = None
+    teachers: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -115,6 +119,10 @@ class PredictionHeads(nn.Module):
         super().__init__()
         self.token_pred = config.token_pred
         self.pool = pool or config.pool
+        # the settings these heads were built with (what a student with these heads records in its config)
+        self.settings = HeadConfig(
+            **{**{f.name: getattr(config, f.name) for f in fields(HeadConfig)}, "pool": self.pool}
+        )
         self.instance_norm_layers = config.instance_norm_layers
         self.layer_norm_targets = config.layer_norm_targets
         self.recipe_layers = select_layers(config.recipe_layers, num_layers) if config.token_pred == "recipe" else []

@@ -166,7 +166,9 @@ class TextStudent(Student):
             when it names none); ``save_text_student`` writes exactly this model. The attribute keeps the name
             it had when every text student was a ``BertModel``: it is the prefix of the keys of saved training
             checkpoints.
-        heads: The PredictionHeads.
+        heads: The PredictionHeads (of the first teacher, when it is trained against several).
+        teacher_heads: Each further teacher's name -> its PredictionHeads on the same blocks (empty for a
+            student of one teacher; see ``mmkd_core.students.teacher_heads``).
     """
 
     name = "text"
@@ -179,6 +181,7 @@ class TextStudent(Student):
         self.num_layers = config.depth
         self.bert = build_encoder(config.transformers_config())
         self.heads = PredictionHeads(config.hidden_size, config.depth, config)
+        self.teacher_heads = nn.ModuleDict()
         if config.freeze_embeddings:
             for table in self.frozen_tables():
                 table.weight.requires_grad_(False)
@@ -215,6 +218,7 @@ class TextStudent(Student):
             tokens=tokens,
             pooled=pooled,
             modality="text",
+            teachers={name: h(hidden, out.last_hidden_state, mask) for name, h in self.teacher_heads.items()},
         )
 
 

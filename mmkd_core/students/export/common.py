@@ -20,6 +20,7 @@ HEADS_FILE = "mmkd_heads.safetensors"
 STATE_FILE = "mmkd_student.safetensors"
 WEIGHTS_FILE = "model.safetensors"  # the weights file of transformers, timm and sentence-transformers' Dense
 POOLED_PREFIX = "pooled_head."
+TEACHERS_DIR = "teachers"  # a student of several teachers: one student directory per further teacher in here
 
 
 def versions() -> dict[str, str]:

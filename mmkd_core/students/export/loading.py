@@ -22,6 +22,7 @@ from .common import (
     POOLED_PREFIX,
     READABLE_VERSIONS,
     STATE_FILE,
+    TEACHERS_DIR,
     WEIGHTS_FILE,
     StudentTokenizer,
     load_tensors,
@@ -66,14 +67,35 @@ def _head_state(directory: Path, meta: dict[str, Any], state: dict[str, torch.Te
     return {**heads, POOLED_PREFIX + "weight": state.pop("head.weight"), POOLED_PREFIX + "bias": state.pop("head.bias")}
 
 
-def load_student(directory: str | Path) -> Student:
+def teacher_directory(directory: str | Path, teacher: str) -> Path:
+    """The student directory of teacher ``teacher``'s heads in a saved student of several teachers: the
+    directory itself for its first teacher, ``teachers/<name>`` for the others.
+
+    Raises:
+        MmkdError: The saved student has no heads for ``teacher`` (the message lists those it has).
+    """
+    directory = Path(directory)
+    teachers = read_meta(directory).get("teachers") or []
+    if teacher not in teachers:
+        has = f"it has heads for {', '.join(teachers)}" if teachers else "it was trained against one teacher"
+        raise MmkdError(f"{directory}: no heads for teacher {teacher!r}; {has}")
+    return directory if teacher == teachers[0] else directory / TEACHERS_DIR / teacher
+
+
+def load_student(directory: str | Path, teacher: str | None = None) -> Student:
     """Rebuild a student written by :func:`save_student` (or the format-specific savers), in eval mode,
     with all its prediction heads. Exports of format version 1 load too.
 
+    Args:
+        directory: The student directory.
+        teacher: A student trained against several teachers: whose heads it predicts with (default: its first
+            teacher's, the directory's own); the same as loading ``directory/teachers/<name>``.
+
     Raises:
-        MmkdError: Not a student directory, an unknown format version or student, or weights that do not fit.
+        MmkdError: Not a student directory, an unknown format version or student, weights that do not fit, or
+            no heads for ``teacher``.
     """
-    directory = Path(directory)
+    directory = Path(directory) if teacher is None else teacher_directory(directory, teacher)
     meta = read_meta(directory)
     from ..kinds import STUDENT_KINDS
 

@@ -148,14 +148,19 @@ class StudentKind:
 
 def token_heads(ctx: Context) -> dict[str, Any]:
     """Heads of students that regress per-token targets: predict them through the store's own recipe."""
-    recipe, d_teacher = ctx.attrs["recipe"], ctx.attrs["teacher"]["num_layers"]
+    return {**ctx.heads, **recipe_heads(ctx.attrs, ctx.depth, ctx.cfg.token_pred)}
+
+
+def recipe_heads(attrs: Mapping[str, Any], depth: int, token_pred: str) -> dict[str, Any]:
+    """HeadConfig fields of a token head that predicts a store's per-token targets (``attrs``: the store's
+    provenance) from a ``depth``-block student through the store's own recipe."""
+    recipe, d_teacher = attrs["recipe"], attrs["teacher"]["num_layers"]
     n_recipe = len(recipe["layers"])
     return {
-        **ctx.heads,
-        "token_pred": ctx.cfg.token_pred,
+        "token_pred": token_pred,
         "instance_norm_layers": recipe["instance_norm"],
         "layer_norm_targets": recipe["layer_norm"],
-        "recipe_layers": "all" if n_recipe >= d_teacher else f"last:{min(n_recipe, ctx.depth)}",
+        "recipe_layers": "all" if n_recipe >= d_teacher else f"last:{min(n_recipe, depth)}",
     }
 
 
