@@ -23,9 +23,7 @@ DEFAULT_DATASET = "text"
 DEFAULT_LIMIT = 5000  # texts per split: n² similarities, 100 MB of them at 5,000
 
 
-def eval_agreement(
-    encoder: Encoder, reference: Encoder, texts: list[str], *, batch_size: int = 64
-) -> dict[str, float]:
+def eval_agreement(encoder: Encoder, reference: Encoder, texts: list[str], *, batch_size: int = 64) -> dict[str, float]:
     """:func:`mmkd_core.metrics.embedding_agreement` of ``encoder`` to ``reference`` on ``texts``."""
     encoder.require("text", "agreement")
     reference.require("text", "agreement reference")
