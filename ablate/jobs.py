@@ -119,8 +119,14 @@ def _first_diff(a: Any, b: Any, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')}: {json.dumps(a, default=str)} there, {json.dumps(b, default=str)} now"
 
 
+# mmkd-train options added after ablation directories were first stamped, and their values that train as
+# before: left out of the request there, so a directory stamped by an earlier version is still this ablation's
+LATER_OPTIONS = {"teachers": (None,), "teacher_weights": ({},)}
+
+
 def _request(cfg: TrainConfig, reader, drop: frozenset[str]) -> dict[str, Any]:
     train = {k: v for k, v in cfg.to_json().items() if k not in FREE_FIELDS | drop}
+    train = {k: v for k, v in train.items() if v not in LATER_OPTIONS.get(k, ())}
     return plain({"train": train, "store": store_record(reader)})
 
 

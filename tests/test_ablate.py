@@ -460,3 +460,13 @@ def test_an_entry_with_train_false_scores_its_inits_only(store, mrpc, tmp_path):
     cfg.grid = read_grid(grid)
     with pytest.raises(MmkdError, match="train=true,false: give one value, true or false"):
         jobs(cfg)
+
+
+def test_a_directory_stamped_before_the_teachers_option_is_still_this_ablations(full, store, mrpc):
+    """Options added to mmkd-train later (--teachers, --teacher-weight) are left out of a directory's request
+    at the values that train as before, so an ablation stamped by an earlier version continues."""
+    out, _ = full
+    found = jobs(_cfg(store, mrpc, out))
+    for job in [*found.inits, *found.runs]:
+        assert "teachers" not in job.request["train"] and "teacher_weights" not in job.request["train"]
+        job.check_directory()  # the stamps of the full ablation hold no such keys either
