@@ -97,6 +97,11 @@ class TrainRecipe:
             raise MmkdError(f"{self.cfg.targets} is incomplete: run the same mmkd-extract command again to finish it")
         return reader
 
+    def _recorded_reader(self, record: dict[str, Any]) -> Any:
+        """The reader of the teacher a run records as its first (the store's first teacher when it records none)."""
+        first = str((record.get("train") or {}).get("teachers") or "").split(",")[0]
+        return self.store.teacher(first) if first in self.store.teachers else self.store
+
     def _setup_config(self) -> Path | None:
         """Resolve the run's configuration (a resumed run's is the recorded one); returns the checkpoint to
         continue from (None: a new run)."""
@@ -108,12 +113,12 @@ class TrainRecipe:
             if ckpt is None:
                 raise MmkdError(f"--resume: {run_dir} has no checkpoint to continue from")
             record = read_record(run_dir)
+            # the store first: another store makes every other difference moot
+            check_store(self._recorded_reader(record), record)
             cfg = resumed_config(cfg, record, self.given, self.world)
         # the first teacher's arrays are the run's store: its teacher builds the student
         self.teachers = select_teachers(self.store, cfg)
         self.reader = self.teachers.readers[self.teachers.names[0]]
-        if cfg.resume:
-            check_store(self.reader, record)
         kind = student_kind(cfg, self.reader.attrs)
         if self.teachers.further and kind != "text":
             raise MmkdError(
