@@ -193,7 +193,10 @@ def test_the_student_is_the_init_models_architecture_with_a_learned_projection(t
     config = cfg["student"]["config"]
     assert config["hidden_size"] == STUDENT_WIDTH and config["depth"] == 2 and config["pooled_dim"] == TEACHER_WIDTH
     assert config["pooled_head"] == "linear" and config["token_pred"] == "none"
-    assert cfg["student"]["init"]["init"] == "pretrained" and cfg["student"]["init"]["blocks"] == [1, 3]
+    assert cfg["student"]["init"]["init"] == "pretrained" and cfg["student"]["init"]["blocks"] == [
+        0,
+        3,
+    ]  # the text default, ends
     assert cfg["loss"] == {"pooled_cosine": 1.0, "contrastive_kd": 1.0}
     # the projection is a trained linear map from the student's width to the teacher's
     trained = load_student(run / "student").heads.pooled_head

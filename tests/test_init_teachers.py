@@ -239,7 +239,7 @@ def test_init_teacher_copies_blocks_that_compute_the_teachers(tmp_path, name, te
         assert named.exit_code == 0, named.output  # the init it names works
         return
     assert result.exit_code == 0, result.output
-    # the first blocks, so the student's block outputs are the teacher's (text students default to "spread")
+    # the first blocks, so the student's block outputs are the teacher's (text students default to "ends")
     first = {"init_blocks": "first"} if modality == "text" else {}
     cfg = TrainConfig(
         targets=store, depth=DEPTH, init="teacher", run_dir=tmp_path / "b", progress=False, student_options=first

@@ -187,7 +187,7 @@ def stores(tmp_path_factory) -> dict[str, Path]:
 
 
 CASES = {
-    "text-teacher": ("text", {}),
+    "text-teacher": ("text", {"student_options": {"init_blocks": "spread"}}),  # the cut it was recorded with
     "text-random": ("text", {"init": "random"}),
     "beit-teacher": ("image", {}),
     "vit-random": ("image", {"student": "vit", "init": "random"}),
