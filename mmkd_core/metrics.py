@@ -346,6 +346,7 @@ def embedding_agreement(
     Returns:
         ``cosine_mean`` and ``cosine_p05`` (row-wise cosine of model and reference embedding, its mean and
         5th percentile); ``nn_agree`` (share of texts whose nearest other text is the same under both);
+        ``own_nearest`` (share of texts whose embedding's nearest reference embedding is that of the same text);
         ``nn{k}_overlap`` for each k > 1 (mean share of the k nearest others both agree on).
 
     Raises:
@@ -365,6 +366,10 @@ def embedding_agreement(
     na, nb = _neighbours(a, kmax, block), _neighbours(b, kmax, block)
     out = {"cosine_mean": float(cos.mean()), "cosine_p05": float(torch.quantile(cos, 0.05))}
     out["nn_agree"] = float((na[:, 0] == nb[:, 0]).float().mean())
+    own = [
+        (a[i : i + block] @ b.T).argmax(1) == torch.arange(i, min(i + block, len(a))) for i in range(0, len(a), block)
+    ]
+    out["own_nearest"] = float(torch.cat(own).float().mean())
     for k in ks:
         if k > 1:
             hits = (na[:, :k, None] == nb[:, None, :k]).any(2).float().sum(1) / k

@@ -37,6 +37,8 @@ def test_known_answer_excludes_each_text_itself():
     model = np.array([[1.0, 0.0], [0.0, 1.0], [0.1, 0.9]])  # nearest others: 2, 2, 1
     out = embedding_agreement(model, reference, ks=(1,))
     assert out["nn_agree"] == pytest.approx(1 / 3)
+    # model 0 = (1, 0) is nearest reference 0, model 1 = (0, 1) nearest reference 2, model 2 nearest reference 2
+    assert out["own_nearest"] == pytest.approx(2 / 3)
     assert out["cosine_mean"] == pytest.approx(np.mean([1.0, 0.1 / np.hypot(0.9, 0.1), 0.9 / np.hypot(0.1, 0.9)]))
 
 
@@ -49,7 +51,8 @@ def test_neighbour_overlap_known_answer():
     assert out["nn2_overlap"] == 1.0
     assert out["cosine_mean"] == pytest.approx(np.mean(np.cos(angles[::-1] - angles)), abs=1e-6)
     shifted = embedding_agreement(np.roll(ref, 3, axis=0), ref, ks=(1, 2))  # row i now holds point i-3
-    assert shifted["nn2_overlap"] == 1.0 and shifted["cosine_mean"] < 0.5
+    assert shifted["nn2_overlap"] == 1.0 and shifted["cosine_mean"] < 0.5 and shifted["own_nearest"] == 0.0
+    assert embedding_agreement(ref, ref, ks=(1, 2), block=5)["own_nearest"] == 1.0
 
 
 def test_different_spaces_and_too_few_texts_are_refused():
@@ -97,3 +100,32 @@ def test_cli_without_reference_is_one_line(bert_dir, sentences):
     result = _agreement(["--model", "bert", "--weights", str(bert_dir), "--data-root", str(sentences)])
     assert result.exit_code == 2 and "--teacher" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def _tiny_student(bert_dir, directory, seed):
+    from transformers import BertTokenizer
+
+    from mmkd_core.students import create_student, save_student
+
+    tokenizer = BertTokenizer.from_pretrained(str(bert_dir))
+    torch.manual_seed(seed)
+    student = create_student(
+        "text", depth=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=len(tokenizer), max_position=32
+    )
+    return save_student(student.eval(), directory, tokenizer=tokenizer)
+
+
+def test_the_table_script_embeds_the_teacher_once_and_reports_each_model(bert_dir, sentences, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    a, b = _tiny_student(bert_dir, tmp_path / "a", 0), _tiny_student(bert_dir, tmp_path / "b", 1)
+    script = Path(__file__).parents[1] / "scripts" / "agreement_table.py"
+    args = [sys.executable, str(script), str(a), str(b), "--teacher", str(a), "--texts", str(sentences)]
+    res = subprocess.run([*args, "--limit", "30"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["model"] for r in rows] == [str(a), str(b)] and rows[0]["texts"] == 30
+    assert rows[0]["cosine_mean"] == pytest.approx(1.0, abs=1e-5) and rows[0]["own_nearest"] == 1.0
+    assert rows[1]["cosine_mean"] < 0.99
