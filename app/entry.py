@@ -39,7 +39,23 @@ STAGES = {
 
 def _run(stage: str) -> None:
     _early_handlers()
-    importlib.import_module(STAGES[stage]).main()
+    main = importlib.import_module(STAGES[stage]).main
+    if "LOCAL_RANK" not in os.environ:
+        main()
+        return
+    # a torchrun rank: once the command has finished (its process group left, its files closed), leave without
+    # Python's teardown, in which a library's native threads could abort the process ("terminate called without
+    # an active exception") while the other ranks still exit, and torchrun would report a finished run as failed
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def extract() -> None:
