@@ -11,8 +11,7 @@ import argparse
 import json
 
 from mmkd.evaluate.encoders import load_encoder
-from mmkd.evaluate.tasks.agreement import DEFAULT_LIMIT
-from mmkd.evaluate.tasks.base import spread
+from mmkd.evaluate.tasks.agreement import DEFAULT_LIMIT, dataset_texts
 from mmkd_core.metrics import embedding_agreement
 
 
@@ -24,8 +23,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="Sentences, spread over the file.")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
-    lines = [s for line in open(args.texts, encoding="utf-8") if (s := line.strip())]
-    texts = [lines[i] for i in spread(len(lines), args.limit)]
+    texts = dataset_texts("text", args.texts, "train", None, args.limit)
     reference = load_encoder(args.teacher).encode_text(texts, args.batch_size)
     for model in args.models:
         emb = load_encoder(model).encode_text(texts, args.batch_size)

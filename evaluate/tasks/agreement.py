@@ -30,11 +30,10 @@ def eval_agreement(encoder: Encoder, reference: Encoder, texts: list[str], *, ba
     return embedding_agreement(encoder.encode_text(texts, batch_size), reference.encode_text(texts, batch_size))
 
 
-def _texts(name: str, root: str | None, split: str, cfg: EvalConfig) -> list[str]:
-    ds = open_dataset(name, root, split, cfg.dataset_options)
-    if not hasattr(ds, "text"):
-        raise MmkdError(f"--task agreement reads texts; dataset {name!r} has none")
-    return [ds.text(i) for i in spread(len(ds), cfg.limit or DEFAULT_LIMIT)]
+def dataset_texts(name: str, root: str | None, split: str, options: dict | None, limit: int | None) -> list[str]:
+    """``limit`` texts (default 5,000) spread evenly over a dataset's split (one that has none: one line)."""
+    ds = open_dataset(name, root, split, options)
+    return [ds.text(i) for i in spread(len(ds), limit or DEFAULT_LIMIT)]
 
 
 @EVAL_TASKS.register("agreement")
@@ -48,7 +47,7 @@ def run(encoder: Encoder, cfg: EvalConfig, out_dir: Path | None) -> dict[str, fl
     results = {}
     for name, root in cfg.dataset_roots(DEFAULT_DATASET):
         for split in cfg.splits or ["train"]:
-            texts = _texts(name, root, split, cfg)
+            texts = dataset_texts(name, root, split, cfg.dataset_options, cfg.limit)
             logger.info("agreement on %s/%s: %d texts", name, split, len(texts))
             part = eval_agreement(encoder, reference, texts, batch_size=cfg.batch_size)
             results.update({f"agreement/{name}/{split}/{k}": v for k, v in part.items()})
